@@ -1,0 +1,613 @@
+"""Chunk math: Gaussian mixture computations on ONE in-memory NumPy chunk.
+
+Everything in this module is pure NumPy/SciPy: no dask, no I/O, no logging,
+no hidden randomness. The graph layer (:mod:`dgmm.graph`) maps these functions
+over the chunks of a dask array and tree-reduces their results; the estimator
+(:mod:`dgmm.estimator`) turns reduced statistics into parameters with
+:func:`parameters_from_statistics`.
+
+Coordinates
+-----------
+Every chunk is first shifted by a *centre* ``c`` (a point close to the data,
+for example the weighted mean of the current means) and all products are taken
+on ``y = x - c``. The ``full`` covariance type additionally shifts each
+component's second moments by that component's current mean, so the
+``E[x xᵀ] - μ μᵀ`` cancellation that ruins off-centre data never happens.
+
+=========  =============================  =====================  ==================
+type       precisions_cholesky            ``sxx`` statistic       shift of ``sxx``
+=========  =============================  =====================  ==================
+full       (n_components, d, d)           (n_components, d, d)    component's mean
+tied       (d, d)                         (d, d)                  centre
+diag       (n_components, d)              (n_components, d)       centre
+spherical  (n_components,)                (n_components,)         centre
+=========  =============================  =====================  ==================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import numpy as np
+from scipy import linalg
+
+CovarianceType = Literal["full", "tied", "diag", "spherical"]
+COVARIANCE_TYPES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
+
+PRECISION_ERROR_MESSAGE = (
+    "Fitting the mixture model failed because some components have "
+    "ill-defined empirical covariance (for instance caused by singleton "
+    "or collapsed samples). Try to decrease the number of components, "
+    "increase reg_covar, or scale the input data."
+)
+FLOAT32_NOTE = (
+    " The numerical accuracy can also be improved by passing float64"
+    " data instead of float32."
+)
+
+
+class ChunkParams(NamedTuple):
+    """Parameters of one mixture as the chunk kernels consume them.
+
+    Attributes
+    ----------
+    center : ndarray of shape (n_features,)
+        Reference point subtracted from every row before any product.
+    means : ndarray of shape (n_components, n_features)
+        Component means relative to ``center``.
+    precisions_cholesky : ndarray
+        Cholesky factors of the precisions (shape depends on the type).
+    log_weights : ndarray of shape (n_components,)
+        Logarithm of the mixing weights.
+    covariance_type : str
+        One of 'full', 'tied', 'diag', 'spherical'.
+    """
+
+    center: np.ndarray
+    means: np.ndarray
+    precisions_cholesky: np.ndarray
+    log_weights: np.ndarray
+    covariance_type: str
+
+
+class SufficientStatistics(NamedTuple):
+    """Sufficient statistics of a set of rows for one mixture.
+
+    All fields are float64 (``n_samples`` and ``n_nonfinite`` are integers)
+    and merge by plain addition (:func:`merge_statistics`), so any reduction
+    tree gives the same result up to floating-point rounding.
+
+    Attributes
+    ----------
+    nk : ndarray of shape (n_components,)
+        Σ r_ik.
+    sx : ndarray of shape (n_components, n_features)
+        Σ r_ik (y_i - s_k), where ``s_k`` is the shift of component k
+        (its current mean for 'full', zero otherwise).
+    sxx : ndarray
+        Shifted second moments in the covariance type's form.
+    sy : ndarray of shape (n_features,)
+        Σ y_i over all rows.
+    n_samples : int
+        Number of rows.
+    log_likelihood : float
+        Σ log p(x_i) under the parameters used for the E-step (0 for
+        statistics computed from given responsibilities).
+    n_nonfinite : int
+        Number of rows containing NaN or infinity.
+    """
+
+    nk: np.ndarray
+    sx: np.ndarray
+    sxx: np.ndarray
+    sy: np.ndarray
+    n_samples: int
+    log_likelihood: float
+    n_nonfinite: int
+
+
+# ---------------------------------------------------------------------------
+# Merging statistics
+# ---------------------------------------------------------------------------
+
+
+def merge_statistics(a: SufficientStatistics, b: SufficientStatistics) -> SufficientStatistics:
+    """Merge the statistics of two disjoint sets of rows (plain addition)."""
+    return SufficientStatistics(*(x + y for x, y in zip(a, b)))
+
+
+def combine_statistics(*parts):
+    """Merge any number of per-chunk results.
+
+    Each part is either a :class:`SufficientStatistics` or a tuple of them
+    (one per mixture of a batch); tuples are merged element-wise.
+    """
+    first = parts[0]
+    if isinstance(first, SufficientStatistics):
+        out = first
+        for part in parts[1:]:
+            out = merge_statistics(out, part)
+        return out
+    return tuple(combine_statistics(*column) for column in zip(*parts))
+
+
+# ---------------------------------------------------------------------------
+# Cholesky factors, log-determinants, log-densities
+# ---------------------------------------------------------------------------
+
+
+def compute_precision_cholesky(covariances: np.ndarray, covariance_type: str, float32_note: bool = False) -> np.ndarray:
+    """Cholesky factors of the precision matrices from the covariances.
+
+    Parameters
+    ----------
+    covariances : ndarray
+        Covariances in the covariance type's shape.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    float32_note : bool, default=False
+        Add sklearn's float32 hint to the error message.
+
+    Returns
+    -------
+    precisions_cholesky : ndarray of the same shape as ``covariances``
+        Upper-triangular ``U`` with ``U Uᵀ = Σ⁻¹`` (for full and tied).
+
+    Raises
+    ------
+    ValueError
+        If a covariance is not positive definite.
+    """
+    message = PRECISION_ERROR_MESSAGE + (FLOAT32_NOTE if float32_note else "")
+    if covariance_type in ("full", "tied"):
+        stack = covariances[None] if covariance_type == "tied" else covariances
+        n_features = stack.shape[-1]
+        out = np.empty_like(stack)
+        eye = np.eye(n_features, dtype=stack.dtype)
+        for k in range(stack.shape[0]):
+            try:
+                cov_chol = linalg.cholesky(stack[k], lower=True)
+            except linalg.LinAlgError:
+                raise ValueError(message) from None
+            out[k] = linalg.solve_triangular(cov_chol, eye, lower=True).T
+        return out[0] if covariance_type == "tied" else out
+    if np.any(covariances <= 0.0) or not np.all(np.isfinite(covariances)):
+        raise ValueError(message)
+    return 1.0 / np.sqrt(covariances)
+
+
+def precision_cholesky_from_precisions(precisions: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Cholesky factors ``U`` (upper triangular, ``U Uᵀ = P``) of given precisions."""
+
+    def flip(a):
+        return a[::-1, ::-1]
+
+    if covariance_type == "full":
+        return np.stack([flip(linalg.cholesky(flip(p), lower=True)) for p in precisions])
+    if covariance_type == "tied":
+        return flip(linalg.cholesky(flip(precisions), lower=True))
+    return np.sqrt(precisions)
+
+
+def precisions_from_cholesky(precisions_cholesky: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Precision matrices ``U Uᵀ`` from their Cholesky factors."""
+    if covariance_type == "full":
+        return np.einsum("kij,klj->kil", precisions_cholesky, precisions_cholesky)
+    if covariance_type == "tied":
+        return precisions_cholesky @ precisions_cholesky.T
+    return precisions_cholesky**2
+
+
+def covariances_from_precisions(precisions: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Covariances as inverses of the given precisions."""
+    if covariance_type == "full":
+        return np.stack([linalg.inv(p) for p in precisions])
+    if covariance_type == "tied":
+        return linalg.inv(precisions)
+    return 1.0 / precisions
+
+
+def log_det_cholesky(precisions_cholesky: np.ndarray, covariance_type: str, n_features: int):
+    """log det of the Cholesky factor, i.e. ``-0.5 log det Σ`` per component."""
+    if covariance_type == "full":
+        return np.log(np.diagonal(precisions_cholesky, axis1=1, axis2=2)).sum(axis=1)
+    if covariance_type == "tied":
+        return np.log(np.diag(precisions_cholesky)).sum()
+    if covariance_type == "diag":
+        return np.log(precisions_cholesky).sum(axis=1)
+    return n_features * np.log(precisions_cholesky)
+
+
+def _quadratic_form(y: np.ndarray, params: ChunkParams) -> np.ndarray:
+    """Mahalanobis distances (n, n_components) of centred rows ``y``."""
+    means, prec_chol, kind = params.means, params.precisions_cholesky, params.covariance_type
+    n_components = means.shape[0]
+    if kind == "full":
+        out = np.empty((y.shape[0], n_components), dtype=y.dtype)
+        for k in range(n_components):
+            z = (y - means[k]) @ prec_chol[k]
+            out[:, k] = np.einsum("ij,ij->i", z, z)
+        return out
+    if kind == "tied":
+        out = np.empty((y.shape[0], n_components), dtype=y.dtype)
+        yl = y @ prec_chol
+        ml = means @ prec_chol
+        for k in range(n_components):
+            z = yl - ml[k]
+            out[:, k] = np.einsum("ij,ij->i", z, z)
+        return out
+    if kind == "diag":
+        precisions = prec_chol**2
+        return (
+            np.sum(means**2 * precisions, axis=1)
+            - 2.0 * (y @ (means * precisions).T)
+            + (y**2) @ precisions.T
+        )
+    precisions = prec_chol**2
+    return (
+        np.sum(means**2, axis=1) * precisions
+        - 2.0 * (y @ means.T) * precisions
+        + np.outer(np.einsum("ij,ij->i", y, y), precisions)
+    )
+
+
+def estimate_log_gaussian_prob(y: np.ndarray, params: ChunkParams) -> np.ndarray:
+    """log N(x_i | μ_k, Σ_k) for centred rows ``y = x - params.center``.
+
+    Returns
+    -------
+    log_prob : ndarray of shape (n_samples, n_components)
+    """
+    n_features = y.shape[1]
+    log_det = log_det_cholesky(params.precisions_cholesky, params.covariance_type, n_features)
+    quad = _quadratic_form(y, params)
+    return -0.5 * (n_features * math.log(2 * math.pi) + quad) + log_det
+
+
+def logsumexp_rows(a: np.ndarray) -> np.ndarray:
+    """Row-wise log Σ exp, safe for rows of -inf."""
+    amax = a.max(axis=1)
+    amax = np.where(np.isfinite(amax), amax, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(a - amax[:, None]).sum(axis=1)) + amax
+
+
+def center_rows(X: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """``X - center`` in float64."""
+    return np.asarray(X, dtype=np.float64) - center
+
+
+def log_prob_resp(X: np.ndarray, params: ChunkParams):
+    """Per-row log-likelihood and log-responsibilities of one chunk.
+
+    Returns
+    -------
+    log_prob_norm : ndarray of shape (n_samples,)
+    log_resp : ndarray of shape (n_samples, n_components)
+    """
+    y = center_rows(X, params.center)
+    weighted = estimate_log_gaussian_prob(y, params) + params.log_weights
+    log_prob_norm = logsumexp_rows(weighted)
+    with np.errstate(under="ignore", invalid="ignore"):
+        log_resp = weighted - log_prob_norm[:, None]
+    return log_prob_norm, log_resp
+
+
+def weighted_log_prob(X: np.ndarray, params: ChunkParams) -> np.ndarray:
+    """log N(x | μ_k, Σ_k) + log π_k for one chunk, shape (n_samples, n_components)."""
+    return estimate_log_gaussian_prob(center_rows(X, params.center), params) + params.log_weights
+
+
+def count_nonfinite_rows(X: np.ndarray) -> int:
+    """Number of rows holding NaN or infinity."""
+    if X.dtype.kind != "f":
+        return 0
+    return int(X.shape[0] - np.count_nonzero(np.isfinite(X).all(axis=1)))
+
+
+# ---------------------------------------------------------------------------
+# Sufficient statistics
+# ---------------------------------------------------------------------------
+
+
+def statistics_from_resp(
+    y: np.ndarray,
+    resp: np.ndarray,
+    shifts: np.ndarray,
+    covariance_type: str,
+    log_likelihood: float = 0.0,
+    n_nonfinite: int = 0,
+) -> SufficientStatistics:
+    """Sufficient statistics of centred rows ``y`` given responsibilities.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n_samples, n_features)
+        Rows minus the centre, float64.
+    resp : ndarray of shape (n_samples, n_components)
+    shifts : ndarray of shape (n_components, n_features)
+        Per-component shifts of the second moments (used by 'full' only;
+        pass the current relative means).
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    SufficientStatistics
+    """
+    n_components = resp.shape[1]
+    n_features = y.shape[1]
+    nk = resp.sum(axis=0)
+    if covariance_type == "full":
+        sx = np.empty((n_components, n_features))
+        sxx = np.empty((n_components, n_features, n_features))
+        for k in range(n_components):
+            d = y - shifts[k]
+            rd = d * resp[:, k : k + 1]
+            sx[k] = rd.sum(axis=0)
+            sxx[k] = rd.T @ d
+    else:
+        sx = resp.T @ y
+        if covariance_type == "tied":
+            sxx = y.T @ y
+        elif covariance_type == "diag":
+            sxx = resp.T @ (y * y)
+        else:
+            sxx = resp.T @ np.einsum("ij,ij->i", y, y)
+    return SufficientStatistics(
+        nk=nk,
+        sx=sx,
+        sxx=sxx,
+        sy=y.sum(axis=0),
+        n_samples=int(y.shape[0]),
+        log_likelihood=float(log_likelihood),
+        n_nonfinite=int(n_nonfinite),
+    )
+
+
+def e_step_statistics(X: np.ndarray, batch: tuple[ChunkParams, ...]) -> tuple[SufficientStatistics, ...]:
+    """One chunk's E-step statistics for a batch of mixtures.
+
+    The chunk is read once and evaluated under every parameter set of the
+    batch (restarts, model-selection candidates).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    batch : tuple of ChunkParams
+
+    Returns
+    -------
+    tuple of SufficientStatistics, one per parameter set.
+    """
+    n_nonfinite = count_nonfinite_rows(X)
+    out = []
+    for params in batch:
+        y = center_rows(X, params.center)
+        weighted = estimate_log_gaussian_prob(y, params) + params.log_weights
+        log_prob_norm = logsumexp_rows(weighted)
+        with np.errstate(under="ignore", invalid="ignore"):
+            resp = np.exp(weighted - log_prob_norm[:, None])
+        out.append(
+            statistics_from_resp(
+                y,
+                resp,
+                params.means,
+                params.covariance_type,
+                log_likelihood=log_prob_norm.sum(),
+                n_nonfinite=n_nonfinite,
+            )
+        )
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# Initial responsibilities (explicit seeds, no hidden randomness)
+# ---------------------------------------------------------------------------
+
+RANDOM_BLOCK_ROWS = 4096
+
+
+class InitResp(NamedTuple):
+    """How a chunk derives its initial responsibilities.
+
+    kind 'nearest': one-hot on the nearest of ``centers``.
+    kind 'rows': one-hot at the global row indices ``rows`` (component j at
+    ``rows[j]``), zero elsewhere, as sklearn's 'random_from_data' and
+    'k-means++' initialisations.
+    kind 'random': uniform random responsibilities, normalised per row,
+    drawn in fixed blocks of RANDOM_BLOCK_ROWS rows seeded by
+    ``(seed, block index)``, so they depend on the row index only, never
+    on the chunking.
+    """
+
+    kind: str
+    n_components: int
+    centers: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    seed: int = 0
+
+
+def random_resp(row_start: int, n_rows: int, n_components: int, seed: int) -> np.ndarray:
+    """Random responsibilities of rows ``[row_start, row_start + n_rows)``."""
+    out = np.empty((n_rows, n_components))
+    first = row_start // RANDOM_BLOCK_ROWS
+    last = (row_start + n_rows - 1) // RANDOM_BLOCK_ROWS if n_rows else first - 1
+    pos = 0
+    for block in range(first, last + 1):
+        rng = np.random.default_rng([seed, block])
+        values = rng.uniform(size=(RANDOM_BLOCK_ROWS, n_components))
+        lo = max(row_start, block * RANDOM_BLOCK_ROWS) - block * RANDOM_BLOCK_ROWS
+        hi = min(row_start + n_rows, (block + 1) * RANDOM_BLOCK_ROWS) - block * RANDOM_BLOCK_ROWS
+        out[pos : pos + hi - lo] = values[lo:hi]
+        pos += hi - lo
+    out /= out.sum(axis=1, keepdims=True)
+    return out
+
+
+def nearest_center_labels(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre (squared Euclidean distance) of every row."""
+    X = np.asarray(X, dtype=np.float64)
+    dist = (
+        np.einsum("ij,ij->i", X, X)[:, None]
+        - 2.0 * (X @ centers.T)
+        + np.einsum("ij,ij->i", centers, centers)[None, :]
+    )
+    return dist.argmin(axis=1)
+
+
+def initial_resp(X: np.ndarray, row_start: int, spec: InitResp) -> np.ndarray:
+    """Initial responsibilities (n_samples, n_components) of one chunk."""
+    n = X.shape[0]
+    resp = np.zeros((n, spec.n_components))
+    if spec.kind == "nearest":
+        labels = nearest_center_labels(X, spec.centers)
+        resp[np.arange(n), labels] = 1.0
+    elif spec.kind == "rows":
+        local = np.asarray(spec.rows) - row_start
+        inside = (local >= 0) & (local < n)
+        resp[local[inside], np.flatnonzero(inside)] = 1.0
+    elif spec.kind == "random":
+        resp = random_resp(row_start, n, spec.n_components, spec.seed)
+    else:
+        raise ValueError(f"unknown initial responsibility kind {spec.kind!r}")
+    return resp
+
+
+def init_statistics(
+    X: np.ndarray, row_start: int, specs: tuple[InitResp, ...], center: np.ndarray, covariance_type: str
+) -> tuple[SufficientStatistics, ...]:
+    """Statistics of one chunk under a batch of initial responsibilities."""
+    n_nonfinite = count_nonfinite_rows(X)
+    y = center_rows(X, center)
+    out = []
+    for spec in specs:
+        resp = initial_resp(X, row_start, spec)
+        shifts = np.zeros((spec.n_components, X.shape[1]))
+        out.append(statistics_from_resp(y, resp, shifts, covariance_type, n_nonfinite=n_nonfinite))
+    return tuple(out)
+
+
+def empty_statistics(n_components: int, n_features: int, covariance_type: str) -> SufficientStatistics:
+    """Statistics of zero rows (the identity of :func:`merge_statistics`)."""
+    sxx_shape = {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+    return SufficientStatistics(
+        np.zeros(n_components),
+        np.zeros((n_components, n_features)),
+        np.zeros(sxx_shape),
+        np.zeros(n_features),
+        0,
+        0.0,
+        0,
+    )
+
+
+# ---------------------------------------------------------------------------
+# M-step
+# ---------------------------------------------------------------------------
+
+
+def parameters_from_statistics(
+    stats: SufficientStatistics,
+    center: np.ndarray,
+    shifts: np.ndarray,
+    reg_covar: float,
+    covariance_type: str,
+    *,
+    eps: float = float(np.finfo(np.float64).eps),
+    initialization: bool = False,
+):
+    """M-step: weights, means and covariances from reduced statistics.
+
+    Follows :func:`sklearn.mixture._gaussian_mixture._estimate_gaussian_parameters`
+    (``nk + 10 eps``, ``reg_covar`` on the diagonal), but on shifted moments.
+
+    Parameters
+    ----------
+    stats : SufficientStatistics
+        Statistics reduced over all rows.
+    center : ndarray of shape (n_features,)
+        Centre the statistics are relative to.
+    shifts : ndarray of shape (n_components, n_features)
+        Per-component shifts used for 'full' statistics (relative to ``center``).
+    reg_covar : float
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    eps : float
+        Machine epsilon of the input dtype (sklearn adds ``10 * eps`` to nk).
+    initialization : bool, default=False
+        Responsibilities did not come from an E-step: weights are
+        ``nk / n_samples`` (not renormalised) and rows' responsibilities may
+        not sum to one, as in sklearn's initialisation.
+
+    Returns
+    -------
+    weights : ndarray of shape (n_components,)
+    means : ndarray of shape (n_components, n_features)
+    covariances : ndarray
+    """
+    nk_raw = np.asarray(stats.nk, dtype=np.float64)
+    nk = nk_raw + 10 * eps
+    delta = stats.sx / nk[:, None]
+    n_features = delta.shape[1]
+    if covariance_type == "full":
+        rel_means = shifts + delta
+        factor = 2.0 - nk_raw / nk
+        covariances = stats.sxx / nk[:, None, None] - factor[:, None, None] * (
+            delta[:, :, None] * delta[:, None, :]
+        )
+        covariances = 0.5 * (covariances + np.swapaxes(covariances, 1, 2))
+        covariances[:, np.arange(n_features), np.arange(n_features)] += reg_covar
+    else:
+        rel_means = delta
+        if covariance_type == "tied":
+            covariances = stats.sxx - (nk[:, None] * delta).T @ delta
+            if initialization:
+                # Rows' responsibilities need not sum to one: sklearn's raw
+                # formula X'X - Σ nk μμ' then differs from the centred one by
+                # terms in the centre, added back here.
+                diff = stats.sy - nk @ delta
+                covariances = (
+                    covariances
+                    + np.outer(diff, center)
+                    + np.outer(center, diff)
+                    + (stats.n_samples - nk.sum()) * np.outer(center, center)
+                )
+            covariances = covariances / nk.sum()
+            covariances = 0.5 * (covariances + covariances.T)
+            covariances[np.arange(n_features), np.arange(n_features)] += reg_covar
+        else:
+            if covariance_type == "diag":
+                covariances = stats.sxx / nk[:, None] - delta**2 + reg_covar
+            else:
+                covariances = (stats.sxx / nk - (delta**2).sum(axis=1)) / n_features + reg_covar
+    if initialization:
+        weights = nk / stats.n_samples
+    else:
+        weights = nk / nk.sum()
+    means = center + rel_means
+    return weights, means, covariances
+
+
+def chunk_params(weights, means, precisions_cholesky, covariance_type, center=None) -> ChunkParams:
+    """Build the kernel's :class:`ChunkParams` (float64) from fitted parameters.
+
+    ``center`` defaults to the weighted mean of the means.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    if center is None:
+        center = weights @ means / max(weights.sum(), np.finfo(np.float64).tiny)
+    center = np.asarray(center, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_weights = np.log(weights)
+    return ChunkParams(
+        center=center,
+        means=means - center,
+        precisions_cholesky=np.asarray(precisions_cholesky, dtype=np.float64),
+        log_weights=log_weights,
+        covariance_type=covariance_type,
+    )

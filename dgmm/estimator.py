@@ -1,0 +1,579 @@
+"""The estimator: :class:`GaussianMixture`, a drop-in for sklearn's, fitted by out-of-core EM.
+
+This module is a driver. It validates, initialises, runs the EM loop (one
+pass over the data per iteration for all restarts together, see
+:mod:`dgmm.passes`) and keeps the fitted attributes. Chunk math lives in
+:mod:`dgmm.chunk`, graph building in :mod:`dgmm.graph`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+import dask.array as da
+import numpy as np
+from sklearn.base import BaseEstimator, DensityMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from . import chunk, graph
+from .init import INITIALIZERS, InitContext
+from .passes import DataPasses, auto_chunk_rows, nonfinite_error
+from .validation import (
+    check_input,
+    check_means,
+    check_n_samples,
+    check_precisions,
+    check_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Run:
+    """State of one EM run (one restart), all in float64."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray | None
+    precisions_cholesky: np.ndarray
+    lower_bound: float = -np.inf
+    lower_bounds: list = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+    start_time: float = 0.0
+
+    def params(self, covariance_type: str) -> chunk.ChunkParams:
+        return chunk.chunk_params(self.weights, self.means, self.precisions_cholesky, covariance_type)
+
+
+class GaussianMixture(DensityMixin, BaseEstimator):
+    """Gaussian mixture fitted by out-of-core EM over dask arrays.
+
+    A drop-in for :class:`sklearn.mixture.GaussianMixture`: same parameters,
+    defaults, fitted attributes, methods, warnings and error messages. Each EM
+    iteration is one pass over the data; every chunk yields small float64
+    sufficient statistics that are tree-reduced into one M-step, so no array
+    with ``n_samples`` rows is ever held in memory.
+
+    Parameters
+    ----------
+    n_components : int, default=1
+        The number of mixture components.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
+        The type of covariance parameters.
+    tol : float, default=1e-3
+        Convergence threshold on the change of the mean log-likelihood lower bound.
+    reg_covar : float, default=1e-6
+        Non-negative regularization added to the diagonal of covariances.
+    max_iter : int, default=100
+        The number of EM iterations to perform.
+    n_init : int, default=1
+        The number of initializations; all advance together, so each EM
+        iteration still reads every chunk once.
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
+        The method used to initialize the responsibilities. 'kmeans' and
+        'k-means++' run on a uniform random sample of ``init_sample_size`` rows.
+    weights_init : array-like of shape (n_components,), default=None
+    means_init : array-like of shape (n_components, n_features), default=None
+    precisions_init : array-like, default=None
+        User-provided initial weights, means and precisions (never modified).
+    random_state : int, RandomState instance or None, default=None
+    warm_start : bool, default=False
+        If True, the solution of the last fit is used as initialization.
+    verbose : int, default=0
+        Print progress (1: iterations, 2: also timing and change) as sklearn does.
+    verbose_interval : int, default=10
+        Number of iterations between progress messages.
+    chunk_size : int or 'auto', default='auto'
+        Rows per chunk when X is a NumPy array or DataFrame ('auto': about
+        8 MiB of float64 per chunk). Dask and Zarr inputs keep their own chunks.
+    split_every : int or None, default=None
+        Fan-in of the reduction tree of the per-chunk statistics (None: 8).
+    init_sample_size : int, default=100_000
+        Rows of the random sample on which 'kmeans' and 'k-means++' seed.
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_ : ndarray
+    precisions_ : ndarray
+    precisions_cholesky_ : ndarray
+        The shapes depend on ``covariance_type``:
+
+        - 'full': (n_components, n_features, n_features)
+        - 'tied': (n_features, n_features)
+        - 'diag': (n_components, n_features)
+        - 'spherical': (n_components,)
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+    lower_bounds_ : list of float
+        Lower bound after each iteration of the best initialization.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Defined only when X has feature names that are all strings.
+    n_passes_ : int
+        Passes over the data made by the last ``fit``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> from dgmm import GaussianMixture
+    >>> X = da.random.default_rng(0).normal(size=(10_000, 2), chunks=(2_500, 2))
+    >>> gm = GaussianMixture(n_components=2, random_state=0).fit(X)
+    >>> gm.means_.shape
+    (2, 2)
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0.0, None, closed="left")],
+        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
+        "random_state": ["random_state"],
+        "warm_start": ["boolean"],
+        "verbose": ["verbose"],
+        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
+        "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
+        "weights_init": ["array-like", None],
+        "means_init": ["array-like", None],
+        "precisions_init": ["array-like", None],
+        "chunk_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "split_every": [Interval(Integral, 2, None, closed="left"), None],
+        "init_sample_size": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        n_components=1,
+        *,
+        covariance_type="full",
+        tol=1e-3,
+        reg_covar=1e-6,
+        max_iter=100,
+        n_init=1,
+        init_params="kmeans",
+        weights_init=None,
+        means_init=None,
+        precisions_init=None,
+        random_state=None,
+        warm_start=False,
+        verbose=0,
+        verbose_interval=10,
+        chunk_size="auto",
+        split_every=None,
+        init_sample_size=100_000,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.chunk_size = chunk_size
+        self.split_every = split_every
+        self.init_sample_size = init_sample_size
+
+    # ------------------------------------------------------------------
+    # Fitting
+    # ------------------------------------------------------------------
+
+    def fit(self, X, y=None):
+        """Estimate model parameters with the EM algorithm.
+
+        Fits ``n_init`` initializations (advancing together, one pass over the
+        data per iteration) and keeps the one with the largest lower bound.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            NumPy array, pandas DataFrame, dask array, dask DataFrame or Zarr array.
+        y : Ignored
+
+        Returns
+        -------
+        self : GaussianMixture
+
+        Raises
+        ------
+        ValueError
+            For invalid parameters or input (NaN/inf, wrong shape, too few samples).
+        """
+        self._fit(X)
+        return self
+
+    def fit_predict(self, X, y=None):
+        """Fit, then predict the most probable component of every row of X.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), or a lazy dask array for lazy input.
+        """
+        Xv = self._fit(X)
+        return self._predict_validated(Xv)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def _fit(self, X):
+        Xv = check_input(self, X, reset=True, ensure_min_samples=2)
+        n_samples, n_features = Xv.shape
+        if n_samples < self.n_components:
+            raise ValueError(
+                "Expected n_samples >= n_components "
+                f"but got n_components = {self.n_components}, "
+                f"n_samples = {n_samples}"
+            )
+        weights_init, means_init, precisions_init = self._check_init_parameters(n_features)
+        data = DataPasses(Xv, chunk_size=self.chunk_size, split_every=self.split_every)
+        self._dtype = np.dtype(Xv.dtype)
+        eps = float(np.finfo(self._dtype).eps)
+
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        n_init = self.n_init if do_init else 1
+        self.converged_ = False
+        random_state = check_random_state(self.random_state)
+        for init in range(n_init):
+            self._print_verbose_msg_init_beg(init)
+
+        if do_init:
+            runs = self._initialize_runs(data, n_init, random_state, weights_init, means_init, precisions_init, eps)
+        else:
+            runs = [
+                _Run(
+                    weights=np.asarray(self.weights_, dtype=np.float64),
+                    means=np.asarray(self.means_, dtype=np.float64),
+                    covariances=np.asarray(self.covariances_, dtype=np.float64),
+                    precisions_cholesky=np.asarray(self.precisions_cholesky_, dtype=np.float64),
+                    lower_bound=float(self.lower_bound_),
+                )
+            ]
+        self._run_em(data, runs, eps)
+
+        max_lower_bound = -np.inf
+        best = runs[-1]
+        for run in runs:
+            if self.max_iter == 0:
+                best = run
+                continue
+            if run.lower_bound > max_lower_bound or max_lower_bound == -np.inf:
+                max_lower_bound = run.lower_bound
+                best = run
+                self.converged_ = run.converged
+        if not self.converged_ and self.max_iter > 0:
+            warnings.warn(
+                "Best performing initialization did not converge. "
+                "Try different init parameters, or increase max_iter, "
+                "tol, or check for degenerate data.",
+                ConvergenceWarning,
+            )
+        self._set_fitted(best)
+        self.n_iter_ = best.n_iter if self.max_iter > 0 else 0
+        self.lower_bound_ = np.float64(max_lower_bound)
+        self.lower_bounds_ = list(best.lower_bounds) if self.max_iter > 0 else []
+        self.n_passes_ = data.n_passes
+        return Xv
+
+    def _check_init_parameters(self, n_features):
+        weights = means = precisions = None
+        if self.weights_init is not None:
+            weights = check_weights(self.weights_init, self.n_components)
+        if self.means_init is not None:
+            means = check_means(self.means_init, self.n_components, n_features)
+        if self.precisions_init is not None:
+            precisions = check_precisions(self.precisions_init, self.covariance_type, self.n_components, n_features)
+        return weights, means, precisions
+
+    def _initialize_runs(self, data, n_init, random_state, weights_init, means_init, precisions_init, eps):
+        kind = self.covariance_type
+        n_features = data.n_features
+        stats_list = None
+        if weights_init is None or means_init is None or precisions_init is None:
+            ctx = InitContext(data, self.n_components, self.init_sample_size)
+            specs = [INITIALIZERS[self.init_params](ctx, random_state) for _ in range(n_init)]
+            center = self._init_center(ctx, data)
+            stats_list = data.init_statistics(specs, center, kind)
+            self._check_finite(stats_list[0], data)
+        runs = []
+        for i in range(n_init):
+            weights = means = covariances = None
+            if stats_list is not None:
+                weights, means, covariances = chunk.parameters_from_statistics(
+                    stats_list[i],
+                    center,
+                    np.zeros((self.n_components, n_features)),
+                    self.reg_covar,
+                    kind,
+                    eps=eps,
+                    initialization=True,
+                )
+            if weights_init is not None:
+                weights = weights_init
+            if means_init is not None:
+                means = means_init
+            if precisions_init is None:
+                prec_chol = chunk.compute_precision_cholesky(covariances, kind, self._dtype == np.float32)
+            else:
+                precisions = np.asarray(precisions_init, dtype=np.float64)
+                prec_chol = chunk.precision_cholesky_from_precisions(precisions, kind)
+                covariances = chunk.covariances_from_precisions(precisions, kind)
+            runs.append(
+                _Run(
+                    weights=np.asarray(weights, dtype=np.float64),
+                    means=np.asarray(means, dtype=np.float64),
+                    covariances=np.asarray(covariances, dtype=np.float64),
+                    precisions_cholesky=np.asarray(prec_chol, dtype=np.float64),
+                )
+            )
+        return runs
+
+    @staticmethod
+    def _init_center(ctx, data):
+        """Centre of the initialisation pass: the mean of the sample or of the first rows."""
+        if ctx._sample is not None:
+            rows = ctx._sample
+        else:
+            rows = data.head(min(data.n_samples, 1024))
+        rows = np.asarray(rows, dtype=np.float64)
+        finite = np.isfinite(rows).all(axis=1)
+        return rows[finite].mean(axis=0) if finite.any() else np.zeros(data.n_features)
+
+    @staticmethod
+    def _check_finite(stats, data):
+        if stats.n_nonfinite:
+            count, first = data.locate_nonfinite()
+            raise nonfinite_error(count, first, data.n_samples)
+
+    def _run_em(self, data, runs, eps):
+        kind = self.covariance_type
+        float32 = self._dtype == np.float32
+        if self.max_iter == 0:
+            return
+        active = list(range(len(runs)))
+        t0 = time.perf_counter()
+        for run in runs:
+            run.start_time = t0
+        iter_time = t0
+        for n_iter in range(1, self.max_iter + 1):
+            batch = tuple(runs[i].params(kind) for i in active)
+            stats_list = data.e_step(batch)
+            self._check_finite(stats_list[0], data)
+            still_active = []
+            for i, stats in zip(active, stats_list):
+                run = runs[i]
+                prev = run.lower_bound
+                center = batch[active.index(i)].center
+                shifts = batch[active.index(i)].means
+                weights, means, covariances = chunk.parameters_from_statistics(
+                    stats, center, shifts, self.reg_covar, kind, eps=eps
+                )
+                prec_chol = chunk.compute_precision_cholesky(covariances, kind, float32)
+                run.weights, run.means, run.covariances, run.precisions_cholesky = (
+                    weights,
+                    means,
+                    covariances,
+                    prec_chol,
+                )
+                run.lower_bound = stats.log_likelihood / stats.n_samples
+                run.lower_bounds.append(np.float64(run.lower_bound))
+                run.n_iter = n_iter
+                change = run.lower_bound - prev
+                now = time.perf_counter()
+                logger.debug(
+                    "iteration %d: lower bound %.8g, change %.3g, %.3f s",
+                    n_iter,
+                    run.lower_bound,
+                    change,
+                    now - iter_time,
+                )
+                if len(runs) == 1:
+                    self._print_verbose_msg_iter_end(n_iter, change, now - iter_time)
+                if abs(change) < self.tol:
+                    run.converged = True
+                else:
+                    still_active.append(i)
+                if run.converged or n_iter == self.max_iter:
+                    self._print_verbose_msg_init_end(run.lower_bound, run.converged, now - run.start_time)
+            iter_time = time.perf_counter()
+            active = still_active
+            if not active:
+                break
+
+    def _set_fitted(self, run: _Run):
+        dtype = self._dtype
+        kind = self.covariance_type
+        self.weights_ = run.weights.astype(dtype)
+        self.means_ = run.means.astype(dtype)
+        self.covariances_ = run.covariances.astype(dtype)
+        self.precisions_cholesky_ = run.precisions_cholesky.astype(dtype)
+        self.precisions_ = chunk.precisions_from_cholesky(run.precisions_cholesky, kind).astype(dtype)
+
+    # ------------------------------------------------------------------
+    # Verbose output (as sklearn prints it; only when verbose > 0)
+    # ------------------------------------------------------------------
+
+    def _print_verbose_msg_init_beg(self, n_init):
+        if self.verbose >= 1:
+            print("Initialization %d" % n_init)
+
+    def _print_verbose_msg_iter_end(self, n_iter, diff_ll, seconds):
+        if n_iter % self.verbose_interval == 0:
+            if self.verbose == 1:
+                print("  Iteration %d" % n_iter)
+            elif self.verbose >= 2:
+                print("  Iteration %d\t time lapse %.5fs\t ll change %.5f" % (n_iter, seconds, diff_ll))
+
+    def _print_verbose_msg_init_end(self, lb, converged, seconds):
+        msg = "converged" if converged else "did not converge"
+        if self.verbose == 1:
+            print(f"Initialization {msg}.")
+        elif self.verbose >= 2:
+            print(f"Initialization {msg}. time lapse {seconds:.5f}s\t lower bound {lb:.5f}.")
+
+    # ------------------------------------------------------------------
+    # Prediction
+    # ------------------------------------------------------------------
+
+    def _chunk_params(self) -> chunk.ChunkParams:
+        return chunk.chunk_params(self.weights_, self.means_, self.precisions_cholesky_, self.covariance_type)
+
+    def _validated(self, X):
+        check_is_fitted(self)
+        return check_input(self, X, reset=False)
+
+    def _map_numpy(self, X, fn):
+        rows = auto_chunk_rows(X.shape[0], X.shape[1]) if self.chunk_size == "auto" else int(self.chunk_size)
+        if X.shape[0] <= rows:
+            return fn(X)
+        return np.concatenate([fn(X[i : i + rows]) for i in range(0, X.shape[0], rows)])
+
+    def _predict_validated(self, Xv):
+        params = self._chunk_params()
+        if isinstance(Xv, da.Array):
+            return graph.predict(Xv, params)
+        return self._map_numpy(Xv, lambda b: chunk.weighted_log_prob(b, params).argmax(axis=1))
+
+    def predict(self, X):
+        """Predict the labels for the data samples in X.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), or a lazy dask array for lazy input.
+        """
+        return self._predict_validated(self._validated(X))
+
+    def predict_proba(self, X):
+        """Posterior probability of each component given each row.
+
+        Returns
+        -------
+        resp : ndarray of shape (n_samples, n_components), or a lazy dask array.
+        """
+        Xv = self._validated(X)
+        params = self._chunk_params()
+        if isinstance(Xv, da.Array):
+            return graph.predict_proba(Xv, params, Xv.dtype)
+        return self._map_numpy(Xv, lambda b: np.exp(chunk.log_prob_resp(b, params)[1])).astype(Xv.dtype, copy=False)
+
+    def score_samples(self, X):
+        """Log-likelihood of each sample.
+
+        Returns
+        -------
+        log_prob : ndarray of shape (n_samples,), or a lazy dask array.
+        """
+        Xv = self._validated(X)
+        params = self._chunk_params()
+        if isinstance(Xv, da.Array):
+            return graph.score_samples(Xv, params, Xv.dtype)
+        return self._map_numpy(Xv, lambda b: chunk.logsumexp_rows(chunk.weighted_log_prob(b, params))).astype(
+            Xv.dtype, copy=False
+        )
+
+    def score(self, X, y=None):
+        """Per-sample average log-likelihood of X (a Python float; computes for lazy input)."""
+        Xv = self._validated(X)
+        params = self._chunk_params()
+        if isinstance(Xv, da.Array):
+            return float(graph.score_samples(Xv, params, np.float64).mean().compute())
+        return float(
+            np.mean(self._map_numpy(Xv, lambda b: chunk.logsumexp_rows(chunk.weighted_log_prob(b, params))))
+        )
+
+    def _n_parameters(self):
+        _, n_features = self.means_.shape
+        if self.covariance_type == "full":
+            cov_params = self.n_components * n_features * (n_features + 1) / 2.0
+        elif self.covariance_type == "diag":
+            cov_params = self.n_components * n_features
+        elif self.covariance_type == "tied":
+            cov_params = n_features * (n_features + 1) / 2.0
+        else:
+            cov_params = self.n_components
+        mean_params = n_features * self.n_components
+        return int(cov_params + mean_params + self.n_components - 1)
+
+    def bic(self, X):
+        """Bayesian information criterion for the current model on X (lower is better)."""
+        n_samples = X.shape[0]
+        return float(-2 * self.score(X) * n_samples + self._n_parameters() * math.log(n_samples))
+
+    def aic(self, X):
+        """Akaike information criterion for the current model on X (lower is better)."""
+        n_samples = X.shape[0]
+        return float(-2 * self.score(X) * n_samples + 2 * self._n_parameters())
+
+    def sample(self, n_samples=1):
+        """Generate random samples from the fitted mixture (as sklearn does).
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, n_features)
+        y : ndarray of shape (n_samples,)
+        """
+        check_is_fitted(self)
+        n_samples = check_n_samples(n_samples)
+        _, n_features = self.means_.shape
+        rng = check_random_state(self.random_state)
+        n_samples_comp = rng.multinomial(n_samples, self.weights_)
+        if self.covariance_type == "full":
+            X = np.vstack(
+                [
+                    rng.multivariate_normal(mean, covariance, int(sample))
+                    for (mean, covariance, sample) in zip(self.means_, self.covariances_, n_samples_comp)
+                ]
+            )
+        elif self.covariance_type == "tied":
+            X = np.vstack(
+                [
+                    rng.multivariate_normal(mean, self.covariances_, int(sample))
+                    for (mean, sample) in zip(self.means_, n_samples_comp)
+                ]
+            )
+        else:
+            X = np.vstack(
+                [
+                    mean + rng.standard_normal(size=(sample, n_features)) * np.sqrt(covariance)
+                    for (mean, covariance, sample) in zip(self.means_, self.covariances_, n_samples_comp)
+                ]
+            )
+        y = np.concatenate([np.full(int(n), j, dtype=np.int64) for j, n in enumerate(n_samples_comp)])
+        return np.asarray(X, dtype=np.float64), y

@@ -1,0 +1,152 @@
+"""Graph builders: lazy dask graphs over the chunks of a dask array.
+
+Nothing here calls ``compute``. The statistics builders map a chunk function
+from :mod:`dgmm.chunk` over the row blocks of an array and tree-reduce the
+results with fan-in ``split_every``; the prediction builders return lazy dask
+arrays with the input's row chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+
+from . import chunk
+
+DEFAULT_SPLIT_EVERY = 8
+
+
+class RowBlocks:
+    """The row blocks of a 2-D dask array, prepared once per fit (lazy).
+
+    Holds one ``Delayed`` per row block (the graph of the array is optimised
+    once, here, instead of once per EM iteration) and the global index of
+    each block's first row.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n_samples, n_features)
+        Must have a single chunk along the feature axis and known row chunks.
+    """
+
+    def __init__(self, X: da.Array):
+        if X.numblocks[1] != 1:
+            raise ValueError("X must have a single chunk along the feature axis")
+        self.array = X
+        self.blocks: list[Delayed] = list(X.to_delayed(optimize_graph=True).ravel())
+        sizes = np.asarray(X.chunks[0], dtype=np.int64)
+        self.row_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.n_samples = int(sizes.sum())
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def tree_reduce(parts: Sequence[Any], combine: Callable, split_every: int | None = None):
+    """Reduce delayed ``parts`` with ``combine`` in a tree of fan-in ``split_every`` (lazy)."""
+    split_every = int(split_every or DEFAULT_SPLIT_EVERY)
+    if split_every < 2:
+        raise ValueError(f"split_every must be at least 2, got {split_every}")
+    level = list(parts)
+    combine_d = dask.delayed(combine, pure=True)
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        level = [
+            combine_d(*level[i : i + split_every], dask_key_name=None)
+            if len(level[i : i + split_every]) > 1
+            else level[i]
+            for i in range(0, len(level), split_every)
+        ]
+    return level[0]
+
+
+def e_step_statistics(blocks: RowBlocks, batch: tuple[chunk.ChunkParams, ...], split_every=None) -> Delayed:
+    """Lazy E-step statistics of a whole array for a batch of parameter sets.
+
+    The parameters enter the graph once, as one key that every chunk task
+    depends on, so a distributed scheduler ships them once per worker, not
+    once per task.
+
+    Returns
+    -------
+    Delayed
+        Evaluates to a tuple of :class:`dgmm.chunk.SufficientStatistics`.
+    """
+    params = dask.delayed(batch, pure=True)
+    fn = dask.delayed(chunk.e_step_statistics, pure=True)
+    parts = [fn(block, params) for block in blocks.blocks]
+    return tree_reduce(parts, chunk.combine_statistics, split_every)
+
+
+def init_statistics(
+    blocks: RowBlocks,
+    specs: tuple[chunk.InitResp, ...],
+    center: np.ndarray,
+    covariance_type: str,
+    split_every=None,
+) -> Delayed:
+    """Lazy statistics of a whole array under initial responsibilities."""
+    args = dask.delayed((specs, center, covariance_type), pure=True)
+    fn = dask.delayed(_init_statistics_packed, pure=True)
+    parts = [fn(block, int(start), args) for block, start in zip(blocks.blocks, blocks.row_starts)]
+    return tree_reduce(parts, chunk.combine_statistics, split_every)
+
+
+def _init_statistics_packed(X, row_start, args):
+    specs, center, covariance_type = args
+    return chunk.init_statistics(X, row_start, specs, center, covariance_type)
+
+
+# ---------------------------------------------------------------------------
+# Lazy per-row outputs
+# ---------------------------------------------------------------------------
+
+
+def _checked(X):
+    bad = chunk.count_nonfinite_rows(X)
+    if bad:
+        raise ValueError(f"Input X contains NaN or infinity ({bad} rows in a chunk of {X.shape[0]}).")
+    return X
+
+
+def _score_samples_chunk(X, params):
+    return chunk.logsumexp_rows(chunk.weighted_log_prob(_checked(X), params))
+
+
+def _predict_chunk(X, params):
+    return chunk.weighted_log_prob(_checked(X), params).argmax(axis=1)
+
+
+def _predict_proba_chunk(X, params):
+    _, log_resp = chunk.log_prob_resp(_checked(X), params)
+    return np.exp(log_resp)
+
+
+def score_samples(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
+    """Lazy per-row log-likelihood, a dask array with X's row chunks."""
+    out = X.map_blocks(_score_samples_chunk, params, drop_axis=1, dtype=np.float64, meta=np.empty((0,), np.float64))
+    return out.astype(dtype)
+
+
+def predict(X: da.Array, params: chunk.ChunkParams) -> da.Array:
+    """Lazy labels, a dask array of int64 with X's row chunks."""
+    return X.map_blocks(_predict_chunk, params, drop_axis=1, dtype=np.int64, meta=np.empty((0,), np.int64))
+
+
+def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
+    """Lazy responsibilities, a dask array (n_samples, n_components) with X's row chunks."""
+    k = params.means.shape[0]
+    out = X.map_blocks(
+        _predict_proba_chunk,
+        params,
+        chunks=(X.chunks[0], (k,)),
+        dtype=np.float64,
+        meta=np.empty((0, 0), np.float64),
+    )
+    return out.astype(dtype)

@@ -1,0 +1,167 @@
+"""Passes over the data: where graphs from :mod:`dgmm.graph` are computed.
+
+A :class:`DataPasses` wraps the validated input of one ``fit`` (a NumPy array
+or a dask array) and runs each pass over it with a single ``dask.compute`` (or
+directly in-process when the data is one chunk, the fast path that avoids any
+scheduling overhead for small data). The estimator and the initialisers are
+its only callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import dask
+import dask.array as da
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from . import chunk, graph
+
+logger = logging.getLogger(__name__)
+
+#: Target bytes of one float64 chunk when dgmm chunks a NumPy array itself.
+AUTO_CHUNK_BYTES = 8 * 2**20
+#: Fewest rows in an automatically sized chunk.
+AUTO_CHUNK_MIN_ROWS = 1024
+
+
+def auto_chunk_rows(n_samples: int, n_features: int) -> int:
+    """Rows per chunk for in-memory input: about 8 MiB of float64 per chunk."""
+    rows = max(AUTO_CHUNK_MIN_ROWS, AUTO_CHUNK_BYTES // (8 * max(n_features, 1)))
+    return int(min(rows, max(n_samples, 1)))
+
+
+def _distributed_client():
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _blas_limit_context(n_blocks: int):
+    """Limit BLAS to one thread while the local threaded scheduler runs chunks in parallel.
+
+    Dask's worker threads already use every core; letting each BLAS call
+    start its own threads on top oversubscribes the machine. Distributed
+    workers set ``OMP_NUM_THREADS=1`` themselves.
+    """
+    scheduler = dask.config.get("scheduler", None)
+    if n_blocks > 1 and scheduler in (None, "threads", "threading") and _distributed_client() is None:
+        return threadpool_limits(limits=1, user_api="blas")
+    return contextlib.nullcontext()
+
+
+class DataPasses:
+    """Runs passes over one validated input.
+
+    Parameters
+    ----------
+    X : ndarray or dask.array.Array of shape (n_samples, n_features)
+        Float32 or float64; a dask array must have one chunk along features
+        and known row chunks.
+    chunk_size : int or 'auto'
+        Rows per chunk when X is a NumPy array.
+    split_every : int or None
+        Fan-in of the reduction tree.
+    """
+
+    def __init__(self, X, chunk_size="auto", split_every=None):
+        self.n_samples, self.n_features = (int(s) for s in X.shape)
+        self.dtype = X.dtype
+        self.split_every = split_every
+        self.n_passes = 0
+        if isinstance(X, da.Array):
+            self.numpy = None
+            self.array = X
+        else:
+            rows = auto_chunk_rows(self.n_samples, self.n_features) if chunk_size == "auto" else int(chunk_size)
+            self.numpy = X
+            self.array = None if self.n_samples <= rows else da.from_array(X, chunks=(rows, self.n_features))
+        self.blocks = graph.RowBlocks(self.array) if self.array is not None else None
+
+    @property
+    def in_process(self) -> bool:
+        """True when the whole input is one in-memory chunk (no scheduler involved)."""
+        return self.blocks is None
+
+    @property
+    def n_chunks(self) -> int:
+        return 1 if self.blocks is None else len(self.blocks)
+
+    def _compute(self, lazy):
+        self.n_passes += 1
+        with _blas_limit_context(self.n_chunks):
+            (result,) = dask.compute(lazy)
+        return result
+
+    def e_step(self, batch: tuple[chunk.ChunkParams, ...]) -> tuple[chunk.SufficientStatistics, ...]:
+        """One pass: E-step statistics of every parameter set of ``batch``."""
+        if self.in_process:
+            self.n_passes += 1
+            return chunk.e_step_statistics(self.numpy, batch)
+        return self._compute(graph.e_step_statistics(self.blocks, batch, self.split_every))
+
+    def init_statistics(self, specs, center, covariance_type) -> tuple[chunk.SufficientStatistics, ...]:
+        """One pass: statistics under initial responsibilities."""
+        if self.in_process:
+            self.n_passes += 1
+            return chunk.init_statistics(self.numpy, 0, tuple(specs), center, covariance_type)
+        return self._compute(graph.init_statistics(self.blocks, tuple(specs), center, covariance_type, self.split_every))
+
+    def head(self, n_rows: int) -> np.ndarray:
+        """The first ``n_rows`` rows as a NumPy array (reads the first chunks only)."""
+        if self.numpy is not None:
+            return np.asarray(self.numpy[:n_rows])
+        return np.asarray(self.array[:n_rows].compute())
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at sorted global ``indices`` as a NumPy array."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.numpy is not None:
+            return np.asarray(self.numpy[indices])
+        order = np.argsort(indices, kind="stable")
+        taken = np.asarray(self.array[indices[order]].compute())
+        out = np.empty_like(taken)
+        out[order] = taken
+        return out
+
+    def sample(self, size: int, random_state: np.random.RandomState):
+        """A uniform random sample of ``size`` rows (all rows, in order, if ``size >= n_samples``).
+
+        Returns the rows and their sorted global indices (None for all rows).
+
+        Consumes ``random_state`` only when it actually subsamples, so small
+        inputs follow exactly the same random stream as sklearn.
+        """
+        if size >= self.n_samples:
+            return (self.numpy if self.numpy is not None else np.asarray(self.array.compute())), None
+        rng = np.random.default_rng(random_state.randint(np.iinfo(np.int32).max))
+        indices = np.sort(rng.choice(self.n_samples, size=size, replace=False))
+        return self.rows(indices), indices
+
+    def locate_nonfinite(self) -> tuple[int, int]:
+        """Count rows with NaN/inf and the index of the first (an extra pass, error path only)."""
+        if self.numpy is not None:
+            bad = ~np.isfinite(self.numpy).all(axis=1)
+            count = int(bad.sum())
+            return count, int(np.argmax(bad)) if count else -1
+        bad = ~da.isfinite(self.array).all(axis=1)
+        count, first = dask.compute(bad.sum(), da.argmax(bad))
+        return int(count), int(first) if count else -1
+
+
+def nonfinite_error(count: int, first: int, n_samples: int) -> ValueError:
+    """The error for inputs holding NaN or infinity."""
+    return ValueError(
+        f"Input X contains NaN or infinity: {count} of {n_samples} rows have non-finite "
+        f"values (first at row {first}). Remove or impute them before fitting."
+    )
+
+
+def n_blocks_for(n_samples: int, rows: int) -> int:
+    return max(1, math.ceil(n_samples / rows))

@@ -1,0 +1,167 @@
+"""Input and parameter validation, with scikit-learn's wording.
+
+NumPy arrays and pandas DataFrames go through :func:`sklearn.utils.validation.validate_data`
+unchanged. Dask arrays, dask DataFrames and Zarr arrays stay lazy: only their
+metadata (shape, dtype, chunks) is checked here, non-finite values are counted
+inside the first pass over the data.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import dask.array as da
+import numpy as np
+from sklearn.utils import check_array
+from sklearn.utils.validation import validate_data
+
+FLOAT_DTYPES = (np.float64, np.float32)
+
+
+def is_lazy_input(X) -> bool:
+    """True for inputs dgmm keeps lazy: dask arrays/DataFrames and Zarr arrays."""
+    if isinstance(X, da.Array):
+        return True
+    module = type(X).__module__ or ""
+    return module.startswith("zarr") or module.startswith("dask.dataframe") or module.startswith("dask_expr")
+
+
+def _to_dask_array(X) -> da.Array:
+    module = type(X).__module__ or ""
+    if isinstance(X, da.Array):
+        return X
+    if module.startswith("zarr"):
+        return da.from_zarr(X)
+    if hasattr(X, "to_dask_array"):
+        # Dask DataFrame: partition lengths are needed for row-aligned output.
+        return X.to_dask_array(lengths=True)
+    raise TypeError(f"unsupported lazy input type {type(X).__name__}")
+
+
+def check_lazy_array(estimator, X, *, reset: bool, ensure_min_samples: int = 1) -> da.Array:
+    """Validate a lazy input without reading it; return a float dask array.
+
+    The result has one chunk along the feature axis and known row chunks;
+    integer and boolean inputs are cast to float64 lazily.
+    """
+    name = type(estimator).__name__
+    validate_data(estimator, X, reset=reset, skip_check_array=True)
+    Xd = _to_dask_array(X)
+    if Xd.ndim != 2:
+        if Xd.ndim == 1:
+            raise ValueError(
+                f"Expected 2D array, got 1D array instead (shape={Xd.shape}).\n"
+                "Reshape your data either using array.reshape(-1, 1) if your data has a "
+                "single feature or array.reshape(1, -1) if it contains a single sample."
+            )
+        raise ValueError(f"Found array with dim {Xd.ndim}, while dim <= 2 is required by {name}.")
+    kind = Xd.dtype.kind
+    if kind not in "biuf":
+        raise ValueError(
+            f"{name} needs numeric input, but X has dtype {Xd.dtype}; "
+            "select numeric columns or convert them before fitting."
+        )
+    if kind != "f" or Xd.dtype not in FLOAT_DTYPES:
+        Xd = Xd.astype(np.float64)
+    if any(np.isnan(c) for c in Xd.chunks[0]):
+        Xd = Xd.compute_chunk_sizes()
+    n_samples, n_features = Xd.shape
+    if n_samples < ensure_min_samples:
+        raise ValueError(
+            f"Found array with {n_samples} sample(s) (shape={Xd.shape}) while a minimum "
+            f"of {ensure_min_samples} is required by {name}."
+        )
+    if n_features < 1:
+        raise ValueError(
+            f"Found array with {n_features} feature(s) (shape={Xd.shape}) while a minimum "
+            f"of 1 is required by {name}."
+        )
+    if Xd.numblocks[1] != 1:
+        Xd = Xd.rechunk({1: -1})
+    return Xd
+
+
+def check_input(estimator, X, *, reset: bool, ensure_min_samples: int = 1):
+    """Validate X: a float NumPy array, or a float dask array for lazy inputs."""
+    if is_lazy_input(X):
+        return check_lazy_array(estimator, X, reset=reset, ensure_min_samples=ensure_min_samples)
+    return validate_data(
+        estimator, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=ensure_min_samples
+    )
+
+
+# ---------------------------------------------------------------------------
+# User initial parameters (sklearn's checks and messages)
+# ---------------------------------------------------------------------------
+
+
+def _check_shape(param, param_shape, name):
+    if param.shape != param_shape:
+        raise ValueError(
+            "The parameter '%s' should have the shape of %s, but got %s" % (name, param_shape, param.shape)
+        )
+
+
+def check_weights(weights, n_components):
+    """Validate ``weights_init``; returns a new float array (the input is never modified)."""
+    weights = np.array(check_array(weights, dtype=[np.float64, np.float32], ensure_2d=False), copy=True)
+    _check_shape(weights, (n_components,), "weights")
+    if np.any(np.less(weights, 0.0)) or np.any(np.greater(weights, 1.0)):
+        raise ValueError(
+            "The parameter 'weights' should be in the range "
+            "[0, 1], but got max value %.5f, min value %.5f" % (np.min(weights), np.max(weights))
+        )
+    atol = 1e-6 if weights.dtype == np.float32 else 1e-8
+    if not np.allclose(np.abs(1.0 - np.sum(weights)), 0.0, atol=atol):
+        raise ValueError(
+            "The parameter 'weights' should be normalized, but got sum(weights) = %.5f" % np.sum(weights)
+        )
+    return weights
+
+
+def check_means(means, n_components, n_features):
+    """Validate ``means_init``; returns a new float array."""
+    means = np.array(check_array(means, dtype=[np.float64, np.float32], ensure_2d=False), copy=True)
+    _check_shape(means, (n_components, n_features), "means")
+    return means
+
+
+def _check_precision_matrix(precision, covariance_type):
+    if not (np.allclose(precision, precision.T) and np.all(np.linalg.eigvalsh(precision) > 0.0)):
+        raise ValueError("'%s precision' should be symmetric, positive-definite" % covariance_type)
+
+
+def check_precisions(precisions, covariance_type, n_components, n_features):
+    """Validate ``precisions_init``; returns a new float array."""
+    precisions = np.array(
+        check_array(
+            precisions,
+            dtype=[np.float64, np.float32],
+            ensure_2d=False,
+            allow_nd=covariance_type == "full",
+        ),
+        copy=True,
+    )
+    shapes = {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }
+    _check_shape(precisions, shapes[covariance_type], "%s precision" % covariance_type)
+    if covariance_type == "full":
+        for k in range(precisions.shape[0]):
+            _check_precision_matrix(precisions[k], covariance_type)
+    elif covariance_type == "tied":
+        _check_precision_matrix(precisions, covariance_type)
+    elif np.any(np.less_equal(precisions, 0.0)):
+        raise ValueError("'%s precision' should be positive" % covariance_type)
+    return precisions
+
+
+def check_n_samples(n_samples: int) -> int:
+    if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+        raise ValueError(
+            "Invalid value for 'n_samples': %s . The sampling requires at least one sample." % (n_samples,)
+        )
+    return int(n_samples)
