@@ -380,6 +380,13 @@ def e_step_statistics(X: np.ndarray, batch: tuple[ChunkParams, ...]) -> tuple[Su
     tuple of SufficientStatistics, one per parameter set.
     """
     n_nonfinite = count_nonfinite_rows(X)
+    if n_nonfinite:  # the pass completes; the driver raises with the count
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return _e_step_statistics(X, batch, n_nonfinite)
+    return _e_step_statistics(X, batch, 0)
+
+
+def _e_step_statistics(X, batch, n_nonfinite):
     out = []
     for params in batch:
         y = center_rows(X, params.center)
@@ -480,10 +487,11 @@ def init_statistics(
     n_nonfinite = count_nonfinite_rows(X)
     y = center_rows(X, center)
     out = []
-    for spec in specs:
-        resp = initial_resp(X, row_start, spec)
-        shifts = np.zeros((spec.n_components, X.shape[1]))
-        out.append(statistics_from_resp(y, resp, shifts, covariance_type, n_nonfinite=n_nonfinite))
+    with np.errstate(invalid="ignore" if n_nonfinite else "warn"):
+        for spec in specs:
+            resp = initial_resp(X, row_start, spec)
+            shifts = np.zeros((spec.n_components, X.shape[1]))
+            out.append(statistics_from_resp(y, resp, shifts, covariance_type, n_nonfinite=n_nonfinite))
     return tuple(out)
 
 

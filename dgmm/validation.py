@@ -45,7 +45,8 @@ def check_lazy_array(estimator, X, *, reset: bool, ensure_min_samples: int = 1) 
     integer and boolean inputs are cast to float64 lazily.
     """
     name = type(estimator).__name__
-    validate_data(estimator, X, reset=reset, skip_check_array=True)
+    # A dask DataFrame's empty pandas meta carries its column names.
+    validate_data(estimator, X._meta if hasattr(X, "columns") else X, reset=reset, skip_check_array=True)
     Xd = _to_dask_array(X)
     if Xd.ndim != 2:
         if Xd.ndim == 1:

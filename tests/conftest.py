@@ -1,0 +1,37 @@
+"""Shared fixtures: small mixtures with ragged chunks so boundary bugs show."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def make_mixture(n_samples=600, n_features=3, offset=0.0, seed=0):
+    """Three overlapping anisotropic blobs, optionally far from the origin."""
+    rng = np.random.default_rng(seed)
+    sizes = [n_samples // 2, n_samples // 3, n_samples - n_samples // 2 - n_samples // 3]
+    centers = np.array([[0.0] * n_features, [4.0] + [1.0] * (n_features - 1), [1.0] + [-3.0] * (n_features - 1)])
+    parts = []
+    for size, center in zip(sizes, centers):
+        A = rng.normal(size=(n_features, n_features)) * 0.5 + np.eye(n_features)
+        parts.append(rng.normal(size=(size, n_features)) @ A + center)
+    X = np.vstack(parts)
+    rng.shuffle(X)
+    return X + offset
+
+
+@pytest.fixture
+def mixture_data():
+    return make_mixture()
+
+
+def perturbed_init(X, covariance_type, n_components=3, seed=0):
+    """Initial parameters near (not at) sklearn's optimum, as sklearn would accept them."""
+    sk = SkGaussianMixture(n_components, covariance_type=covariance_type, random_state=seed, max_iter=3).fit(X)
+    weights = 0.8 * sk.weights_ + 0.2 / n_components
+    means = sk.means_ + 0.25 * X.std(axis=0)
+    precisions = sk.precisions_ * 0.7
+    return weights, means, precisions

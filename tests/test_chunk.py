@@ -1,0 +1,162 @@
+"""Chunk math against independent references (scipy, numpy on the whole array, sklearn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import multivariate_normal
+from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
+
+from dgmm import chunk
+from conftest import COVARIANCE_TYPES
+
+
+def random_covariances(kind, k, d, rng):
+    if kind == "full":
+        out = []
+        for _ in range(k):
+            A = rng.normal(size=(d, d))
+            out.append(A @ A.T + d * np.eye(d))
+        return np.array(out)
+    if kind == "tied":
+        A = rng.normal(size=(d, d))
+        return A @ A.T + d * np.eye(d)
+    if kind == "diag":
+        return rng.uniform(0.5, 3.0, size=(k, d))
+    return rng.uniform(0.5, 3.0, size=k)
+
+
+def dense_covariance(covariances, kind, j, d):
+    if kind == "full":
+        return covariances[j]
+    if kind == "tied":
+        return covariances
+    if kind == "diag":
+        return np.diag(covariances[j])
+    return np.eye(d) * covariances[j]
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_log_gaussian_prob_matches_scipy(kind, offset):
+    rng = np.random.default_rng(1)
+    k, d = 4, 5
+    X = rng.normal(size=(57, d)) * 2 + offset
+    means = rng.normal(size=(k, d)) + offset
+    cov = random_covariances(kind, k, d, rng)
+    prec_chol = chunk.compute_precision_cholesky(cov, kind)
+    weights = np.full(k, 1.0 / k)
+    params = chunk.chunk_params(weights, means, prec_chol, kind)
+    got = chunk.estimate_log_gaussian_prob(chunk.center_rows(X, params.center), params)
+    want = np.column_stack(
+        [multivariate_normal(means[j], dense_covariance(cov, kind, j, d)).logpdf(X) for j in range(k)]
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_statistics_and_m_step_match_whole_array_numpy(kind):
+    rng = np.random.default_rng(2)
+    k, d, n = 3, 4, 211
+    X = rng.normal(size=(n, d)) * [1, 2, 3, 4] + 7.0
+    resp = rng.dirichlet(np.ones(k), size=n)
+    center = X[:10].mean(axis=0)
+    shifts = rng.normal(size=(k, d))  # any shift gives the same M-step
+    stats = chunk.statistics_from_resp(X - center, resp, shifts, kind)
+    np.testing.assert_allclose(stats.nk, resp.sum(axis=0), rtol=1e-12)
+    _, means, covariances = chunk.parameters_from_statistics(stats, center, shifts, 1e-6, kind)
+    # independent reference: weighted means and weighted covariance on the whole array
+    nk = resp.sum(axis=0)
+    ref_means = resp.T @ X / nk[:, None]
+    np.testing.assert_allclose(means, ref_means, rtol=1e-10)
+    ref_full = np.array([np.cov(X.T, aweights=resp[:, j], bias=True) for j in range(k)]) + 1e-6 * np.eye(d)
+    if kind == "full":
+        ref = ref_full
+    elif kind == "tied":
+        ref = np.einsum("k,kij->ij", nk, ref_full - 1e-6 * np.eye(d)) / n + 1e-6 * np.eye(d)
+    elif kind == "diag":
+        ref = np.diagonal(ref_full, axis1=1, axis2=2)
+    else:
+        ref = np.diagonal(ref_full, axis1=1, axis2=2).mean(axis=1)
+    np.testing.assert_allclose(covariances, ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_initialization_m_step_matches_sklearn_for_unnormalised_resp(kind):
+    """sklearn's 'random_from_data' responsibilities are one-hot on k rows only."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(50, 3)) + 5.0
+    resp = np.zeros((50, 3))
+    resp[[4, 17, 40], [0, 1, 2]] = 1.0
+    center = X.mean(axis=0)
+    stats = chunk.statistics_from_resp(X - center, resp, np.zeros((3, 3)), kind)
+    weights, means, cov = chunk.parameters_from_statistics(
+        stats, center, np.zeros((3, 3)), 1e-3, kind, initialization=True
+    )
+    nk, ref_means, ref_cov = _estimate_gaussian_parameters(X, resp, 1e-3, kind)
+    np.testing.assert_allclose(weights, nk / 50, rtol=1e-12)
+    np.testing.assert_allclose(means, ref_means, rtol=1e-12)
+    np.testing.assert_allclose(cov, ref_cov, rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=96), min_size=0, max_size=6, unique=True),
+    kind=st.sampled_from(COVARIANCE_TYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_is_associative_over_any_split(cuts, kind, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(97, 3)) * 3 + 10
+    means = rng.normal(size=(2, 3)) + 10
+    cov = random_covariances(kind, 2, 3, rng)
+    params = chunk.chunk_params(np.array([0.3, 0.7]), means, chunk.compute_precision_cholesky(cov, kind), kind)
+    (whole,) = chunk.e_step_statistics(X, (params,))
+    pieces = np.split(X, sorted(cuts))
+    parts = [chunk.e_step_statistics(p, (params,)) for p in pieces if len(p)]
+    rng.shuffle(parts)  # commutative too
+    merged = chunk.combine_statistics(*parts)[0]
+    for a, b in zip(whole, merged):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-9)
+
+
+def test_batch_evaluates_each_parameter_set_independently():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(80, 2))
+    batch = []
+    for kind_seed in range(3):
+        r = np.random.default_rng(kind_seed)
+        batch.append(
+            chunk.chunk_params(np.array([0.5, 0.5]), r.normal(size=(2, 2)), np.stack([np.eye(2)] * 2), "full")
+        )
+    together = chunk.e_step_statistics(X, tuple(batch))
+    for params, stats in zip(batch, together):
+        (alone,) = chunk.e_step_statistics(X, (params,))
+        for a, b in zip(alone, stats):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_rows_are_counted_in_the_pass():
+    X = np.ones((10, 2))
+    X[3, 1] = np.nan
+    X[7, 0] = np.inf
+    params = chunk.chunk_params(np.array([1.0]), np.zeros((1, 2)), np.eye(2)[None], "full")
+    (stats,) = chunk.e_step_statistics(X, (params,))
+    assert stats.n_nonfinite == 2
+
+
+def test_precision_cholesky_error_names_the_fix():
+    cov = np.zeros((1, 2, 2))
+    with pytest.raises(ValueError, match="increase reg_covar"):
+        chunk.compute_precision_cholesky(cov, "full")
+    with pytest.raises(ValueError, match="float64 data instead of float32"):
+        chunk.compute_precision_cholesky(np.zeros(2), "spherical", float32_note=True)
+
+
+def test_random_resp_does_not_depend_on_chunking():
+    whole = chunk.random_resp(0, 10_000, 3, seed=42)
+    pieces = np.vstack([chunk.random_resp(a, b - a, 3, 42) for a, b in [(0, 37), (37, 4100), (4100, 10_000)]])
+    np.testing.assert_array_equal(whole, pieces)
+    np.testing.assert_allclose(whole.sum(axis=1), 1.0)

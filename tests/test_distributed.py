@@ -1,0 +1,50 @@
+"""The same fit on a real distributed LocalCluster with worker processes."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, get_task_stream
+
+from dgmm import GaussianMixture
+from conftest import make_mixture, perturbed_init
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_local_cluster_processes_equal_threaded(client, kind):
+    X = make_mixture(n_samples=2000, n_features=3, seed=21)
+    Xd = da.from_array(X, chunks=(137, 3))
+    w, m, p = perturbed_init(X, kind)
+    kwargs = dict(covariance_type=kind, weights_init=w, means_init=m, precisions_init=p, tol=0, max_iter=10)
+    with get_task_stream(client) as stream:
+        distributed_fit = GaussianMixture(3, **kwargs).fit(Xd)  # the active client runs it
+    workers_used = {task["worker"] for task in stream.data}
+    assert len(workers_used) == 2 and len(stream.data) >= 10 * Xd.numblocks[0]
+    assert len(client.scheduler_info()["workers"]) == 2
+    threaded = GaussianMixture(3, **kwargs)
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        threaded.fit(Xd)
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(distributed_fit, name), getattr(threaded, name), rtol=1e-10)
+    np.testing.assert_allclose(distributed_fit.lower_bounds_, threaded.lower_bounds_, rtol=1e-10)
+
+
+def test_default_init_and_lazy_predict_on_cluster(client):
+    X = make_mixture(n_samples=1500, n_features=2, seed=22)
+    Xd = da.from_array(X, chunks=(200, 2))
+    gm = GaussianMixture(3, random_state=0).fit(Xd)
+    local = GaussianMixture(3, random_state=0).fit(X)
+    np.testing.assert_allclose(gm.means_, local.means_, rtol=1e-9)
+    labels = gm.predict(Xd)
+    assert isinstance(labels, da.Array)
+    np.testing.assert_array_equal(client.compute(labels).result(), local.predict(X))

@@ -1,0 +1,274 @@
+"""The estimator contract: inputs, outputs, dtypes, invariance, errors."""
+
+from __future__ import annotations
+
+import copy
+import pickle  # only to check the estimator object itself pickles, as sklearn estimators must
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.utils.estimator_checks import check_estimator
+
+from dgmm import GaussianMixture
+from conftest import COVARIANCE_TYPES, make_mixture, perturbed_init
+
+
+def test_sklearn_check_estimator_passes():
+    results = check_estimator(GaussianMixture(), on_fail=None)
+    failed = [r for r in results if r["status"] == "failed"]
+    assert not failed, [(r["check_name"], str(r["exception"])[:200]) for r in failed]
+    skipped = {r["check_name"] for r in results if r["status"] == "skipped"}
+    # array-API input is only exercised when SCIPY_ARRAY_API is set; nothing else may be skipped
+    assert skipped <= {"check_array_api_input"}
+    assert len(results) > 30
+
+
+def test_constructor_matches_sklearn_signature():
+    import inspect
+
+    from sklearn.mixture import GaussianMixture as Sk
+
+    ours = inspect.signature(GaussianMixture).parameters
+    theirs = inspect.signature(Sk).parameters
+    for name, param in theirs.items():
+        assert ours[name].default == param.default, name
+    assert set(ours) - set(theirs) == {"chunk_size", "split_every", "init_sample_size"}
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_model_does_not_depend_on_chunking_or_fan_in(kind):
+    X = make_mixture(n_samples=900, n_features=3, seed=11)
+    w, m, p = perturbed_init(X, kind)
+    kwargs = dict(covariance_type=kind, weights_init=w, means_init=m, precisions_init=p, tol=0, max_iter=15)
+    reference = GaussianMixture(3, **kwargs).fit(X)  # one chunk, in-process
+    for chunks, split_every in [(37, 2), (37, 3), (37, 8), (300, 2), (899, 4)]:
+        gm = GaussianMixture(3, split_every=split_every, **kwargs).fit(da.from_array(X, chunks=(chunks, 3)))
+        for name in ("weights_", "means_", "covariances_"):
+            np.testing.assert_allclose(getattr(gm, name), getattr(reference, name), rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(gm.lower_bounds_, reference.lower_bounds_, rtol=1e-9)
+    numpy_chunked = GaussianMixture(3, chunk_size=50, **kwargs).fit(X)
+    np.testing.assert_allclose(numpy_chunked.means_, reference.means_, rtol=1e-9)
+
+
+def test_default_init_does_not_depend_on_chunking():
+    X = make_mixture(n_samples=700, n_features=2, seed=12)
+    a = GaussianMixture(3, random_state=1).fit(X)
+    b = GaussianMixture(3, random_state=1).fit(da.from_array(X, chunks=(37, 2)))
+    np.testing.assert_allclose(a.means_, b.means_, rtol=1e-9)
+    for init in ("random", "random_from_data", "k-means++"):
+        a = GaussianMixture(3, init_params=init, random_state=2).fit(X)
+        b = GaussianMixture(3, init_params=init, random_state=2).fit(da.from_array(X, chunks=(37, 2)))
+        np.testing.assert_allclose(a.means_, b.means_, rtol=1e-9, err_msg=init)
+
+
+def test_float32_stays_float32_and_close_to_float64():
+    X = make_mixture(n_samples=800, n_features=3, seed=13)
+    a = GaussianMixture(3, random_state=0).fit(X)
+    b = GaussianMixture(3, random_state=0).fit(da.from_array(X.astype(np.float32), chunks=(100, 3)))
+    for name in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
+        assert isinstance(getattr(b, name), np.ndarray)
+        assert getattr(b, name).dtype == np.float32, name
+        assert getattr(a, name).dtype == np.float64, name
+    np.testing.assert_allclose(b.means_, a.means_, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(b.lower_bound_, a.lower_bound_, rtol=1e-5)
+    assert b.predict_proba(X.astype(np.float32)).dtype == np.float32
+
+
+def test_lazy_outputs_for_dask_input_with_input_chunks():
+    X = make_mixture(n_samples=500, n_features=3, seed=14)
+    Xd = da.from_array(X, chunks=(37, 3))
+    gm = GaussianMixture(3, random_state=0).fit(Xd)
+    for method, ndim in (("predict", 1), ("predict_proba", 2), ("score_samples", 1)):
+        lazy = getattr(gm, method)(Xd)
+        assert isinstance(lazy, da.Array), method
+        assert lazy.chunks[0] == Xd.chunks[0]
+        np.testing.assert_allclose(lazy.compute(), getattr(gm, method)(X), rtol=1e-12)
+    labels = gm.fit_predict(Xd)
+    assert isinstance(labels, da.Array)
+    np.testing.assert_array_equal(labels.compute(), gm.predict(X))
+    assert isinstance(gm.fit_predict(X), np.ndarray)
+
+
+def test_pandas_dask_dataframe_and_zarr_inputs(tmp_path):
+    X = make_mixture(n_samples=400, n_features=3, seed=15)
+    df = pd.DataFrame(X, columns=["a", "b", "c"])
+    reference = GaussianMixture(3, random_state=0).fit(X)
+
+    gm = GaussianMixture(3, random_state=0).fit(df)
+    np.testing.assert_array_equal(gm.feature_names_in_, ["a", "b", "c"])
+    np.testing.assert_allclose(gm.means_, reference.means_, rtol=1e-9)
+
+    ddf = dd.from_pandas(df, npartitions=3)
+    gm = GaussianMixture(3, random_state=0).fit(ddf)
+    np.testing.assert_array_equal(gm.feature_names_in_, ["a", "b", "c"])
+    np.testing.assert_allclose(gm.means_, reference.means_, rtol=1e-9)
+    assert isinstance(gm.predict(ddf), da.Array)
+    with pytest.raises(ValueError, match="feature names"):
+        gm.predict(ddf[["c", "b", "a"]])
+
+    z = zarr.create_array(str(tmp_path / "x.zarr"), shape=X.shape, chunks=(37, 3), dtype="f8")
+    z[:] = X
+    gm = GaussianMixture(3, random_state=0).fit(zarr.open_array(str(tmp_path / "x.zarr"), mode="r"))
+    np.testing.assert_allclose(gm.means_, reference.means_, rtol=1e-9)
+    assert isinstance(gm.predict(zarr.open_array(str(tmp_path / "x.zarr"), mode="r")), da.Array)
+
+
+def test_integer_dask_input_is_cast_to_float64():
+    X = np.round(make_mixture(n_samples=300, n_features=2, seed=16) * 10).astype(np.int64)
+    a = GaussianMixture(2, random_state=0, reg_covar=1e-3).fit(X)
+    b = GaussianMixture(2, random_state=0, reg_covar=1e-3).fit(da.from_array(X, chunks=50))
+    assert b.means_.dtype == np.float64
+    np.testing.assert_allclose(a.means_, b.means_, rtol=1e-9)
+
+
+def test_init_arrays_are_not_modified():
+    X = make_mixture(n_samples=300, n_features=2)
+    w, m, p = perturbed_init(X, "full")
+    w32 = w.astype(np.float32)
+    copies = [a.copy() for a in (w32, m, p)]
+    gm = GaussianMixture(3, weights_init=w32, means_init=m, precisions_init=p).fit(X)
+    for original, kept in zip((w32, m, p), copies):
+        np.testing.assert_array_equal(original, kept)
+    assert gm.weights_init is w32 and gm.means_init is m and gm.precisions_init is p
+
+
+def test_clone_deepcopy_get_set_params_and_pickle():
+    gm = GaussianMixture(4, covariance_type="diag", split_every=3)
+    assert clone(gm).get_params() == gm.get_params()
+    assert gm.set_params(n_components=2).n_components == 2
+    X = make_mixture(n_samples=200, n_features=2)
+    fitted = gm.fit(X)
+    for twin in (copy.deepcopy(fitted), pickle.loads(pickle.dumps(fitted))):
+        np.testing.assert_array_equal(twin.predict(X), fitted.predict(X))
+
+
+def test_not_fitted_and_convergence_warning():
+    with pytest.raises(NotFittedError):
+        GaussianMixture().predict(np.zeros((3, 2)))
+    X = make_mixture(n_samples=300, n_features=2)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        GaussianMixture(3, max_iter=1, random_state=0).fit(X)
+
+
+def test_n_init_picks_the_best_restart_and_reads_data_once_per_iteration():
+    X = make_mixture(n_samples=600, n_features=2, seed=17)
+    single = [GaussianMixture(3, init_params="random", random_state=s, tol=1e-4).fit(X) for s in range(1)]
+    gm = GaussianMixture(3, init_params="random", n_init=4, random_state=0, tol=1e-4)
+    gm.fit(da.from_array(X, chunks=(101, 2)))
+    # one initialisation pass + one pass per EM iteration of the longest restart
+    assert gm.n_passes_ <= 1 + 1 + gm.max_iter
+    assert gm.lower_bound_ >= single[0].lower_bound_ - 1e-12
+    assert gm.lower_bounds_[-1] == gm.lower_bound_
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_dask_input_raises_in_the_first_pass(bad):
+    X = make_mixture(n_samples=300, n_features=2)
+    X[[41, 250], 1] = bad
+    Xd = da.from_array(X, chunks=(37, 2))
+    with pytest.raises(ValueError, match=r"NaN or infinity: 2 of 300 rows .*first at row 41"):
+        GaussianMixture(2, init_params="random", random_state=0).fit(Xd)
+    with pytest.raises(ValueError, match=r"NaN or infinity: 2 of 300 rows"):
+        GaussianMixture(2, random_state=0).fit(Xd)  # kmeans: found in the sample
+    with pytest.raises(ValueError, match="contains NaN|contains infinity"):
+        GaussianMixture(2).fit(X)  # numpy input: sklearn's own message
+
+
+def test_bad_shapes_and_dtypes():
+    gm = GaussianMixture(2)
+    with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
+        gm.fit(da.zeros(10, chunks=5))
+    with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
+        gm.fit(np.zeros(10))
+    with pytest.raises(ValueError, match="numeric"):
+        gm.fit(da.from_array(np.array([["a", "b"], ["c", "d"], ["e", "f"]])))
+    with pytest.raises(ValueError, match=r"Found array with 0 sample\(s\)"):
+        gm.fit(da.zeros((0, 3), chunks=1))
+    with pytest.raises(ValueError, match=r"Found array with 0 sample\(s\)"):
+        gm.fit(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="Expected n_samples >= n_components but got n_components = 5, n_samples = 3"):
+        GaussianMixture(5).fit(da.from_array(np.random.rand(3, 2)))
+    fitted = GaussianMixture(2, random_state=0).fit(make_mixture(n_samples=100, n_features=3))
+    with pytest.raises(ValueError, match="X has 2 features, but GaussianMixture is expecting 3 features"):
+        fitted.predict(da.zeros((10, 2), chunks=5))
+    with pytest.raises(ValueError, match="X has 2 features, but GaussianMixture is expecting 3 features"):
+        fitted.predict(np.zeros((10, 2)))
+
+
+def test_bad_parameters_use_sklearn_wording():
+    X = make_mixture(n_samples=100, n_features=2)
+    with pytest.raises(ValueError, match=r"The 'n_components' parameter of GaussianMixture must be an int in the range \[1, inf\)\. Got 0 instead"):
+        GaussianMixture(0).fit(X)
+    with pytest.raises(ValueError, match="'covariance_type' parameter of GaussianMixture must be a str among"):
+        GaussianMixture(covariance_type="banana").fit(X)
+    with pytest.raises(ValueError, match="The parameter 'weights' should be normalized"):
+        GaussianMixture(2, weights_init=[0.2, 0.2]).fit(X)
+    with pytest.raises(ValueError, match=r"The parameter 'means' should have the shape of \(2, 2\)"):
+        GaussianMixture(2, means_init=np.zeros((3, 2))).fit(X)
+    with pytest.raises(ValueError, match="'full precision' should be symmetric, positive-definite"):
+        GaussianMixture(2, precisions_init=-np.stack([np.eye(2)] * 2)).fit(X)
+    with pytest.raises(ValueError, match="'spherical precision' should be positive"):
+        GaussianMixture(2, covariance_type="spherical", precisions_init=[1.0, -1.0]).fit(X)
+
+
+def test_collapsed_component_error_says_what_to_change():
+    X = np.vstack([np.zeros((50, 2)), np.ones((50, 2))])
+    with pytest.raises(ValueError, match="increase reg_covar"):
+        GaussianMixture(2, reg_covar=0, random_state=0).fit(da.from_array(X, chunks=30))
+
+
+def test_graph_building_never_computes():
+    from dgmm import chunk, graph
+
+    X = da.from_array(make_mixture(n_samples=200, n_features=2), chunks=(37, 2))
+    params = chunk.chunk_params(np.array([0.5, 0.5]), np.zeros((2, 2)), np.stack([np.eye(2)] * 2), "full")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("graph building computed something")
+
+    with dask.config.set(scheduler=forbidden):
+        blocks = graph.RowBlocks(X)
+        graph.e_step_statistics(blocks, (params,), split_every=3)
+        graph.predict(X, params)
+        graph.predict_proba(X, params, np.float64)
+        graph.score_samples(X, params, np.float64)
+
+
+def test_one_iteration_holds_no_array_with_n_samples_rows():
+    """Every task result of an EM pass is either a chunk (<= 37 rows) or small statistics."""
+    from dask.callbacks import Callback
+
+    from dgmm import chunk, graph
+
+    n = 1000
+    X = da.from_array(make_mixture(n_samples=n, n_features=3), chunks=(37, 3))
+    params = chunk.chunk_params(np.full(3, 1 / 3), np.zeros((3, 3)), np.stack([np.eye(3)] * 3), "full")
+    largest = []
+
+    def leaves(obj):
+        if isinstance(obj, np.ndarray):
+            yield obj
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                yield from leaves(item)
+
+    class Record(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            largest.extend(a.shape[0] for a in leaves(result) if a.ndim)
+
+    with Record():
+        (stats,) = graph.e_step_statistics(graph.RowBlocks(X), (params,), split_every=4).compute(scheduler="threads")
+    assert stats.n_samples == n
+    assert largest and max(largest) <= 37

@@ -1,0 +1,104 @@
+"""dgmm follows sklearn's EM trajectory given identical initial parameters."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+from dgmm import GaussianMixture
+from conftest import COVARIANCE_TYPES, make_mixture, perturbed_init
+
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
+
+
+def assert_same_model(a, b, rtol, atol=0.0):
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=rtol, atol=atol, err_msg=name)
+    np.testing.assert_allclose(a.lower_bound_, b.lower_bound_, rtol=rtol)
+    assert a.n_iter_ == b.n_iter_
+    assert a.converged_ == b.converged_
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+@pytest.mark.parametrize("offset_sigmas", [0.0, 50.0])
+@pytest.mark.parametrize("as_dask", [False, True], ids=["numpy", "dask37"])
+def test_same_trajectory_as_sklearn(kind, offset_sigmas, as_dask):
+    X = make_mixture(n_samples=600, n_features=3)
+    X = X + offset_sigmas * X.std()
+    w, m, p = perturbed_init(X, kind)
+    kwargs = dict(covariance_type=kind, weights_init=w, means_init=m, precisions_init=p, tol=1e-6, max_iter=500)
+    sk = SkGaussianMixture(3, **kwargs).fit(X)
+    Xin = da.from_array(X, chunks=(37, 3)) if as_dask else X
+    gm = GaussianMixture(3, **kwargs).fit(Xin)
+    assert sk.n_iter_ > 3  # a real trajectory, not a one-step fit
+    assert_same_model(gm, sk, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(gm.lower_bounds_, sk.lower_bounds_, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_far_offset_stays_accurate_against_centred_reference(kind):
+    """At 1e7 standard deviations from the origin sklearn's raw moments lose digits; dgmm must not."""
+    X0 = make_mixture(n_samples=600, n_features=3, seed=5)
+    offset = np.array([1e7, -3e7, 2e7])
+    X = X0 + offset
+    Xc = X - offset  # the centred reference sees the same float64 rows, shifted back exactly
+    w, m, p = perturbed_init(Xc, kind)
+    common = dict(covariance_type=kind, weights_init=w, precisions_init=p, tol=1e-6, max_iter=500)
+    ref = SkGaussianMixture(3, means_init=m, **common).fit(Xc)
+    gm = GaussianMixture(3, means_init=m + offset, **common).fit(da.from_array(X, chunks=(37, 3)))
+    np.testing.assert_allclose(gm.means_ - offset, ref.means_, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gm.covariances_, ref.covariances_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(gm.weights_, ref.weights_, rtol=1e-6)
+    assert gm.n_iter_ == ref.n_iter_
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random_from_data"])
+@pytest.mark.parametrize("kind", ["full", "tied"])
+def test_same_initialisation_as_sklearn_on_small_data(init_params, kind):
+    X = make_mixture(n_samples=400, n_features=2, seed=7)
+    kwargs = dict(covariance_type=kind, init_params=init_params, random_state=3, n_init=2, tol=1e-5, max_iter=300)
+    sk = SkGaussianMixture(3, **kwargs).fit(X)
+    gm = GaussianMixture(3, **kwargs).fit(X)
+    assert_same_model(gm, sk, rtol=1e-6, atol=1e-9)
+
+
+def test_warm_start_continues_like_sklearn(recwarn):
+    X = make_mixture(n_samples=500, n_features=2, seed=8)
+    w, m, p = perturbed_init(X, "full")
+    kwargs = dict(weights_init=w, means_init=m, precisions_init=p, max_iter=2, warm_start=True, tol=0.0)
+    sk = SkGaussianMixture(3, **kwargs)
+    gm = GaussianMixture(3, **kwargs)
+    for _ in range(3):
+        sk.fit(X)
+        gm.fit(da.from_array(X, chunks=(91, 2)))
+        assert_same_model(gm, sk, rtol=1e-6, atol=1e-9)
+
+
+def test_max_iter_zero_returns_initial_parameters():
+    X = make_mixture(n_samples=300, n_features=2)
+    w, m, p = perturbed_init(X, "diag")
+    gm = GaussianMixture(3, covariance_type="diag", weights_init=w, means_init=m, precisions_init=p, max_iter=0)
+    gm.fit(X)
+    np.testing.assert_allclose(gm.means_, m)
+    np.testing.assert_allclose(gm.precisions_, p)
+    assert gm.n_iter_ == 0 and gm.lower_bounds_ == []
+
+
+def test_scores_and_criteria_match_sklearn():
+    X = make_mixture(n_samples=500, n_features=3, seed=9)
+    sk = SkGaussianMixture(3, random_state=0).fit(X)
+    gm = GaussianMixture(3, random_state=0).fit(X)
+    Xd = da.from_array(X, chunks=(37, 3))
+    np.testing.assert_allclose(gm.score_samples(X), sk.score_samples(X), rtol=1e-8)
+    np.testing.assert_allclose(gm.predict_proba(Xd).compute(), sk.predict_proba(X), rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(gm.predict(Xd).compute(), sk.predict(X))
+    for method in ("score", "bic", "aic"):
+        value = getattr(gm, method)(Xd)
+        assert isinstance(value, float)
+        np.testing.assert_allclose(value, getattr(sk, method)(X), rtol=1e-9)
+    Xs, ys = gm.sample(50)
+    Xk, yk = sk.sample(50)
+    np.testing.assert_allclose(Xs, Xk, rtol=1e-8)
+    np.testing.assert_array_equal(ys, yk)
