@@ -8,11 +8,14 @@ pass over the data per iteration for all restarts together, see
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from numbers import Integral, Real
 
 import dask.array as da
@@ -24,6 +27,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import chunk, graph
+from ._version import __version__
+from .checkpoint import (
+    CheckpointError,
+    CheckpointState,
+    fingerprint_mismatch,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .init import INITIALIZERS, InitContext
 from .passes import DataPasses, auto_chunk_rows, nonfinite_error
 from .validation import (
@@ -35,6 +46,23 @@ from .validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class IterationInfo(NamedTuple):
+    """What callbacks receive after every EM iteration (one pass over the data).
+
+    ``lower_bound`` and ``change`` are those of the best restart still
+    running (or of the only one).
+    """
+
+    n_iter: int
+    lower_bound: float
+    change: float
+    seconds: float
+    n_samples: int
+    rows_per_second: float
+    n_active: int
+    converged: bool
 
 
 @dataclass
@@ -100,6 +128,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Fan-in of the reduction tree of the per-chunk statistics (None: 8).
     init_sample_size : int, default=100_000
         Rows of the random sample on which 'kmeans' and 'k-means++' seed.
+    callbacks : callable or list of callables, default=None
+        Called after every EM iteration with an :class:`IterationInfo`
+        (iteration, lower bound, change, seconds, rows per second, ...).
+        A callback may raise to stop the fit; the last checkpoint stays valid.
+    checkpoint : str or path-like, default=None
+        File to which the full EM state is written atomically every
+        ``checkpoint_every`` iterations (an ``.npz`` archive with JSON
+        metadata; no pickle). ``fit(X, resume=True)`` continues from it.
+    checkpoint_every : int, default=1
+        Iterations between checkpoints.
 
     Attributes
     ----------
@@ -153,6 +191,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         "chunk_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "split_every": [Interval(Integral, 2, None, closed="left"), None],
         "init_sample_size": [Interval(Integral, 1, None, closed="left")],
+        "callbacks": [list, tuple, callable, None],
+        "checkpoint": [str, os.PathLike, None],
+        "checkpoint_every": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -175,6 +216,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         chunk_size="auto",
         split_every=None,
         init_sample_size=100_000,
+        callbacks=None,
+        checkpoint=None,
+        checkpoint_every=1,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -193,12 +237,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.chunk_size = chunk_size
         self.split_every = split_every
         self.init_sample_size = init_sample_size
+        self.callbacks = callbacks
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
 
     # ------------------------------------------------------------------
     # Fitting
     # ------------------------------------------------------------------
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, *, resume=False):
         """Estimate model parameters with the EM algorithm.
 
         Fits ``n_init`` initializations (advancing together, one pass over the
@@ -209,6 +256,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         X : array-like of shape (n_samples, n_features)
             NumPy array, pandas DataFrame, dask array, dask DataFrame or Zarr array.
         y : Ignored
+        resume : bool, default=False
+            Continue from ``checkpoint`` if that file exists (the result equals
+            an uninterrupted fit). A checkpoint written for other data or for
+            settings that change the model is refused.
 
         Returns
         -------
@@ -218,8 +269,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         ------
         ValueError
             For invalid parameters or input (NaN/inf, wrong shape, too few samples).
+        dgmm.checkpoint.CheckpointError
+            When resuming from an unusable checkpoint.
         """
-        self._fit(X)
+        self._fit(X, resume=resume)
         return self
 
     def fit_predict(self, X, y=None):
@@ -233,7 +286,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self._predict_validated(Xv)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def _fit(self, X):
+    def _fit(self, X, resume=False):
         Xv = check_input(self, X, reset=True, ensure_min_samples=2)
         n_samples, n_features = Xv.shape
         if n_samples < self.n_components:
@@ -254,7 +307,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         for init in range(n_init):
             self._print_verbose_msg_init_beg(init)
 
-        if do_init:
+        self._fingerprint = None
+        restored = None
+        if self.checkpoint is not None:
+            self._fingerprint = self._make_fingerprint(data, weights_init, means_init, precisions_init)
+        if resume:
+            restored = self._restore_checkpoint()
+        if restored is not None:
+            runs, start_iter, active = restored
+        elif do_init:
             runs = self._initialize_runs(data, n_init, random_state, weights_init, means_init, precisions_init, eps)
         else:
             runs = [
@@ -266,7 +327,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     lower_bound=float(self.lower_bound_),
                 )
             ]
-        self._run_em(data, runs, eps)
+        if restored is None:
+            start_iter, active = 1, list(range(len(runs)))
+        self._run_em(data, runs, eps, start_iter, active)
 
         max_lower_bound = -np.inf
         best = runs[-1]
@@ -362,60 +425,189 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             count, first = data.locate_nonfinite()
             raise nonfinite_error(count, first, data.n_samples)
 
-    def _run_em(self, data, runs, eps):
+    def _run_em(self, data, runs, eps, start_iter=1, active=None):
         kind = self.covariance_type
         float32 = self._dtype == np.float32
         if self.max_iter == 0:
             return
-        active = list(range(len(runs)))
+        active = list(range(len(runs))) if active is None else list(active)
+        callbacks = self._callback_list()
         t0 = time.perf_counter()
         for run in runs:
             run.start_time = t0
         iter_time = t0
-        for n_iter in range(1, self.max_iter + 1):
-            batch = tuple(runs[i].params(kind) for i in active)
-            stats_list = data.e_step(batch)
-            self._check_finite(stats_list[0], data)
-            still_active = []
-            for i, stats in zip(active, stats_list):
-                run = runs[i]
-                prev = run.lower_bound
-                center = batch[active.index(i)].center
-                shifts = batch[active.index(i)].means
-                weights, means, covariances = chunk.parameters_from_statistics(
-                    stats, center, shifts, self.reg_covar, kind, eps=eps
+        last_done, last_saved = start_iter - 1, start_iter - 1
+        try:
+            for n_iter in range(start_iter, self.max_iter + 1):
+                if not active:
+                    break
+                active, info = self._em_iteration(data, runs, active, n_iter, eps, kind, float32, iter_time)
+                last_done = n_iter
+                if self.checkpoint is not None and (n_iter % self.checkpoint_every == 0 or not active):
+                    self._save_checkpoint(runs, n_iter, active)
+                    last_saved = n_iter
+                for callback in callbacks:
+                    callback(info)
+                iter_time = time.perf_counter()
+        except KeyboardInterrupt:
+            # Ctrl-C: leave a resumable state of the last completed iteration
+            # (an iteration's updates are committed all at once, see _em_iteration).
+            if self.checkpoint is not None and last_done > last_saved:
+                self._save_checkpoint(runs, last_done, active)
+            raise
+
+    def _em_iteration(self, data, runs, active, n_iter, eps, kind, float32, iter_time):
+        """One pass over the data for every active restart, then their M-steps.
+
+        All restarts' updates are computed first and committed together, so an
+        exception (a degenerate covariance, Ctrl-C) leaves every run at the
+        previous completed iteration.
+        """
+        batch = tuple(runs[i].params(kind) for i in active)
+        stats_list = data.e_step(batch)
+        self._check_finite(stats_list[0], data)
+        updates = []
+        for params, stats in zip(batch, stats_list):
+            weights, means, covariances = chunk.parameters_from_statistics(
+                stats, params.center, params.means, self.reg_covar, kind, eps=eps
+            )
+            prec_chol = chunk.compute_precision_cholesky(covariances, kind, float32)
+            updates.append((weights, means, covariances, prec_chol, stats.log_likelihood / stats.n_samples))
+        now = time.perf_counter()
+        seconds = now - iter_time
+        still_active = []
+        for i, (weights, means, covariances, prec_chol, lower_bound) in zip(active, updates):
+            run = runs[i]
+            change = lower_bound - run.lower_bound
+            run.weights, run.means, run.covariances, run.precisions_cholesky = weights, means, covariances, prec_chol
+            run.lower_bound = lower_bound
+            run.lower_bounds.append(np.float64(lower_bound))
+            run.n_iter = n_iter
+            logger.debug("restart %d iteration %d: lower bound %.10g, change %.3g", i, n_iter, lower_bound, change)
+            if len(runs) == 1:
+                self._print_verbose_msg_iter_end(n_iter, change, seconds)
+            if abs(change) < self.tol:
+                run.converged = True
+            else:
+                still_active.append(i)
+            if run.converged or n_iter == self.max_iter:
+                self._print_verbose_msg_init_end(run.lower_bound, run.converged, now - run.start_time)
+        best = max(active, key=lambda j: runs[j].lower_bound)
+        run = runs[best]
+        previous = run.lower_bounds[-2] if len(run.lower_bounds) > 1 else -np.inf
+        info = IterationInfo(
+            n_iter=n_iter,
+            lower_bound=float(run.lower_bound),
+            change=float(run.lower_bound - previous),
+            seconds=seconds,
+            n_samples=data.n_samples,
+            rows_per_second=data.n_samples / seconds if seconds > 0 else float("inf"),
+            n_active=len(still_active),
+            converged=not still_active,
+        )
+        logger.info(
+            "iteration %d: lower bound %.8f, change %.3g, %.2f s, %.3g rows/s",
+            info.n_iter,
+            info.lower_bound,
+            info.change,
+            info.seconds,
+            info.rows_per_second,
+        )
+        return still_active, info
+
+    # ------------------------------------------------------------------
+    # Callbacks and checkpoints
+    # ------------------------------------------------------------------
+
+    def _callback_list(self):
+        if self.callbacks is None:
+            return []
+        if callable(self.callbacks):
+            return [self.callbacks]
+        return list(self.callbacks)
+
+    def _make_fingerprint(self, data, weights_init, means_init, precisions_init) -> dict:
+        """Settings that change the model, and a digest of the data, for checkpoint checks."""
+
+        def digest(a):
+            return None if a is None else hashlib.sha256(np.ascontiguousarray(a, dtype=np.float64)).hexdigest()
+
+        rows = min(data.n_samples, 256)
+        data_digest = hashlib.sha256()
+        data_digest.update(np.ascontiguousarray(data.head(rows), dtype=np.float64).tobytes())
+        data_digest.update(np.ascontiguousarray(data.tail(rows), dtype=np.float64).tobytes())
+        random_state = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
+        return {
+            "n_components": int(self.n_components),
+            "covariance_type": self.covariance_type,
+            "tol": float(self.tol),
+            "reg_covar": float(self.reg_covar),
+            "n_init": int(self.n_init),
+            "init_params": self.init_params,
+            "random_state": None if random_state is None else int(random_state),
+            "init_sample_size": int(self.init_sample_size),
+            "weights_init": digest(weights_init),
+            "means_init": digest(means_init),
+            "precisions_init": digest(precisions_init),
+            "n_samples": int(data.n_samples),
+            "n_features": int(data.n_features),
+            "dtype": str(data.dtype),
+            "data_digest": data_digest.hexdigest(),
+        }
+
+    def _save_checkpoint(self, runs, n_iter, active):
+        state = CheckpointState(
+            fingerprint=self._fingerprint,
+            n_iter=n_iter,
+            active=list(active),
+            runs=[
+                {
+                    "weights": r.weights,
+                    "means": r.means,
+                    "covariances": r.covariances,
+                    "precisions_cholesky": r.precisions_cholesky,
+                    "lower_bound": r.lower_bound,
+                    "lower_bounds": r.lower_bounds,
+                    "n_iter": r.n_iter,
+                    "converged": r.converged,
+                }
+                for r in runs
+            ],
+        )
+        save_checkpoint(os.fspath(self.checkpoint), state, __version__)
+        logger.info("checkpoint written after iteration %d: %s", n_iter, self.checkpoint)
+
+    def _restore_checkpoint(self):
+        """Runs, next iteration and active restarts from ``checkpoint``; None if there is none yet."""
+        if self.checkpoint is None:
+            raise ValueError("resume=True needs the 'checkpoint' parameter to name a checkpoint file")
+        path = os.fspath(self.checkpoint)
+        if not os.path.exists(path):
+            logger.info("no checkpoint at %s yet: starting a new fit", path)
+            return None
+        state = load_checkpoint(path)
+        mismatched = fingerprint_mismatch(state.fingerprint, self._fingerprint)
+        if mismatched:
+            raise CheckpointError(
+                f"checkpoint {path} was written for other data or settings that change the model "
+                f"(differs in: {', '.join(mismatched)}); remove it or restore those settings"
+            )
+        runs = []
+        for saved in state.runs:
+            runs.append(
+                _Run(
+                    weights=np.asarray(saved["weights"], dtype=np.float64),
+                    means=np.asarray(saved["means"], dtype=np.float64),
+                    covariances=np.asarray(saved["covariances"], dtype=np.float64),
+                    precisions_cholesky=np.asarray(saved["precisions_cholesky"], dtype=np.float64),
+                    lower_bound=float(saved["lower_bound"]),
+                    lower_bounds=[np.float64(v) for v in saved["lower_bounds"]],
+                    n_iter=int(saved["n_iter"]),
+                    converged=bool(saved["converged"]),
                 )
-                prec_chol = chunk.compute_precision_cholesky(covariances, kind, float32)
-                run.weights, run.means, run.covariances, run.precisions_cholesky = (
-                    weights,
-                    means,
-                    covariances,
-                    prec_chol,
-                )
-                run.lower_bound = stats.log_likelihood / stats.n_samples
-                run.lower_bounds.append(np.float64(run.lower_bound))
-                run.n_iter = n_iter
-                change = run.lower_bound - prev
-                now = time.perf_counter()
-                logger.debug(
-                    "iteration %d: lower bound %.8g, change %.3g, %.3f s",
-                    n_iter,
-                    run.lower_bound,
-                    change,
-                    now - iter_time,
-                )
-                if len(runs) == 1:
-                    self._print_verbose_msg_iter_end(n_iter, change, now - iter_time)
-                if abs(change) < self.tol:
-                    run.converged = True
-                else:
-                    still_active.append(i)
-                if run.converged or n_iter == self.max_iter:
-                    self._print_verbose_msg_init_end(run.lower_bound, run.converged, now - run.start_time)
-            iter_time = time.perf_counter()
-            active = still_active
-            if not active:
-                break
+            )
+        logger.info("resuming from %s after iteration %d", path, state.n_iter)
+        return runs, state.n_iter + 1, state.active
 
     def _set_fitted(self, run: _Run):
         dtype = self._dtype

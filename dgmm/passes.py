@@ -119,6 +119,13 @@ class DataPasses:
             return np.asarray(self.numpy[:n_rows])
         return np.asarray(self.array[:n_rows].compute())
 
+    def tail(self, n_rows: int) -> np.ndarray:
+        """The last ``n_rows`` rows as a NumPy array (reads the last chunks only)."""
+        start = max(self.n_samples - n_rows, 0)
+        if self.numpy is not None:
+            return np.asarray(self.numpy[start:])
+        return np.asarray(self.array[start:].compute())
+
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Rows at sorted global ``indices`` as a NumPy array."""
         indices = np.asarray(indices, dtype=np.int64)

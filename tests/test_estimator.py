@@ -39,7 +39,9 @@ def test_constructor_matches_sklearn_signature():
     theirs = inspect.signature(Sk).parameters
     for name, param in theirs.items():
         assert ours[name].default == param.default, name
-    assert set(ours) - set(theirs) == {"chunk_size", "split_every", "init_sample_size"}
+    assert set(ours) - set(theirs) == {
+        "chunk_size", "split_every", "init_sample_size", "callbacks", "checkpoint", "checkpoint_every"
+    }
 
 
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)

@@ -1,0 +1,121 @@
+"""Checkpoints and callbacks of the Python API (the CLI builds on them)."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from dgmm import GaussianMixture
+from dgmm.checkpoint import CheckpointError, load_checkpoint
+from conftest import make_mixture, perturbed_init
+
+
+class StopAfter:
+    """A callback that interrupts the fit after a given iteration, like a killed job."""
+
+    def __init__(self, n_iter, exc=KeyboardInterrupt):
+        self.n_iter, self.exc, self.seen = n_iter, exc, []
+
+    def __call__(self, info):
+        self.seen.append(info)
+        if info.n_iter == self.n_iter:
+            raise self.exc()
+
+
+@pytest.mark.parametrize("kind", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("n_init", [1, 3])
+def test_resume_gives_the_uninterrupted_model(tmp_path, kind, n_init):
+    X = make_mixture(n_samples=800, n_features=3, seed=31)
+    Xd = da.from_array(X, chunks=(97, 3))
+    kwargs = dict(covariance_type=kind, n_init=n_init, init_params="random", random_state=4, tol=1e-9, max_iter=60)
+    whole = GaussianMixture(3, **kwargs).fit(Xd)
+    path = tmp_path / "fit.ckpt.npz"
+    assert whole.n_iter_ > 4
+    stopper = StopAfter(3)
+    with pytest.raises(KeyboardInterrupt):
+        GaussianMixture(3, checkpoint=str(path), checkpoint_every=2, callbacks=[stopper], **kwargs).fit(Xd)
+    assert load_checkpoint(str(path)).n_iter == 3  # Ctrl-C saved the last completed iteration
+    resumed = GaussianMixture(3, checkpoint=str(path), checkpoint_every=2, **kwargs).fit(Xd, resume=True)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        np.testing.assert_allclose(getattr(resumed, name), getattr(whole, name), rtol=1e-10, err_msg=name)
+    assert resumed.n_iter_ == whole.n_iter_
+    np.testing.assert_allclose(resumed.lower_bounds_, whole.lower_bounds_, rtol=1e-10)
+    assert resumed.converged_ == whole.converged_
+
+
+def test_resume_without_checkpoint_starts_fresh_and_callbacks_report(tmp_path):
+    X = make_mixture(n_samples=400, n_features=2)
+    infos = []
+    gm = GaussianMixture(3, random_state=0, checkpoint=str(tmp_path / "c.npz"), callbacks=infos.append)
+    gm.fit(X, resume=True)
+    assert [i.n_iter for i in infos] == list(range(1, gm.n_iter_ + 1))
+    assert infos[-1].converged and infos[-1].lower_bound == pytest.approx(gm.lower_bound_)
+    assert all(i.rows_per_second > 0 and i.n_samples == 400 for i in infos)
+    assert (tmp_path / "c.npz").exists()
+
+
+def test_checkpoint_from_other_data_or_settings_is_refused(tmp_path):
+    X = make_mixture(n_samples=400, n_features=2)
+    path = str(tmp_path / "c.npz")
+    GaussianMixture(3, random_state=0, max_iter=3, checkpoint=path).fit(X)
+    with pytest.raises(CheckpointError, match="data_digest"):
+        GaussianMixture(3, random_state=0, checkpoint=path).fit(X + 1.0, resume=True)
+    with pytest.raises(CheckpointError, match="n_components"):
+        GaussianMixture(2, random_state=0, checkpoint=path).fit(X, resume=True)
+    # max_iter does not change the model: allowed
+    GaussianMixture(3, random_state=0, max_iter=50, checkpoint=path).fit(X, resume=True)
+
+
+def test_corrupt_or_newer_checkpoints_give_clear_errors(tmp_path):
+    X = make_mixture(n_samples=300, n_features=2)
+    path = tmp_path / "c.npz"
+    GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable dgmm checkpoint"):
+        GaussianMixture(3, random_state=0, checkpoint=str(path)).fit(X, resume=True)
+    # a newer format version
+    import json
+
+    GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
+    with np.load(path, allow_pickle=False) as f:
+        arrays = dict(f)
+    meta = json.loads(str(arrays["meta"]))
+    meta["format_version"] = 99
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match="newer dgmm"):
+        GaussianMixture(3, random_state=0, checkpoint=str(path)).fit(X, resume=True)
+
+
+def test_checkpoint_holds_no_pickle(tmp_path):
+    X = make_mixture(n_samples=300, n_features=2)
+    path = tmp_path / "c.npz"
+    GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            header = z.read(name)[:128]
+            assert b"'descr': '|O'" not in header and b"'descr': 'O'" not in header, name
+    np.load(path, allow_pickle=False)["meta"]  # loads with pickling disabled
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    X = make_mixture(n_samples=300, n_features=2)
+    path = tmp_path / "c.npz"
+    GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
+    before = path.read_bytes()
+    import dgmm.checkpoint as ck
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        GaussianMixture(3, random_state=1, max_iter=2, checkpoint=str(path)).fit(X)
+    assert path.read_bytes() == before
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    load_checkpoint(str(path))
