@@ -1,0 +1,585 @@
+"""YAML configuration of the ``dgmm`` command: parsed, validated, then used.
+
+A config is a mapping of sections (``input``, ``model``, ``cluster``,
+``output``, ``predict``), each a frozen dataclass below. :func:`load_config`
+checks everything that can be checked without starting a cluster or reading
+data: unknown keys, wrong types, missing required keys, impossible values and
+local inputs that do not exist. Every error names the file and the key::
+
+    configs/x.yaml: model.n_components: must be an int >= 1, got 0
+
+``--set key.sub=value`` overrides are applied to the parsed YAML before
+validation; each value is parsed with :func:`yaml.safe_load` (never ``eval``).
+Credentials never belong in a config: remote stores take them from the
+environment or the provider chains of fsspec / s3fs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+from .io import is_url
+
+__all__ = [
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "InputConfig",
+    "JobqueueConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PredictConfig",
+    "SyntheticConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_config",
+]
+
+REQUIRED: Any = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Generate a synthetic Zarr data set at ``input.path`` if it is missing (the demo)."""
+
+    n_samples: int = 2_000_000
+    n_features: int = 8
+    n_components: int = 4
+    chunk_rows: int = 250_000
+    seed: int = 0
+
+    def _check(self, err):
+        for name in ("n_samples", "n_features", "n_components", "chunk_rows"):
+            if getattr(self, name) < 1:
+                err(name, f"must be an int >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the data is: a Zarr array (v2 or v3), a Parquet file or directory, or a ``.npy`` file."""
+
+    path: str = REQUIRED
+    format: Literal["auto", "zarr", "parquet", "npy"] = "auto"
+    component: str | None = None
+    columns: list[str] | None = None
+    storage_options: dict = field(default_factory=dict)
+    chunk_rows: int | None = None
+    synthetic: SyntheticConfig | None = None
+
+    def _check(self, err):
+        if not self.path:
+            err("path", "must name a file, directory or URL, got an empty string")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            err("chunk_rows", f"must be an int >= 1, got {self.chunk_rows}")
+        if self.columns is not None and not self.columns:
+            err("columns", "must list at least one column (or be omitted to use every numeric column)")
+        fmt = self.resolved_format()
+        if self.columns is not None and fmt not in ("parquet", "auto"):
+            err("columns", f"selects Parquet columns, but the input format is {fmt}")
+        if self.component is not None and fmt not in ("zarr", "auto"):
+            err("component", f"selects an array inside a Zarr group, but the input format is {fmt}")
+        if self.synthetic is not None and fmt not in ("zarr", "auto"):
+            err("synthetic", "generates a Zarr array; input.path must be a .zarr path")
+        if self.synthetic is not None and is_url(self.path):
+            err("synthetic", "writes a local Zarr array; input.path must be a local path")
+        if self.synthetic is None and not is_url(self.path) and self.path and not os.path.exists(self.path):
+            err("path", f"{self.path} does not exist")
+
+    def resolved_format(self) -> str:
+        """``format``, or the format implied by the path's suffix ('auto' when there is none)."""
+        if self.format != "auto":
+            return self.format
+        stem = self.path.rstrip("/").lower()
+        if stem.endswith(".zarr"):
+            return "zarr"
+        if stem.endswith((".parquet", ".pq")):
+            return "parquet"
+        if stem.endswith(".npy"):
+            return "npy"
+        return "auto"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Arguments of :class:`dgmm.GaussianMixture` (sklearn's names and defaults)."""
+
+    n_components: int = 1
+    covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
+    tol: float = 1e-3
+    reg_covar: float = 1e-6
+    max_iter: int = 100
+    n_init: int = 1
+    init_params: Literal["kmeans", "k-means++", "random", "random_from_data"] = "kmeans"
+    random_state: int | None = None
+    split_every: int | None = None
+    init_sample_size: int = 100_000
+
+    def _check(self, err):
+        if self.n_components < 1:
+            err("n_components", f"must be an int >= 1, got {self.n_components}")
+        if not self.tol >= 0:
+            err("tol", f"must be a float >= 0, got {self.tol}")
+        if not self.reg_covar >= 0:
+            err("reg_covar", f"must be a float >= 0, got {self.reg_covar}")
+        if self.max_iter < 0:
+            err("max_iter", f"must be an int >= 0, got {self.max_iter}")
+        if self.n_init < 1:
+            err("n_init", f"must be an int >= 1, got {self.n_init}")
+        if self.random_state is not None and not 0 <= self.random_state < 2**32:
+            err("random_state", f"must be an int in [0, 2**32) or null, got {self.random_state}")
+        if self.split_every is not None and self.split_every < 2:
+            err("split_every", f"must be an int >= 2 or null, got {self.split_every}")
+        if self.init_sample_size < 1:
+            err("init_sample_size", f"must be an int >= 1, got {self.init_sample_size}")
+
+    def estimator_params(self) -> dict:
+        """Keyword arguments for :class:`dgmm.GaussianMixture`."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class JobqueueConfig:
+    """A batch-scheduler cluster through dask-jobqueue (the ``hpc`` extra)."""
+
+    system: Literal["slurm", "pbs", "sge", "lsf"] = REQUIRED
+    cores: int = REQUIRED
+    memory: str = REQUIRED
+    jobs: int = 1
+    processes: int | None = None
+    walltime: str | None = None
+    queue: str | None = None
+    account: str | None = None
+    interface: str | None = None
+    job_extra_directives: list[str] = field(default_factory=list)
+    job_script_prologue: list[str] = field(default_factory=list)
+    local_directory: str | None = None
+    log_directory: str | None = None
+    wait_timeout: float = 3600.0
+
+    def _check(self, err):
+        if self.cores < 1:
+            err("cores", f"must be an int >= 1, got {self.cores}")
+        if self.jobs < 1:
+            err("jobs", f"must be an int >= 1, got {self.jobs}")
+        if self.processes is not None and not 1 <= self.processes <= self.cores:
+            err("processes", f"must be an int in [1, cores={self.cores}], got {self.processes}")
+        if not _is_memory(self.memory):
+            err("memory", f"must be a size such as '16GB' or '4GiB', got {self.memory!r}")
+        if self.walltime is not None and not _is_walltime(self.walltime):
+            err("walltime", f"must look like 'HH:MM:SS' (or 'MM:SS', 'D-HH:MM:SS'), got {self.walltime!r}")
+        if not self.wait_timeout > 0:
+            err("wait_timeout", f"must be a number of seconds > 0, got {self.wait_timeout}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the computation runs.
+
+    ``type`` is one of ``local`` (an embedded LocalCluster, the default),
+    ``address`` (an existing scheduler), ``jobqueue`` (dask-jobqueue) or
+    ``threads`` (dask's threaded scheduler in this process, no cluster).
+    Giving ``address`` or a ``jobqueue`` section implies the type.
+    """
+
+    type: Literal["local", "address", "jobqueue", "threads"] | None = None
+    n_workers: int | None = None
+    threads_per_worker: int | None = None
+    processes: bool = True
+    memory_limit: str | None = "auto"
+    host: str = "127.0.0.1"
+    dashboard_address: str | None = "127.0.0.1:0"
+    address: str | None = None
+    timeout: float = 30.0
+    jobqueue: JobqueueConfig | None = None
+
+    def _check(self, err):
+        kind = self.kind
+        if self.address is not None and self.jobqueue is not None:
+            err("address", "cannot be combined with a jobqueue section; use one or the other")
+        if kind == "address":
+            if self.address is None:
+                err("address", "is required when cluster.type is 'address' (e.g. tcp://scheduler:8786)")
+            elif "://" not in self.address:
+                err("address", f"must be a scheduler URL such as tcp://host:8786, got {self.address!r}")
+        elif self.address is not None:
+            err("address", f"is only used when cluster.type is 'address', not {kind!r}")
+        if kind == "jobqueue" and self.jobqueue is None:
+            err("jobqueue", "a jobqueue section (system, cores, memory, ...) is required when cluster.type is 'jobqueue'")
+        elif kind != "jobqueue" and self.jobqueue is not None:
+            err("jobqueue", f"is only used when cluster.type is 'jobqueue', not {kind!r}")
+        if self.n_workers is not None and self.n_workers < 1:
+            err("n_workers", f"must be an int >= 1 or null (sized to the machine), got {self.n_workers}")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            err("threads_per_worker", f"must be an int >= 1 or null, got {self.threads_per_worker}")
+        if self.memory_limit not in (None, "auto") and not _is_memory(self.memory_limit):
+            err("memory_limit", f"must be 'auto', null or a size such as '4GB', got {self.memory_limit!r}")
+        if not self.timeout > 0:
+            err("timeout", f"must be a number of seconds > 0, got {self.timeout}")
+
+    @property
+    def kind(self) -> str:
+        """The cluster type, with ``address`` and ``jobqueue`` implied by their keys."""
+        if self.type is not None:
+            return self.type
+        if self.address is not None:
+            return "address"
+        if self.jobqueue is not None:
+            return "jobqueue"
+        return "local"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where ``dgmm fit`` writes the model, and its checkpoints."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    checkpoint_every: int = 1
+    overwrite: bool = False
+    storage_options: dict = field(default_factory=dict)
+
+    def _check(self, err):
+        if self.checkpoint_every < 0:
+            err("checkpoint_every", f"must be an int >= 0 (0: no checkpoints), got {self.checkpoint_every}")
+        if self.model is not None and not self.model:
+            err("model", "must name a file, got an empty string")
+        if self.checkpoint is not None and is_url(self.checkpoint):
+            err("checkpoint", "must be a local path (checkpoints are written by the driver process)")
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        """The checkpoint file: ``checkpoint``, or beside the model; None when disabled."""
+        if self.checkpoint_every == 0:
+            return None
+        if self.checkpoint is not None:
+            return self.checkpoint
+        if self.model is None or is_url(self.model):
+            return None
+        stem = self.model[: -len(".npz")] if self.model.endswith(".npz") else self.model
+        return stem + ".checkpoint.npz"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """What ``dgmm predict`` writes: per-row outputs, row-aligned with the input."""
+
+    output: str = REQUIRED
+    format: Literal["auto", "zarr", "parquet"] = "auto"
+    labels: bool = True
+    probabilities: bool = False
+    log_likelihood: bool = False
+    overwrite: bool = False
+    storage_options: dict = field(default_factory=dict)
+
+    def _check(self, err):
+        if not self.output:
+            err("output", "must name a Zarr or Parquet path, got an empty string")
+        elif self.resolved_format() == "auto":
+            err("format", f"cannot be inferred from {self.output!r}: end it in .zarr or .parquet, or set predict.format")
+        if not (self.labels or self.probabilities or self.log_likelihood):
+            err("labels", "nothing to write: enable at least one of labels, probabilities, log_likelihood")
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        stem = self.output.rstrip("/").lower()
+        if stem.endswith(".zarr"):
+            return "zarr"
+        if stem.endswith((".parquet", ".pq")):
+            return "parquet"
+        return "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config. ``source`` is the file it came from (used in messages)."""
+
+    input: InputConfig = REQUIRED
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    predict: PredictConfig | None = None
+    source: str = field(default="<config>", compare=False)
+
+    def _check(self, err):
+        pass
+
+    def to_dict(self) -> dict:
+        """The config as plain data (YAML/JSON-serialisable), without ``source``."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, command: str | None = None) -> Config:
+    """Read, override and validate a YAML config file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The YAML file.
+    overrides : sequence of str
+        ``"section.key=value"`` strings; each value is parsed with ``yaml.safe_load``.
+    command : {'fit', 'predict', 'score'} or None
+        Also check what this command needs: ``fit`` a model path that is free
+        (or ``output.overwrite``), ``predict`` and ``score`` an existing model,
+        ``predict`` a ``predict`` section whose output path is free.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        For an unreadable file, YAML that is not a mapping, an unknown key, a
+        wrong type, a missing required key or an impossible value.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return parse_config(raw, source=source, overrides=overrides, command=command)
+
+
+def parse_config(raw: Any, *, source: str = "<config>", overrides: Sequence[str] = (),
+                 command: str | None = None) -> Config:
+    """Validate already-parsed YAML (a mapping of sections); see :func:`load_config`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{source}: the config must be a mapping of sections ({', '.join(sorted(_SECTIONS))}), "
+            f"got {_type_name(raw)}"
+        )
+    raw = apply_overrides(raw, overrides, source=source)
+    config = _build(Config, raw, source, "")
+    config = dataclasses.replace(config, source=source)
+    if command is not None:
+        _check_for_command(config, command)
+    return config
+
+
+def _check_for_command(config: Config, command: str) -> None:
+    source, output, predict = config.source, config.output, config.predict
+
+    def fail(key, message):
+        raise ConfigError(f"{source}: {key}: {message}")
+
+    if command not in ("fit", "predict", "score"):
+        raise ValueError(f"unknown command {command!r}")
+    if output.model is None:
+        fail("output.model", f"is required by 'dgmm {command}' (the model file, e.g. results/model.npz)")
+    local_model = not is_url(output.model)
+    if command == "fit":
+        if local_model and os.path.exists(output.model) and not output.overwrite:
+            fail("output.model", f"{output.model} exists; set output.overwrite: true or choose another path")
+        return
+    if local_model and not os.path.exists(output.model):
+        fail("output.model", f"{output.model} does not exist; run 'dgmm fit' first")
+    if command == "predict":
+        if predict is None:
+            fail("predict", "a predict section (output, labels, probabilities, log_likelihood) is required")
+        if not is_url(predict.output) and os.path.exists(predict.output) and not predict.overwrite:
+            fail("predict.output", f"{predict.output} exists; set predict.overwrite: true or choose another path")
+
+
+def apply_overrides(raw: Mapping, overrides: Sequence[str], *, source: str = "<config>") -> dict:
+    """A deep copy of ``raw`` with ``"a.b.c=value"`` overrides applied (values parsed as YAML)."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{source}: --set {item!r}: expected KEY.SUB=VALUE, e.g. model.n_components=4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: --set {key}: the value is not valid YAML ({exc})") from None
+        parts = key.split(".")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"{source}: --set {key}: {where} is {_type_name(child)}, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(value):
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# A small schema checker driven by the dataclass annotations
+# ---------------------------------------------------------------------------
+
+
+def _type_name(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a bool ({value})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _build(cls, raw, source: str, prefix: str):
+    def fail(key, message):
+        raise ConfigError(f"{source}: {prefix}{key}: {message}")
+
+    if not isinstance(raw, Mapping):
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{source}: {where}: must be a mapping, got {_type_name(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in raw:
+        if not isinstance(key, str) or key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            fail(key, f"unknown key{hint}; allowed: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _convert(raw[name], hints[name], source, f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            fail(name, "is required")
+    obj = cls(**values)
+    obj._check(fail)
+    return obj
+
+
+def _convert(value, annotation, source: str, key: str):
+    def fail(expected):
+        raise ConfigError(f"{source}: {key}: must be {expected}, got {_type_name(value)}")
+
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None:
+            if type(None) in options:
+                return None
+        non_null = [a for a in options if a is not type(None)]
+        if len(non_null) == 1:
+            if value is None:
+                fail(_describe(non_null[0]))
+            return _convert(value, non_null[0], source, key)
+        fail(" or ".join(_describe(a) for a in options))
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices or isinstance(value, bool):
+            fail("one of " + ", ".join(repr(c) for c in choices))
+        return value
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            fail(f"a list of {_describe(item)}")
+        return [_convert(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            fail("a mapping with string keys")
+        return _deep_copy(value)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, source, key + ".")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an int")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it means.
+            try:
+                number = float(value)
+            except ValueError:
+                fail("a number")
+            value = number
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail("a finite number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module
+
+
+def _describe(annotation) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return "a list"
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    return {bool: "true or false", int: "an int", float: "a number", str: "a string", dict: "a mapping",
+            type(None): "null"}.get(annotation, str(annotation))
+
+
+def _is_memory(value) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value > 0
+    if not isinstance(value, str):
+        return False
+    try:
+        from dask.utils import parse_bytes
+
+        return parse_bytes(value) > 0
+    except (ValueError, TypeError):
+        return False
+
+
+def _is_walltime(value: str) -> bool:
+    days, _, clock = value.rpartition("-")
+    parts = clock.split(":")
+    if days and not days.isdigit():
+        return False
+    return 1 <= len(parts) <= 3 and all(p.isdigit() for p in parts)

@@ -1,0 +1,556 @@
+"""Inputs opened lazily as dask arrays, and per-row outputs written chunk by chunk.
+
+Readers never load the data: they read metadata (Zarr array metadata, Parquet
+footers, the ``.npy`` header) and return a dask array whose chunks read the
+rows when computed, on whichever worker runs them.
+
+- **Zarr** v3 and v2, by path or fsspec URL; an array inside a group through ``component``.
+- **Parquet**, one file or a directory of files; each row group is one chunk
+  (or consecutive row groups of a file up to ``chunk_rows``), with the row
+  counts taken from the footers, so the array has known chunks without reading
+  the data twice; ``columns`` selects columns (default: every numeric one).
+- **.npy**, memory-mapped (local files) or read by byte ranges (URLs).
+
+Writers compute, chunk by chunk on the workers, into a staging location next
+to the target (``.NAME.dgmm-staging-*``), write a ``_SUCCESS`` marker last and
+only then commit: a local directory is renamed into place; on object stores
+the staged objects are moved and the marker is written at the target last.
+An interrupted write never leaves an output that looks complete.
+
+``storage_options`` are passed to fsspec; credentials come from the
+environment or the provider chains of fsspec / s3fs, never from a config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+
+from ._version import __version__
+
+__all__ = [
+    "SUCCESS_MARKER",
+    "describe_source",
+    "is_complete",
+    "is_url",
+    "open_input",
+    "open_npy",
+    "open_parquet",
+    "open_zarr",
+    "write_predictions",
+    "write_table",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Written last into every output; an output without it is not complete.
+SUCCESS_MARKER = "_SUCCESS"
+#: Default target size of an ``.npy`` chunk.
+NPY_CHUNK_BYTES = 64 * 2**20
+
+
+def is_url(path: str) -> bool:
+    """True for fsspec URLs with a protocol other than ``file://`` (``s3://``, ``gs://``, ...)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _filesystem(path: str, storage_options: Mapping | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def open_input(path: str, *, format: str = "auto", component: str | None = None,
+               columns: Sequence[str] | None = None, storage_options: Mapping | None = None,
+               chunk_rows: int | None = None) -> da.Array:
+    """Open a Zarr array, Parquet data set or ``.npy`` file as a lazy 2-D dask array.
+
+    Parameters
+    ----------
+    path : str
+        Local path or fsspec URL (``s3://bucket/table.zarr``, ...).
+    format : {'auto', 'zarr', 'parquet', 'npy'}, default='auto'
+        'auto' goes by the suffix (``.zarr``, ``.parquet``/``.pq``, ``.npy``),
+        then by what the location holds (Zarr metadata, Parquet files).
+    component : str, default=None
+        Zarr only: the array inside a group.
+    columns : sequence of str, default=None
+        Parquet only: the columns, in order (default: every numeric column).
+    storage_options : mapping, default=None
+        Passed to fsspec.
+    chunk_rows : int, default=None
+        ``.npy``: rows per chunk (default: about 64 MiB). Parquet: merge
+        consecutive row groups of a file up to this many rows (default: one
+        chunk per row group). Zarr arrays keep their own chunks.
+
+    Returns
+    -------
+    dask.array.Array of shape (n_samples, n_features)
+        Lazy, with known row chunks.
+
+    Raises
+    ------
+    ValueError
+        If the location is not a supported data set, or holds no usable array.
+    FileNotFoundError
+        If nothing is there.
+    """
+    fmt = format if format != "auto" else _detect_format(path, storage_options)
+    if fmt == "zarr":
+        return open_zarr(path, component=component, storage_options=storage_options)
+    if fmt == "parquet":
+        return open_parquet(path, columns=columns, storage_options=storage_options, chunk_rows=chunk_rows)
+    if fmt == "npy":
+        return open_npy(path, storage_options=storage_options, chunk_rows=chunk_rows)
+    raise ValueError(f"unsupported input format {fmt!r}")
+
+
+def describe_source(path: str, *, format: str = "auto", component: str | None = None,
+                    columns: Sequence[str] | None = None) -> dict:
+    """A JSON-serialisable description of an input, for model metadata."""
+    return {"path": path, "format": format, "component": component,
+            "columns": None if columns is None else list(columns)}
+
+
+def _detect_format(path: str, storage_options: Mapping | None) -> str:
+    stem = path.rstrip("/").lower()
+    for suffixes, fmt in (((".zarr",), "zarr"), ((".parquet", ".pq"), "parquet"), ((".npy",), "npy")):
+        if stem.endswith(suffixes):
+            return fmt
+    fs, root = _filesystem(path, storage_options)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if fs.isdir(root):
+        if any(fs.exists(posixpath.join(root, name)) for name in ("zarr.json", ".zarray", ".zgroup")):
+            return "zarr"
+        if _parquet_files(fs, root):
+            return "parquet"
+    else:
+        with fs.open(root, "rb") as f:
+            head = f.read(6)
+        if head == b"\x93NUMPY":
+            return "npy"
+        if head[:4] == b"PAR1":
+            return "parquet"
+    raise ValueError(f"{path}: cannot tell the format (neither Zarr, Parquet nor .npy); set input.format")
+
+
+# -- Zarr ---------------------------------------------------------------------
+
+
+def open_zarr(path: str, *, component: str | None = None, storage_options: Mapping | None = None) -> da.Array:
+    """Open a Zarr (v3 or v2) array, or an array inside a group, as a lazy dask array.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` holds a group and ``component`` does not name one of its arrays.
+    FileNotFoundError
+        If there is no Zarr node at ``path`` (and ``component``).
+    """
+    import zarr
+
+    options = dict(storage_options or {})
+    store = path if is_url(path) else _local(path)
+    kwargs = {"storage_options": options} if is_url(path) else {}
+    try:
+        node = zarr.open(store=store, mode="r", path=component, **kwargs)
+    except (FileNotFoundError, KeyError):  # zarr's NodeNotFoundError is a FileNotFoundError
+        where = f"{path} (component {component!r})" if component else path
+        raise FileNotFoundError(f"{where}: no Zarr array or group there") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot open as Zarr ({type(exc).__name__}: {exc})") from None
+    if isinstance(node, zarr.Group):
+        arrays = sorted(name for name, _ in node.arrays())
+        if len(arrays) == 1 and component is None:
+            logger.info("%s is a group holding one array, %r: using it", path, arrays[0])
+            node = node[arrays[0]]
+        else:
+            listing = ", ".join(repr(a) for a in arrays) or "none"
+            where = f"{path}/{component}" if component else path
+            raise ValueError(f"{where} is a Zarr group, not an array; set input.component to one of its "
+                             f"arrays ({listing})")
+    if node.ndim != 2:
+        raise ValueError(f"{path}: the Zarr array has shape {node.shape}; dgmm needs a 2-D array "
+                         "(n_samples, n_features)")
+    return da.from_zarr(node)
+
+
+# -- Parquet ------------------------------------------------------------------
+
+
+def _parquet_files(fs, root: str) -> list[str]:
+    files = [f for f in sorted(fs.find(root)) if not any(part.startswith(("_", "."))
+                                                         for part in posixpath.relpath(f, root).split("/"))]
+    parquet = [f for f in files if f.lower().endswith((".parquet", ".pq"))]
+    return parquet or [f for f in files if posixpath.splitext(f)[1] == ""]
+
+
+def _is_numeric(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type)
+
+
+def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_options: Mapping | None = None,
+                 chunk_rows: int | None = None) -> da.Array:
+    """Open a Parquet file or directory as a lazy float dask array.
+
+    Only the footers are read: every row group (or run of consecutive row
+    groups up to ``chunk_rows`` rows) becomes one chunk of known size.
+
+    Raises
+    ------
+    ValueError
+        For a missing or non-numeric column, files with different columns, or no rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, root = _filesystem(path, storage_options)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    files = _parquet_files(fs, root) if fs.isdir(root) else [root]
+    if not files:
+        raise ValueError(f"{path}: the directory holds no Parquet files")
+    selected = None if columns is None else list(columns)
+    plan = []  # (file, [row groups], rows)
+    dtype = None
+    for file in files:
+        with fs.open(file, "rb") as f:
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ValueError(f"{path}: {file} is not a readable Parquet file ({exc})") from None
+        schema = meta.schema.to_arrow_schema()
+        if selected is None:
+            selected = [field.name for field in schema if _is_numeric(field.type)]
+            if not selected:
+                raise ValueError(f"{path}: no numeric columns (columns: {', '.join(schema.names)})")
+        file_dtype = np.dtype(np.float32)
+        for name in selected:
+            index = schema.get_field_index(name)
+            if index < 0:
+                raise ValueError(f"{path}: column {name!r} not found in {file} (columns: {', '.join(schema.names)})")
+            arrow_type = schema.field(index).type
+            if not _is_numeric(arrow_type):
+                raise ValueError(f"{path}: column {name!r} has type {arrow_type}, not a number; "
+                                 "choose numeric columns with input.columns")
+            if not pa.types.is_float32(arrow_type):
+                file_dtype = np.dtype(np.float64)
+        dtype = file_dtype if dtype is None else np.promote_types(dtype, file_dtype)
+        groups, rows = [], 0
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            if n == 0:
+                continue
+            if groups and (chunk_rows is None or rows + n > chunk_rows):
+                plan.append((file, groups, rows))
+                groups, rows = [], 0
+            groups.append(i)
+            rows += n
+        if groups:
+            plan.append((file, groups, rows))
+    if not plan:
+        raise ValueError(f"{path}: the Parquet data set has no rows")
+    name = "read-parquet-" + dask.base.tokenize(path, files, selected, dtype, [p[:2] for p in plan],
+                                                [fs.info(f).get("mtime", fs.info(f).get("LastModified")) for f in files])
+    graph = {(name, i, 0): (_read_parquet_rows, fs, file, groups, tuple(selected), dtype)
+             for i, (file, groups, _) in enumerate(plan)}
+    chunks = (tuple(rows for _, _, rows in plan), (len(selected),))
+    return da.Array(graph, name, chunks, dtype=dtype)
+
+
+def _read_parquet_rows(fs, file: str, row_groups: list[int], columns: tuple[str, ...], dtype) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with fs.open(file, "rb") as f:
+        table = pq.ParquetFile(f).read_row_groups(row_groups, columns=list(columns))
+    target = pa.float32() if dtype == np.float32 else pa.float64()
+    out = np.empty((table.num_rows, len(columns)), dtype=dtype)
+    for j, name in enumerate(columns):
+        column = pc.cast(table.column(name), target)  # nulls become NaN below (and are reported by fit)
+        out[:, j] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+# -- .npy ---------------------------------------------------------------------
+
+
+def open_npy(path: str, *, storage_options: Mapping | None = None, chunk_rows: int | None = None) -> da.Array:
+    """Open a 2-D ``.npy`` file as a lazy dask array (memory-mapped locally, byte ranges remotely).
+
+    Raises
+    ------
+    ValueError
+        If the file is not a 2-D numeric ``.npy`` array.
+    """
+    fs, file = _filesystem(path, storage_options)
+    try:
+        with fs.open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a .npy file ({exc})") from None
+    if len(shape) != 2:
+        raise ValueError(f"{path}: the array has shape {shape}; dgmm needs a 2-D array (n_samples, n_features)")
+    if dtype.kind not in "biuf" or dtype.hasobject:
+        raise ValueError(f"{path}: the array has dtype {dtype}, not a number")
+    local = type(fs).__name__ == "LocalFileSystem"
+    if fortran_order and not local:
+        raise ValueError(f"{path}: Fortran-ordered .npy files can only be read from local disks")
+    n_samples, n_features = shape
+    row_bytes = max(dtype.itemsize * n_features, 1)
+    rows = int(chunk_rows or max(1, NPY_CHUNK_BYTES // row_bytes))
+    starts = list(range(0, n_samples, rows)) or [0]
+    name = "read-npy-" + dask.base.tokenize(path, shape, dtype, rows, fs.info(file).get("mtime"))
+    graph = {(name, i, 0): (_read_npy_rows, fs, file, local, offset, start, min(start + rows, n_samples), shape,
+                            dtype, fortran_order)
+             for i, start in enumerate(starts)}
+    chunks = (tuple(min(start + rows, n_samples) - start for start in starts), (n_features,))
+    return da.Array(graph, name, chunks, dtype=dtype)
+
+
+def _read_npy_rows(fs, file, local, offset, start, stop, shape, dtype, fortran_order) -> np.ndarray:
+    if local:
+        mm = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape,
+                       order="F" if fortran_order else "C")
+        return np.array(mm[start:stop])
+    row_bytes = dtype.itemsize * shape[1]
+    with fs.open(file, "rb") as f:
+        f.seek(offset + start * row_bytes)
+        payload = f.read((stop - start) * row_bytes)
+    return np.frombuffer(payload, dtype=dtype).reshape(stop - start, shape[1]).copy()
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------
+
+
+def is_complete(path: str, *, storage_options: Mapping | None = None) -> bool:
+    """True when an output written by dgmm at ``path`` was committed (its ``_SUCCESS`` marker exists)."""
+    fs, root = _filesystem(path, storage_options)
+    return fs.exists(posixpath.join(root, SUCCESS_MARKER))
+
+
+def _regular_rows(array: da.Array, rows: int) -> da.Array:
+    chunks = array.chunks[0]
+    if all(c == rows for c in chunks[:-1]) and chunks[-1] <= rows:
+        return array
+    return array.rechunk({0: rows})
+
+
+def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
+                column_names: Mapping[str, Sequence[str]] | None = None, storage_options: Mapping | None = None,
+                overwrite: bool = False, attributes: Mapping | None = None) -> dict:
+    """Write row-aligned 1-D / 2-D dask arrays to a Zarr group or a Parquet directory, chunk by chunk.
+
+    Every chunk is computed and written by the worker that computes it (no
+    array is gathered); all chunks are written by one ``dask.compute``. The
+    output is staged beside ``path`` and committed only when complete.
+
+    Parameters
+    ----------
+    arrays : mapping of str to dask.array.Array
+        Arrays with the same number of rows. In Zarr each becomes an array of
+        the group; in Parquet a 1-D array becomes one column and a 2-D array
+        one column per column, named ``column_names[name]`` or ``NAME_j``.
+    path : str
+        Local path or fsspec URL of the output (a directory).
+    format : {'zarr', 'parquet'}
+    column_names : mapping, default=None
+        Parquet column names per array.
+    storage_options : mapping, default=None
+        Passed to fsspec.
+    overwrite : bool, default=False
+        Replace an existing output at ``path`` (only once the new one is complete).
+    attributes : mapping, default=None
+        JSON metadata stored in the Zarr group's attributes and in the marker.
+
+    Returns
+    -------
+    dict
+        The marker's content: rows, arrays, format, timing.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
+    if format not in ("zarr", "parquet"):
+        raise ValueError(f"unsupported output format {format!r}: use 'zarr' or 'parquet'")
+    if not arrays:
+        raise ValueError("nothing to write")
+    n_rows = {int(a.shape[0]) for a in arrays.values()}
+    if len(n_rows) != 1:
+        raise ValueError(f"arrays to write must have the same number of rows, got {sorted(n_rows)}")
+    (n_samples,) = n_rows
+    fs, root = _filesystem(path, storage_options)
+    if fs.exists(root) and not overwrite:
+        raise FileExistsError(f"{path} exists; allow overwriting or choose another path")
+    parent, name = posixpath.split(root.rstrip("/"))
+    staging = posixpath.join(parent, f".{name}.dgmm-staging-{uuid.uuid4().hex[:12]}")
+    staging_url = staging if not is_url(path) else f"{path.split('://', 1)[0]}://{staging}"
+    started = time.perf_counter()
+    marker = {
+        "dgmm_version": __version__,
+        "format": format,
+        "n_rows": n_samples,
+        "arrays": {k: list(map(int, a.shape)) for k, a in arrays.items()},
+        "attributes": dict(attributes or {}),
+    }
+    fs.makedirs(parent, exist_ok=True)
+    try:
+        if format == "zarr":
+            _write_zarr(arrays, staging_url, storage_options, marker)
+        else:
+            _write_parquet(arrays, fs, staging, column_names or {}, n_samples)
+        marker["seconds"] = round(time.perf_counter() - started, 3)
+        _commit(fs, staging, root, json.dumps(marker, indent=1), local=not is_url(path), overwrite=overwrite)
+    except BaseException:
+        try:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+        except Exception:  # keep the original error
+            logger.warning("could not remove the staging output %s", staging)
+        raise
+    return marker
+
+
+def _write_zarr(arrays, staging_url, storage_options, marker) -> None:
+    import zarr
+
+    options = dict(storage_options or {}) if is_url(staging_url) else None
+    store = staging_url if options is None else zarr.storage.FsspecStore.from_url(
+        staging_url, storage_options=options, read_only=False)
+    group = zarr.open_group(store=store, mode="w")
+    group.attrs["dgmm"] = {k: v for k, v in marker.items() if k != "arrays"}
+    first = next(iter(arrays.values()))
+    rows = max(max(first.chunks[0]), 1)
+    writes = []
+    for name, array in arrays.items():
+        array = _regular_rows(array.rechunk({i: -1 for i in range(1, array.ndim)}), rows)
+        target = group.create_array(name, shape=array.shape, chunks=(rows, *array.shape[1:]), dtype=array.dtype)
+        writes.append(da.store(array, target, lock=False, compute=False))
+    dask.compute(*writes)
+
+
+def _write_parquet(arrays, fs, staging, column_names, n_samples) -> None:
+    names, blocks = [], []
+    for name, array in arrays.items():
+        array = array.rechunk({i: -1 for i in range(1, array.ndim)})
+        if array.ndim == 1:
+            cols = list(column_names.get(name, [name]))
+        else:
+            cols = list(column_names.get(name, [f"{name}_{j}" for j in range(array.shape[1])]))
+        names.append(cols)
+        blocks.append(array)
+    first = blocks[0]
+    blocks = [b.rechunk({0: first.chunks[0]}) for b in blocks]
+    fs.makedirs(staging, exist_ok=True)
+    delayed_blocks = [list(b.to_delayed().ravel()) for b in blocks]
+    width = max(5, len(str(len(first.chunks[0]))))
+    writes = [
+        dask.delayed(_write_parquet_part, pure=False)(
+            fs, posixpath.join(staging, f"part-{i:0{width}d}.parquet"), names, [d[i] for d in delayed_blocks])
+        for i in range(len(first.chunks[0]))
+    ]
+    written = sum(dask.compute(*writes))
+    if written != n_samples:  # pragma: no cover - a bug, not a user error
+        raise RuntimeError(f"wrote {written} rows, expected {n_samples}")
+
+
+def _write_parquet_part(fs, file: str, names: list[list[str]], blocks: list[np.ndarray]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns, fields = [], []
+    for cols, block in zip(names, blocks):
+        block = np.asarray(block)
+        if block.ndim == 1:
+            block = block[:, None]
+        for j, col in enumerate(cols):
+            columns.append(pa.array(block[:, j]))
+            fields.append(col)
+    table = pa.Table.from_arrays(columns, names=fields)
+    with fs.open(file, "wb") as f:
+        pq.write_table(table, f)
+    return table.num_rows
+
+
+def _commit(fs, staging: str, root: str, marker: str, *, local: bool, overwrite: bool) -> None:
+    if local:
+        with open(os.path.join(staging, SUCCESS_MARKER), "w", encoding="utf-8") as f:
+            f.write(marker)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(root):
+            if not overwrite:
+                raise FileExistsError(f"{root} appeared while writing; the new output is left at {staging}")
+            old = f"{staging}.old"
+            os.replace(root, old)
+            os.replace(staging, root)
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+        else:
+            os.replace(staging, root)
+        return
+    # Object stores have no rename: move the objects, then write the marker at the target last.
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    fs.mv(staging, root, recursive=True)
+    fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
+
+
+def write_predictions(model, X: da.Array, path: str, *, format: str, labels: bool = True,
+                      probabilities: bool = False, log_likelihood: bool = False,
+                      storage_options: Mapping | None = None, overwrite: bool = False,
+                      attributes: Mapping | None = None) -> dict:
+    """Write a fitted model's per-row predictions for ``X``, row-aligned, chunk by chunk.
+
+    Zarr: a group with arrays ``labels`` (n_samples,), ``probabilities``
+    (n_samples, n_components) and ``log_likelihood`` (n_samples,). Parquet: a
+    directory of ``part-*.parquet`` files in row order with columns
+    ``label``, ``probability_0`` ... ``probability_{k-1}``, ``log_likelihood``.
+
+    Returns
+    -------
+    dict
+        The ``_SUCCESS`` marker's content.
+    """
+    arrays, names = {}, {}
+    if labels:
+        arrays["labels"], names["labels"] = model.predict(X), ["label"]
+    if probabilities:
+        arrays["probabilities"] = model.predict_proba(X)
+        names["probabilities"] = [f"probability_{j}" for j in range(model.n_components)]
+    if log_likelihood:
+        arrays["log_likelihood"], names["log_likelihood"] = model.score_samples(X), ["log_likelihood"]
+    return write_table(arrays, path, format=format, column_names=names, storage_options=storage_options,
+                       overwrite=overwrite, attributes=attributes)
