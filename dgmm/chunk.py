@@ -27,10 +27,12 @@ spherical  (n_components,)                (n_components,)         centre
 from __future__ import annotations
 
 import math
+import threading
 from typing import Literal, NamedTuple
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg import blas
 
 CovarianceType = Literal["full", "tied", "diag", "spherical"]
 COVARIANCE_TYPES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
@@ -105,6 +107,41 @@ class SufficientStatistics(NamedTuple):
     n_samples: int
     log_likelihood: float
     n_nonfinite: int
+
+
+class Workspace:
+    """Reusable scratch arrays for the row blocks of one chunk.
+
+    Allocating multi-megabyte temporaries for every block costs page faults
+    (and distributed workers trim freed memory aggressively); one workspace
+    per chunk call reuses them across blocks.
+    """
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A contiguous float64 scratch array of ``shape`` (contents undefined)."""
+        size = int(np.prod(shape))
+        array = self._arrays.get(name)
+        if array is None or array.size < size:
+            array = self._arrays[name] = np.empty(size)
+        return array[:size].reshape(shape)
+
+
+_THREAD_LOCAL = threading.local()
+
+
+def _thread_workspace() -> Workspace:
+    """This thread's workspace (scratch memory only: no results are kept in it)."""
+    work = getattr(_THREAD_LOCAL, "workspace", None)
+    if work is None:
+        work = _THREAD_LOCAL.workspace = Workspace()
+    return work
+
+
+def _scratch(work: Workspace | None, name: str, shape) -> np.ndarray:
+    return np.empty(shape) if work is None else work.get(name, shape)
 
 
 # ---------------------------------------------------------------------------
@@ -218,24 +255,23 @@ def log_det_cholesky(precisions_cholesky: np.ndarray, covariance_type: str, n_fe
     return n_features * np.log(precisions_cholesky)
 
 
-def _quadratic_form(y: np.ndarray, params: ChunkParams) -> np.ndarray:
+def _quadratic_form(y: np.ndarray, params: ChunkParams, work: Workspace | None = None) -> np.ndarray:
     """Mahalanobis distances (n, n_components) of centred rows ``y``."""
     means, prec_chol, kind = params.means, params.precisions_cholesky, params.covariance_type
+    n, n_features = y.shape
     n_components = means.shape[0]
     if kind == "full":
-        out = np.empty((y.shape[0], n_components), dtype=y.dtype)
-        for k in range(n_components):
-            z = (y - means[k]) @ prec_chol[k]
-            out[:, k] = np.einsum("ij,ij->i", z, z)
-        return out
+        # All components in one GEMM: y @ [U_1 ... U_k] - [μ_1 U_1 ... μ_k U_k].
+        stacked = np.ascontiguousarray(prec_chol.transpose(1, 0, 2)).reshape(n_features, n_components * n_features)
+        offsets = np.einsum("ki,kij->kj", means, prec_chol).reshape(-1)
+        z = np.matmul(y, stacked, out=_scratch(work, "z", (n, n_components * n_features)))
+        z -= offsets
+        z *= z
+        return np.einsum("nkd->nk", z.reshape(n, n_components, n_features))
     if kind == "tied":
-        out = np.empty((y.shape[0], n_components), dtype=y.dtype)
-        yl = y @ prec_chol
-        ml = means @ prec_chol
-        for k in range(n_components):
-            z = yl - ml[k]
-            out[:, k] = np.einsum("ij,ij->i", z, z)
-        return out
+        z = (y @ prec_chol)[:, None, :] - (means @ prec_chol)[None, :, :]
+        z *= z
+        return np.einsum("nkd->nk", z)
     if kind == "diag":
         precisions = prec_chol**2
         return (
@@ -251,7 +287,7 @@ def _quadratic_form(y: np.ndarray, params: ChunkParams) -> np.ndarray:
     )
 
 
-def estimate_log_gaussian_prob(y: np.ndarray, params: ChunkParams) -> np.ndarray:
+def estimate_log_gaussian_prob(y: np.ndarray, params: ChunkParams, work: Workspace | None = None) -> np.ndarray:
     """log N(x_i | μ_k, Σ_k) for centred rows ``y = x - params.center``.
 
     Returns
@@ -260,7 +296,7 @@ def estimate_log_gaussian_prob(y: np.ndarray, params: ChunkParams) -> np.ndarray
     """
     n_features = y.shape[1]
     log_det = log_det_cholesky(params.precisions_cholesky, params.covariance_type, n_features)
-    quad = _quadratic_form(y, params)
+    quad = _quadratic_form(y, params, work)
     return -0.5 * (n_features * math.log(2 * math.pi) + quad) + log_det
 
 
@@ -317,6 +353,7 @@ def statistics_from_resp(
     covariance_type: str,
     log_likelihood: float = 0.0,
     n_nonfinite: int = 0,
+    work: Workspace | None = None,
 ) -> SufficientStatistics:
     """Sufficient statistics of centred rows ``y`` given responsibilities.
 
@@ -335,16 +372,20 @@ def statistics_from_resp(
     SufficientStatistics
     """
     n_components = resp.shape[1]
-    n_features = y.shape[1]
     nk = resp.sum(axis=0)
     if covariance_type == "full":
-        sx = np.empty((n_components, n_features))
-        sxx = np.empty((n_components, n_features, n_features))
+        # Shifted by each component's own mean: d_ki = y_i - s_k, all k at
+        # once in (k, n, d) layout so each product is one contiguous GEMM.
+        shape = (n_components,) + y.shape
+        # w_ki = sqrt(r_ik) (y_i - s_k); Σ_i w_ki w_kiᵀ by a symmetric rank-k update.
+        w = np.subtract(y[None, :, :], shifts[:, None, :], out=_scratch(work, "d", shape))
+        w *= np.sqrt(resp.T)[:, :, None]
+        sx = resp.T @ y - nk[:, None] * shifts
+        sxx = np.empty((n_components, y.shape[1], y.shape[1]))
         for k in range(n_components):
-            d = y - shifts[k]
-            rd = d * resp[:, k : k + 1]
-            sx[k] = rd.sum(axis=0)
-            sxx[k] = rd.T @ d
+            # C-ordered (n, d) is Fortran-ordered (d, n): syrk of wᵀ gives wᵀw, upper triangle.
+            upper = blas.dsyrk(1.0, w[k].T, trans=0, lower=0)
+            sxx[k] = np.triu(upper) + np.triu(upper, 1).T
     else:
         sx = resp.T @ y
         if covariance_type == "tied":
@@ -364,11 +405,22 @@ def statistics_from_resp(
     )
 
 
+#: Rows per cache block inside a chunk: temporaries of (rows, n_components,
+#: n_features) float64 stay around 4 MiB whatever size the dask chunks are.
+BLOCK_ELEMENTS = 2**19
+
+
+def block_rows(n_components: int, n_features: int) -> int:
+    """Rows per cache block for a mixture of this size."""
+    return int(max(64, BLOCK_ELEMENTS // max(1, n_components * n_features)))
+
+
 def e_step_statistics(X: np.ndarray, batch: tuple[ChunkParams, ...]) -> tuple[SufficientStatistics, ...]:
     """One chunk's E-step statistics for a batch of mixtures.
 
     The chunk is read once and evaluated under every parameter set of the
-    batch (restarts, model-selection candidates).
+    batch (restarts, model-selection candidates). Large chunks are processed
+    in cache-sized row blocks; the per-block statistics are summed in float64.
 
     Parameters
     ----------
@@ -379,32 +431,38 @@ def e_step_statistics(X: np.ndarray, batch: tuple[ChunkParams, ...]) -> tuple[Su
     -------
     tuple of SufficientStatistics, one per parameter set.
     """
-    n_nonfinite = count_nonfinite_rows(X)
-    if n_nonfinite:  # the pass completes; the driver raises with the count
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            return _e_step_statistics(X, batch, n_nonfinite)
-    return _e_step_statistics(X, batch, 0)
-
-
-def _e_step_statistics(X, batch, n_nonfinite):
     out = []
+    work = _thread_workspace()
     for params in batch:
-        y = center_rows(X, params.center)
-        weighted = estimate_log_gaussian_prob(y, params) + params.log_weights
-        log_prob_norm = logsumexp_rows(weighted)
-        with np.errstate(under="ignore", invalid="ignore"):
-            resp = np.exp(weighted - log_prob_norm[:, None])
-        out.append(
-            statistics_from_resp(
-                y,
-                resp,
-                params.means,
-                params.covariance_type,
-                log_likelihood=log_prob_norm.sum(),
-                n_nonfinite=n_nonfinite,
-            )
-        )
+        rows = block_rows(params.means.shape[0], X.shape[1])
+        total = None
+        for start in range(0, max(X.shape[0], 1), rows):
+            part = _e_step_block(X[start : start + rows], params, work)
+            total = part if total is None else merge_statistics(total, part)
+        out.append(total)
     return tuple(out)
+
+
+def _e_step_block(X: np.ndarray, params: ChunkParams, work: Workspace | None = None) -> SufficientStatistics:
+    y = np.subtract(X, params.center, out=_scratch(work, "y", X.shape), dtype=np.float64)
+    with np.errstate(under="ignore", invalid="ignore", over="ignore"):
+        weighted = estimate_log_gaussian_prob(y, params, work)
+        weighted += params.log_weights
+        log_prob_norm = logsumexp_rows(weighted)
+        weighted -= log_prob_norm[:, None]
+        resp = np.exp(weighted, out=weighted)
+        log_likelihood = log_prob_norm.sum()
+        # Non-finite rows poison the sum; count them only then (no extra pass otherwise).
+        n_nonfinite = count_nonfinite_rows(X) if not np.isfinite(log_likelihood) else 0
+        return statistics_from_resp(
+            y,
+            resp,
+            params.means,
+            params.covariance_type,
+            log_likelihood=log_likelihood,
+            n_nonfinite=n_nonfinite,
+            work=work,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -485,13 +543,18 @@ def init_statistics(
 ) -> tuple[SufficientStatistics, ...]:
     """Statistics of one chunk under a batch of initial responsibilities."""
     n_nonfinite = count_nonfinite_rows(X)
-    y = center_rows(X, center)
     out = []
     with np.errstate(invalid="ignore" if n_nonfinite else "warn"):
         for spec in specs:
-            resp = initial_resp(X, row_start, spec)
+            rows = block_rows(spec.n_components, X.shape[1])
             shifts = np.zeros((spec.n_components, X.shape[1]))
-            out.append(statistics_from_resp(y, resp, shifts, covariance_type, n_nonfinite=n_nonfinite))
+            total = None
+            for start in range(0, max(X.shape[0], 1), rows):
+                block = X[start : start + rows]
+                resp = initial_resp(block, row_start + start, spec)
+                part = statistics_from_resp(center_rows(block, center), resp, shifts, covariance_type)
+                total = part if total is None else merge_statistics(total, part)
+            out.append(total._replace(n_nonfinite=n_nonfinite))
     return tuple(out)
 
 
