@@ -10,5 +10,6 @@ from __future__ import annotations
 
 from ._version import __version__
 from .estimator import GaussianMixture
+from .model_io import from_sklearn, load_model, save_model, to_sklearn
 
-__all__ = ["GaussianMixture", "__version__"]
+__all__ = ["GaussianMixture", "__version__", "from_sklearn", "load_model", "save_model", "to_sklearn"]

@@ -1,68 +1,580 @@
-"""The ``dgmm`` command line. The only place that configures logging and prints."""
+"""The ``dgmm`` command line. The only place that configures logging and prints.
+
+::
+
+    dgmm fit CONFIG.yaml [--set KEY=VALUE ...] [--resume]   fit, write the model (and checkpoints)
+    dgmm predict CONFIG.yaml [--set ...]                      per-row labels / probabilities / log-likelihoods
+    dgmm score CONFIG.yaml [--set ...]                        mean log-likelihood, BIC and AIC of the input
+    dgmm sample MODEL -n N [-o OUT]                           draw rows from a fitted model
+    dgmm info MODEL                                           what a model file holds
+    dgmm check CONFIG.yaml [--set ...]                        validate a config and print it resolved
+    dgmm demo                                                 synthetic Zarr data (if missing), fitted locally
+
+Every command takes ``--quiet`` and ``--log-format {text,json}``. Configs are
+validated completely before any cluster starts or any data is read; a bad
+config exits with status 2 and writes nothing. Other failures exit with 1,
+Ctrl-C with 130 (``dgmm fit --resume`` continues from the last checkpoint).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import json
 import logging
+import math
 import os
 import sys
 import time
+import warnings
+
+from .config import Config, ConfigError, load_config, parse_config
+
+logger = logging.getLogger("dgmm.cli")
+
+#: The demo's config; ``configs/demo.yaml`` holds the same, documented.
+DEMO_CONFIG = {
+    "input": {
+        "path": "data/demo.zarr",
+        "synthetic": {"n_samples": 2_000_000, "n_features": 8, "n_components": 4, "chunk_rows": 250_000, "seed": 0},
+    },
+    "model": {"n_components": 4, "covariance_type": "full", "random_state": 0},
+    "cluster": {"type": "local"},
+    "output": {"model": "data/demo-model.npz", "overwrite": True, "checkpoint_every": 5},
+    "predict": {"output": "data/demo-predictions.zarr", "probabilities": True, "log_likelihood": True,
+                "overwrite": True},
+}
+
+EXIT_FAILURE, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def _demo(args) -> int:
-    import dask.array as da
-    import numpy as np
-    from distributed import Client, LocalCluster
+# ---------------------------------------------------------------------------
+# Output: human lines or JSON lines
+# ---------------------------------------------------------------------------
 
-    from . import GaussianMixture
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, event, message and the event's fields."""
+
+    def format(self, record):
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", "log"),
+            "message": record.getMessage(),
+        }
+        if record.name != logger.name:
+            entry["logger"] = record.name
+        for key, value in getattr(record, "fields", {}).items():
+            entry[key] = _json_value(value)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record):
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"dgmm: {record.levelname.lower()}: {message}"
+        return message
+
+
+class _Below(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
+
+
+def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
+    """Progress and results to stdout, warnings and errors to stderr, as text or JSON lines."""
+    formatter = _JsonFormatter() if log_format == "json" else _TextFormatter()
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(formatter)
+    out.addFilter(_Below(logging.WARNING))
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(formatter)
+    err.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(err)
+    root.setLevel(logging.WARNING)
+    logger.handlers[:] = [out, err]
+    logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+
+
+def report(event: str, message: str, **fields) -> None:
+    """One progress or result line (``event`` and ``fields`` appear in JSON output)."""
+    logger.info(message, extra={"event": event, "fields": fields})
+
+
+class IterationReporter:
+    """An estimator callback printing one line per EM iteration."""
+
+    def __init__(self, resumed_from: int = 0):
+        self.resumed_from = resumed_from
+
+    def __call__(self, info) -> None:
+        change = f"{info.change: .3e}" if math.isfinite(info.change) else f"{'-':>10}"
+        report(
+            "iteration",
+            f"iteration {info.n_iter:4d}  lower bound {info.lower_bound: .8f}  change {change}  "
+            f"{info.seconds:7.2f} s/iter  {info.rows_per_second:9.3g} rows/s"
+            + ("  (converged)" if info.converged else ""),
+            n_iter=info.n_iter, lower_bound=info.lower_bound, change=info.change, seconds=info.seconds,
+            rows_per_second=info.rows_per_second, n_active=info.n_active, converged=info.converged,
+        )
+
+
+# ---------------------------------------------------------------------------
+# Clusters
+# ---------------------------------------------------------------------------
+
+
+def _dashboard(client) -> str:
+    try:
+        import bokeh  # noqa: F401 - the dashboard needs it
+    except ImportError:
+        return "dashboard not available (pip install bokeh)"
+    link = client.dashboard_link
+    return f"dashboard {link}" if link else "no dashboard"
+
+
+def _worker_summary(client) -> tuple[int, int]:
+    nthreads = client.nthreads()
+    return len(nthreads), sum(nthreads.values())
+
+
+@contextlib.contextmanager
+def open_cluster(config):
+    """Start or attach to the cluster of a :class:`~dgmm.config.ClusterConfig`; yields a Client or None."""
+    import dask
+
+    kind = config.kind
+    if kind == "threads":
+        report("cluster", "cluster: dask threaded scheduler in this process", kind=kind)
+        with dask.config.set(scheduler="threads"):
+            yield None
+        return
+    from distributed import Client
+
+    cluster = None
+    with contextlib.ExitStack() as stack:
+        if kind == "local":
+            from distributed import LocalCluster
+
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=config.n_workers, threads_per_worker=config.threads_per_worker,
+                processes=config.processes, memory_limit=config.memory_limit, host=config.host,
+                dashboard_address=config.dashboard_address, silence_logs=logging.ERROR,
+            ))
+            client = stack.enter_context(Client(cluster))
+            n_workers, n_threads = _worker_summary(client)
+            unit = "worker processes" if config.processes else "workers (threads)"
+            description = f"LocalCluster with {n_workers} {unit}, {n_threads} threads"
+        elif kind == "address":
+            try:
+                client = stack.enter_context(Client(config.address, timeout=config.timeout))
+            except (OSError, TimeoutError) as exc:
+                raise OSError(f"cannot reach the scheduler at {config.address} within {config.timeout:g} s "
+                              f"({exc}); check cluster.address or raise cluster.timeout") from None
+            try:
+                client.wait_for_workers(1, timeout=config.timeout)
+            except (TimeoutError, OSError):
+                raise OSError(f"the scheduler at {config.address} has no workers (waited {config.timeout:g} s)") \
+                    from None
+            n_workers, n_threads = _worker_summary(client)
+            description = f"scheduler {config.address} with {n_workers} workers, {n_threads} threads"
+        else:
+            cluster = stack.enter_context(_jobqueue_cluster(config.jobqueue, config))
+            client = stack.enter_context(Client(cluster))
+            jq = config.jobqueue
+            report("cluster", f"cluster: submitted {jq.jobs} {jq.system} job(s); waiting for workers "
+                              f"(up to {jq.wait_timeout:g} s)", kind=kind, jobs=jq.jobs)
+            try:
+                client.wait_for_workers(1, timeout=jq.wait_timeout)
+            except (TimeoutError, OSError):
+                raise OSError(f"no {jq.system} worker joined within {jq.wait_timeout:g} s; check the queue "
+                              "(cluster.jobqueue.wait_timeout)") from None
+            n_workers, n_threads = _worker_summary(client)
+            description = f"{jq.system} jobqueue cluster with {n_workers} workers so far, {n_threads} threads"
+        report("cluster", f"cluster: {description}, {_dashboard(client)}", kind=kind,
+               scheduler=client.scheduler.address, dashboard=client.dashboard_link)
+        yield client
+
+
+def _jobqueue_cluster(jq, config):
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ConfigError("cluster.jobqueue needs dask-jobqueue: pip install 'dgmm[hpc]'") from None
+    cls = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}[jq.system]
+    kwargs = dict(cores=jq.cores, memory=jq.memory, processes=jq.processes or 1,
+                  job_extra_directives=jq.job_extra_directives, job_script_prologue=jq.job_script_prologue,
+                  silence_logs="error")
+    for name in ("walltime", "queue", "account", "interface", "local_directory", "log_directory"):
+        value = getattr(jq, name)
+        if value is not None:
+            kwargs[name] = value
+    if jq.system == "lsf" and "account" in kwargs:
+        kwargs["project"] = kwargs.pop("account")
+    if jq.system == "sge" and "account" in kwargs:
+        kwargs["project"] = kwargs.pop("account")
+    cluster = getattr(dask_jobqueue, cls)(**kwargs)
+    cluster.scale(jobs=jq.jobs)
+    return cluster
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def _open_data(config: Config):
+    from .io import open_input
+
+    inp = config.input
+    X = open_input(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
+                   storage_options=inp.storage_options, chunk_rows=inp.chunk_rows)
+    report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features, {X.numblocks[0]} chunks, "
+                   f"{X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
+           n_chunks=X.numblocks[0], dtype=str(X.dtype))
+    return X
+
+
+def _generate_synthetic(config: Config) -> None:
     from .datasets import write_blobs_zarr
 
+    syn, path = config.input.synthetic, config.input.path
+    if syn is None or os.path.exists(path):
+        return
     t0 = time.perf_counter()
-    path = write_blobs_zarr(args.path, args.n_samples, args.n_features, args.n_components,
-                            chunk_rows=args.chunk_rows, seed=args.seed)
-    print(f"data: {path} ({args.n_samples:,} rows x {args.n_features} features, "
-          f"written in {time.perf_counter() - t0:.1f} s)")
-    n_workers = args.workers or max(1, min(os.cpu_count() or 1, 4))
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0",
-                      host="127.0.0.1", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        print(f"cluster: LocalCluster with {n_workers} worker processes, dashboard {client.dashboard_link}")
-        X = da.from_zarr(path)
-        gm = GaussianMixture(n_components=args.n_components, covariance_type=args.covariance_type,
-                             random_state=args.seed, verbose=0)
-        t1 = time.perf_counter()
-        gm.fit(X)
-        seconds = time.perf_counter() - t1
-    np.set_printoptions(precision=3, suppress=True)
-    print(f"fit: {gm.n_iter_} EM iterations in {seconds:.1f} s "
-          f"({seconds / max(gm.n_iter_, 1):.2f} s per iteration), converged={gm.converged_}")
-    print(f"lower bound (mean log-likelihood per row): {gm.lower_bound_:.6f}")
-    print("weights:", gm.weights_)
-    print("means:")
-    print(gm.means_)
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        write_blobs_zarr(path, syn.n_samples, syn.n_features, syn.n_components, chunk_rows=syn.chunk_rows,
+                         seed=syn.seed)
+    report("data_written", f"data: wrote {path} ({syn.n_samples:,} rows x {syn.n_features} features) in "
+                           f"{time.perf_counter() - t0:.1f} s", path=path, n_samples=syn.n_samples)
+
+
+def _print_parameters(model) -> None:
+    import numpy as np
+
+    with np.printoptions(precision=3, suppress=True):
+        report("weights", f"weights: {model.weights_}", weights=model.weights_)
+        report("means", f"means:\n{model.means_}", means=model.means_)
+
+
+def run_fit(config: Config, *, resume: bool = False) -> int:
+    """Fit the model a validated config describes and write it (and checkpoints)."""
+    from . import GaussianMixture
+    from .checkpoint import load_checkpoint
+    from .io import describe_source
+    from .model_io import save_model
+
+    out = config.output
+    checkpoint = out.checkpoint_path
+    if resume and checkpoint is None:
+        raise ConfigError(f"{config.source}: output.checkpoint_every: --resume needs checkpoints "
+                          "(checkpoint_every >= 1 and a local output.model or output.checkpoint)")
+    _generate_synthetic(config)
+    X = _open_data(config)
+    resumed_from = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        if resume:
+            resumed_from = load_checkpoint(checkpoint).n_iter
+            report("resume", f"resuming from {checkpoint} after iteration {resumed_from}", checkpoint=checkpoint,
+                   n_iter=resumed_from)
+        else:
+            report("checkpoint", f"note: replacing the checkpoint {checkpoint} of an earlier fit "
+                                 "(dgmm fit --resume would continue it)", checkpoint=checkpoint)
+    gm = GaussianMixture(**config.model.estimator_params(), callbacks=[IterationReporter(resumed_from)],
+                         checkpoint=checkpoint, checkpoint_every=max(out.checkpoint_every, 1))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    with open_cluster(config.cluster):
+        t0 = time.perf_counter()
+        try:
+            gm.fit(X, resume=resume)
+        except KeyboardInterrupt:
+            if checkpoint is not None:
+                logger.warning("interrupted; 'dgmm fit %s --resume' continues from %s", config.source, checkpoint)
+            raise
+        seconds = time.perf_counter() - t0
+    iterations_run = max(gm.n_iter_ - resumed_from, 0)
+    metadata = {
+        "source": describe_source(config.input.path, format=config.input.format, component=config.input.component,
+                                  columns=config.input.columns),
+        "n_samples": int(X.shape[0]),
+        "n_chunks": int(X.numblocks[0]),
+        "cluster": config.cluster.kind,
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "seconds_per_iteration": round(seconds / iterations_run, 4) if iterations_run else None,
+        "resumed_from_iteration": resumed_from or None,
+        "config": config.to_dict(),
+    }
+    save_model(gm, out.model, metadata=metadata, storage_options=out.storage_options)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.remove(checkpoint)  # the committed model supersedes it
+    report("fit", f"fit: {gm.n_iter_} EM iterations in {seconds:.1f} s "
+                  f"({seconds / max(iterations_run, 1):.2f} s per iteration), converged={gm.converged_}",
+           n_iter=gm.n_iter_, seconds=seconds, converged=gm.converged_)
+    report("lower_bound", f"lower bound (mean log-likelihood per row): {gm.lower_bound_:.6f}",
+           lower_bound=float(gm.lower_bound_))
+    report("model", f"model: {out.model}", path=out.model)
+    _print_parameters(gm)
     return 0
 
 
+def _load_model_for(config: Config, X):
+    from .model_io import load_model
+
+    model = load_model(config.output.model, storage_options=config.output.storage_options)
+    if X.shape[1] != model.n_features_in_:
+        raise ValueError(f"{config.input.path} has {X.shape[1]} features, but the model {config.output.model} "
+                         f"was fitted on {model.n_features_in_}")
+    return model
+
+
+def run_predict(config: Config) -> int:
+    """Write per-row predictions of the config's model for its input."""
+    from .io import write_predictions
+
+    X = _open_data(config)
+    model = _load_model_for(config, X)
+    p = config.predict
+    fmt = p.resolved_format()
+    with open_cluster(config.cluster):
+        t0 = time.perf_counter()
+        marker = write_predictions(model, X, p.output, format=fmt, labels=p.labels, probabilities=p.probabilities,
+                                   log_likelihood=p.log_likelihood, storage_options=p.storage_options,
+                                   overwrite=p.overwrite, attributes={"model": config.output.model,
+                                                                      "input": config.input.path})
+        seconds = time.perf_counter() - t0
+    report("predict", f"predictions: {p.output} ({fmt}, {marker['n_rows']:,} rows: "
+                      f"{', '.join(marker['arrays'])}) in {seconds:.1f} s",
+           path=p.output, format=fmt, n_rows=marker["n_rows"], arrays=list(marker["arrays"]), seconds=seconds)
+    return 0
+
+
+def run_score(config: Config) -> int:
+    """Print the mean log-likelihood, BIC and AIC of the config's model on its input."""
+    X = _open_data(config)
+    model = _load_model_for(config, X)
+    with open_cluster(config.cluster):
+        t0 = time.perf_counter()
+        score = model.score(X)
+        seconds = time.perf_counter() - t0
+    n = int(X.shape[0])
+    n_parameters = model._n_parameters()
+    bic = -2 * score * n + n_parameters * math.log(n)
+    aic = -2 * score * n + 2 * n_parameters
+    report("score", f"score (mean log-likelihood per row): {score:.6f}\nbic: {bic:.6f}\naic: {aic:.6f}",
+           score=score, bic=bic, aic=aic, n_samples=n, n_parameters=n_parameters, seconds=seconds)
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    config = load_config(args.config, args.set, command="fit")
+    return run_fit(config, resume=args.resume)
+
+
+def _cmd_predict(args) -> int:
+    overrides = list(args.set) + ([f"output.model={json.dumps(args.model)}"] if args.model else [])
+    return run_predict(load_config(args.config, overrides, command="predict"))
+
+
+def _cmd_score(args) -> int:
+    overrides = list(args.set) + ([f"output.model={json.dumps(args.model)}"] if args.model else [])
+    return run_score(load_config(args.config, overrides, command="score"))
+
+
+def _cmd_check(args) -> int:
+    import yaml
+
+    config = load_config(args.config, args.set)
+    report("config", f"{config.source}: valid\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
+           config=config.to_dict())
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import numpy as np
+
+    from .model_io import load_model, read_model_metadata
+
+    model = load_model(args.model)  # validates the whole file
+    meta = read_model_metadata(args.model)
+    fitted, fit = meta.get("fitted", {}), meta.get("fit", {})
+    source = fit.get("source") or {}
+    lines = [
+        f"model: {args.model} (dgmm model format {meta['format_version']}, written by dgmm {meta.get('dgmm_version')})",
+        f"{meta['n_components']} components, {meta['covariance_type']} covariances, {meta['n_features']} features, "
+        f"{meta.get('dtype')}",
+        f"fit: {fitted.get('n_iter')} EM iterations, converged={fitted.get('converged')}, "
+        f"lower bound {fitted.get('lower_bound')}",
+    ]
+    if source:
+        lines.append(f"data: {source.get('path')} ({fit.get('n_samples')} rows) in {fit.get('seconds')} s "
+                     f"on {fit.get('cluster')}")
+    with np.printoptions(precision=3, suppress=True):
+        lines.append(f"weights: {model.weights_}")
+        lines.append(f"means:\n{model.means_}")
+    report("info", "\n".join(lines), metadata=meta, weights=model.weights_, means=model.means_)
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import dask.array as da
+    import numpy as np
+
+    from .checkpoint import atomic_write_bytes
+    from .io import write_table
+    from .model_io import load_model
+
+    if args.n_samples < 1:
+        raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
+    model = load_model(args.model)
+    if args.seed is not None:
+        model.random_state = args.seed
+    X, y = model.sample(args.n_samples)
+    names = [str(v) for v in getattr(model, "feature_names_in_", [f"x{j}" for j in range(X.shape[1])])]
+    out = args.output
+    if out is None:
+        import io
+
+        buffer = io.StringIO()
+        np.savetxt(buffer, np.column_stack([X, y]), delimiter=",", fmt="%.10g", header=",".join([*names, "label"]),
+                   comments="")
+        sys.stdout.write(buffer.getvalue())
+        return 0
+    lower = out.rstrip("/").lower()
+    if os.path.exists(out) and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite or choose another path")
+    if lower.endswith(".npy"):
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, X, allow_pickle=False)
+        atomic_write_bytes(out, buffer.getvalue())
+    elif lower.endswith((".zarr", ".parquet", ".pq")):
+        fmt = "zarr" if lower.endswith(".zarr") else "parquet"
+        arrays = {"X": da.from_array(X, chunks=(max(len(X), 1), -1)), "labels": da.from_array(y)}
+        import dask
+
+        with dask.config.set(scheduler="threads"):
+            write_table(arrays, out, format=fmt, column_names={"X": names, "labels": ["label"]},
+                        overwrite=args.overwrite)
+    else:
+        raise ValueError(f"{out}: the output must end in .npy, .zarr or .parquet (or omit -o for CSV on stdout)")
+    report("sample", f"samples: {out} ({args.n_samples:,} rows x {X.shape[1]} features)", path=out,
+           n_samples=args.n_samples)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    overrides = [f"cluster.n_workers={args.workers or 'null'}"]
+    if args.workers:
+        overrides.append("cluster.threads_per_worker=1")
+    if args.path is not None:
+        stem = args.path.rstrip("/")
+        stem = stem[: -len(".zarr")] if stem.endswith(".zarr") else stem
+        overrides += [f"input.path={json.dumps(args.path)}", f"output.model={json.dumps(stem + '-model.npz')}",
+                      f"predict.output={json.dumps(stem + '-predictions.zarr')}"]
+    for flag, keys in (("n_samples", ["input.synthetic.n_samples"]), ("n_features", ["input.synthetic.n_features"]),
+                       ("chunk_rows", ["input.synthetic.chunk_rows"]),
+                       ("n_components", ["input.synthetic.n_components", "model.n_components"]),
+                       ("covariance_type", ["model.covariance_type"]),
+                       ("seed", ["input.synthetic.seed", "model.random_state"])):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides += [f"{key}={value}" for key in keys]
+    config = parse_config(DEMO_CONFIG, source="dgmm demo", overrides=[*overrides, *args.set], command="fit")
+    return run_fit(config)
+
+
+# ---------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors")
+    common.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="text lines, or one JSON object per line (default: %(default)s)")
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config key, e.g. --set model.n_components=8 (value parsed as YAML)")
+
     parser = argparse.ArgumentParser(prog="dgmm", description="Gaussian mixtures by out-of-core EM over Dask arrays.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="generate a synthetic Zarr data set (if missing) and fit it on a LocalCluster")
-    demo.add_argument("--path", default="data/demo.zarr", help="where the Zarr array lives (default: %(default)s)")
-    demo.add_argument("--n-samples", type=int, default=2_000_000)
-    demo.add_argument("--n-features", type=int, default=8)
-    demo.add_argument("--n-components", type=int, default=4)
-    demo.add_argument("--chunk-rows", type=int, default=250_000)
-    demo.add_argument("--covariance-type", default="full", choices=["full", "tied", "diag", "spherical"])
-    demo.add_argument("--workers", type=int, default=0, help="worker processes (default: cores, at most 4)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+
+    fit = sub.add_parser("fit", parents=[common, overrides], help="fit the model a config describes")
+    fit.add_argument("config", help="YAML config (see configs/)")
+    fit.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if there is one")
+    fit.set_defaults(func=_cmd_fit)
+
+    for name, func, text in (("predict", _cmd_predict, "write per-row labels, probabilities, log-likelihoods"),
+                             ("score", _cmd_score, "mean log-likelihood, BIC and AIC of the input")):
+        cmd = sub.add_parser(name, parents=[common, overrides], help=text)
+        cmd.add_argument("config", help="YAML config: input, output.model (and a predict section)")
+        cmd.add_argument("--model", help="model file (default: output.model of the config)")
+        cmd.set_defaults(func=func)
+
+    sample = sub.add_parser("sample", parents=[common], help="draw rows from a fitted model")
+    sample.add_argument("model", help="model file written by 'dgmm fit'")
+    sample.add_argument("--n-samples", "-n", type=int, default=1000)
+    sample.add_argument("--output", "-o", help=".npy, .zarr or .parquet (default: CSV on stdout)")
+    sample.add_argument("--seed", type=int, default=None, help="random seed (default: the model's random_state)")
+    sample.add_argument("--overwrite", action="store_true")
+    sample.set_defaults(func=_cmd_sample)
+
+    info = sub.add_parser("info", parents=[common], help="what a model file holds")
+    info.add_argument("model")
+    info.set_defaults(func=_cmd_info)
+
+    check = sub.add_parser("check", parents=[common, overrides], help="validate a config and print it resolved")
+    check.add_argument("config")
+    check.set_defaults(func=_cmd_check)
+
+    demo = sub.add_parser("demo", parents=[common, overrides],
+                          help="generate a synthetic Zarr data set (if missing) and fit it on a LocalCluster")
+    demo.add_argument("--path", default=None, help="where the Zarr array lives (default: data/demo.zarr)")
+    demo.add_argument("--n-samples", type=int, default=None, help="default 2,000,000")
+    demo.add_argument("--n-features", type=int, default=None, help="default 8")
+    demo.add_argument("--n-components", type=int, default=None, help="default 4")
+    demo.add_argument("--chunk-rows", type=int, default=None, help="default 250,000")
+    demo.add_argument("--covariance-type", default=None, choices=["full", "tied", "diag", "spherical"])
+    demo.add_argument("--workers", type=int, default=0, help="worker processes (default: sized to the machine)")
+    demo.add_argument("--seed", type=int, default=None)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "quiet", False), getattr(args, "log_format", "text"))
     if args.version:
         from . import __version__
 
@@ -70,12 +582,23 @@ def main(argv=None) -> int:
         return 0
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_CONFIG
+    from .checkpoint import CheckpointError
+
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:
-        print(f"dgmm: error: {exc}", file=sys.stderr)
-        return 1
+    except ConfigError as exc:
+        logger.error("%s", exc, extra={"event": "error", "fields": {"kind": "config"}})
+        return EXIT_CONFIG
+    except CheckpointError as exc:
+        logger.error("%s", exc, extra={"event": "error", "fields": {"kind": "checkpoint"}})
+        return EXIT_FAILURE
+    except (ValueError, OSError, TimeoutError) as exc:
+        logger.error("%s", exc, extra={"event": "error", "fields": {"kind": type(exc).__name__}})
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        logger.error("interrupted", extra={"event": "error", "fields": {"kind": "interrupted"}})
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

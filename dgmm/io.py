@@ -180,12 +180,13 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     except Exception as exc:
         raise ValueError(f"{path}: cannot open as Zarr ({type(exc).__name__}: {exc})") from None
     if isinstance(node, zarr.Group):
-        arrays = sorted(name for name, _ in node.arrays())
-        if len(arrays) == 1 and component is None:
-            logger.info("%s is a group holding one array, %r: using it", path, arrays[0])
-            node = node[arrays[0]]
+        arrays = {name: member for name, member in node.members(max_depth=None) if isinstance(member, zarr.Array)}
+        matrices = sorted(name for name, member in arrays.items() if member.ndim == 2)
+        if len(matrices) == 1 and component is None:
+            logger.info("%s is a group holding one 2-D array, %r: using it", path, matrices[0])
+            node = arrays[matrices[0]]
         else:
-            listing = ", ".join(repr(a) for a in arrays) or "none"
+            listing = ", ".join(repr(a) for a in sorted(arrays)) or "none"
             where = f"{path}/{component}" if component else path
             raise ValueError(f"{where} is a Zarr group, not an array; set input.component to one of its "
                              f"arrays ({listing})")

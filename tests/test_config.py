@@ -1,0 +1,162 @@
+"""Config files: validated before anything runs; every error names the file and the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dgmm.cli import DEMO_CONFIG
+from dgmm.config import ConfigError, apply_overrides, load_config, parse_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REMOTE = {"path": "s3://bucket/x.zarr"}  # not checked for existence
+
+
+def parse(raw, **kwargs):
+    return parse_config(raw, source="x.yaml", **kwargs)
+
+
+def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
+    config = parse({"input": REMOTE})
+    assert config.model.n_components == 1 and config.model.covariance_type == "full"
+    assert config.model.tol == 1e-3 and config.model.max_iter == 100 and config.model.init_params == "kmeans"
+    assert config.cluster.kind == "local" and config.cluster.host == "127.0.0.1"
+    assert config.cluster.dashboard_address.startswith("127.0.0.1:")
+    assert config.output.checkpoint_every == 1
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"input": REMOTE, "model": {"n_components": 0}}, "x.yaml: model.n_components: must be an int >= 1, got 0"),
+        ({"input": REMOTE, "model": {"n_component": 3}}, "x.yaml: model.n_component: unknown key (did you mean "
+                                                         "'n_components'?)"),
+        ({"input": REMOTE, "modle": {}}, "x.yaml: modle: unknown key (did you mean 'model'?)"),
+        ({"input": REMOTE, "model": {"n_components": "four"}}, "x.yaml: model.n_components: must be an int, got a "
+                                                              "string ('four')"),
+        ({"input": REMOTE, "model": {"n_components": True}}, "model.n_components: must be an int, got a bool"),
+        ({"input": REMOTE, "model": {"covariance_type": "ful"}}, "model.covariance_type: must be one of 'full'"),
+        ({"input": REMOTE, "model": {"tol": -1}}, "model.tol: must be a float >= 0, got -1.0"),
+        ({"input": REMOTE, "model": {"tol": "small"}}, "model.tol: must be a number"),
+        ({"input": REMOTE, "model": {"reg_covar": float("nan")}}, "model.reg_covar: must be a finite number"),
+        ({"input": REMOTE, "model": {"max_iter": 1.5}}, "model.max_iter: must be an int, got float 1.5"),
+        ({"input": REMOTE, "model": {"random_state": -3}}, "model.random_state: must be an int in [0, 2**32)"),
+        ({"input": REMOTE, "model": [1, 2]}, "x.yaml: model: must be a mapping, got a list"),
+        ({"model": {}}, "x.yaml: input: is required"),
+        ({"input": {"format": "zarr"}}, "x.yaml: input.path: is required"),
+        ({"input": {"path": "no/such/file.zarr"}}, "x.yaml: input.path: no/such/file.zarr does not exist"),
+        ({"input": {**REMOTE, "columns": ["a"]}}, "input.columns: selects Parquet columns, but the input format is "
+                                                  "zarr"),
+        ({"input": {**REMOTE, "storage_options": [1]}}, "input.storage_options: must be a mapping"),
+        ({"input": REMOTE, "cluster": {"type": "address"}}, "cluster.address: is required when cluster.type is "
+                                                             "'address'"),
+        ({"input": REMOTE, "cluster": {"address": "localhost:8786"}}, "cluster.address: must be a scheduler URL"),
+        ({"input": REMOTE, "cluster": {"n_workers": 0}}, "cluster.n_workers: must be an int >= 1 or null"),
+        ({"input": REMOTE, "cluster": {"timeout": 0}}, "cluster.timeout: must be a number of seconds > 0"),
+        ({"input": REMOTE, "cluster": {"memory_limit": "lots"}}, "cluster.memory_limit: must be 'auto', null or a "
+                                                                 "size"),
+        ({"input": REMOTE, "cluster": {"jobqueue": {"system": "slurm", "cores": 4}}},
+         "cluster.jobqueue.memory: is required"),
+        ({"input": REMOTE, "cluster": {"jobqueue": {"system": "torque", "cores": 4, "memory": "8GB"}}},
+         "cluster.jobqueue.system: must be one of 'slurm', 'pbs', 'sge', 'lsf'"),
+        ({"input": REMOTE, "cluster": {"jobqueue": {"system": "pbs", "cores": 4, "memory": "8GB", "walltime": "2h"}}},
+         "cluster.jobqueue.walltime: must look like 'HH:MM:SS'"),
+        ({"input": REMOTE, "cluster": {"jobqueue": {"system": "pbs", "cores": 4, "memory": "8GB", "processes": 8}}},
+         "cluster.jobqueue.processes: must be an int in [1, cores=4], got 8"),
+        ({"input": REMOTE, "cluster": {"address": "tcp://a:1", "jobqueue": {"system": "pbs", "cores": 1,
+                                                                             "memory": "1GB"}}},
+         "cluster.address: cannot be combined with a jobqueue section"),
+        ({"input": REMOTE, "output": {"checkpoint_every": -1}}, "output.checkpoint_every: must be an int >= 0"),
+        ({"input": REMOTE, "predict": {"output": "out.csv"}}, "predict.format: cannot be inferred from 'out.csv'"),
+        ({"input": REMOTE, "predict": {"output": "o.zarr", "labels": False}}, "predict.labels: nothing to write"),
+        ({"input": REMOTE, "predict": {"labels": True}}, "predict.output: is required"),
+        ({"input": REMOTE, 3: 4}, "x.yaml: 3: unknown key"),
+    ],
+)
+def test_bad_configs_name_the_file_and_key(raw, message):
+    with pytest.raises(ConfigError) as info:
+        parse(raw)
+    assert message in str(info.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    for text, kind in (("- a\n- b\n", "a list"), ("just a string\n", "a string")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"{path}: the config must be a mapping of sections .* got {kind}"):
+            load_config(path)
+    path.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_set_overrides_are_parsed_as_yaml_never_evaluated():
+    raw = {"input": dict(REMOTE), "model": {"n_components": 2}}
+    config = parse(raw, overrides=["model.n_components=5", "model.tol=1e-4", "model.random_state=null",
+                                   "cluster.n_workers=3", "input.columns=[a, b]", "input.format=parquet"])
+    assert config.model.n_components == 5 and config.model.tol == 1e-4 and config.model.random_state is None
+    assert config.cluster.n_workers == 3 and config.input.columns == ["a", "b"]
+    assert raw["model"]["n_components"] == 2  # the parsed YAML is not modified
+    # a Python expression is just a string, and then the wrong type
+    with pytest.raises(ConfigError, match="model.n_components: must be an int, got a string"):
+        parse(raw, overrides=["model.n_components=__import__('os').getpid()"])
+    with pytest.raises(ConfigError, match="expected KEY.SUB=VALUE"):
+        parse(raw, overrides=["model.n_components"])
+    with pytest.raises(ConfigError, match="input.path is a string"):
+        apply_overrides(raw, ["input.path.deeper=1"], source="x.yaml")
+    with pytest.raises(ConfigError, match="model.n_componets: unknown key"):
+        parse(raw, overrides=["model.n_componets=3"])
+
+
+def test_yaml_1_1_exponent_without_dot_is_a_number():
+    config = parse(yaml.safe_load("input: {path: s3://b/x.zarr}\nmodel: {tol: 1e-3, reg_covar: 1e-6}\n"))
+    assert config.model.tol == 1e-3 and config.model.reg_covar == 1e-6
+
+
+def test_command_checks(tmp_path):
+    model = tmp_path / "m.npz"
+    base = {"input": REMOTE, "output": {"model": str(model)}}
+    with pytest.raises(ConfigError, match="output.model: is required by 'dgmm fit'"):
+        parse({"input": REMOTE}, command="fit")
+    with pytest.raises(ConfigError, match=f"output.model: {model} does not exist; run 'dgmm fit' first"):
+        parse(base, command="score")
+    model.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=f"output.model: {model} exists; set output.overwrite: true"):
+        parse(base, command="fit")
+    parse(base, overrides=["output.overwrite=true"], command="fit")
+    with pytest.raises(ConfigError, match="predict: a predict section"):
+        parse(base, command="predict")
+    (tmp_path / "p.zarr").mkdir()
+    with pytest.raises(ConfigError, match="predict.output: .*p.zarr exists"):
+        parse({**base, "predict": {"output": str(tmp_path / "p.zarr")}}, command="predict")
+
+
+def test_checkpoint_lives_beside_the_model():
+    config = parse({"input": REMOTE, "output": {"model": "results/m.npz"}})
+    assert config.output.checkpoint_path == "results/m.checkpoint.npz"
+    assert parse({"input": REMOTE, "output": {"model": "m.npz", "checkpoint_every": 0}}).output.checkpoint_path is None
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_example_configs_are_valid(name, tmp_path):
+    data = tmp_path / ("data.parquet" if "parquet" in name else "data.zarr")
+    data.mkdir()
+    config = load_config(CONFIGS / name, [f"input.path={data}"] if "s3" not in name else [])
+    assert config.source.endswith(name)
+    if name == "slurm.yaml":
+        assert config.cluster.kind == "jobqueue" and config.cluster.jobqueue.system == "slurm"
+    if name == "scheduler.yaml":
+        assert config.cluster.kind == "address"
+    text = (CONFIGS / name).read_text().lower()
+    assert "secret" not in text.replace("aws_secret_access_key", "") and "password" not in text
+
+
+def test_demo_config_file_is_what_dgmm_demo_runs():
+    assert yaml.safe_load((CONFIGS / "demo.yaml").read_text()) == DEMO_CONFIG
+    config = parse_config(DEMO_CONFIG, source="demo")
+    assert config.input.synthetic.n_samples == 2_000_000 and not os.path.isabs(config.input.path)

@@ -1,0 +1,163 @@
+"""Readers open Zarr / Parquet / .npy lazily with known chunks; writers stage, then commit."""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from dgmm import GaussianMixture
+from dgmm.io import SUCCESS_MARKER, is_complete, open_input, write_predictions, write_table
+from conftest import make_mixture
+
+
+@pytest.fixture(scope="module")
+def X():
+    return make_mixture(n_samples=1000, n_features=3, seed=11)
+
+
+def no_compute(*args, **kwargs):
+    raise AssertionError("opening an input must not compute")
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_array_by_path(tmp_path, X, zarr_format):
+    path = tmp_path / "x.zarr"
+    z = zarr.open_array(str(path), mode="w", shape=X.shape, chunks=(137, 3), dtype="f8", zarr_format=zarr_format)
+    z[:] = X
+    with dask.config.set(scheduler=no_compute):
+        A = open_input(str(path))
+    assert A.chunks[0][:2] == (137, 137) and A.chunks[1] == (3,)
+    np.testing.assert_array_equal(A.compute(), X)
+
+
+def test_zarr_array_inside_a_group(tmp_path, X):
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_group("features").create_array("table", shape=X.shape, chunks=(250, 3), dtype="f4")[:] = X
+    group.create_array("ids", shape=(1000,), dtype="i8")
+    A = open_input(str(tmp_path / "g.zarr"), component="features/table")
+    assert A.dtype == np.float32 and A.numblocks == (4, 1)
+    np.testing.assert_array_equal(A.compute(), X.astype(np.float32))
+    assert open_input(str(tmp_path / "g.zarr")).shape == X.shape  # the only 2-D array is used
+    group.create_array("other", shape=(5, 2), dtype="f8")
+    with pytest.raises(ValueError, match=r"is a Zarr group, not an array; set input.component .*'features/table'"):
+        open_input(str(tmp_path / "g.zarr"))
+    with pytest.raises(FileNotFoundError, match="no Zarr array or group there"):
+        open_input(str(tmp_path / "g.zarr"), component="nope")
+    with pytest.raises(ValueError, match=r"shape \(1000,\); dgmm needs a 2-D array"):
+        open_input(str(tmp_path / "g.zarr"), component="ids")
+
+
+def test_parquet_row_groups_become_chunks_from_the_footer(tmp_path, X):
+    table = pa.table({"a": X[:, 0], "b": X[:, 1].astype(np.float32), "name": ["r"] * len(X), "c": X[:, 2],
+                      "n": np.arange(len(X))})
+    pq.write_table(table.slice(0, 600), tmp_path / "part-0.parquet", row_group_size=137)
+    os.makedirs(tmp_path / "_tmp")
+    pq.write_table(table.slice(600), tmp_path / "part-1.parquet", row_group_size=300)
+    (tmp_path / "_SUCCESS").write_text("")
+    with dask.config.set(scheduler=no_compute):
+        A = open_input(str(tmp_path), format="parquet", columns=["a", "b", "c"])
+    assert A.chunks[0] == (137, 137, 137, 137, 52, 300, 100)
+    assert A.dtype == np.float64
+    np.testing.assert_array_equal(A.compute(), np.column_stack([X[:, 0], X[:, 1].astype(np.float32), X[:, 2]]))
+    # every numeric column by default, row groups merged up to chunk_rows within a file
+    B = open_input(str(tmp_path / "part-0.parquet"), chunk_rows=300)
+    assert B.shape == (600, 4) and B.chunks[0] == (274, 274, 52)
+    np.testing.assert_array_equal(B[:, 3].compute(), np.arange(600))
+    with pytest.raises(ValueError, match="column 'name' has type string, not a number"):
+        open_input(str(tmp_path), format="parquet", columns=["a", "name"])
+    with pytest.raises(ValueError, match="column 'zz' not found in"):
+        open_input(str(tmp_path), format="parquet", columns=["zz"])
+
+
+def test_parquet_nulls_become_nan_and_float32_stays(tmp_path):
+    pq.write_table(pa.table({"x": pa.array([1.0, None, 3.0], pa.float32()), "y": pa.array([1, 2, None])}),
+                   tmp_path / "t.parquet")
+    A = open_input(str(tmp_path / "t.parquet"), columns=["x"])
+    assert A.dtype == np.float32
+    B = open_input(str(tmp_path / "t.parquet")).compute()
+    assert np.isnan(B[1, 0]) and np.isnan(B[2, 1]) and B.dtype == np.float64
+
+
+def test_npy_is_memory_mapped_in_chunks(tmp_path, X):
+    np.save(tmp_path / "x.npy", X)
+    with dask.config.set(scheduler=no_compute):
+        A = open_input(str(tmp_path / "x.npy"), chunk_rows=300)
+    assert A.chunks[0] == (300, 300, 300, 100)
+    np.testing.assert_array_equal(A.compute(), X)
+    np.save(tmp_path / "f.npy", np.asfortranarray(X))
+    np.testing.assert_array_equal(open_input(str(tmp_path / "f.npy")).compute(), X)
+    np.save(tmp_path / "v.npy", X[:, 0])
+    with pytest.raises(ValueError, match="dgmm needs a 2-D array"):
+        open_input(str(tmp_path / "v.npy"))
+
+
+def test_format_detected_without_suffix(tmp_path, X):
+    np.save(tmp_path / "x.npy", X)
+    os.rename(tmp_path / "x.npy", tmp_path / "plain")
+    assert open_input(str(tmp_path / "plain")).shape == X.shape
+    zarr.open_array(str(tmp_path / "z"), mode="w", shape=X.shape, dtype="f8")[:] = X
+    assert open_input(str(tmp_path / "z")).shape == X.shape
+    (tmp_path / "junk").write_text("hello")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        open_input(str(tmp_path / "junk"))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "parquet"])
+def test_predictions_are_row_aligned_and_committed(tmp_path, X, fmt):
+    Xd = da.from_array(X, chunks=(137, 3))
+    gm = GaussianMixture(3, random_state=0).fit(Xd)
+    out = str(tmp_path / f"pred.{fmt}")
+    marker = write_predictions(gm, Xd, out, format=fmt, probabilities=True, log_likelihood=True)
+    assert marker["n_rows"] == len(X) and is_complete(out)
+    assert sorted(os.listdir(tmp_path)) == [f"pred.{fmt}"]  # no staging left behind
+    if fmt == "zarr":
+        group = zarr.open_group(out, mode="r")
+        labels, proba, ll = (group[n][:] for n in ("labels", "probabilities", "log_likelihood"))
+        assert group["labels"].chunks == (137,)
+        assert group.attrs["dgmm"]["n_rows"] == len(X)
+    else:
+        parts = sorted(p for p in os.listdir(out) if p.endswith(".parquet"))
+        assert len(parts) == Xd.numblocks[0]
+        frame = pd.read_parquet(out)
+        assert list(frame.columns) == ["label", "probability_0", "probability_1", "probability_2", "log_likelihood"]
+        labels, proba, ll = frame["label"].to_numpy(), frame.filter(like="probability").to_numpy(), \
+            frame["log_likelihood"].to_numpy()
+    np.testing.assert_array_equal(labels, gm.predict(X))
+    np.testing.assert_allclose(proba, gm.predict_proba(X), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ll, gm.score_samples(X), rtol=1e-12)
+    with pytest.raises(FileExistsError):
+        write_predictions(gm, Xd, out, format=fmt)
+    write_predictions(gm, Xd[:500], out, format=fmt, overwrite=True)
+    assert write_table({"a": da.zeros(3)}, str(tmp_path / "small"), format=fmt)["n_rows"] == 3
+
+
+def test_irregular_chunks_are_written_to_regular_zarr_chunks(tmp_path):
+    a = da.concatenate([da.arange(10, chunks=10), da.arange(7, chunks=7), da.arange(13, chunks=13)])
+    write_table({"a": a, "b": da.ones((30, 2), chunks=((10, 7, 13), 2))}, str(tmp_path / "o.zarr"), format="zarr")
+    group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    np.testing.assert_array_equal(group["a"][:], np.concatenate([np.arange(10), np.arange(7), np.arange(13)]))
+    assert group["b"].shape == (30, 2)
+
+
+def test_failed_write_leaves_nothing_that_looks_complete(tmp_path):
+    def boom(block):
+        if block[0] >= 20:
+            raise RuntimeError("worker lost")
+        return block
+
+    bad = da.arange(40, chunks=10).map_blocks(boom, dtype=np.int64)
+    for fmt in ("zarr", "parquet"):
+        out = tmp_path / f"o.{fmt}"
+        with pytest.raises(RuntimeError, match="worker lost"):
+            write_table({"a": bad}, str(out), format=fmt)
+        assert os.listdir(tmp_path) == [] or all(not p.startswith(f"o.{fmt}") for p in os.listdir(tmp_path))
+        assert not (out / SUCCESS_MARKER).exists()
+    assert os.listdir(tmp_path) == []

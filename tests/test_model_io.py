@@ -1,0 +1,182 @@
+"""Model files: safe round trips, validation on load, conversion to and from scikit-learn."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+import dgmm
+from dgmm import GaussianMixture, from_sklearn, load_model, save_model, to_sklearn
+from dgmm.model_io import FORMAT_VERSION, ModelFormatError, read_model_metadata
+from conftest import COVARIANCE_TYPES, make_mixture
+
+FITTED = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_mixture(n_samples=500, n_features=3, seed=5)
+
+
+def rewrite(path, edit_meta=None, edit_arrays=None):
+    """Rewrite a model file with edited metadata or arrays (as a corrupt or foreign file would be)."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = dict(f)
+    meta = json.loads(str(arrays.pop("meta")))
+    if edit_meta:
+        edit_meta(meta)
+    if edit_arrays:
+        edit_arrays(arrays)
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_round_trip_gives_the_same_fitted_model(tmp_path, data, kind):
+    gm = GaussianMixture(3, covariance_type=kind, random_state=0, max_iter=20).fit(data)
+    path = tmp_path / "m.npz"
+    assert save_model(gm, path, metadata={"source": {"path": "x.zarr"}, "seconds": 1.5}) == str(path)
+    loaded = load_model(path)
+    assert isinstance(loaded, GaussianMixture)
+    for name in FITTED:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(gm, name), err_msg=name)
+    assert loaded.get_params()["covariance_type"] == kind and loaded.n_components == 3
+    assert loaded.n_iter_ == gm.n_iter_ and loaded.converged_ == gm.converged_
+    assert loaded.lower_bound_ == gm.lower_bound_ and loaded.lower_bounds_ == gm.lower_bounds_
+    np.testing.assert_array_equal(loaded.predict(data), gm.predict(data))
+    np.testing.assert_array_equal(loaded.score_samples(data), gm.score_samples(data))
+    meta = read_model_metadata(path)
+    assert meta["format_version"] == FORMAT_VERSION and meta["dgmm_version"] == dgmm.__version__
+    assert meta["fit"] == {"source": {"path": "x.zarr"}, "seconds": 1.5}
+    assert meta["params"]["random_state"] == 0
+
+
+def test_float32_and_feature_names_survive(tmp_path, data):
+    import pandas as pd
+
+    frame = pd.DataFrame(data.astype(np.float32), columns=["a", "b", "c"])
+    gm = GaussianMixture(2, random_state=0).fit(frame)
+    save_model(gm, tmp_path / "m.npz")
+    loaded = load_model(tmp_path / "m.npz")
+    assert loaded.means_.dtype == np.float32 and list(loaded.feature_names_in_) == ["a", "b", "c"]
+    np.testing.assert_array_equal(loaded.predict(frame), gm.predict(frame))
+
+
+def test_file_holds_no_pickle(tmp_path, data):
+    path = tmp_path / "m.npz"
+    save_model(GaussianMixture(2, random_state=0).fit(data), path)
+    with zipfile.ZipFile(path) as z:
+        assert sorted(z.namelist()) == ["covariances.npy", "means.npy", "meta.npy", "precisions_cholesky.npy",
+                                        "weights.npy"]
+        for name in z.namelist():
+            header = z.read(name)[:128]
+            assert b"'descr': '|O'" not in header and b"'descr': 'O'" not in header
+    with np.load(path, allow_pickle=False) as f:
+        json.loads(str(f["meta"]))
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_sklearn_conversion_both_ways(data, kind):
+    gm = GaussianMixture(3, covariance_type=kind, random_state=1).fit(data)
+    sk = to_sklearn(gm)
+    assert isinstance(sk, SkGaussianMixture)
+    np.testing.assert_array_equal(sk.predict(data), gm.predict(data))
+    np.testing.assert_allclose(sk.score_samples(data), gm.score_samples(data), rtol=1e-12)
+    np.testing.assert_allclose(sk.sample(50)[0].shape, (50, 3))
+    sk_fitted = SkGaussianMixture(3, covariance_type=kind, random_state=2).fit(data)
+    back = from_sklearn(sk_fitted)
+    assert isinstance(back, GaussianMixture)
+    np.testing.assert_array_equal(back.predict(data), sk_fitted.predict(data))
+    np.testing.assert_allclose(back.predict_proba(data), sk_fitted.predict_proba(data), rtol=1e-10, atol=1e-14)
+
+
+def test_sklearn_model_can_be_saved_and_loaded(tmp_path, data):
+    sk = SkGaussianMixture(2, random_state=0).fit(data)
+    save_model(sk, tmp_path / "m.npz")
+    np.testing.assert_array_equal(load_model(tmp_path / "m.npz").predict(data), sk.predict(data))
+
+
+def test_unfitted_models_are_refused(tmp_path):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        save_model(GaussianMixture(2), tmp_path / "m.npz")
+    with pytest.raises(NotFittedError):
+        to_sklearn(GaussianMixture(2))
+    assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.fixture
+def saved(tmp_path, data):
+    path = tmp_path / "m.npz"
+    save_model(GaussianMixture(3, random_state=0).fit(data), path)
+    return path
+
+
+def test_newer_format_version_is_refused(saved):
+    rewrite(saved, edit_meta=lambda m: m.update(format_version=FORMAT_VERSION + 1, dgmm_version="9.0"))
+    with pytest.raises(ModelFormatError, match=r"written by a newer dgmm \('9.0', model format 2\).*upgrade"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize(
+    "edit_meta, edit_arrays, message",
+    [
+        (lambda m: m.update(format="something-else"), None, "not a dgmm model file"),
+        (lambda m: m.update(format_version="1"), None, "invalid model format_version"),
+        (lambda m: m.update(covariance_type="banded"), None, "invalid covariance_type 'banded'"),
+        (lambda m: m.update(n_components=4), None, r"'weights' has shape \(3,\), expected \(4,\)"),
+        (lambda m: m.update(n_features=10**6), None, "implausibly large model"),
+        (None, lambda a: a.update(means=a["means"].astype(np.int64)), "'means' has dtype int64"),
+        (None, lambda a: a.update(weights=a["weights"] * 2), "'weights' must be non-negative and sum to 1"),
+        (None, lambda a: a["means"].__setitem__((0, 0), np.nan), "'means' holds NaN or infinity"),
+        (None, lambda a: a["covariances"].__setitem__(0, -np.eye(3)), "covariance of component 0 is not positive"),
+        (None, lambda a: a["covariances"].__setitem__((1, 0, 1), 5.0), "covariance of component 1 is not symmetric"),
+        (None, lambda a: a["precisions_cholesky"].__setitem__(2, np.eye(3)), "component 2 does not match"),
+        (None, lambda a: a.pop("precisions_cholesky"), "no 'precisions_cholesky' array"),
+        (lambda m: m["params"].update(tol=-1), None, "invalid stored parameters"),
+        (lambda m: m["fitted"].update(feature_names=["a"]), None, "invalid feature_names"),
+    ],
+)
+def test_inconsistent_files_are_refused_with_clear_errors(saved, edit_meta, edit_arrays, message):
+    rewrite(saved, edit_meta, edit_arrays)
+    with pytest.raises(ModelFormatError, match=message):
+        load_model(saved)
+
+
+def test_corrupt_or_foreign_files(tmp_path, saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match="not a readable dgmm model file"):
+        load_model(saved)
+    np.savez(saved, weights=np.ones(2))
+    with pytest.raises(ModelFormatError, match="no 'meta' entry"):
+        load_model(saved)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(saved, "w") as z:
+        z.writestr("meta.npy", buffer.getvalue())
+    with pytest.raises(ModelFormatError, match="not a readable dgmm model file"):
+        load_model(saved)  # an object array would need unpickling: refused
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        load_model(tmp_path / "missing.npz")
+
+
+def test_failed_write_keeps_the_previous_model(tmp_path, data, monkeypatch):
+    path = tmp_path / "m.npz"
+    save_model(GaussianMixture(2, random_state=0).fit(data), path)
+    before = path.read_bytes()
+    import dgmm.checkpoint as ck
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(GaussianMixture(3, random_state=0).fit(data), path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.npz"]
