@@ -35,7 +35,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .init import INITIALIZERS, InitContext
+from .init import InitContext, initial_statistics
 from .passes import DataPasses, auto_chunk_rows, nonfinite_error
 from .validation import (
     check_input,
@@ -370,10 +370,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         n_features = data.n_features
         stats_list = None
         if weights_init is None or means_init is None or precisions_init is None:
-            ctx = InitContext(data, self.n_components, self.init_sample_size)
-            specs = [INITIALIZERS[self.init_params](ctx, random_state) for _ in range(n_init)]
-            center = self._init_center(ctx, data)
-            stats_list = data.init_statistics(specs, center, kind)
+            ctx = InitContext(data, self.n_components, self.init_sample_size, kind)
+            center, stats_list = initial_statistics(ctx, self.init_params, random_state, n_init)
             self._check_finite(stats_list[0], data)
         runs = []
         for i in range(n_init):
@@ -407,17 +405,6 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 )
             )
         return runs
-
-    @staticmethod
-    def _init_center(ctx, data):
-        """Centre of the initialisation pass: the mean of the sample or of the first rows."""
-        if ctx._sample is not None:
-            rows = ctx._sample
-        else:
-            rows = data.head(min(data.n_samples, 1024))
-        rows = np.asarray(rows, dtype=np.float64)
-        finite = np.isfinite(rows).all(axis=1)
-        return rows[finite].mean(axis=0) if finite.any() else np.zeros(data.n_features)
 
     @staticmethod
     def _check_finite(stats, data):

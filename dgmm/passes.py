@@ -18,7 +18,7 @@ import dask.array as da
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import chunk, graph
+from . import chunk, chunk_kmeans, graph, graph_kmeans
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,25 @@ class DataPasses:
             self.n_passes += 1
             return chunk.init_statistics(self.numpy, 0, tuple(specs), center, covariance_type)
         return self._compute(graph.init_statistics(self.blocks, tuple(specs), center, covariance_type, self.split_every))
+
+    def _reduce_rows(self, chunk_fn, args, combine):
+        """One pass: ``chunk_fn(block, row_start, args)`` of every chunk, tree-reduced by ``combine``."""
+        if self.in_process:
+            self.n_passes += 1
+            return combine(chunk_fn(self.numpy, 0, args))
+        return self._compute(graph_kmeans.map_reduce_rows(self.blocks, chunk_fn, args, combine, self.split_every))
+
+    def kmeans_parallel_round(self, args: chunk_kmeans.ParallelRoundArgs) -> tuple[chunk_kmeans.ParallelRound, ...]:
+        """One pass: a k-means‖ round (costs, candidate weights, sampled rows) for every restart."""
+        return self._reduce_rows(chunk_kmeans.parallel_round_chunk, args, chunk_kmeans.combine_parallel_rounds)
+
+    def kmeans_plusplus_round(self, args: chunk_kmeans.PlusPlusArgs) -> tuple[chunk_kmeans.PlusPlusRound, ...]:
+        """One pass: a greedy k-means++ step (trial potentials, next trials) for every restart."""
+        return self._reduce_rows(chunk_kmeans.plusplus_round_chunk, args, chunk_kmeans.combine_plusplus_rounds)
+
+    def lloyd_step(self, args: chunk_kmeans.LloydArgs) -> tuple[chunk_kmeans.LloydStep, ...]:
+        """One pass: a Lloyd step (inertia, statistics of the hard assignment) for every restart."""
+        return self._reduce_rows(chunk_kmeans.lloyd_chunk, args, chunk_kmeans.combine_lloyd_steps)
 
     def head(self, n_rows: int) -> np.ndarray:
         """The first ``n_rows`` rows as a NumPy array (reads the first chunks only)."""
