@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .init import InitContext, initial_statistics
-from .passes import DataPasses, auto_chunk_rows, nonfinite_error
+from .passes import DataPasses, auto_chunk_rows, nonfinite_error, single_threaded_blas
 from .validation import (
     check_input,
     check_means,
@@ -307,6 +307,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         for init in range(n_init):
             self._print_verbose_msg_init_beg(init)
 
+        with single_threaded_blas():
+            self._fit_passes(data, random_state, n_init, do_init, weights_init, means_init, precisions_init, eps, resume)
+        return Xv
+
+    def _fit_passes(self, data, random_state, n_init, do_init, weights_init, means_init, precisions_init, eps, resume):
         self._fingerprint = None
         restored = None
         if self.checkpoint is not None:
@@ -353,7 +358,6 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.lower_bound_ = np.float64(max_lower_bound)
         self.lower_bounds_ = list(best.lower_bounds) if self.max_iter > 0 else []
         self.n_passes_ = data.n_passes
-        return Xv
 
     def _check_init_parameters(self, n_features):
         weights = means = precisions = None

@@ -16,7 +16,6 @@ import math
 import dask
 import dask.array as da
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import chunk, chunk_kmeans, graph, graph_kmeans
 
@@ -43,16 +42,30 @@ def _distributed_client():
         return None
 
 
-def _blas_limit_context(n_blocks: int):
-    """Limit BLAS to one thread while the local threaded scheduler runs chunks in parallel.
+_CONTROLLER = None
 
-    Dask's worker threads already use every core; letting each BLAS call
-    start its own threads on top oversubscribes the machine. Distributed
-    workers set ``OMP_NUM_THREADS=1`` themselves.
+
+def _threadpool_controller():
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
+
+
+def single_threaded_blas():
+    """Limit BLAS to one thread while chunks are computed in this process.
+
+    The chunk kernels issue many small, skinny GEMMs; multithreaded BLAS on
+    those is slower than one thread, and under dask's threaded scheduler each
+    worker thread starting its own BLAS threads oversubscribes the cores.
+    Distributed worker processes set ``OMP_NUM_THREADS=1`` themselves, so
+    nothing is changed when a distributed client is active.
     """
     scheduler = dask.config.get("scheduler", None)
-    if n_blocks > 1 and scheduler in (None, "threads", "threading") and _distributed_client() is None:
-        return threadpool_limits(limits=1, user_api="blas")
+    if _distributed_client() is None or scheduler in ("threads", "threading", "sync", "synchronous", "single-threaded"):
+        return _threadpool_controller().limit(limits=1, user_api="blas")
     return contextlib.nullcontext()
 
 
@@ -95,8 +108,7 @@ class DataPasses:
 
     def _compute(self, lazy):
         self.n_passes += 1
-        with _blas_limit_context(self.n_chunks):
-            (result,) = dask.compute(lazy)
+        (result,) = dask.compute(lazy)
         return result
 
     def e_step(self, batch: tuple[chunk.ChunkParams, ...]) -> tuple[chunk.SufficientStatistics, ...]:
