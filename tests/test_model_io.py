@@ -67,9 +67,9 @@ def test_float32_and_feature_names_survive(tmp_path, data):
     np.testing.assert_array_equal(loaded.predict(frame), gm.predict(frame))
 
 
-def test_file_holds_no_pickle(tmp_path, data):
+def test_file_holds_no_pickle(tmp_path, fitted):
     path = tmp_path / "m.npz"
-    save_model(GaussianMixture(2, random_state=0).fit(data), path)
+    save_model(fitted, path)
     with zipfile.ZipFile(path) as z:
         assert sorted(z.namelist()) == ["covariances.npy", "means.npy", "meta.npy", "precisions_cholesky.npy",
                                         "weights.npy"]
@@ -111,10 +111,15 @@ def test_unfitted_models_are_refused(tmp_path):
     assert not (tmp_path / "m.npz").exists()
 
 
+@pytest.fixture(scope="module")
+def fitted(data):
+    return GaussianMixture(3, random_state=0).fit(data)
+
+
 @pytest.fixture
-def saved(tmp_path, data):
+def saved(tmp_path, fitted):
     path = tmp_path / "m.npz"
-    save_model(GaussianMixture(3, random_state=0).fit(data), path)
+    save_model(fitted, path)
     return path
 
 
@@ -167,9 +172,9 @@ def test_corrupt_or_foreign_files(tmp_path, saved):
         load_model(tmp_path / "missing.npz")
 
 
-def test_failed_write_keeps_the_previous_model(tmp_path, data, monkeypatch):
+def test_failed_write_keeps_the_previous_model(tmp_path, data, fitted, monkeypatch):
     path = tmp_path / "m.npz"
-    save_model(GaussianMixture(2, random_state=0).fit(data), path)
+    save_model(fitted, path)
     before = path.read_bytes()
     import dgmm.checkpoint as ck
 
@@ -178,5 +183,5 @@ def test_failed_write_keeps_the_previous_model(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(ck.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_model(GaussianMixture(3, random_state=0).fit(data), path)
+        save_model(from_sklearn(to_sklearn(fitted)), path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.npz"]

@@ -1,0 +1,107 @@
+"""`dgmm fit` on an existing scheduler (separately started `dask scheduler` and `dask worker` processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from dgmm import GaussianMixture, load_model
+from cli_helpers import blobs, run_dgmm, write_config
+
+def dask_command(*args):
+    """The `dask` console script of this interpreter's environment."""
+    return [sys.executable, "-c", "import sys; from dask.__main__ import main; sys.exit(main())", *args]
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory):
+    """A `dask scheduler` and two single-threaded `dask worker` processes, all on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("scheduler")
+    scheduler_file = root / "scheduler.json"
+    procs = [subprocess.Popen(dask_command("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                           "--scheduler-file", str(scheduler_file)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        for i in range(2):
+            procs.append(subprocess.Popen(
+                dask_command("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                             "--name", f"w{i}", "--local-directory", str(root / f"w{i}")),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root))
+        from distributed import Client
+
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_fit_and_predict_through_address(tmp_path, scheduler):
+    X = blobs(2400, 3, seed=4)
+    data = tmp_path / "x.zarr"
+    zarr.open_array(str(data), mode="w", shape=X.shape, chunks=(300, 3), dtype="f8")[:] = X
+    model = {"n_components": 3, "random_state": 0, "tol": 1e-6, "covariance_type": "tied"}
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(data)},
+        "model": model,
+        "cluster": {"address": scheduler, "timeout": 20},
+        "output": {"model": str(tmp_path / "model.npz")},
+        "predict": {"output": str(tmp_path / "pred.parquet"), "probabilities": True},
+    })
+    fit = run_dgmm("fit", config)
+    assert fit.returncode == 0, fit.stderr
+    assert f"cluster: scheduler {scheduler} with 2 workers, 2 threads" in fit.stdout
+    expected = GaussianMixture(**model).fit(X)
+    fitted = load_model(tmp_path / "model.npz")
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(fitted, name), getattr(expected, name), rtol=1e-10, err_msg=name)
+
+    predict = run_dgmm("predict", config)
+    assert predict.returncode == 0, predict.stderr
+    frame = pd.read_parquet(tmp_path / "pred.parquet")
+    assert len(frame) == len(X)
+    np.testing.assert_array_equal(frame["label"].to_numpy(), expected.predict(X))
+    np.testing.assert_allclose(frame.filter(like="probability").to_numpy(), expected.predict_proba(X),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_unreachable_scheduler_fails_fast_and_writes_nothing(tmp_path):
+    with socket.socket() as s:  # a port on which nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    X = blobs(100, 2)
+    np.save(tmp_path / "x.npy", X)
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy")},
+        "cluster": {"address": f"tcp://127.0.0.1:{port}", "timeout": 2},
+        "output": {"model": str(tmp_path / "model.npz")},
+    })
+    started = time.monotonic()
+    result = run_dgmm("fit", config)
+    assert result.returncode == 1
+    assert f"cannot reach the scheduler at tcp://127.0.0.1:{port} within 2 s" in result.stderr
+    assert time.monotonic() - started < 60
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml", "x.npy"]

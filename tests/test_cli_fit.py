@@ -1,0 +1,149 @@
+"""`dgmm fit / predict / score / info / sample` end to end on Zarr and Parquet files, in subprocesses."""
+
+from __future__ import annotations
+
+import os
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from dgmm import GaussianMixture, load_model
+from dgmm.io import open_input
+from cli_helpers import blobs, json_lines, run_dgmm, write_config
+
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
+MODEL = {"n_components": 3, "covariance_type": "full", "random_state": 0, "tol": 1e-6, "max_iter": 50}
+
+
+def in_process_fit(X, **overrides):
+    return GaussianMixture(**{**MODEL, **overrides}).fit(X)
+
+
+def assert_same_model(a, b, rtol=1e-10):
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=rtol, atol=1e-12, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def zarr_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zarr")
+    X = blobs(3000, 3, seed=1)
+    z = zarr.open_array(str(root / "x.zarr"), mode="w", shape=X.shape, chunks=(437, 3), dtype="f8")
+    z[:] = X
+    return root / "x.zarr", X
+
+
+def test_fit_predict_score_info_from_zarr_on_a_local_cluster(tmp_path, zarr_data):
+    path, X = zarr_data
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(path)},
+        "model": MODEL,
+        "cluster": {"n_workers": 2, "threads_per_worker": 1},
+        "output": {"model": str(tmp_path / "out" / "model.npz"), "checkpoint_every": 2},
+        "predict": {"output": str(tmp_path / "out" / "pred.zarr"), "probabilities": True, "log_likelihood": True},
+    })
+    fit = run_dgmm("fit", config)
+    assert fit.returncode == 0, fit.stderr
+    assert "LocalCluster with 2 worker processes" in fit.stdout
+    assert "iteration    1  lower bound" in fit.stdout and "s/iter" in fit.stdout and "rows/s" in fit.stdout
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.npz"]  # the checkpoint is gone once the model is there
+    model = load_model(tmp_path / "out" / "model.npz")
+    expected = in_process_fit(da.from_zarr(str(path)))
+    assert_same_model(model, expected)
+    assert model.n_iter_ == expected.n_iter_
+
+    predict = run_dgmm("predict", config, "--set", "cluster.type=threads")  # (on a cluster: test_cli_cluster)
+    assert predict.returncode == 0, predict.stderr
+    assert "predictions:" in predict.stdout and "3,000 rows" in predict.stdout
+    group = zarr.open_group(str(tmp_path / "out" / "pred.zarr"), mode="r")
+    assert group["labels"].shape == (3000,) and group["probabilities"].shape == (3000, 3)
+    np.testing.assert_array_equal(group["labels"][:], expected.predict(X))
+    np.testing.assert_allclose(group["probabilities"][:], expected.predict_proba(X), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(group["log_likelihood"][:], expected.score_samples(X), rtol=1e-9)
+
+    score = run_dgmm("score", config, "--set", "cluster.type=threads", "--log-format", "json")
+    assert score.returncode == 0, score.stderr
+    (line,) = [e for e in json_lines(score.stdout) if e["event"] == "score"]
+    assert line["score"] == pytest.approx(expected.score(X), rel=1e-9)
+    assert line["bic"] == pytest.approx(expected.bic(X), rel=1e-9)
+
+    info = run_dgmm("info", tmp_path / "out" / "model.npz")
+    assert info.returncode == 0, info.stderr
+    assert "3 components, full covariances, 3 features" in info.stdout and str(path) in info.stdout
+
+
+@pytest.fixture(scope="module")
+def parquet_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parquet")
+    X = blobs(2500, 2, seed=2)
+    table = pa.table({"id": np.arange(len(X)), "x": X[:, 0], "y": X[:, 1], "tag": ["a"] * len(X)})
+    os.makedirs(root / "table.parquet")
+    pq.write_table(table.slice(0, 1500), root / "table.parquet" / "part-0.parquet", row_group_size=400)
+    pq.write_table(table.slice(1500), root / "table.parquet" / "part-1.parquet", row_group_size=333)
+    return root / "table.parquet", X
+
+
+@pytest.mark.parametrize("predict_format", ["parquet", "zarr"])
+def test_fit_and_predict_from_parquet(tmp_path, parquet_data, predict_format):
+    path, X = parquet_data
+    out = tmp_path / f"pred.{predict_format}"
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(path), "columns": ["x", "y"]},
+        "model": {**MODEL, "covariance_type": "diag"},
+        "cluster": {"type": "threads"},
+        "output": {"model": str(tmp_path / "model.npz")},
+        "predict": {"output": str(out), "labels": True, "log_likelihood": True},
+    })
+    fit = run_dgmm("fit", config, "--log-format", "json")
+    assert fit.returncode == 0, fit.stderr
+    events = json_lines(fit.stdout)
+    data_event = next(e for e in events if e["event"] == "data")
+    assert data_event["n_samples"] == 2500 and data_event["n_chunks"] == 8
+    iterations = [e for e in events if e["event"] == "iteration"]
+    assert [e["n_iter"] for e in iterations] == list(range(1, len(iterations) + 1))
+    assert all(e["rows_per_second"] > 0 and e["seconds"] >= 0 for e in iterations)
+    assert iterations[0]["change"] is None and iterations[-1]["converged"]
+    expected = in_process_fit(open_input(str(path), columns=["x", "y"]), covariance_type="diag")
+    model = load_model(tmp_path / "model.npz")
+    assert_same_model(model, expected)
+
+    predict = run_dgmm("predict", config, "--quiet")
+    assert predict.returncode == 0, predict.stderr
+    assert predict.stdout == ""
+    if predict_format == "parquet":
+        frame = pd.read_parquet(out)
+        labels, ll = frame["label"].to_numpy(), frame["log_likelihood"].to_numpy()
+        assert list(frame.columns) == ["label", "log_likelihood"]
+    else:
+        group = zarr.open_group(str(out), mode="r")
+        labels, ll = group["labels"][:], group["log_likelihood"][:]
+    assert len(labels) == len(X)
+    np.testing.assert_array_equal(labels, expected.predict(X))
+    np.testing.assert_allclose(ll, expected.score_samples(X), rtol=1e-9)
+    again = run_dgmm("predict", config)
+    assert again.returncode == 2 and "predict.output" in again.stderr and "exists" in again.stderr
+
+
+def test_sample_and_info_json(tmp_path):
+    X = blobs(600, 2, seed=3)
+    model_path = tmp_path / "m.npz"
+    from dgmm import save_model
+
+    save_model(in_process_fit(X, max_iter=20), model_path, metadata={"seconds": 1.0})
+    for name in ("s.npy", "s.parquet"):
+        result = run_dgmm("sample", model_path, "-n", 250, "-o", tmp_path / name, "--seed", 3)
+        assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "s.npy").shape == (250, 2)
+    frame = pd.read_parquet(tmp_path / "s.parquet")
+    assert list(frame.columns) == ["x0", "x1", "label"] and len(frame) == 250
+    np.testing.assert_array_equal(frame[["x0", "x1"]].to_numpy(), np.load(tmp_path / "s.npy"))
+    csv = run_dgmm("sample", model_path, "-n", 5)
+    assert csv.returncode == 0 and csv.stdout.splitlines()[0] == "x0,x1,label" and len(csv.stdout.splitlines()) == 6
+    info = run_dgmm("info", model_path, "--log-format", "json")
+    (entry,) = json_lines(info.stdout)
+    assert entry["metadata"]["format"] == "dgmm-model" and len(entry["weights"]) == 3

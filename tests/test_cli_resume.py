@@ -1,0 +1,102 @@
+"""`dgmm fit` killed with SIGKILL after its second checkpoint, then `--resume`: the uninterrupted model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from dgmm import load_model
+from dgmm.checkpoint import CheckpointError, load_checkpoint
+from cli_helpers import blobs, run_dgmm, write_config
+
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
+
+
+def wait_for_checkpoint(proc, path, n_iter, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the fit ended before its second checkpoint"
+        if os.path.exists(path):
+            try:
+                if load_checkpoint(path).n_iter >= n_iter:
+                    return
+            except CheckpointError:
+                pass  # never expected: writes are atomic; retry to be safe
+        time.sleep(0.02)
+    raise AssertionError("no second checkpoint in time")
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_model(tmp_path):
+    X = blobs(40_000, 4, seed=7)
+    data = tmp_path / "x.zarr"
+    zarr.open_array(str(data), mode="w", shape=X.shape, chunks=(2_000, 4), dtype="f8")[:] = X
+    base = {
+        "input": {"path": str(data)},
+        "model": {"n_components": 4, "covariance_type": "full", "random_state": 3, "tol": 0.0, "max_iter": 25,
+                  "n_init": 2},
+        "cluster": {"type": "threads"},
+    }
+    reference = write_config(tmp_path / "reference.yaml", {**base, "output": {"model": str(tmp_path / "ref.npz"),
+                                                                           "checkpoint_every": 0}})
+    whole = run_dgmm("fit", reference)
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", {**base, "output": {"model": str(out / "model.npz"),
+                                                                   "checkpoint_every": 2}})
+    checkpoint = out / "model.checkpoint.npz"
+    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", config], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for_checkpoint(proc, checkpoint, n_iter=4)  # the second checkpoint (every 2 iterations)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.npz").exists(), "a killed fit must not leave a model"
+    killed_at = load_checkpoint(str(checkpoint)).n_iter
+    assert 4 <= killed_at < 25
+
+    resumed = run_dgmm("fit", config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {checkpoint} after iteration {killed_at}" in resumed.stdout
+    assert f"iteration {killed_at + 1:4d}" in resumed.stdout and f"iteration {killed_at:4d}" not in resumed.stdout
+    a, b = load_model(out / "model.npz"), load_model(tmp_path / "ref.npz")
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-10, err_msg=name)
+    np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-10)
+    assert a.n_iter_ == b.n_iter_ == 25
+    assert not checkpoint.exists()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    X = blobs(3000, 2, seed=8)
+    np.save(tmp_path / "x.npy", X)
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy")},
+        "model": {"n_components": 2, "random_state": 0, "max_iter": 3, "tol": 0.0},
+        "cluster": {"type": "threads"},
+        "output": {"model": str(tmp_path / "m.npz"), "checkpoint": str(tmp_path / "keep.npz")},
+    })
+    first = run_dgmm("fit", config)
+    assert first.returncode == 0, first.stderr
+    # a checkpoint left by an interrupted fit with 2 components (re-created: a finished fit removes its own)
+    from dgmm import GaussianMixture
+
+    GaussianMixture(2, random_state=0, max_iter=2, tol=0.0, checkpoint=str(tmp_path / "keep.npz")).fit(X)
+    other = run_dgmm("fit", config, "--resume", "--set", "model.n_components=3", "--set", "output.overwrite=true")
+    assert other.returncode == 1
+    assert "written for other data or settings" in other.stderr and "n_components" in other.stderr
+    same = run_dgmm("fit", config, "--resume", "--set", "output.overwrite=true", "--set", "model.max_iter=5")
+    assert same.returncode == 0, same.stderr
+    assert "resuming from" in same.stdout
