@@ -525,7 +525,10 @@ def _commit(fs, staging: str, root: str, marker: str, *, local: bool, overwrite:
     # Object stores have no rename: move the objects, then write the marker at the target last.
     if fs.exists(root):
         fs.rm(root, recursive=True)
-    fs.mv(staging, root, recursive=True)
+    fs.invalidate_cache()
+    for source in fs.find(staging):
+        fs.copy(source, posixpath.join(root, posixpath.relpath(source, staging)))
+    fs.rm(staging, recursive=True)
     fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
 
 

@@ -1,0 +1,95 @@
+"""Bad configs and bad inputs: a clear message naming the key, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cli_helpers import blobs, json_lines, run_dgmm, write_config
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    np.save(tmp_path / "x.npy", blobs(300, 2))
+    return tmp_path
+
+
+def listing(path):
+    return sorted(os.path.relpath(os.path.join(root, f), path) for root, _, files in os.walk(path) for f in files)
+
+
+def base(workdir, **sections):
+    config = {"input": {"path": str(workdir / "x.npy")}, "model": {"n_components": 2},
+              "cluster": {"type": "threads"}, "output": {"model": str(workdir / "out" / "model.npz")}}
+    config.update(sections)
+    return config
+
+
+@pytest.mark.parametrize(
+    "edit, overrides, message",
+    [
+        (lambda c: c["model"].update(n_components=0), [], "model.n_components: must be an int >= 1, got 0"),
+        (lambda c: c["model"].update(covariance="full"), [], "model.covariance: unknown key (did you mean "
+                                                             "'covariance_type'?)"),
+        (lambda c: c.pop("input"), [], "input: is required"),
+        (lambda c: c["input"].update(path="missing.zarr"), [], "input.path: missing.zarr does not exist"),
+        (lambda c: c["cluster"].update(type="address"), [], "cluster.address: is required"),
+        (lambda c: None, ["model.max_iter=-1"], "model.max_iter: must be an int >= 0, got -1"),
+        (lambda c: None, ["cluster.jobqueue.system=slurm"], "cluster.jobqueue.cores: is required"),
+    ],
+)
+def test_bad_configs_exit_2_name_the_key_and_write_nothing(workdir, edit, overrides, message):
+    config = base(workdir)
+    edit(config)
+    path = write_config(workdir / "bad.yaml", config)
+    before = listing(workdir)
+    result = run_dgmm("fit", path, *[a for o in overrides for a in ("--set", o)])
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"dgmm: error: {path}: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""  # nothing ran: no data or cluster line
+    assert listing(workdir) == before
+
+
+def test_yaml_that_is_not_a_mapping_in_json_log_format(workdir):
+    path = workdir / "list.yaml"
+    path.write_text("- input\n- model\n")
+    result = run_dgmm("fit", path, "--log-format", "json")
+    assert result.returncode == 2
+    (entry,) = json_lines(result.stderr)
+    assert entry["level"] == "error" and entry["event"] == "error" and entry["kind"] == "config"
+    assert entry["message"].startswith(f"{path}: the config must be a mapping of sections")
+
+
+def test_bad_data_exits_1_with_a_clear_message_and_no_model(workdir):
+    X = blobs(300, 2)
+    X[[17, 200], 1] = np.nan
+    table = pa.table({"a": X[:, 0], "b": X[:, 1], "s": ["x"] * 300})
+    pq.write_table(table, workdir / "t.parquet", row_group_size=64)
+    config = base(workdir, input={"path": str(workdir / "t.parquet"), "columns": ["a", "s"]})
+    path = write_config(workdir / "c.yaml", config)
+    result = run_dgmm("fit", path)
+    assert result.returncode == 1 and "column 's' has type string, not a number" in result.stderr
+    result = run_dgmm("fit", path, "--set", "input.columns=[a, b]")
+    assert result.returncode == 1
+    assert "Input X contains NaN or infinity: 2 of 300 rows have non-finite values (first at row 17)" in result.stderr
+    assert not (workdir / "out" / "model.npz").exists()
+    assert [f for f in listing(workdir) if f.startswith("out")] == []
+
+
+def test_predict_with_a_model_of_other_features_is_refused(workdir):
+    from dgmm import GaussianMixture, save_model
+
+    save_model(GaussianMixture(2, random_state=0).fit(blobs(200, 3)), workdir / "m3.npz")
+    config = base(workdir, predict={"output": str(workdir / "p.zarr")})
+    path = write_config(workdir / "c.yaml", config)
+    result = run_dgmm("predict", path, "--model", workdir / "m3.npz")
+    assert result.returncode == 1
+    assert "has 2 features, but the model" in result.stderr and "was fitted on 3" in result.stderr
+    assert not (workdir / "p.zarr").exists()
+    missing = run_dgmm("predict", path)
+    assert missing.returncode == 2 and "output.model:" in missing.stderr and "does not exist" in missing.stderr
