@@ -117,7 +117,6 @@ def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logging.captureWarnings(True)
-    warnings.simplefilter("default")
 
 
 def report(event: str, message: str, **fields) -> None:
@@ -130,8 +129,10 @@ class IterationReporter:
 
     def __init__(self, resumed_from: int = 0):
         self.resumed_from = resumed_from
+        self.iteration_seconds: list[float] = []
 
     def __call__(self, info) -> None:
+        self.iteration_seconds.append(info.seconds)
         change = f"{info.change: .3e}" if math.isfinite(info.change) else f"{'-':>10}"
         report(
             "iteration",
@@ -306,7 +307,8 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
         else:
             report("checkpoint", f"note: replacing the checkpoint {checkpoint} of an earlier fit "
                                  "(dgmm fit --resume would continue it)", checkpoint=checkpoint)
-    gm = GaussianMixture(**config.model.estimator_params(), callbacks=[IterationReporter(resumed_from)],
+    progress = IterationReporter(resumed_from)
+    gm = GaussianMixture(**config.model.estimator_params(), callbacks=[progress],
                          checkpoint=checkpoint, checkpoint_every=max(out.checkpoint_every, 1))
     started = datetime.datetime.now(datetime.timezone.utc)
     with open_cluster(config.cluster):
@@ -318,7 +320,8 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
                 logger.warning("interrupted; 'dgmm fit %s --resume' continues from %s", config.source, checkpoint)
             raise
         seconds = time.perf_counter() - t0
-    iterations_run = max(gm.n_iter_ - resumed_from, 0)
+    iterations_run = len(progress.iteration_seconds)
+    per_iteration = sum(progress.iteration_seconds) / iterations_run if iterations_run else 0.0
     metadata = {
         "source": describe_source(config.input.path, format=config.input.format, component=config.input.component,
                                   columns=config.input.columns),
@@ -327,7 +330,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
         "cluster": config.cluster.kind,
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
-        "seconds_per_iteration": round(seconds / iterations_run, 4) if iterations_run else None,
+        "seconds_per_iteration": round(per_iteration, 4) if iterations_run else None,
         "resumed_from_iteration": resumed_from or None,
         "config": config.to_dict(),
     }
@@ -335,8 +338,8 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)  # the committed model supersedes it
     report("fit", f"fit: {gm.n_iter_} EM iterations in {seconds:.1f} s "
-                  f"({seconds / max(iterations_run, 1):.2f} s per iteration), converged={gm.converged_}",
-           n_iter=gm.n_iter_, seconds=seconds, converged=gm.converged_)
+                  f"({per_iteration:.2f} s per iteration), converged={gm.converged_}",
+           n_iter=gm.n_iter_, seconds=seconds, seconds_per_iteration=per_iteration, converged=gm.converged_)
     report("lower_bound", f"lower bound (mean log-likelihood per row): {gm.lower_bound_:.6f}",
            lower_bound=float(gm.lower_bound_))
     report("model", f"model: {out.model}", path=out.model)

@@ -100,3 +100,29 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     same = run_dgmm("fit", config, "--resume", "--set", "output.overwrite=true", "--set", "model.max_iter=5")
     assert same.returncode == 0, same.stderr
     assert "resuming from" in same.stdout
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path):
+    X = blobs(40_000, 4, seed=7)
+    np.save(tmp_path / "x.npy", X)
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 2000},
+        "model": {"n_components": 4, "random_state": 1, "tol": 0.0, "max_iter": 40},
+        "cluster": {"type": "threads"},
+        "output": {"model": str(tmp_path / "model.npz"), "checkpoint_every": 10},
+    })
+    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", config], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "iteration    2" not in (line := proc.stdout.readline()):
+            assert line and time.monotonic() < deadline, "the fit ended early"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "--resume' continues from" in stderr
+    assert not (tmp_path / "model.npz").exists()
+    assert load_checkpoint(str(tmp_path / "model.checkpoint.npz")).n_iter >= 2  # saved on Ctrl-C, not at 10
