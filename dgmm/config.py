@@ -323,11 +323,28 @@ class Config:
     def _check(self, err):
         pass
 
-    def to_dict(self) -> dict:
-        """The config as plain data (YAML/JSON-serialisable), without ``source``."""
+    def to_dict(self, redact: bool = True) -> dict:
+        """The config as plain data (YAML/JSON-serialisable), without ``source``.
+
+        With ``redact``, ``storage_options`` entries whose names suggest a
+        credential (key, secret, token, password) are replaced by ``'<redacted>'``,
+        so they never reach model metadata or logs.
+        """
         data = dataclasses.asdict(self)
         data.pop("source")
-        return data
+        return _redact(data) if redact else data
+
+
+_SENSITIVE = ("key", "secret", "token", "password", "credential")
+
+
+def _redact(value, sensitive: bool = False):
+    if isinstance(value, dict):
+        return {k: _redact(v, sensitive or any(word in str(k).lower() for word in _SENSITIVE))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, sensitive) for v in value]
+    return "<redacted>" if sensitive and value is not None else value
 
 
 _SECTIONS = {f.name for f in dataclasses.fields(Config) if f.name != "source"}
@@ -401,6 +418,11 @@ def _check_for_command(config: Config, command: str) -> None:
 
     if command not in ("fit", "predict", "score"):
         raise ValueError(f"unknown command {command!r}")
+    if config.cluster.kind == "jobqueue":
+        import importlib.util
+
+        if importlib.util.find_spec("dask_jobqueue") is None:
+            fail("cluster.jobqueue", "needs dask-jobqueue, which is not installed: pip install 'dgmm[hpc]'")
     if output.model is None:
         fail("output.model", f"is required by 'dgmm {command}' (the model file, e.g. results/model.npz)")
     local_model = not is_url(output.model)

@@ -273,8 +273,11 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
             plan.append((file, groups, rows))
     if not plan:
         raise ValueError(f"{path}: the Parquet data set has no rows")
-    name = "read-parquet-" + dask.base.tokenize(path, files, selected, dtype, [p[:2] for p in plan],
-                                                [fs.info(f).get("mtime", fs.info(f).get("LastModified")) for f in files])
+    versions = []
+    for file in files:
+        info = fs.info(file)
+        versions.append(str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("size")))
+    name = "read-parquet-" + dask.base.tokenize(path, files, selected, dtype, [p[:2] for p in plan], versions)
     graph = {(name, i, 0): (_read_parquet_rows, fs, file, groups, tuple(selected), dtype)
              for i, (file, groups, _) in enumerate(plan)}
     chunks = (tuple(rows for _, _, rows in plan), (len(selected),))

@@ -160,3 +160,12 @@ def test_demo_config_file_is_what_dgmm_demo_runs():
     assert yaml.safe_load((CONFIGS / "demo.yaml").read_text()) == DEMO_CONFIG
     config = parse_config(DEMO_CONFIG, source="demo")
     assert config.input.synthetic.n_samples == 2_000_000 and not os.path.isabs(config.input.path)
+
+
+def test_credentials_are_redacted_from_the_printed_config():
+    config = parse({"input": {**REMOTE, "storage_options": {"key": "AKIA", "secret": "s3cr3t", "anon": False,
+                                                             "client_kwargs": {"aws_session_token": "t"}}}})
+    options = config.to_dict()["input"]["storage_options"]
+    assert options == {"key": "<redacted>", "secret": "<redacted>", "anon": False,
+                       "client_kwargs": {"aws_session_token": "<redacted>"}}
+    assert config.input.storage_options["secret"] == "s3cr3t"  # still used to read the data
