@@ -15,8 +15,8 @@ tree-reduces with the latter.
 pass                          per-restart result
 ============================  =====================================================
 :func:`parallel_round_chunk`  k-means‖ round: cost φ, points attracted by each
-                              candidate (count, Σ x − c), rows sampled with
-                              probability ℓ·d²(x, C)/φ
+                              candidate (count, Σ x; weighing pass), rows
+                              sampled with probability ℓ·d²(x, C)/φ
 :func:`plusplus_round_chunk`  greedy k-means++ step: potential of every trial
                               centre, and the next trials sampled ∝ d²
 :func:`lloyd_chunk`           Lloyd step: inertia and the Gaussian-mixture
@@ -86,7 +86,7 @@ def _stream(tag: int, step: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...]):
+def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...], with_labels: bool = True):
     """Nearest centre of every row within each of several sets of centres.
 
     All sets are evaluated with one matrix product per block of
@@ -98,10 +98,12 @@ def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...]):
         Rows minus the origin, float64.
     center_sets : tuple of ndarray of shape (n_centers_r, n_features)
         Centres minus the origin; every set must be non-empty.
+    with_labels : bool, default=True
+        Also find which centre is nearest (False: distances only, cheaper).
 
     Returns
     -------
-    labels : ndarray of shape (n_samples, n_sets), int64
+    labels : ndarray of shape (n_samples, n_sets), int64, or None
         Index of the nearest centre within each set (the first on ties).
     min_distances : ndarray of shape (n_samples, n_sets)
         Squared Euclidean distance to it (clipped at zero).
@@ -112,7 +114,7 @@ def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...]):
     stacked = np.vstack(center_sets) if center_sets else np.empty((0, y.shape[1]))
     factor = -2.0 * stacked.T
     norms = np.einsum("ij,ij->i", stacked, stacked)
-    labels = np.empty((n, len(sizes)), dtype=np.int64)
+    labels = np.empty((n, len(sizes)), dtype=np.int64) if with_labels else None
     min_distances = np.empty((n, len(sizes)))
     for start in range(0, n, DISTANCE_BLOCK_ROWS):
         stop = min(start + DISTANCE_BLOCK_ROWS, n)
@@ -120,9 +122,12 @@ def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...]):
         partial += norms
         for r in range(len(sizes)):
             segment = partial[:, bounds[r] : bounds[r + 1]]
-            best = segment.argmin(axis=1)
-            labels[start:stop, r] = best
-            min_distances[start:stop, r] = segment[np.arange(stop - start), best]
+            if with_labels:
+                best = segment.argmin(axis=1)
+                labels[start:stop, r] = best
+                min_distances[start:stop, r] = segment[np.arange(stop - start), best]
+            else:
+                min_distances[start:stop, r] = segment.min(axis=1)
     min_distances += np.einsum("ij,ij->i", y, y)[:, None]
     np.maximum(min_distances, 0.0, out=min_distances)
     return labels, min_distances
@@ -136,15 +141,20 @@ def squared_distances(y: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return np.maximum(out, 0.0, out=out)
 
 
+def _label_order(labels: np.ndarray, n_segments: int) -> np.ndarray:
+    """Stable order of rows by label (a radix sort when labels fit 16 bits)."""
+    small = labels.astype(np.uint16) if n_segments <= np.iinfo(np.uint16).max else labels
+    return np.argsort(small, kind="stable")
+
+
 def _segment_sums(values: np.ndarray, labels: np.ndarray, n_segments: int):
     """Counts and per-label sums of the rows of ``values`` (summed in row order)."""
     counts = np.bincount(labels, minlength=n_segments).astype(np.int64)
     sums = np.zeros((n_segments,) + values.shape[1:])
     if len(labels):
-        order = np.argsort(labels, kind="stable")
         present = np.flatnonzero(counts)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[present]
-        sums[present] = np.add.reduceat(values[order], starts, axis=0)
+        starts = (np.cumsum(counts) - counts)[present]
+        sums[present] = np.add.reduceat(values[_label_order(labels, n_segments)], starts, axis=0)
     return counts, sums
 
 
@@ -172,7 +182,8 @@ class ParallelRoundArgs(NamedTuple):
         Round number (selects fresh random numbers).
     oversampling : float
         ℓ, the expected number of rows sampled per round; 0 samples nothing
-        (the pass that only weighs the candidates).
+        and weighs the candidates instead (counts and sums of the rows each
+        one attracts).
     """
 
     origin: np.ndarray
@@ -189,10 +200,14 @@ class ParallelRound(NamedTuple):
     ----------
     cost : float
         φ = Σ d²(x, C) over the rows.
+    sum_shifted : ndarray of shape (n_features,)
+        Σ (x − origin) over the rows, for the mean of the data.
     counts : ndarray of shape (n_candidates,), int64
-        Rows whose nearest candidate is each candidate (its weight).
+        Weighing pass only (else empty): rows whose nearest candidate is each
+        candidate, its weight.
     sums : ndarray of shape (n_candidates, n_features)
-        Σ (x − c) over those rows (so their mean is ``c + sums / counts``).
+        Weighing pass only (else empty): Σ (x − origin) over those rows, so
+        their mean is ``origin + sums / counts``.
     n_samples, n_nonfinite : int
         Rows, and rows holding NaN or infinity.
     oversampling : float
@@ -207,6 +222,7 @@ class ParallelRound(NamedTuple):
     """
 
     cost: float
+    sum_shifted: np.ndarray
     counts: np.ndarray
     sums: np.ndarray
     n_samples: int
@@ -256,21 +272,25 @@ def parallel_round_chunk(X: np.ndarray, row_start: int, args: ParallelRoundArgs)
     out = []
     with np.errstate(invalid="ignore", over="ignore"):
         y = x - args.origin
+        sum_shifted = y.sum(axis=0)
         shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.candidates)
-        labels, min_distances = nearest_centers(y, shifted)
+        sampling = args.oversampling > 0
+        labels, min_distances = nearest_centers(y, shifted, with_labels=not sampling)
         for r, (candidates, seed) in enumerate(zip(shifted, args.seeds)):
             d2 = min_distances[:, r]
-            counts, sums = _segment_sums(y - candidates[labels[:, r]], labels[:, r], len(candidates))
             cost = float(d2.sum())
-            if args.oversampling > 0:
+            if sampling:
+                counts, sums = np.zeros(0, dtype=np.int64), np.zeros((0, x.shape[1]))
                 u = row_uniforms(seed, _stream(STREAM_PARALLEL, args.round_index), row_start, len(d2))
                 score = d2 / u
                 rows = np.flatnonzero(score > cost / args.oversampling)
             else:
+                counts, sums = _segment_sums(y, labels[:, r], len(candidates))
                 score, rows = d2, np.empty(0, dtype=np.int64)
             out.append(
                 ParallelRound(
                     cost=cost,
+                    sum_shifted=sum_shifted,
                     counts=counts,
                     sums=sums,
                     n_samples=int(x.shape[0]),
@@ -296,6 +316,7 @@ def combine_parallel_rounds(*parts) -> tuple[ParallelRound, ...]:
         first = column[0]
         merged = ParallelRound(
             cost=float(sum(p.cost for p in column)),
+            sum_shifted=sum(p.sum_shifted for p in column[1:]) + first.sum_shifted,
             counts=sum(p.counts for p in column[1:]) + first.counts,
             sums=sum(p.sums for p in column[1:]) + first.sums,
             n_samples=sum(p.n_samples for p in column),
@@ -549,8 +570,7 @@ def hard_assignment_statistics(
     """
     n_features = y.shape[1]
     counts = np.bincount(labels, minlength=n_components)
-    order = np.argsort(labels, kind="stable")
-    ordered = y[order]
+    ordered = y[_label_order(labels, n_components)]
     stops = np.cumsum(counts)
     starts = stops - counts
     sx = np.zeros((n_components, n_features))

@@ -302,12 +302,11 @@ def kmeans_parallel(
         args = ParallelRoundArgs(origin, tuple(candidates), seeds, round_index, oversampling if sampling else 0.0)
         result = data.kmeans_parallel_round(args)
         if center is None:
-            # First pass: one candidate per restart, so its cell is every row.
+            # First pass: restart 0 has one candidate, the origin, so its cost is Σ ‖x - origin‖².
             _raise_if_nonfinite(data, result[0].n_nonfinite)
-            first = result[0]
-            shift = first.sums[0] / data.n_samples
-            center = first_rows[0] + shift
-            mean_variance = max(first.cost / data.n_samples - float(shift @ shift), 0.0) / data.n_features
+            shift = result[0].sum_shifted / data.n_samples
+            center = origin + shift
+            mean_variance = max(result[0].cost / data.n_samples - float(shift @ shift), 0.0) / data.n_features
         if not sampling:
             break
         for r, part in enumerate(result):
@@ -324,7 +323,7 @@ def kmeans_parallel(
     for r, part in enumerate(result):
         counts = part.counts.astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            cell_means = candidates[r] + np.where(counts[:, None] > 0, part.sums / counts[:, None], 0.0)
+            cell_means = origin + np.where(counts[:, None] > 0, part.sums / counts[:, None], 0.0)
         centers.append(_recluster(cell_means, counts, n_components, seeds[r]))
 
     tol = float(lloyd_tol) * mean_variance

@@ -1,0 +1,362 @@
+"""Out-of-core initialisation: k-means‖ and k-means++ over all rows, restarts sharing passes.
+
+The out-of-core methods run when ``n_samples > init_sample_size``; the tests
+force them with a small ``init_sample_size``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import Counter
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from sklearn.cluster import KMeans, kmeans_plusplus
+from sklearn.datasets import load_digits, load_iris, make_blobs
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import adjusted_rand_score
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+from sklearn.preprocessing import StandardScaler
+
+from dgmm import GaussianMixture, chunk, chunk_kmeans, graph, graph_kmeans, init
+from dgmm.passes import DataPasses
+from conftest import COVARIANCE_TYPES, make_mixture
+
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, labels = make_blobs(n_samples=6000, n_features=4, centers=5, cluster_std=1.0, random_state=3)
+    return X + np.array([50.0, -20.0, 0.0, 7.0]), labels
+
+
+def squared_distance_matrix(X, centers):
+    return ((X[:, None, :] - centers[None, :, :]) ** 2).sum(axis=-1)
+
+
+def assert_same_fit(a, b, rtol=1e-9):
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=rtol, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=rtol)
+    assert a.n_iter_ == b.n_iter_
+
+
+# ---------------------------------------------------------------------------
+# Chunk math
+# ---------------------------------------------------------------------------
+
+
+def test_row_uniforms_depend_on_the_row_index_only():
+    whole = chunk_kmeans.row_uniforms(7, 3, 0, 1000)
+    pieces = [chunk_kmeans.row_uniforms(7, 3, start, stop - start) for start, stop in [(0, 37), (37, 38), (38, 1000)]]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
+    assert whole.min() > 0.0 and whole.max() <= 1.0
+    assert abs(whole.mean() - 0.5) < 0.05
+    assert not np.array_equal(whole, chunk_kmeans.row_uniforms(7, 4, 0, 1000))
+    assert not np.array_equal(whole, chunk_kmeans.row_uniforms(8, 3, 0, 1000))
+
+
+def test_nearest_centers_matches_brute_force():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(5000, 3))
+    sets = (rng.normal(size=(4, 3)), rng.normal(size=(1, 3)), rng.normal(size=(9, 3)))
+    labels, distances = chunk_kmeans.nearest_centers(y, sets)
+    for r, centers in enumerate(sets):
+        full = squared_distance_matrix(y, centers)
+        np.testing.assert_array_equal(labels[:, r], full.argmin(axis=1))
+        np.testing.assert_allclose(distances[:, r], full.min(axis=1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_hard_assignment_statistics_equal_one_hot_statistics(kind):
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(500, 3))
+    labels = rng.integers(0, 4, size=500)
+    labels[labels == 2] = 1  # an empty component
+    resp = np.eye(4)[labels]
+    ours = chunk_kmeans.hard_assignment_statistics(y, labels, 4, kind)
+    reference = chunk.statistics_from_resp(y, resp, np.zeros((4, 3)), kind)
+    for a, b, name in zip(ours, reference, chunk.SufficientStatistics._fields):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def _parallel_round(X, splits, candidates, seeds=(5,), oversampling=4.0, round_index=1):
+    args = chunk_kmeans.ParallelRoundArgs(X[0], candidates, seeds, round_index, oversampling)
+    bounds = [0, *splits, len(X)]
+    parts = [chunk_kmeans.parallel_round_chunk(X[a:b], a, args) for a, b in zip(bounds[:-1], bounds[1:])]
+    # a lopsided tree: merge the first two, then the rest
+    merged = chunk_kmeans.combine_parallel_rounds(*parts[:2]) if len(parts) > 1 else parts[0]
+    return chunk_kmeans.combine_parallel_rounds(merged, *parts[2:])
+
+
+def test_parallel_round_samples_as_the_paper_whatever_the_split():
+    """Rows are sampled iff u(x) < ℓ d²(x, C) / φ, with φ found in the same pass."""
+    X = make_mixture(n_samples=3000, n_features=3, seed=2)
+    candidates = (X[[0, 10, 20]], X[[5]])
+    reference = _parallel_round(X, [], candidates, seeds=(5, 6))
+    for r, seed in enumerate((5, 6)):
+        d2 = squared_distance_matrix(X, candidates[r]).min(axis=1)
+        u = chunk_kmeans.row_uniforms(seed, (chunk_kmeans.STREAM_PARALLEL << 32) | 1, 0, len(X))
+        expected = np.flatnonzero(u < 4.0 * d2 / d2.sum())
+        np.testing.assert_array_equal(reference[r].sample_index, expected)
+        np.testing.assert_allclose(reference[r].cost, d2.sum(), rtol=1e-10)
+        np.testing.assert_allclose(reference[r].sum_shifted, (X - X[0]).sum(axis=0), rtol=1e-10)
+    for splits in ([37], [37, 74, 1000, 1001, 2999], list(range(100, 3000, 100))):
+        split = _parallel_round(X, splits, candidates, seeds=(5, 6))
+        for a, b in zip(split, reference):
+            np.testing.assert_array_equal(a.sample_index, b.sample_index)
+            np.testing.assert_array_equal(a.sample_rows, b.sample_rows)
+
+
+def test_weighing_pass_counts_and_sums_the_rows_each_candidate_attracts():
+    X = make_mixture(n_samples=3000, n_features=3, seed=2)
+    candidates = (X[[0, 10, 20, 30]],)
+    labels = squared_distance_matrix(X, candidates[0]).argmin(axis=1)
+    for splits in ([], [37, 74, 1000, 1001, 2999]):
+        (weighed,) = _parallel_round(X, splits, candidates, oversampling=0.0)
+        np.testing.assert_array_equal(weighed.counts, np.bincount(labels, minlength=4))
+        for j in range(4):
+            np.testing.assert_allclose(weighed.sums[j], (X[labels == j] - X[0]).sum(axis=0), rtol=1e-9, atol=1e-9)
+        assert len(weighed.sample_index) == 0
+
+
+def test_plusplus_round_keeps_the_smallest_keys_whatever_the_split():
+    X = make_mixture(n_samples=2000, n_features=2, seed=3)
+    args = chunk_kmeans.PlusPlusArgs(X[0], (X[[0]],), (X[[5, 6, 7]],), (9,), 2, 4)
+    whole = chunk_kmeans.plusplus_round_chunk(X, 0, args)[0]
+    parts = [chunk_kmeans.plusplus_round_chunk(X[a : a + 37], a, args) for a in range(0, len(X), 37)]
+    split = chunk_kmeans.combine_plusplus_rounds(*parts)[0]
+    np.testing.assert_array_equal(split.index, whole.index)
+    np.testing.assert_allclose(split.potentials, whole.potentials, rtol=1e-10)
+    d2 = np.minimum(squared_distance_matrix(X, X[[0]]), squared_distance_matrix(X, X[[5, 6, 7]]))
+    np.testing.assert_allclose(whole.potentials, d2.sum(axis=0), rtol=1e-10)
+    exponential = -np.log(chunk_kmeans.row_uniforms(9, (chunk_kmeans.STREAM_PLUSPLUS << 32) | 2, 0, len(X)))
+    for t in range(3):
+        with np.errstate(divide="ignore"):
+            keys = np.where(d2[:, t] > 0, exponential / d2[:, t], np.inf)
+        np.testing.assert_array_equal(whole.index[t], np.argsort(keys, kind="stable")[:4])
+
+
+# ---------------------------------------------------------------------------
+# Graph builders
+# ---------------------------------------------------------------------------
+
+
+def test_graph_builders_do_not_compute():
+    def refuse(*args, **kwargs):
+        raise AssertionError("a graph builder computed")
+
+    X = da.from_array(make_mixture(n_samples=500, n_features=2), chunks=(37, 2))
+    blocks = graph.RowBlocks(X)
+    with dask.config.set(scheduler=refuse):
+        origin = np.zeros(2)
+        graph_kmeans.parallel_round(blocks, chunk_kmeans.ParallelRoundArgs(origin, (origin[None],), (1,), 1, 2.0), 3)
+        graph_kmeans.plusplus_round(blocks, chunk_kmeans.PlusPlusArgs(origin, (origin[None],), (origin[:0, None].T,), (1,), 1, 3))
+        graph_kmeans.lloyd_step(blocks, chunk_kmeans.LloydArgs(origin, (np.eye(2),), origin, "full"), 2)
+
+
+# ---------------------------------------------------------------------------
+# Drivers: quality against sklearn
+# ---------------------------------------------------------------------------
+
+
+def test_kmeans_parallel_matches_sklearn_kmeans_on_blobs(blobs):
+    X, _ = blobs
+    reference = KMeans(5, n_init=10, random_state=0).fit(X)
+    data = DataPasses(da.from_array(X, chunks=(437, 4)), split_every=3)
+    result = init.kmeans_parallel(data, 5, seeds=(11, 12, 13))
+    assert data.n_passes == init.KMEANS_PARALLEL_ROUNDS + 1 + max(result.n_lloyd)
+    for centers, inertia in zip(result.centers, result.inertia):
+        distances = squared_distance_matrix(X, centers)
+        assert adjusted_rand_score(reference.labels_, distances.argmin(axis=1)) >= 0.99
+        assert distances.min(axis=1).sum() <= 1.02 * reference.inertia_
+        assert inertia <= 1.02 * reference.inertia_
+
+
+@pytest.mark.parametrize("kind", ["full", "diag"])
+def test_initial_means_are_the_kmeans_partition(blobs, kind):
+    """max_iter=0 keeps the initial parameters: the means of the k-means partition."""
+    X, _ = blobs
+    reference = KMeans(5, n_init=10, random_state=0).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(5, covariance_type=kind, max_iter=0, init_sample_size=500, random_state=4)
+        gm.fit(da.from_array(X, chunks=(600, 4)))
+    labels = squared_distance_matrix(X, gm.means_).argmin(axis=1)
+    assert adjusted_rand_score(reference.labels_, labels) >= 0.99
+    assert squared_distance_matrix(X, gm.means_).min(axis=1).sum() <= 1.02 * reference.inertia_
+    np.testing.assert_allclose(gm.weights_, np.bincount(labels, minlength=5) / len(X), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_fused_lloyd_statistics_equal_a_nearest_pass(kind):
+    """The last Lloyd pass's statistics are those of the 'nearest' initial responsibilities."""
+    X = make_mixture(n_samples=1500, n_features=3, seed=4)
+    data = DataPasses(da.from_array(X, chunks=(137, 3)))
+    result = init.kmeans_parallel(data, 3, seeds=(1, 2), covariance_type=kind)
+    specs = [chunk.InitResp("nearest", 3, centers=c) for c in result.assigned_centers]
+    reference = data.init_statistics(specs, result.center, kind)
+    for ours, theirs in zip(result.statistics, reference):
+        for a, b, name in zip(ours, theirs, chunk.SufficientStatistics._fields):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-8, err_msg=name)
+    np.testing.assert_allclose(result.center, X.mean(axis=0), rtol=1e-12)
+
+
+def test_kmeans_plusplus_out_of_core_seeds_every_blob(blobs):
+    X, labels = blobs
+    data = DataPasses(da.from_array(X, chunks=(437, 4)))
+    rows, center = init.kmeans_plusplus_rows(data, 5, seeds=(3, 4, 5))
+    assert data.n_passes == 5
+    np.testing.assert_allclose(center, X.mean(axis=0), rtol=1e-12)
+    _, sklearn_rows = kmeans_plusplus(X, 5, random_state=0)
+    sklearn_potential = squared_distance_matrix(X, X[sklearn_rows]).min(axis=1).sum()
+    for chosen in rows:
+        assert len(set(labels[chosen])) == 5  # one seed in every well-separated blob
+        assert squared_distance_matrix(X, X[chosen]).min(axis=1).sum() <= 2 * sklearn_potential
+
+
+# ---------------------------------------------------------------------------
+# Reproducibility
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random", "random_from_data"])
+def test_same_model_whatever_the_chunking_and_fan_in(init_params):
+    X = make_mixture(n_samples=1200, n_features=3, seed=6)
+    kwargs = dict(init_params=init_params, init_sample_size=100, random_state=8, n_init=2, tol=1e-8, max_iter=30)
+    reference = GaussianMixture(3, **kwargs).fit(X)  # one chunk, in-process
+    for chunks, split_every in [(37, 2), (250, 3), (1199, 8)]:
+        gm = GaussianMixture(3, split_every=split_every, **kwargs).fit(da.from_array(X, chunks=(chunks, 3)))
+        assert_same_fit(gm, reference)
+
+
+@pytest.fixture(scope="module")
+def cluster_fits():
+    """The same fits on a LocalCluster of worker processes, with one worker and then two."""
+    from distributed import Client, LocalCluster
+
+    X = make_mixture(n_samples=2000, n_features=3, seed=7)
+    fits = {}
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"
+    ) as cluster, Client(cluster) as client:
+        for n_workers in (1, 2):
+            cluster.scale(n_workers)
+            client.wait_for_workers(n_workers)
+            assert len(client.scheduler_info()["workers"]) == n_workers
+            for init_params in ("kmeans", "k-means++"):
+                gm = GaussianMixture(3, init_params=init_params, init_sample_size=200, random_state=5, n_init=2, max_iter=4)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    fits[n_workers, init_params] = gm.fit(da.from_array(X, chunks=(173, 3)))
+    return X, fits
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++"])
+def test_same_model_on_threads_and_on_process_clusters(cluster_fits, init_params):
+    X, fits = cluster_fits
+    with dask.config.set(scheduler="threads"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        threaded = GaussianMixture(3, init_params=init_params, init_sample_size=200, random_state=5, n_init=2, max_iter=4)
+        threaded.fit(da.from_array(X, chunks=(400, 3)))
+    assert_same_fit(fits[1, init_params], threaded)
+    assert_same_fit(fits[2, init_params], threaded)
+
+
+# ---------------------------------------------------------------------------
+# Restarts share every pass
+# ---------------------------------------------------------------------------
+
+
+class CountingStore(zarr.storage.WrapperStore):
+    """A Zarr store that counts reads of every chunk key."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.reads = Counter()
+        self._lock = threading.Lock()
+
+    def _with_store(self, store):  # zarr re-wraps the store read-only: share the counter
+        wrapped = super()._with_store(store)
+        wrapped.reads, wrapped._lock = self.reads, self._lock
+        return wrapped
+
+    async def get(self, key, prototype, byte_range=None):
+        if "/c/" in f"/{key}":
+            with self._lock:
+                self.reads[key] += 1
+        return await super().get(key, prototype, byte_range)
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "random"])
+def test_restarts_read_each_chunk_once_per_pass(tmp_path, init_params):
+    X = make_mixture(n_samples=3000, n_features=3, seed=9)
+    zarr.create_array(str(tmp_path / "x.zarr"), data=X, chunks=(250, 3))
+    n_chunks = 12
+    reads = {}
+    for n_init in (1, 4):
+        store = CountingStore(zarr.storage.LocalStore(str(tmp_path / "x.zarr")))
+        Xd = da.from_zarr(zarr.open_array(store, mode="r"))
+        with warnings.catch_warnings(), dask.config.set(scheduler="threads"):
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm = GaussianMixture(
+                3, n_init=n_init, init_params=init_params, init_sample_size=100, tol=0, max_iter=6, random_state=1
+            ).fit(Xd)
+        assert len(store.reads) == n_chunks
+        per_chunk = sorted(store.reads.values())
+        # every pass reads every chunk once; the first centres (or the centre rows) read a few chunks once more
+        assert per_chunk[0] == gm.n_passes_
+        assert per_chunk[-1] <= gm.n_passes_ + n_init
+        reads[n_init] = gm.n_passes_
+        if init_params == "random":
+            assert gm.n_passes_ == 1 + 6  # the statistics pass, then one per EM iteration for all restarts
+    assert reads[4] <= reads[1] + init.LLOYD_MAX_ITER  # restarts' Lloyd passes are shared, not repeated
+
+
+# ---------------------------------------------------------------------------
+# Real data shipped with scikit-learn
+# ---------------------------------------------------------------------------
+
+
+def _mean_score(cls, X, seeds, **kwargs):
+    scores = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for seed in seeds:
+            scores.append(cls(random_state=seed, **kwargs).fit(X).score(X))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize(
+    "dataset, kind",
+    [("iris", "diag"), ("iris", "full"), ("digits", "diag"), ("digits", "full")],
+)
+def test_log_likelihood_on_real_data_is_as_good_as_sklearn(dataset, kind):
+    if dataset == "iris":
+        X, n_components, sample_size = load_iris().data, 3, 50
+    else:
+        X, n_components, sample_size = load_digits().data, 10, 500
+    X = StandardScaler().fit_transform(X)  # constant pixels become 0; reg_covar keeps them well-posed
+    kwargs = dict(n_components=n_components, covariance_type=kind, reg_covar=0.1, n_init=1, init_params="kmeans")
+    seeds = range(5)
+    theirs = _mean_score(SkGaussianMixture, X, seeds, **kwargs)
+    ours = _mean_score(GaussianMixture, X, seeds, init_sample_size=sample_size, **kwargs)
+    assert ours >= theirs - max(0.01 * abs(theirs), 0.05), (ours, theirs)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++"])
+def test_nonfinite_rows_are_reported_after_the_first_pass(init_params):
+    X = make_mixture(n_samples=800, n_features=2, seed=10)
+    X[[17, 400]] = np.nan
+    with pytest.raises(ValueError, match=r"2 of 800 rows have non-finite values \(first at row 17\)"):
+        GaussianMixture(3, init_params=init_params, init_sample_size=100).fit(da.from_array(X, chunks=(97, 2)))
