@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 from .config import Config, ConfigError, load_config, parse_config
 
