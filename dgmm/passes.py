@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 
 import dask
 import dask.array as da
@@ -34,6 +35,9 @@ def auto_chunk_rows(n_samples: int, n_features: int) -> int:
 
 
 def _distributed_client():
+    """The active distributed client, if any (without importing distributed for threaded use)."""
+    if "distributed" not in sys.modules:
+        return None
     try:
         from distributed import default_client
 
