@@ -125,8 +125,7 @@ class NetnsCluster:
         _ip("link", "set", self.bridge, "up")
         for index, role in enumerate(self.roles):
             ns = f"{PREFIX}{self.tag}-{role}"
-            ip = CLIENT_IP if role == "client" else SCHEDULER_IP if role == "scheduler" else \
-                f"{SUBNET}.{11 + int(role[len('worker'):])}"
+            ip = addresses_for(self.n_workers)[role]
             outside, inside = f"dg{self.tag}v{index}", f"dg{self.tag}p{index}"
             _ip("netns", "add", ns)
             self.namespaces[role] = ns
@@ -339,6 +338,12 @@ def _cmd_collect(args) -> int:
 # ---------------------------------------------------------------------------
 
 
+def addresses_for(n_workers: int) -> dict[str, str]:
+    """The role -> IP map of every :class:`NetnsCluster` with ``n_workers`` workers."""
+    return {"client": CLIENT_IP, "scheduler": SCHEDULER_IP, **{f"worker{i}": f"{SUBNET}.{11 + i}"
+                                                               for i in range(n_workers)}}
+
+
 def _role_of(address: str, roles_by_ip: dict[str, str]) -> str:
     host = address.split("://")[-1].rsplit(":", 1)[0]
     return roles_by_ip.get(host, "?")
@@ -365,11 +370,14 @@ def _counter_at(samples: list, t: float) -> tuple:
     return best
 
 
-def analyse(metrics: dict, addresses: dict[str, str]) -> list[dict]:
-    """Per EM iteration: messages and bytes per link, worker-to-worker transfers, kernel bytes, tasks.
+def analyse(metrics: dict, addresses: dict[str, str], group: str = "e_step_statistics",
+            include_last: bool = False) -> list[dict]:
+    """Per graph holding tasks of ``group`` (per EM iteration by default): messages and bytes per
+    link, worker-to-worker transfers, kernel bytes, tasks.
 
-    The windows run from the scheduler's receipt of an iteration's ``update-graph`` message
-    to that of the next graph; the last EM graph of a fit has no end and is left out.
+    The windows run from the scheduler's receipt of a graph's ``update-graph`` message to that
+    of the next graph. The last graph has no such end: it is left out, or with ``include_last``
+    its window ends 0.25 s after its last task finished.
     """
     roles_by_ip = {ip: role for role, ip in addresses.items()}
     sched = metrics["scheduler"]
@@ -382,8 +390,13 @@ def analyse(metrics: dict, addresses: dict[str, str]) -> list[dict]:
         starts.append(before[-1] if before else g[0])
     windows = []
     for i, g in enumerate(graphs):
-        if "e_step_statistics" in g[2] and i + 1 < len(graphs):
+        if not any(group in name for name in g[2]):
+            continue
+        if i + 1 < len(graphs):
             windows.append((starts[i], starts[i + 1], g))
+        elif include_last:
+            done = [t for t, *_ in sched["tasks"] if t >= starts[i]]
+            windows.append((starts[i], (max(done) if done else starts[i]) + 0.25, g))
 
     # every message once: as written by scheduler/workers, plus what the scheduler read from the client
     rows = []
@@ -518,6 +531,15 @@ def local_fit(path: Path, model: dict):
         return GaussianMixture(**model).fit(da.from_zarr(str(path)))
 
 
+def collect(cluster: NetnsCluster, path: Path) -> dict:
+    """The metrics of the scheduler and workers since the last collection (then reset), also saved to ``path``."""
+    collected = cluster.run("client", [sys.executable, __file__, "_collect", "--address", cluster.address,
+                                       "--out", str(path), "--reset"], timeout=120)
+    if collected.returncode != 0:
+        raise RuntimeError(f"collecting metrics failed:\n{collected.stdout}{collected.stderr}")
+    return json.loads(Path(path).read_text())
+
+
 def fit_on_cluster(cluster: NetnsCluster, data: Path, model: dict, out: Path, timeout: float = 600) -> tuple:
     """`dgmm fit` in the client namespace, then the collected metrics (reset afterwards)."""
     import yaml
@@ -538,11 +560,7 @@ def fit_on_cluster(cluster: NetnsCluster, data: Path, model: dict, out: Path, ti
     after = cluster.net_counters()
     if fit.returncode != 0:
         raise RuntimeError(f"dgmm fit failed ({fit.returncode}):\n{fit.stdout}\n{fit.stderr}\n{cluster.tail_logs()}")
-    collected = cluster.run("client", [sys.executable, __file__, "_collect", "--address", cluster.address,
-                                       "--out", str(out / "metrics.json"), "--reset"], timeout=120)
-    if collected.returncode != 0:
-        raise RuntimeError(f"collecting metrics failed:\n{collected.stdout}{collected.stderr}")
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = collect(cluster, out / "metrics.json")
     totals = {role: [b - a for a, b in zip(before[role], after[role])] for role in before}
     return fit, seconds, metrics, totals
 
