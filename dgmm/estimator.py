@@ -108,8 +108,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         The number of initializations; all advance together, so each EM
         iteration still reads every chunk once.
     init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default='kmeans'
-        The method used to initialize the responsibilities. 'kmeans' and
-        'k-means++' run on a uniform random sample of ``init_sample_size`` rows.
+        The method used to initialize the responsibilities. On data of at
+        most ``init_sample_size`` rows, 'kmeans' and 'k-means++' run sklearn's
+        ``KMeans`` / ``kmeans_plusplus`` in memory and reproduce sklearn's
+        initialisation exactly. Larger data is seeded out of core over all
+        rows: 'kmeans' by k-means‖ then Lloyd passes (about 7 to 10 passes),
+        'k-means++' greedily with one pass per component, plus one. All
+        restarts share every pass; see :mod:`dgmm.init`.
     weights_init : array-like of shape (n_components,), default=None
     means_init : array-like of shape (n_components, n_features), default=None
     precisions_init : array-like, default=None
@@ -127,7 +132,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     split_every : int or None, default=None
         Fan-in of the reduction tree of the per-chunk statistics (None: 8).
     init_sample_size : int, default=100_000
-        Rows of the random sample on which 'kmeans' and 'k-means++' seed.
+        Most rows that 'kmeans' and 'k-means++' seed in memory, as sklearn
+        does; larger data is seeded out of core (see ``init_params``).
     callbacks : callable or list of callables, default=None
         Called after every EM iteration with an :class:`IterationInfo`
         (iteration, lower bound, change, seconds, rows per second, ...).

@@ -254,10 +254,10 @@ def kmeans_parallel(
     seeds,
     covariance_type: str = "full",
     *,
-    rounds: int = KMEANS_PARALLEL_ROUNDS,
-    oversampling_factor: float = OVERSAMPLING_FACTOR,
-    lloyd_max_iter: int = LLOYD_MAX_ITER,
-    lloyd_tol: float = LLOYD_TOL,
+    rounds: int | None = None,
+    oversampling_factor: float | None = None,
+    lloyd_max_iter: int | None = None,
+    lloyd_tol: float | None = None,
 ) -> KMeansResult:
     """Out-of-core k-means of every restart: k-means‖ seeding then Lloyd passes.
 
@@ -272,12 +272,14 @@ def kmeans_parallel(
         One non-negative seed per restart.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
         Type of the Gaussian-mixture statistics of the final assignment.
-    rounds : int, default=KMEANS_PARALLEL_ROUNDS
-    oversampling_factor : float, default=OVERSAMPLING_FACTOR
-        ℓ / n_components.
-    lloyd_max_iter : int, default=LLOYD_MAX_ITER
-        At least 1.
-    lloyd_tol : float, default=LLOYD_TOL
+    rounds : int, default=None
+        Sampling rounds (None: :data:`KMEANS_PARALLEL_ROUNDS`).
+    oversampling_factor : float, default=None
+        ℓ / n_components (None: :data:`OVERSAMPLING_FACTOR`).
+    lloyd_max_iter : int, default=None
+        Most Lloyd passes, at least 1 (None: :data:`LLOYD_MAX_ITER`).
+    lloyd_tol : float, default=None
+        Relative centre-shift tolerance (None: :data:`LLOYD_TOL`).
 
     Returns
     -------
@@ -290,6 +292,10 @@ def kmeans_parallel(
     """
     seeds = tuple(int(s) for s in seeds)
     n_restarts = len(seeds)
+    rounds = KMEANS_PARALLEL_ROUNDS if rounds is None else int(rounds)
+    oversampling_factor = OVERSAMPLING_FACTOR if oversampling_factor is None else oversampling_factor
+    lloyd_max_iter = LLOYD_MAX_ITER if lloyd_max_iter is None else lloyd_max_iter
+    lloyd_tol = LLOYD_TOL if lloyd_tol is None else lloyd_tol
     oversampling = float(oversampling_factor) * n_components
     _, first_rows = _first_centers(data, seeds)
     origin = first_rows[0]

@@ -21,6 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from dgmm import GaussianMixture, chunk, chunk_kmeans, graph, graph_kmeans, init
 from dgmm.passes import DataPasses
@@ -325,7 +326,8 @@ def test_restarts_read_each_chunk_once_per_pass(tmp_path, init_params):
 
 def _mean_score(cls, X, seeds, **kwargs):
     scores = []
-    with warnings.catch_warnings():
+    # one BLAS thread: on a busy machine sklearn's threaded BLAS is several times slower
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         for seed in seeds:
             scores.append(cls(random_state=seed, **kwargs).fit(X).score(X))
@@ -337,12 +339,18 @@ def _mean_score(cls, X, seeds, **kwargs):
     [("iris", "diag"), ("iris", "full"), ("digits", "diag"), ("digits", "full")],
 )
 def test_log_likelihood_on_real_data_is_as_good_as_sklearn(dataset, kind):
+    """Mean training log-likelihood over 5 seeds, out-of-core 'kmeans' against sklearn's.
+
+    Best of 2 restarts on both sides: a single restart's optimum varies by
+    about 1 nat per sample between seeds on digits, which would make a
+    5-seed mean a lottery rather than a test of the initialisation.
+    """
     if dataset == "iris":
         X, n_components, sample_size = load_iris().data, 3, 50
     else:
         X, n_components, sample_size = load_digits().data, 10, 500
     X = StandardScaler().fit_transform(X)  # constant pixels become 0; reg_covar keeps them well-posed
-    kwargs = dict(n_components=n_components, covariance_type=kind, reg_covar=0.1, n_init=1, init_params="kmeans")
+    kwargs = dict(n_components=n_components, covariance_type=kind, reg_covar=0.1, n_init=2, init_params="kmeans")
     seeds = range(5)
     theirs = _mean_score(SkGaussianMixture, X, seeds, **kwargs)
     ours = _mean_score(GaussianMixture, X, seeds, init_sample_size=sample_size, **kwargs)
