@@ -27,8 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time

@@ -121,8 +121,8 @@ def _start_counter_sampling(server) -> None:
 
 
 def _scheduler_plugin():
-    from distributed.diagnostics.plugin import SchedulerPlugin
     from dask.utils import key_split
+    from distributed.diagnostics.plugin import SchedulerPlugin
 
     class GraphLog(SchedulerPlugin):
         name = "dgmm-netlog"

@@ -42,7 +42,7 @@ FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
 
 def _slurm_up() -> bool:
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    ping = subprocess.run(["scontrol", "ping"], check=False, capture_output=True, text=True)
     return "is UP" in ping.stdout
 
 
@@ -63,7 +63,8 @@ def slurm():
         fcntl.flock(lock, fcntl.LOCK_EX)
         started_here = not _slurm_up()
         if started_here:
-            started = subprocess.run(["bash", str(SETUP), "start"], capture_output=True, text=True, timeout=120)
+            started = subprocess.run(["bash", str(SETUP), "start"], check=False, capture_output=True, text=True,
+                                     timeout=120)
             if started.returncode != 0:
                 pytest.skip(f"Slurm could not be started: {started.stderr.strip()[-500:]}")
         before = _job_ids()
@@ -72,9 +73,9 @@ def slurm():
         finally:
             leftover = _job_ids() - before
             if leftover:
-                subprocess.run(["scancel", *sorted(leftover)], capture_output=True)
+                subprocess.run(["scancel", *sorted(leftover)], check=False, capture_output=True)
             if started_here:
-                subprocess.run(["bash", str(SETUP), "stop"], capture_output=True, timeout=120)
+                subprocess.run(["bash", str(SETUP), "stop"], check=False, capture_output=True, timeout=120)
 
 
 def _config(tmp_path, data, **model) -> str:
