@@ -649,10 +649,10 @@ def main(argv=None) -> int:
         left = leftovers(cluster.tag) if cluster is not None else []
         if left:
             print(f"warning: left behind: {left}", file=sys.stderr)
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
     return status
 
 
