@@ -354,6 +354,7 @@ def statistics_from_resp(
     log_likelihood: float = 0.0,
     n_nonfinite: int = 0,
     work: Workspace | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> SufficientStatistics:
     """Sufficient statistics of centred rows ``y`` given responsibilities.
 
@@ -366,12 +367,17 @@ def statistics_from_resp(
         Per-component shifts of the second moments (used by 'full' only;
         pass the current relative means).
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    sample_weight : ndarray of shape (n_samples,), default=None
+        Non-negative row weights: a row of weight w counts as w copies of it
+        (``n_samples`` of the result is then the total weight).
 
     Returns
     -------
     SufficientStatistics
     """
     n_components = resp.shape[1]
+    if sample_weight is not None:
+        resp = resp * sample_weight[:, None]
     nk = resp.sum(axis=0)
     if covariance_type == "full":
         # Shifted by each component's own mean: d_ki = y_i - s_k, all k at
@@ -389,7 +395,7 @@ def statistics_from_resp(
     else:
         sx = resp.T @ y
         if covariance_type == "tied":
-            sxx = y.T @ y
+            sxx = y.T @ y if sample_weight is None else (y * sample_weight[:, None]).T @ y
         elif covariance_type == "diag":
             sxx = resp.T @ (y * y)
         else:
@@ -398,8 +404,8 @@ def statistics_from_resp(
         nk=nk,
         sx=sx,
         sxx=sxx,
-        sy=y.sum(axis=0),
-        n_samples=int(y.shape[0]),
+        sy=y.sum(axis=0) if sample_weight is None else sample_weight @ y,
+        n_samples=int(y.shape[0]) if sample_weight is None else float(sample_weight.sum()),
         log_likelihood=float(log_likelihood),
         n_nonfinite=int(n_nonfinite),
     )
@@ -415,7 +421,9 @@ def block_rows(n_components: int, n_features: int) -> int:
     return int(max(64, BLOCK_ELEMENTS // max(1, n_components * n_features)))
 
 
-def e_step_statistics(X: np.ndarray, batch: tuple[ChunkParams, ...]) -> tuple[SufficientStatistics, ...]:
+def e_step_statistics(
+    X: np.ndarray, batch: tuple[ChunkParams, ...], sample_weight: np.ndarray | None = None
+) -> tuple[SufficientStatistics, ...]:
     """One chunk's E-step statistics for a batch of mixtures.
 
     The chunk is read once and evaluated under every parameter set of the
@@ -426,24 +434,30 @@ def e_step_statistics(X: np.ndarray, batch: tuple[ChunkParams, ...]) -> tuple[Su
     ----------
     X : ndarray of shape (n_samples, n_features)
     batch : tuple of ChunkParams
+    sample_weight : ndarray of shape (n_samples,), default=None
 
     Returns
     -------
     tuple of SufficientStatistics, one per parameter set.
     """
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=np.float64)
     out = []
     work = _thread_workspace()
     for params in batch:
         rows = block_rows(params.means.shape[0], X.shape[1])
         total = None
         for start in range(0, max(X.shape[0], 1), rows):
-            part = _e_step_block(X[start : start + rows], params, work)
+            weight = None if sample_weight is None else sample_weight[start : start + rows]
+            part = _e_step_block(X[start : start + rows], params, work, weight)
             total = part if total is None else merge_statistics(total, part)
         out.append(total)
     return tuple(out)
 
 
-def _e_step_block(X: np.ndarray, params: ChunkParams, work: Workspace | None = None) -> SufficientStatistics:
+def _e_step_block(
+    X: np.ndarray, params: ChunkParams, work: Workspace | None = None, sample_weight: np.ndarray | None = None
+) -> SufficientStatistics:
     y = np.subtract(X, params.center, out=_scratch(work, "y", X.shape), dtype=np.float64)
     with np.errstate(under="ignore", invalid="ignore", over="ignore"):
         weighted = estimate_log_gaussian_prob(y, params, work)
@@ -451,7 +465,7 @@ def _e_step_block(X: np.ndarray, params: ChunkParams, work: Workspace | None = N
         log_prob_norm = logsumexp_rows(weighted)
         weighted -= log_prob_norm[:, None]
         resp = np.exp(weighted, out=weighted)
-        log_likelihood = log_prob_norm.sum()
+        log_likelihood = log_prob_norm.sum() if sample_weight is None else sample_weight @ log_prob_norm
         # Non-finite rows poison the sum; count them only then (no extra pass otherwise).
         n_nonfinite = count_nonfinite_rows(X) if not np.isfinite(log_likelihood) else 0
         return statistics_from_resp(
@@ -462,6 +476,7 @@ def _e_step_block(X: np.ndarray, params: ChunkParams, work: Workspace | None = N
             log_likelihood=log_likelihood,
             n_nonfinite=n_nonfinite,
             work=work,
+            sample_weight=sample_weight,
         )
 
 
@@ -539,10 +554,17 @@ def initial_resp(X: np.ndarray, row_start: int, spec: InitResp) -> np.ndarray:
 
 
 def init_statistics(
-    X: np.ndarray, row_start: int, specs: tuple[InitResp, ...], center: np.ndarray, covariance_type: str
+    X: np.ndarray,
+    row_start: int,
+    specs: tuple[InitResp, ...],
+    center: np.ndarray,
+    covariance_type: str,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[SufficientStatistics, ...]:
-    """Statistics of one chunk under a batch of initial responsibilities."""
+    """Statistics of one chunk under a batch of initial responsibilities (optionally row-weighted)."""
     n_nonfinite = count_nonfinite_rows(X)
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=np.float64)
     out = []
     with np.errstate(invalid="ignore" if n_nonfinite else "warn"):
         for spec in specs:
@@ -552,7 +574,10 @@ def init_statistics(
             for start in range(0, max(X.shape[0], 1), rows):
                 block = X[start : start + rows]
                 resp = initial_resp(block, row_start + start, spec)
-                part = statistics_from_resp(center_rows(block, center), resp, shifts, covariance_type)
+                weight = None if sample_weight is None else sample_weight[start : start + rows]
+                part = statistics_from_resp(
+                    center_rows(block, center), resp, shifts, covariance_type, sample_weight=weight
+                )
                 total = part if total is None else merge_statistics(total, part)
             out.append(total._replace(n_nonfinite=n_nonfinite))
     return tuple(out)

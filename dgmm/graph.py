@@ -32,13 +32,20 @@ class RowBlocks:
     ----------
     X : dask.array.Array of shape (n_samples, n_features)
         Must have a single chunk along the feature axis and known row chunks.
+    sample_weight : dask.array.Array of shape (n_samples,), optional
+        Row weights, rechunked here to X's row chunks.
     """
 
-    def __init__(self, X: da.Array):
+    def __init__(self, X: da.Array, sample_weight: da.Array | None = None):
         if X.numblocks[1] != 1:
             raise ValueError("X must have a single chunk along the feature axis")
         self.array = X
         self.blocks: list[Delayed] = list(X.to_delayed(optimize_graph=True).ravel())
+        #: One Delayed per row block of the row weights (aligned with ``blocks``), or None.
+        self.weight_blocks: list[Delayed] | None = None
+        if sample_weight is not None:
+            aligned = sample_weight.rechunk((X.chunks[0],))
+            self.weight_blocks = list(aligned.to_delayed(optimize_graph=True).ravel())
         sizes = np.asarray(X.chunks[0], dtype=np.int64)
         self.row_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.n_samples = int(sizes.sum())
@@ -80,7 +87,10 @@ def e_step_statistics(blocks: RowBlocks, batch: tuple[chunk.ChunkParams, ...], s
     """
     params = dask.delayed(batch, pure=True)
     fn = dask.delayed(chunk.e_step_statistics, pure=True)
-    parts = [fn(block, params) for block in blocks.blocks]
+    if blocks.weight_blocks is None:
+        parts = [fn(block, params) for block in blocks.blocks]
+    else:
+        parts = [fn(block, params, weight) for block, weight in zip(blocks.blocks, blocks.weight_blocks)]
     return tree_reduce(parts, chunk.combine_statistics, split_every)
 
 
@@ -94,13 +104,14 @@ def init_statistics(
     """Lazy statistics of a whole array under initial responsibilities."""
     args = dask.delayed((specs, center, covariance_type), pure=True)
     fn = dask.delayed(_init_statistics_packed, pure=True)
-    parts = [fn(block, int(start), args) for block, start in zip(blocks.blocks, blocks.row_starts)]
+    weights = blocks.weight_blocks or [None] * len(blocks.blocks)
+    parts = [fn(block, int(start), args, w) for block, start, w in zip(blocks.blocks, blocks.row_starts, weights)]
     return tree_reduce(parts, chunk.combine_statistics, split_every)
 
 
-def _init_statistics_packed(X, row_start, args):
+def _init_statistics_packed(X, row_start, args, sample_weight=None):
     specs, center, covariance_type = args
-    return chunk.init_statistics(X, row_start, specs, center, covariance_type)
+    return chunk.init_statistics(X, row_start, specs, center, covariance_type, sample_weight)
 
 
 # ---------------------------------------------------------------------------
@@ -128,15 +139,20 @@ def _predict_proba_chunk(X, params):
     return np.exp(log_resp)
 
 
+def _shared(params):
+    """Parameters as ONE graph key that every block task depends on (never copied into each task)."""
+    return dask.delayed(params, pure=True)
+
+
 def score_samples(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
     """Lazy per-row log-likelihood, a dask array with X's row chunks."""
-    out = X.map_blocks(_score_samples_chunk, params, drop_axis=1, dtype=np.float64, meta=np.empty((0,), np.float64))
+    out = X.map_blocks(_score_samples_chunk, _shared(params), drop_axis=1, dtype=np.float64, meta=np.empty((0,), np.float64))
     return out.astype(dtype)
 
 
 def predict(X: da.Array, params: chunk.ChunkParams) -> da.Array:
     """Lazy labels, a dask array of int64 with X's row chunks."""
-    return X.map_blocks(_predict_chunk, params, drop_axis=1, dtype=np.int64, meta=np.empty((0,), np.int64))
+    return X.map_blocks(_predict_chunk, _shared(params), drop_axis=1, dtype=np.int64, meta=np.empty((0,), np.int64))
 
 
 def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
@@ -144,7 +160,7 @@ def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
     k = params.means.shape[0]
     out = X.map_blocks(
         _predict_proba_chunk,
-        params,
+        _shared(params),
         chunks=(X.chunks[0], (k,)),
         dtype=np.float64,
         meta=np.empty((0, 0), np.float64),

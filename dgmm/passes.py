@@ -85,21 +85,32 @@ class DataPasses:
         Rows per chunk when X is a NumPy array.
     split_every : int or None
         Fan-in of the reduction tree.
+    sample_weight : ndarray or dask.array.Array of shape (n_samples,), optional
+        Validated non-negative row weights.
     """
 
-    def __init__(self, X, chunk_size="auto", split_every=None):
+    def __init__(self, X, chunk_size="auto", split_every=None, sample_weight=None):
         self.n_samples, self.n_features = (int(s) for s in X.shape)
         self.dtype = X.dtype
         self.split_every = split_every
         self.n_passes = 0
+        self.sample_weight = sample_weight
+        weight_array = None
         if isinstance(X, da.Array):
             self.numpy = None
             self.array = X
+            if sample_weight is not None:
+                weight_array = da.asarray(sample_weight)
         else:
             rows = auto_chunk_rows(self.n_samples, self.n_features) if chunk_size == "auto" else int(chunk_size)
             self.numpy = X
             self.array = None if self.n_samples <= rows else da.from_array(X, chunks=(rows, self.n_features))
-        self.blocks = graph.RowBlocks(self.array) if self.array is not None else None
+            if sample_weight is not None:
+                sample_weight = np.asarray(sample_weight, dtype=np.float64)
+                self.sample_weight = sample_weight
+                if self.array is not None:
+                    weight_array = da.from_array(sample_weight, chunks=(rows,))
+        self.blocks = graph.RowBlocks(self.array, weight_array) if self.array is not None else None
 
     @property
     def in_process(self) -> bool:
@@ -119,14 +130,14 @@ class DataPasses:
         """One pass: E-step statistics of every parameter set of ``batch``."""
         if self.in_process:
             self.n_passes += 1
-            return chunk.e_step_statistics(self.numpy, batch)
+            return chunk.e_step_statistics(self.numpy, batch, self.sample_weight)
         return self._compute(graph.e_step_statistics(self.blocks, batch, self.split_every))
 
     def init_statistics(self, specs, center, covariance_type) -> tuple[chunk.SufficientStatistics, ...]:
         """One pass: statistics under initial responsibilities."""
         if self.in_process:
             self.n_passes += 1
-            return chunk.init_statistics(self.numpy, 0, tuple(specs), center, covariance_type)
+            return chunk.init_statistics(self.numpy, 0, tuple(specs), center, covariance_type, self.sample_weight)
         return self._compute(graph.init_statistics(self.blocks, tuple(specs), center, covariance_type, self.split_every))
 
     def _reduce_rows(self, chunk_fn, args, combine):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 
+import dask
 import dask.array as da
 import numpy as np
 from sklearn.utils import check_array
@@ -166,3 +167,48 @@ def check_n_samples(n_samples: int) -> int:
             "Invalid value for 'n_samples': %s . The sampling requires at least one sample." % (n_samples,)
         )
     return int(n_samples)
+
+
+def check_sample_weight(sample_weight, n_samples: int, lazy: bool):
+    """Validate ``sample_weight``: None, or non-negative finite weights aligned with X's rows.
+
+    NumPy weights are checked eagerly; dask weights are checked with one cheap
+    pass over the weights alone (never over X). Returns float64 NumPy weights
+    or a float64 dask array.
+    """
+    if sample_weight is None:
+        return None
+    if isinstance(sample_weight, da.Array) or is_lazy_input(sample_weight):
+        w = sample_weight if isinstance(sample_weight, da.Array) else _to_dask_array(sample_weight)
+        if w.ndim == 2 and w.shape[1] == 1:
+            w = w[:, 0]
+        if w.ndim != 1:
+            raise ValueError(f"Sample weights must be 1D array or scalar, got an array of shape {w.shape}.")
+        if w.dtype.kind not in "biuf":
+            raise ValueError(f"sample_weight must be numeric, got dtype {w.dtype}.")
+        w = w.astype(np.float64)
+        if any(np.isnan(c) for c in w.chunks[0]):
+            w = w.compute_chunk_sizes()
+        if w.shape[0] != n_samples:
+            raise ValueError(f"sample_weight.shape == ({w.shape[0]},), expected ({n_samples},)!")
+        low, total, finite = dask.compute(w.min(), w.sum(), da.isfinite(w).all())
+        _check_weight_values(bool(finite), float(low), float(total))
+        return w
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if w.ndim == 0:
+        w = np.full(n_samples, float(w))
+    if w.ndim != 1:
+        raise ValueError(f"Sample weights must be 1D array or scalar, got an array of shape {w.shape}.")
+    if w.shape[0] != n_samples:
+        raise ValueError(f"sample_weight.shape == ({w.shape[0]},), expected ({n_samples},)!")
+    _check_weight_values(bool(np.isfinite(w).all()), float(w.min()), float(w.sum()))
+    return w
+
+
+def _check_weight_values(finite: bool, low: float, total: float) -> None:
+    if not finite:
+        raise ValueError("sample_weight contains NaN or infinity.")
+    if low < 0:
+        raise ValueError("Negative values in data passed to `sample_weight`")
+    if total <= 0:
+        raise ValueError("Sample weights must contain at least one non-zero number.")
