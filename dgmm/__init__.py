@@ -9,7 +9,11 @@ statistics, and those are tree-reduced into one M-step.
 from __future__ import annotations
 
 from ._version import __version__
-from .estimator import GaussianMixture
+from .estimator import DegenerateComponentWarning, GaussianMixture, IterationInfo
 from .model_io import from_sklearn, load_model, save_model, to_sklearn
 
-__all__ = ["GaussianMixture", "__version__", "from_sklearn", "load_model", "save_model", "to_sklearn"]
+__all__ = [
+    "DegenerateComponentWarning",
+    "GaussianMixture",
+    "IterationInfo",
+    "__version__", "from_sklearn", "load_model", "save_model", "to_sklearn"]

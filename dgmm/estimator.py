@@ -50,6 +50,10 @@ from .validation import (
 logger = logging.getLogger(__name__)
 
 
+class DegenerateComponentWarning(UserWarning):
+    """A mixture component lost its mass or its covariance collapsed during EM (the fit goes on)."""
+
+
 class IterationInfo(NamedTuple):
     """What callbacks receive after every EM iteration (one pass over the data).
 
@@ -311,6 +315,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 f"n_samples = {n_samples}"
             )
         weights_init, means_init, precisions_init = self._check_init_parameters(n_features)
+        self._degenerate_warned = set()
         data = DataPasses(Xv, chunk_size=self.chunk_size, split_every=self.split_every, sample_weight=sample_weight)
         self._dtype = np.dtype(Xv.dtype)
         eps = float(np.finfo(self._dtype).eps)
@@ -350,7 +355,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if restored is None:
             start_iter, active = 1, list(range(len(runs)))
         self._run_em(data, runs, eps, start_iter, active)
+        self._finish(runs, data)
 
+    def _finish(self, runs, data):
+        """Keep the best restart as sklearn does (largest lower bound) and set the fitted attributes."""
         max_lower_bound = -np.inf
         best = runs[-1]
         for run in runs:
@@ -469,8 +477,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         exception (a degenerate covariance, Ctrl-C) leaves every run at the
         previous completed iteration.
         """
-        batch = tuple(runs[i].params(kind) for i in active)
+        batch = self._em_batch(runs, active)
         stats_list = data.e_step(batch)
+        return self._em_update(data, runs, active, batch, stats_list, n_iter, eps, float32, iter_time)
+
+    def _em_batch(self, runs, active) -> tuple[chunk.ChunkParams, ...]:
+        """The parameter sets of the active restarts, as the chunk kernels take them."""
+        return tuple(runs[i].params(self.covariance_type) for i in active)
+
+    def _em_update(self, data, runs, active, batch, stats_list, n_iter, eps, float32, iter_time):
+        """M-steps of the active restarts from one pass's statistics; convergence bookkeeping."""
+        kind = self.covariance_type
         self._check_finite(stats_list[0], data)
         updates = []
         for params, stats in zip(batch, stats_list):
@@ -478,6 +495,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 stats, params.center, params.means, self.reg_covar, kind, eps=eps
             )
             prec_chol = chunk.compute_precision_cholesky(covariances, kind, float32)
+            self._warn_degenerate(stats.nk, covariances, n_iter)
             updates.append((weights, means, covariances, prec_chol, stats.log_likelihood / stats.n_samples))
         now = time.perf_counter()
         seconds = now - iter_time
@@ -520,6 +538,39 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             info.rows_per_second,
         )
         return still_active, info
+
+    def _warn_degenerate(self, nk, covariances, n_iter):
+        """Warn once per component that lost its mass or whose covariance collapsed to reg_covar."""
+        warned = self.__dict__.setdefault("_degenerate_warned", set())
+        kind = self.covariance_type
+        for k, mass in enumerate(np.asarray(nk)):
+            if mass < 1.0 and ("mass", k) not in warned:
+                warned.add(("mass", k))
+                warnings.warn(
+                    f"Gaussian mixture component {k} has lost its mass at iteration {n_iter} "
+                    f"(responsibility sum {mass:.3g} < 1 row); its mean and covariance rest on almost no "
+                    "data. Reduce n_components or try another initialisation.",
+                    DegenerateComponentWarning,
+                    stacklevel=4,
+                )
+        if self.reg_covar <= 0 or kind == "tied":
+            return
+        if kind == "full":
+            smallest = np.linalg.eigvalsh(covariances)[:, 0]
+        elif kind == "diag":
+            smallest = covariances.min(axis=1)
+        else:
+            smallest = np.asarray(covariances)
+        for k, value in enumerate(smallest):
+            if value <= 1.001 * self.reg_covar and ("collapse", k) not in warned:
+                warned.add(("collapse", k))
+                warnings.warn(
+                    f"Gaussian mixture component {k} has collapsed at iteration {n_iter}: its covariance "
+                    f"is down to reg_covar={self.reg_covar:g} in some direction (a singleton or duplicated "
+                    "points). Increase reg_covar, reduce n_components, or scale the data.",
+                    DegenerateComponentWarning,
+                    stacklevel=4,
+                )
 
     # ------------------------------------------------------------------
     # Callbacks and checkpoints
