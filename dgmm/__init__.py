@@ -11,9 +11,17 @@ from __future__ import annotations
 from ._version import __version__
 from .estimator import DegenerateComponentWarning, GaussianMixture, IterationInfo
 from .model_io import from_sklearn, load_model, save_model, to_sklearn
+from .selection import ModelSelection, select
 
 __all__ = [
     "DegenerateComponentWarning",
     "GaussianMixture",
     "IterationInfo",
-    "__version__", "from_sklearn", "load_model", "save_model", "to_sklearn"]
+    "ModelSelection",
+    "__version__",
+    "from_sklearn",
+    "load_model",
+    "save_model",
+    "select",
+    "to_sklearn",
+]

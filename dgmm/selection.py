@@ -1,0 +1,224 @@
+"""Model selection out of core: many candidate mixtures advanced on ONE pass per EM iteration.
+
+:func:`select` fits every (n_components, covariance_type) candidate as
+:class:`dgmm.GaussianMixture` would, but batches all of them (and all their
+restarts) into each pass over the data, as R's mclust sweeps models in memory.
+This module is a driver: it reuses the estimator's initialisation, M-step and
+bookkeeping, and the chunk kernels' batch evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from sklearn.utils import check_random_state
+
+from .estimator import GaussianMixture
+from .passes import DataPasses, single_threaded_blas
+from .validation import check_input, check_sample_weight
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("bic", "aic")
+
+
+class ModelSelection:
+    """Result of :func:`select`.
+
+    Attributes
+    ----------
+    results : list of dict
+        One row per candidate: ``n_components``, ``covariance_type``, ``bic``,
+        ``aic``, ``lower_bound``, ``log_likelihood`` (mean per row under the
+        final parameters), ``n_parameters``, ``n_iter``, ``converged``.
+    estimators : list of GaussianMixture
+        The fitted candidates, in the order of ``results``.
+    best_estimator : GaussianMixture
+        The candidate with the lowest criterion.
+    criterion : str
+    n_passes : int
+        Passes over the data the whole sweep made.
+    """
+
+    def __init__(self, results, estimators, criterion, n_passes):
+        self.results = results
+        self.estimators = estimators
+        self.criterion = criterion
+        self.n_passes = n_passes
+        best = int(np.argmin([row[criterion] for row in results]))
+        self.best_index = best
+        self.best_estimator = estimators[best]
+
+    def to_frame(self):
+        """The results as a pandas DataFrame (needs pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.results)
+
+    def plot(self, ax=None, criterion=None):
+        """Plot the criterion against n_components, one line per covariance type (needs matplotlib).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        import matplotlib.pyplot as plt
+
+        criterion = criterion or self.criterion
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 4))
+        for kind in dict.fromkeys(row["covariance_type"] for row in self.results):
+            rows = [r for r in self.results if r["covariance_type"] == kind]
+            ax.plot([r["n_components"] for r in rows], [r[criterion] for r in rows], marker="o", label=kind)
+        best = self.results[self.best_index]
+        ax.scatter([best["n_components"]], [best[criterion]], s=160, facecolors="none", edgecolors="k", zorder=3)
+        ax.set_xlabel("n_components")
+        ax.set_ylabel(criterion.upper())
+        ax.legend(title="covariance_type")
+        return ax
+
+
+def select(
+    X,
+    n_components: Iterable[int] = range(1, 11),
+    covariance_types: Sequence[str] = ("full", "tied", "diag", "spherical"),
+    criterion: str = "bic",
+    *,
+    sample_weight=None,
+    **params,
+) -> ModelSelection:
+    """Fit a grid of Gaussian mixtures together and pick the best by BIC or AIC.
+
+    Every candidate is fitted exactly as ``GaussianMixture(n_components=k,
+    covariance_type=t, **params).fit(X)`` would fit it (same initialisation
+    for the same ``random_state``), but all candidates and restarts share
+    each pass over the data: an EM iteration of the sweep reads every chunk
+    once, and converged candidates stop costing compute. Initialisation runs
+    per candidate (its passes are not shared), and one last shared pass
+    scores every candidate's final parameters.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        NumPy array, pandas DataFrame, dask array, dask DataFrame or Zarr array.
+    n_components : iterable of int, default=range(1, 11)
+    covariance_types : sequence of {'full', 'tied', 'diag', 'spherical'}
+    criterion : {'bic', 'aic'}, default='bic'
+        Lower is better.
+    sample_weight : array-like of shape (n_samples,), default=None
+    **params
+        Any other :class:`GaussianMixture` parameter (``random_state``,
+        ``n_init``, ``tol``, ``reg_covar``, ``max_iter``, ``chunk_size``, ...).
+
+    Returns
+    -------
+    ModelSelection
+
+    Raises
+    ------
+    ValueError
+        For an unknown criterion, an empty grid, or invalid data.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dgmm import select
+    >>> X = np.random.default_rng(0).normal(size=(500, 2))
+    >>> sweep = select(X, n_components=range(1, 4), covariance_types=("full", "diag"), random_state=0)
+    >>> sweep.best_estimator.n_components
+    1
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    for key in ("n_components", "covariance_type", "warm_start", "checkpoint"):
+        if key in params and params[key] not in (None, False):
+            raise ValueError(f"select() sets {key!r} itself; pass the grid as n_components/covariance_types")
+    grid = [(int(k), str(t)) for t in covariance_types for k in n_components]
+    if not grid:
+        raise ValueError("select() needs at least one n_components and one covariance type")
+
+    template = GaussianMixture(n_components=max(k for k, _ in grid), **params)
+    template._validate_params()
+    Xv = check_input(template, X, reset=True, ensure_min_samples=2)
+    n_samples, n_features = Xv.shape
+    sample_weight = check_sample_weight(sample_weight, n_samples, not isinstance(Xv, np.ndarray))
+    data = DataPasses(
+        Xv, chunk_size=template.chunk_size, split_every=template.split_every, sample_weight=sample_weight
+    )
+    dtype = np.dtype(Xv.dtype)
+    eps = float(np.finfo(dtype).eps)
+    float32 = dtype == np.float32
+
+    candidates = []
+    with single_threaded_blas():
+        for k, kind in grid:
+            gm = GaussianMixture(n_components=k, covariance_type=kind, **params)
+            gm._validate_params()
+            if n_samples < k:
+                raise ValueError(
+                    "Expected n_samples >= n_components "
+                    f"but got n_components = {k}, n_samples = {n_samples}"
+                )
+            for attribute in ("n_features_in_", "feature_names_in_"):
+                if hasattr(template, attribute):
+                    setattr(gm, attribute, getattr(template, attribute))
+            gm._dtype = dtype
+            gm._degenerate_warned = set()
+            gm._fingerprint = None
+            weights_init, means_init, precisions_init = gm._check_init_parameters(n_features)
+            random_state = check_random_state(gm.random_state)
+            runs = gm._initialize_runs(data, gm.n_init, random_state, weights_init, means_init, precisions_init, eps)
+            candidates.append([gm, runs, list(range(len(runs)))])
+        init_passes = data.n_passes
+        logger.info("select: %d candidates initialised in %d passes", len(candidates), init_passes)
+
+        max_iter = max(c[0].max_iter for c in candidates)
+        iter_time = time.perf_counter()
+        for n_iter in range(1, max_iter + 1):
+            live = [c for c in candidates if c[2] and n_iter <= c[0].max_iter]
+            if not live:
+                break
+            batches = [c[0]._em_batch(c[1], c[2]) for c in live]
+            stats = data.e_step(tuple(p for batch in batches for p in batch))
+            offset = 0
+            for c, batch in zip(live, batches):
+                part = stats[offset : offset + len(batch)]
+                offset += len(batch)
+                c[2], _ = c[0]._em_update(data, c[1], c[2], batch, part, n_iter, eps, float32, iter_time)
+            logger.info(
+                "select iteration %d: %d candidates still running (%.2f s)",
+                n_iter,
+                sum(bool(c[2]) for c in candidates),
+                time.perf_counter() - iter_time,
+            )
+            iter_time = time.perf_counter()
+
+        for gm, runs, _ in candidates:
+            gm._finish(runs, data)
+        # One shared pass: each candidate's log-likelihood under its final parameters.
+        final = data.e_step(tuple(gm._chunk_params() for gm, _, _ in candidates))
+
+    total_weight = float(final[0].n_samples)
+    results, estimators = [], []
+    for (gm, _, _), stats in zip(candidates, final):
+        log_likelihood = stats.log_likelihood  # Σ log p(x_i), as score(X) * n_samples
+        n_parameters = gm._n_parameters()
+        results.append(
+            {
+                "n_components": gm.n_components,
+                "covariance_type": gm.covariance_type,
+                "bic": float(-2 * log_likelihood + n_parameters * math.log(total_weight)),
+                "aic": float(-2 * log_likelihood + 2 * n_parameters),
+                "lower_bound": float(gm.lower_bound_),
+                "log_likelihood": float(log_likelihood / total_weight),
+                "n_parameters": n_parameters,
+                "n_iter": int(gm.n_iter_),
+                "converged": bool(gm.converged_),
+            }
+        )
+        estimators.append(gm)
+    return ModelSelection(results, estimators, criterion, data.n_passes)
