@@ -394,6 +394,81 @@ def run_score(config: Config) -> int:
     return 0
 
 
+def _parse_components(text: str) -> list[int]:
+    """'1:8' (inclusive), '2,4,8' or '5' -> a list of component counts."""
+    try:
+        if ":" in text:
+            lo, hi = (int(v) for v in text.split(":", 1))
+            values = list(range(lo, hi + 1))
+        else:
+            values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--n-components: expected 'LO:HI' or a comma-separated list of ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"--n-components: needs at least one value >= 1, got {text!r}")
+    return values
+
+
+def _parse_covariance_types(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - {"full", "tied", "diag", "spherical"})
+    if unknown or not kinds:
+        raise ConfigError(f"--covariance-types: expected a comma-separated subset of full,tied,diag,spherical, "
+                          f"got {text!r}")
+    return kinds
+
+
+def run_select(config: Config, n_components, kinds, criterion: str, table: str | None) -> int:
+    """Sweep n_components x covariance types on the config's input; write the best model and a table."""
+    from .model_io import save_model
+    from .selection import select
+
+    params = config.model.estimator_params()
+    params.pop("n_components", None)
+    params.pop("covariance_type", None)
+    params.pop("warm_start", None)
+    _generate_synthetic(config)
+    X = _open_data(config)
+    with open_cluster(config.cluster):
+        t0 = time.perf_counter()
+        sweep = select(X, n_components=n_components, covariance_types=kinds, criterion=criterion, **params)
+        seconds = time.perf_counter() - t0
+    lines = [f"{'k':>4} {'type':>10} {'bic':>16} {'aic':>16} {'iter':>5} converged"]
+    for i, row in enumerate(sweep.results):
+        mark = " <- best" if i == sweep.best_index else ""
+        lines.append(f"{row['n_components']:>4} {row['covariance_type']:>10} {row['bic']:>16.3f} "
+                     f"{row['aic']:>16.3f} {row['n_iter']:>5} {row['converged']}{mark}")
+    report("select", "\n".join(lines), results=sweep.results, best=sweep.results[sweep.best_index],
+           n_passes=sweep.n_passes, seconds=seconds)
+    if table:
+        import csv
+        import io as _io
+
+        from .checkpoint import atomic_write_bytes
+
+        buffer = _io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(sweep.results[0]))
+        writer.writeheader()
+        writer.writerows(sweep.results)
+        atomic_write_bytes(table, buffer.getvalue().encode())
+        report("table", f"table: {table}", path=table)
+    best = sweep.best_estimator
+    metadata = {"source": config.input.path, "selection": sweep.results, "criterion": criterion,
+                "seconds": round(seconds, 3), "config": config.to_dict()}
+    save_model(best, config.output.model, metadata=metadata, storage_options=config.output.storage_options)
+    report("model", f"best: n_components={best.n_components}, covariance_type={best.covariance_type} "
+                    f"({sweep.n_passes} passes over the data in {seconds:.1f} s); model: {config.output.model}",
+           path=config.output.model, n_components=best.n_components, covariance_type=best.covariance_type)
+    return 0
+
+
+def _cmd_select(args) -> int:
+    n_components = _parse_components(args.n_components)
+    kinds = _parse_covariance_types(args.covariance_types)
+    config = load_config(args.config, args.set, command="fit")
+    return run_select(config, n_components, kinds, args.criterion, args.table)
+
+
 def _cmd_fit(args) -> int:
     config = load_config(args.config, args.set, command="fit")
     return run_fit(config, resume=args.resume)
@@ -535,6 +610,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("config", help="YAML config (see configs/)")
     fit.add_argument("--resume", action="store_true", help="continue from the last checkpoint, if there is one")
     fit.set_defaults(func=_cmd_fit)
+
+    select_cmd = sub.add_parser("select", parents=[common, overrides],
+                                help="sweep n_components x covariance types; write the best model by BIC/AIC")
+    select_cmd.add_argument("config", help="YAML config (input, model defaults, cluster, output.model)")
+    select_cmd.add_argument("--n-components", default="1:10", help="'LO:HI' inclusive or '2,4,8' (default: 1:10)")
+    select_cmd.add_argument("--covariance-types", default="full,tied,diag,spherical",
+                            help="comma-separated (default: %(default)s)")
+    select_cmd.add_argument("--criterion", choices=["bic", "aic"], default="bic")
+    select_cmd.add_argument("--table", help="also write the results table to this CSV file")
+    select_cmd.set_defaults(func=_cmd_select)
 
     for name, func, text in (("predict", _cmd_predict, "write per-row labels, probabilities, log-likelihoods"),
                              ("score", _cmd_score, "mean log-likelihood, BIC and AIC of the input")):
