@@ -725,7 +725,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return np.concatenate([fn(X[i : i + rows]) for i in range(0, X.shape[0], rows)])
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y=None, *, learning_decay=0.7):
+    def partial_fit(self, X, y=None, *, learning_decay=0.6):
         """Update the model with one batch of a stream, by stepwise (online) EM.
 
         Each call is one step of stepwise EM (Cappé & Moulines, 2009; Liang &
@@ -746,7 +746,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             DataFrame or Zarr array. A lazy batch is one step, computed in one
             pass over its chunks.
         y : Ignored
-        learning_decay : float, default=0.7
+        learning_decay : float, default=0.6
             Exponent α in (0.5, 1] of the step size: larger values average
             over a longer past (1 is the running mean of all batches), smaller
             ones follow the recent batches more closely and forget the start
