@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 REQUIRED: Any = dataclasses.MISSING
+#: Most worker processes of an embedded LocalCluster (more is a typo, not a plan), and threads per worker.
+MAX_LOCAL_WORKERS = max(64, 4 * (os.cpu_count() or 1))
+MAX_THREADS_PER_WORKER = 1024
 
 
 class ConfigError(ValueError):
@@ -228,8 +231,12 @@ class ClusterConfig:
             err("jobqueue", f"is only used when cluster.type is 'jobqueue', not {kind!r}")
         if self.n_workers is not None and self.n_workers < 1:
             err("n_workers", f"must be an int >= 1 or null (sized to the machine), got {self.n_workers}")
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            err("threads_per_worker", f"must be an int >= 1 or null, got {self.threads_per_worker}")
+        if kind == "local" and self.n_workers is not None and self.n_workers > MAX_LOCAL_WORKERS:
+            err("n_workers", f"must be at most {MAX_LOCAL_WORKERS} for a LocalCluster on this machine "
+                             f"({os.cpu_count()} cores), got {self.n_workers}")
+        if self.threads_per_worker is not None and not 1 <= self.threads_per_worker <= MAX_THREADS_PER_WORKER:
+            err("threads_per_worker", f"must be an int in [1, {MAX_THREADS_PER_WORKER}] or null, "
+                                      f"got {self.threads_per_worker}")
         if self.memory_limit not in (None, "auto") and not _is_memory(self.memory_limit):
             err("memory_limit", f"must be 'auto', null or a size such as '4GB', got {self.memory_limit!r}")
         if not self.timeout > 0:
@@ -389,6 +396,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, comma
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: {_TOO_BIG}") from None
     return parse_config(raw, source=source, overrides=overrides, command=command)
 
 
@@ -402,7 +411,9 @@ def parse_config(raw: Any, *, source: str = "<config>", overrides: Sequence[str]
             f"{source}: the config must be a mapping of sections ({', '.join(sorted(_SECTIONS))}), "
             f"got {_type_name(raw)}"
         )
+    _check_size(raw, source)
     raw = apply_overrides(raw, overrides, source=source)
+    _check_size(raw, source)
     config = _build(Config, raw, source, "")
     config = dataclasses.replace(config, source=source)
     if command is not None:
@@ -451,6 +462,9 @@ def apply_overrides(raw: Mapping, overrides: Sequence[str], *, source: str = "<c
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: --set {key}: the value is not valid YAML ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{source}: --set {key}: {_TOO_BIG}") from None
+        _check_size(value, f"{source}: --set {key}")
         parts = key.split(".")
         node = result
         for depth, part in enumerate(parts[:-1]):
@@ -463,6 +477,27 @@ def apply_overrides(raw: Mapping, overrides: Sequence[str], *, source: str = "<c
             node = child
         node[parts[-1]] = value
     return result
+
+
+#: Most values (counting every use of a YAML alias) and deepest nesting a config may have.
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 10_000, 32
+_TOO_BIG = (f"the config is too large or nested too deeply (at most {MAX_CONFIG_VALUES} values and "
+            f"{MAX_CONFIG_DEPTH} levels, YAML aliases counted where they are used); a dgmm config is a few "
+            "dozen keys")
+
+
+def _check_size(raw, source: str) -> None:
+    """Refuse YAML whose expanded size is absurd (alias bombs, deep nesting) before anything walks it."""
+    stack, seen = [(raw, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: {_TOO_BIG}")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def _deep_copy(value):
