@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,11 @@ import numpy as np
 FORMAT = "dgmm-checkpoint"
 FORMAT_VERSION = 1
 _RUN_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
+_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+#: Largest JSON metadata member read from a model or checkpoint file (characters).
+MAX_META_CHARS = 16 * 2**20
+#: Largest parameter array read from a checkpoint: guards against files that claim absurd shapes.
+MAX_ARRAY_ELEMENTS = 2**28
 
 
 class CheckpointError(ValueError):
@@ -84,41 +90,188 @@ def save_checkpoint(path: str, state: CheckpointState, dgmm_version: str) -> Non
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def read_npz_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of the array ``name`` of an ``.npz`` archive, from its header alone.
+
+    Raises
+    ------
+    KeyError
+        If the archive has no such array.
+    ValueError
+        If the header is malformed or of an unsupported version.
+    """
+    with archive.open(name + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version} of '{name}'")
+    return tuple(shape), dtype
+
+
+def read_npz_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """The array ``name`` of an ``.npz`` archive (never unpickles; check its header first)."""
+    with archive.open(name + ".npy") as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def read_npz_meta(archive: zipfile.ZipFile):
+    """The JSON document stored as the 0-d string array ``meta`` (size checked before reading).
+
+    Raises
+    ------
+    KeyError
+        If there is no ``meta`` array.
+    ValueError
+        If ``meta`` is not a 0-d string of at most ``MAX_META_CHARS`` characters holding JSON.
+    """
+    shape, dtype = read_npz_header(archive, "meta")
+    if shape != () or dtype.kind != "U" or dtype.itemsize // 4 > MAX_META_CHARS:
+        raise ValueError(f"'meta' must be a JSON string, got an array of shape {shape} and dtype {dtype}")
+    return json.loads(str(read_npz_array(archive, "meta")[()]))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parameter_shapes(covariance_type: str, n_components: int, n_features: int) -> dict[str, tuple]:
+    """Shapes of weights, means, covariances and precision Cholesky factors of a model."""
+    cov = {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[covariance_type]
+    return {"weights": (n_components,), "means": (n_components, n_features), "covariances": cov,
+            "precisions_cholesky": cov}
+
+
+def check_parameter_values(arrays: dict, covariance_type: str, bad) -> None:
+    """Finite values, weights on the simplex, positive-definite covariances, valid precision factors.
+
+    ``bad(message)`` returns the exception to raise.
+    """
+    for name, array in arrays.items():
+        if not np.all(np.isfinite(array)):
+            raise bad(f"'{name}' holds NaN or infinity")
+    weights = arrays["weights"]
+    atol = 1e-4 if weights.dtype == np.float32 else 1e-8
+    if np.any(weights < 0) or abs(float(weights.sum(dtype=np.float64)) - 1.0) > atol:
+        raise bad("'weights' must be non-negative and sum to 1")
+    covariances = arrays["covariances"].astype(np.float64)
+    prec_chol = arrays["precisions_cholesky"].astype(np.float64)
+    if covariance_type in ("full", "tied"):
+        cov_stack = covariances[None] if covariance_type == "tied" else covariances
+        chol_stack = prec_chol[None] if covariance_type == "tied" else prec_chol
+        for k, (cov, chol) in enumerate(zip(cov_stack, chol_stack)):
+            where = "" if covariance_type == "tied" else f" of component {k}"
+            if not np.allclose(cov, cov.T, rtol=1e-6, atol=0):
+                raise bad(f"the covariance{where} is not symmetric")
+            try:
+                np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                raise bad(f"the covariance{where} is not positive definite") from None
+            if np.any(np.tril(chol, -1) != 0) or np.any(np.diag(chol) <= 0):
+                raise bad(f"the precision Cholesky factor{where} is not upper triangular with a positive diagonal")
+    elif np.any(covariances <= 0) or np.any(prec_chol <= 0):
+        raise bad("covariances and precision Cholesky factors must be positive")
+
+
 def load_checkpoint(path: str) -> CheckpointState:
     """Read a checkpoint written by :func:`save_checkpoint` (never unpickles).
+
+    Validates the metadata's structure, every array's shape and dtype (from
+    the ``.npy`` headers, before reading the data) against the checkpoint's
+    own fingerprint, finiteness, and that covariances are positive definite.
 
     Raises
     ------
     CheckpointError
-        If the file is not a dgmm checkpoint, is corrupt, or is from a newer format.
+        If the file is not a dgmm checkpoint, is corrupt or inconsistent, or is from a newer format.
+    FileNotFoundError
+        If there is no such file.
     """
+    path = os.fspath(path)
     try:
-        with np.load(os.fspath(path), allow_pickle=False) as archive:
-            meta = json.loads(str(archive["meta"]))
-            if meta.get("format") != FORMAT:
+        with open(path, "rb") as f:
+            payload = f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            meta = read_npz_meta(archive)
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path} is not a dgmm checkpoint")
-            if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            version = meta.get("format_version")
+            if not _is_int(version) or version < 1:
+                raise CheckpointError(f"{path}: invalid checkpoint format_version {version!r}")
+            if version > FORMAT_VERSION:
                 raise CheckpointError(
                     f"{path} was written by a newer dgmm (checkpoint format {meta['format_version']}, "
                     f"this dgmm reads up to {FORMAT_VERSION}); upgrade dgmm to resume it"
                 )
-            runs = []
-            for i, run_meta in enumerate(meta["runs"]):
-                run = dict(run_meta)
-                for name in _RUN_ARRAYS:
-                    run[name] = archive[f"run{i}_{name}"]
-                runs.append(run)
+            return _read_state(meta, archive, path)
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except Exception as exc:  # zipfile.BadZipFile, KeyError, ValueError, zlib errors and friends
         raise CheckpointError(f"{path} is not a readable dgmm checkpoint ({type(exc).__name__}: {exc})") from None
-    except Exception as exc:  # zipfile.BadZipFile and friends
-        raise CheckpointError(f"{path} is not a readable dgmm checkpoint ({type(exc).__name__}: {exc})") from None
-    return CheckpointState(
-        fingerprint=meta["fingerprint"], n_iter=int(meta["n_iter"]), active=list(meta["active"]), runs=runs
-    )
+
+
+def _read_state(meta: dict, archive: zipfile.ZipFile, path: str) -> CheckpointState:
+    def bad(message):
+        return CheckpointError(f"{path}: inconsistent checkpoint: {message}")
+
+    fingerprint, n_iter, active, runs_meta = (meta.get(k) for k in ("fingerprint", "n_iter", "active", "runs"))
+    if not isinstance(fingerprint, dict):
+        raise bad(f"'fingerprint' must be a mapping, got {type(fingerprint).__name__}")
+    kind = fingerprint.get("covariance_type")
+    n_components, n_features = fingerprint.get("n_components"), fingerprint.get("n_features")
+    if kind not in _COVARIANCE_TYPES:
+        raise bad(f"invalid covariance_type {kind!r}")
+    for name, value in (("n_components", n_components), ("n_features", n_features)):
+        if not _is_int(value) or value < 1:
+            raise bad(f"invalid {name} {value!r}")
+    if not _is_int(n_iter) or n_iter < 0:
+        raise bad(f"invalid n_iter {n_iter!r}")
+    if not isinstance(runs_meta, list) or not runs_meta or not all(isinstance(r, dict) for r in runs_meta):
+        raise bad("'runs' must be a non-empty list of mappings")
+    if (not isinstance(active, list) or not all(_is_int(i) and 0 <= i < len(runs_meta) for i in active)
+            or len(set(active)) != len(active)):
+        raise bad(f"'active' must list distinct restarts in [0, {len(runs_meta)}), got {active!r}")
+    shapes = parameter_shapes(kind, n_components, n_features)
+    if sum(int(np.prod(s)) for s in shapes.values()) > MAX_ARRAY_ELEMENTS:
+        raise bad(f"implausibly large model ({n_components} components x {n_features} features)")
+    runs = []
+    for i, run_meta in enumerate(runs_meta):
+        lower_bound, lower_bounds = run_meta.get("lower_bound"), run_meta.get("lower_bounds")
+        if not _is_number(lower_bound) or not isinstance(lower_bounds, list) or \
+                not all(_is_number(v) for v in lower_bounds):
+            raise bad(f"restart {i}: 'lower_bound' must be a number and 'lower_bounds' a list of numbers")
+        if not _is_int(run_meta.get("n_iter")) or not 0 <= run_meta["n_iter"] <= n_iter:
+            raise bad(f"restart {i}: invalid n_iter {run_meta.get('n_iter')!r}")
+        if not isinstance(run_meta.get("converged"), bool):
+            raise bad(f"restart {i}: 'converged' must be true or false")
+        arrays = {}
+        for name, expected in shapes.items():
+            member = f"run{i}_{name}"
+            shape, dtype = read_npz_header(archive, member)
+            if shape != expected:
+                raise bad(f"'{member}' has shape {shape}, expected {expected} for {kind!r} covariances")
+            if dtype != np.dtype(np.float64):
+                raise bad(f"'{member}' has dtype {dtype}, expected float64")
+            arrays[name] = read_npz_array(archive, member)
+        check_parameter_values(arrays, kind, lambda message, i=i: bad(f"restart {i}: {message}"))
+        runs.append({**run_meta, **arrays})
+    return CheckpointState(fingerprint=fingerprint, n_iter=n_iter, active=list(active), runs=runs)
 
 
 def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:

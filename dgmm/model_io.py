@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, check_parameter_values, parameter_shapes, read_npz_header, read_npz_meta
 from .io import is_url
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFormatError", "from_sklearn", "load_model", "read_model_metadata",
@@ -47,15 +47,7 @@ class ModelFormatError(ValueError):
     """A model file that cannot be loaded: corrupt, inconsistent, or from a newer format."""
 
 
-def _parameter_shapes(covariance_type: str, n_components: int, n_features: int) -> dict[str, tuple]:
-    cov = {
-        "full": (n_components, n_features, n_features),
-        "tied": (n_features, n_features),
-        "diag": (n_components, n_features),
-        "spherical": (n_components,),
-    }[covariance_type]
-    return {"weights": (n_components,), "means": (n_components, n_features), "covariances": cov,
-            "precisions_cholesky": cov}
+_parameter_shapes = parameter_shapes
 
 
 def _jsonable(value):
@@ -171,15 +163,11 @@ def _read_bytes(path: str, storage_options: dict | None) -> bytes:
 
 def _array_header(archive: zipfile.ZipFile, name: str, path: str):
     try:
-        with archive.open(name + ".npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        return read_npz_header(archive, name)
     except KeyError:
         raise ModelFormatError(f"{path}: the model file has no '{name}' array") from None
-    return shape, dtype
+    except Exception as exc:  # a corrupt header or zip entry
+        raise ModelFormatError(f"{path}: corrupt '{name}' array ({type(exc).__name__}: {exc})") from None
 
 
 def read_model_metadata(path: str | os.PathLike, *, storage_options: dict | None = None) -> dict:
@@ -201,12 +189,10 @@ def _open_model(path: str, storage_options: dict | None):
         raise FileNotFoundError(f"{path}: no such model file") from None
     try:
         archive = zipfile.ZipFile(io.BytesIO(payload))
-        with archive.open("meta.npy") as f:
-            meta_array = np.lib.format.read_array(f, allow_pickle=False)
-        meta = json.loads(str(meta_array[()]))
+        meta = read_npz_meta(archive)  # a 0-d JSON string of bounded size, never unpickled
     except KeyError:
         raise ModelFormatError(f"{path}: not a dgmm model file (no 'meta' entry)") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, zlib errors, NotImplementedError and friends
         raise ModelFormatError(f"{path}: not a readable dgmm model file ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFormatError(f"{path}: not a dgmm model file (format {_get(meta, 'format')!r})")
@@ -283,12 +269,13 @@ def load_model(path: str | os.PathLike, *, storage_options: dict | None = None):
         for name in shapes:
             with archive.open(name + ".npy") as f:
                 arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # ValueError, OSError, EOFError, zipfile.BadZipFile (CRC), zlib errors
         raise bad(f"corrupt array data ({type(exc).__name__}: {exc})") from None
     _check_parameters(arrays, kind, bad)
 
     params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
     fitted = meta.get("fitted") if isinstance(meta.get("fitted"), dict) else {}
+    _check_fitted_scalars(fitted, bad)
     kwargs = {k: params[k] for k in _PARAMS if k in params}
     kwargs["n_components"], kwargs["covariance_type"] = n_components, kind
     model = GaussianMixture()
@@ -311,6 +298,24 @@ def load_model(path: str | os.PathLike, *, storage_options: dict | None = None):
     return model
 
 
+def _check_fitted_scalars(fitted: dict, bad) -> None:
+    def number(value):  # JSON numbers, or the strings save_model writes for inf / nan
+        if isinstance(value, str):
+            return value.strip().lower().lstrip("+-") in ("inf", "infinity", "nan")
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    n_iter = fitted.get("n_iter", 0)
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 0:
+        raise bad(f"invalid n_iter {n_iter!r}: expected an int >= 0")
+    if not isinstance(fitted.get("converged", False), bool):
+        raise bad(f"invalid converged {fitted.get('converged')!r}: expected true or false")
+    if not number(fitted.get("lower_bound", "nan")):
+        raise bad(f"invalid lower_bound {fitted.get('lower_bound')!r}: expected a number")
+    lower_bounds = fitted.get("lower_bounds", [])
+    if not isinstance(lower_bounds, list) or not all(number(v) for v in lower_bounds):
+        raise bad("invalid lower_bounds: expected a list of numbers")
+
+
 def _to_float(value) -> float:
     try:
         return float(value)
@@ -319,13 +324,7 @@ def _to_float(value) -> float:
 
 
 def _check_parameters(arrays: dict, kind: str, bad) -> None:
-    for name, array in arrays.items():
-        if not np.all(np.isfinite(array)):
-            raise bad(f"'{name}' holds NaN or infinity")
-    weights = arrays["weights"]
-    atol = 1e-4 if weights.dtype == np.float32 else 1e-8
-    if np.any(weights < 0) or abs(float(weights.sum(dtype=np.float64)) - 1.0) > atol:
-        raise bad("'weights' must be non-negative and sum to 1")
+    check_parameter_values(arrays, kind, bad)
     covariances = arrays["covariances"].astype(np.float64)
     prec_chol = arrays["precisions_cholesky"].astype(np.float64)
     tol = 1e-2 if arrays["covariances"].dtype == np.float32 else 1e-4
@@ -335,21 +334,10 @@ def _check_parameters(arrays: dict, kind: str, bad) -> None:
         eye = np.eye(cov_stack.shape[-1])
         for k, (cov, chol) in enumerate(zip(cov_stack, chol_stack)):
             where = "" if kind == "tied" else f" of component {k}"
-            if not np.allclose(cov, cov.T, rtol=1e-6, atol=0):
-                raise bad(f"the covariance{where} is not symmetric")
-            try:
-                np.linalg.cholesky(cov)
-            except np.linalg.LinAlgError:
-                raise bad(f"the covariance{where} is not positive definite") from None
-            if np.any(np.tril(chol, -1) != 0) or np.any(np.diag(chol) <= 0):
-                raise bad(f"the precision Cholesky factor{where} is not upper triangular with a positive diagonal")
             if not np.allclose(cov @ (chol @ chol.T), eye, rtol=0, atol=tol):
                 raise bad(f"the precision Cholesky factor{where} does not match the covariance")
-    else:
-        if np.any(covariances <= 0) or np.any(prec_chol <= 0):
-            raise bad("covariances and precision Cholesky factors must be positive")
-        if not np.allclose(covariances * prec_chol**2, 1.0, rtol=0, atol=tol):
-            raise bad("the precision Cholesky factors do not match the covariances")
+    elif not np.allclose(covariances * prec_chol**2, 1.0, rtol=0, atol=tol):
+        raise bad("the precision Cholesky factors do not match the covariances")
 
 
 def _set_fitted_attributes(model, arrays: dict, kind: str, dtype) -> None:
