@@ -193,7 +193,28 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     if node.ndim != 2:
         raise ValueError(f"{path}: the Zarr array has shape {node.shape}; dgmm needs a 2-D array "
                          "(n_samples, n_features)")
-    return da.from_zarr(node)
+    name = "from-zarr-" + dask.base.tokenize(node, component, options, node.chunks)
+    return da.from_array(node, node.chunks, name=name, getitem=_read_zarr_block)
+
+
+def _read_zarr_block(array, index, asarray=True, lock=None):
+    """Dask's getter for one block of a Zarr array; an undecodable chunk becomes a ValueError naming it.
+
+    (A chunk that is missing altogether reads as the array's fill value: that is Zarr's
+    meaning of a missing chunk, not an error.)
+    """
+    from dask.array.core import getter
+
+    try:
+        return getter(array, index, asarray=asarray, lock=lock)
+    except (MemoryError, OSError):
+        raise  # not the data's fault (OSError: a vanished file, a network error)
+    except Exception as exc:
+        rows = index[0] if isinstance(index, tuple) and index else index
+        where = f"rows {rows.start}:{rows.stop}" if isinstance(rows, slice) else f"block {index}"
+        store = getattr(array, "store_path", None) or getattr(array, "store", array)
+        raise ValueError(f"{store}: cannot decode {where} of the Zarr array ({type(exc).__name__}: {exc}); "
+                         "a chunk is corrupt or truncated: rewrite the data or restore that chunk") from None
 
 
 # -- Parquet ------------------------------------------------------------------
