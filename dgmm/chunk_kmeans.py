@@ -99,7 +99,7 @@ def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...], with_lab
     center_sets : tuple of ndarray of shape (n_centers_r, n_features)
         Centres minus the origin; every set must be non-empty.
     with_labels : bool, default=True
-        Also find which centre is nearest (False: distances only, cheaper).
+        Also return which centre is nearest (False: distances only).
 
     Returns
     -------
@@ -108,26 +108,29 @@ def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...], with_lab
     min_distances : ndarray of shape (n_samples, n_sets)
         Squared Euclidean distance to it (clipped at zero).
     """
-    n = y.shape[0]
+    n, n_features = y.shape
     sizes = [len(c) for c in center_sets]
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    stacked = np.vstack(center_sets) if center_sets else np.empty((0, y.shape[1]))
-    factor = -2.0 * stacked.T
-    norms = np.einsum("ij,ij->i", stacked, stacked)
+    stacked = np.vstack(center_sets) if center_sets else np.empty((0, n_features))
+    # ‖y‖² - 2 y·c + ‖c‖²: the last two terms as ONE product of [y, 1] and [-2 cᵀ; ‖c‖²]
+    factor = np.empty((n_features + 1, len(stacked)))
+    factor[:n_features] = -2.0 * stacked.T
+    factor[n_features] = np.einsum("ij,ij->i", stacked, stacked)
+    block = np.empty((min(DISTANCE_BLOCK_ROWS, n), n_features + 1))
+    block[:, n_features] = 1.0
     labels = np.empty((n, len(sizes)), dtype=np.int64) if with_labels else None
     min_distances = np.empty((n, len(sizes)))
     for start in range(0, n, DISTANCE_BLOCK_ROWS):
         stop = min(start + DISTANCE_BLOCK_ROWS, n)
-        partial = y[start:stop] @ factor
-        partial += norms
+        rows = stop - start
+        block[:rows, :n_features] = y[start:stop]
+        partial = block[:rows] @ factor
         for r in range(len(sizes)):
             segment = partial[:, bounds[r] : bounds[r + 1]]
+            best = segment.argmin(axis=1)  # argmin then take: faster than min along a short axis
+            min_distances[start:stop, r] = np.take_along_axis(segment, best[:, None], axis=1)[:, 0]
             if with_labels:
-                best = segment.argmin(axis=1)
                 labels[start:stop, r] = best
-                min_distances[start:stop, r] = segment[np.arange(stop - start), best]
-            else:
-                min_distances[start:stop, r] = segment.min(axis=1)
     min_distances += np.einsum("ij,ij->i", y, y)[:, None]
     np.maximum(min_distances, 0.0, out=min_distances)
     return labels, min_distances
@@ -514,16 +517,15 @@ class LloydArgs(NamedTuple):
 
     Attributes
     ----------
-    origin : ndarray of shape (n_features,)
-        Shift for the distances.
     centers : tuple of ndarray of shape (n_components, n_features)
         Current k-means centres of each restart.
     center : ndarray of shape (n_features,)
-        Centre of the Gaussian-mixture statistics (see :mod:`dgmm.chunk`).
+        Centre of the Gaussian-mixture statistics (see :mod:`dgmm.chunk`),
+        also the shift for the distances: a point close to the data, such as
+        its mean.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     """
 
-    origin: np.ndarray
     centers: tuple
     center: np.ndarray
     covariance_type: str
@@ -620,9 +622,9 @@ def lloyd_chunk(X: np.ndarray, row_start: int, args: LloydArgs) -> tuple[LloydSt
     n_nonfinite = count_nonfinite_rows(X)
     out = []
     with np.errstate(invalid="ignore", over="ignore"):
-        shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.centers)
-        labels, min_distances = nearest_centers(x - args.origin, shifted)
         y = x - args.center
+        shifted = tuple(np.asarray(c, dtype=np.float64) - args.center for c in args.centers)
+        labels, min_distances = nearest_centers(y, shifted)
         for r, centers in enumerate(shifted):
             statistics = hard_assignment_statistics(
                 y, labels[:, r], len(centers), args.covariance_type, n_nonfinite

@@ -118,7 +118,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         most ``init_sample_size`` rows, 'kmeans' and 'k-means++' run sklearn's
         ``KMeans`` / ``kmeans_plusplus`` in memory and reproduce sklearn's
         initialisation exactly. Larger data is seeded out of core over all
-        rows: 'kmeans' by k-means‖ then Lloyd passes (about 7 to 10 passes),
+        rows: 'kmeans' by k-means‖ then Lloyd passes (usually 5 or 6 passes),
         'k-means++' greedily with one pass per component, plus one. All
         restarts share every pass; see :mod:`dgmm.init`.
     weights_init : array-like of shape (n_components,), default=None

@@ -1,0 +1,159 @@
+"""Restarts and out-of-core initialisation on a Zarr array: what they cost in EM iterations.
+
+Measured side by side in one process, repeats interleaved so that drift on a
+shared machine hits every variant alike:
+
+* seconds per EM iteration (diag) with ``n_init=4`` and with ``n_init=1``
+  (read from the per-iteration ``callbacks``, so the initialisation is not
+  counted; ``tol=0`` keeps all restarts running), and their ratio; and per
+  'full' EM iteration with ``n_init=1``;
+* seconds of the out-of-core 'kmeans' initialisation (k-means‖ rounds,
+  candidate weighing, Lloyd passes; ``n_init=1``) for each number of rounds
+  in ``--rounds`` (the first is reported as ``kmeans_*``), and of the
+  out-of-core 'k-means++', each as a number of diag (and full) EM iterations
+  (``n_init=1``).
+
+Writes the blobs array (``dgmm.datasets.write_blobs_zarr``) if it is missing
+and prints one JSON line per repeat, then one with the medians.
+
+    python bench/bench_init.py --path data/bench_init.zarr --n-samples 2000000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+
+import dgmm
+from dgmm import GaussianMixture, init
+from dgmm.datasets import write_blobs_zarr
+from dgmm.passes import DataPasses
+
+
+def em_seconds_per_iteration(X, n_components, n_init, iters, seed, covariance_type="diag"):
+    """Median seconds of the EM iterations (not the initialisation) of one fit."""
+    seconds = []
+    gm = GaussianMixture(
+        n_components,
+        covariance_type=covariance_type,
+        init_params="random",
+        n_init=n_init,
+        tol=0.0,
+        max_iter=iters,
+        random_state=seed,
+        callbacks=lambda info: seconds.append(info.seconds),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(X)
+    assert gm.n_passes_ == iters + 1
+    return statistics.median(seconds)
+
+
+def kmeans_init_seconds(X, n_components, seed, rounds=None):
+    data = DataPasses(X)
+    t0 = time.perf_counter()
+    result = init.kmeans_parallel(data, n_components, seeds=(seed,), covariance_type="diag", rounds=rounds)
+    return time.perf_counter() - t0, data.n_passes, result.n_lloyd[0], result.n_candidates[0]
+
+
+def plusplus_init_seconds(X, n_components, seed):
+    data = DataPasses(X)
+    t0 = time.perf_counter()
+    init.kmeans_plusplus_rows(data, n_components, seeds=(seed,))
+    return time.perf_counter() - t0, data.n_passes
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", default="data/bench_init.zarr")
+    parser.add_argument("--n-samples", type=int, default=2_000_000)
+    parser.add_argument("--n-features", type=int, default=16)
+    parser.add_argument("--n-components", type=int, default=8)
+    parser.add_argument("--chunk-rows", type=int, default=100_000)
+    parser.add_argument("--iters", type=int, default=5, help="EM iterations per timed fit")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds", default=f"{init.KMEANS_PARALLEL_ROUNDS},5", help="k-means|| round counts to time, comma-separated"
+    )
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    path = write_blobs_zarr(
+        args.path, args.n_samples, args.n_features, args.n_components, chunk_rows=args.chunk_rows, seed=0
+    )
+    written = time.perf_counter() - t0
+    X = da.from_zarr(path)
+    if X.shape != (args.n_samples, args.n_features):
+        raise SystemExit(f"{path} holds {X.shape}; remove it or pass matching --n-samples/--n-features")
+    k = args.n_components
+    rows = []
+    with dask.config.set(scheduler="threads"):
+        for repeat in range(args.repeats):
+            em1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat)
+            em4 = em_seconds_per_iteration(X, k, 4, args.iters, repeat)
+            full1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat, "full")
+            rounds = [int(r) for r in args.rounds.split(",")]
+            km_s, km_passes, n_lloyd, n_candidates = kmeans_init_seconds(X, k, repeat, rounds[0])
+            more = {r: kmeans_init_seconds(X, k, repeat, r) for r in rounds[1:]}
+            pp_s, pp_passes = plusplus_init_seconds(X, k, repeat)
+            row = dict(
+                repeat=repeat,
+                em_s_per_iter_n_init_1=em1,
+                em_s_per_iter_n_init_4=em4,
+                restarts_ratio=em4 / em1,
+                full_em_s_per_iter=full1,
+                kmeans_rounds=rounds[0],
+                kmeans_init_s=km_s,
+                kmeans_init_passes=km_passes,
+                kmeans_lloyd_passes=n_lloyd,
+                kmeans_candidates=n_candidates,
+                kmeans_init_in_em_iters=km_s / em1,
+                kmeans_init_in_full_em_iters=km_s / full1,
+                plusplus_init_s=pp_s,
+                plusplus_init_passes=pp_passes,
+                plusplus_init_in_em_iters=pp_s / em1,
+            )
+            for r, (seconds, passes, _, _) in more.items():
+                row[f"kmeans_{r}_rounds_init_s"] = seconds
+                row[f"kmeans_{r}_rounds_init_passes"] = passes
+                row[f"kmeans_{r}_rounds_init_in_em_iters"] = seconds / em1
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary = {
+        key: statistics.median(r[key] for r in rows)
+        for key in rows[0]
+        if key != "repeat"
+    }
+    summary.update(
+        n_samples=args.n_samples,
+        n_features=args.n_features,
+        n_components=k,
+        chunk_rows=args.chunk_rows,
+        n_chunks=int(X.numblocks[0]),
+        gib=X.nbytes / 2**30,
+        repeats=args.repeats,
+        oversampling_factor=init.OVERSAMPLING_FACTOR,
+        seconds_to_write_data=written,
+        cpus=os.cpu_count(),
+        load_average=os.getloadavg()[0],
+        python=platform.python_version(),
+        numpy=np.__version__,
+        dask=dask.__version__,
+        dgmm=dgmm.__version__,
+    )
+    print(json.dumps({"median": summary}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
