@@ -120,12 +120,13 @@ class Workspace:
     def __init__(self):
         self._arrays: dict[str, np.ndarray] = {}
 
-    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A contiguous float64 scratch array of ``shape`` (contents undefined)."""
+    def get(self, name: str, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
+        """A contiguous scratch array of ``shape`` and ``dtype`` (contents undefined)."""
         size = int(np.prod(shape))
-        array = self._arrays.get(name)
+        key = (name, np.dtype(dtype).char)
+        array = self._arrays.get(key)
         if array is None or array.size < size:
-            array = self._arrays[name] = np.empty(size)
+            array = self._arrays[key] = np.empty(size, dtype=dtype)
         return array[:size].reshape(shape)
 
 
@@ -140,8 +141,8 @@ def _thread_workspace() -> Workspace:
     return work
 
 
-def _scratch(work: Workspace | None, name: str, shape) -> np.ndarray:
-    return np.empty(shape) if work is None else work.get(name, shape)
+def _scratch(work: Workspace | None, name: str, shape, dtype=np.float64) -> np.ndarray:
+    return np.empty(shape, dtype=dtype) if work is None else work.get(name, shape, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -263,8 +264,9 @@ def _quadratic_form(y: np.ndarray, params: ChunkParams, work: Workspace | None =
     if kind == "full":
         # All components in one GEMM: y @ [U_1 ... U_k] - [μ_1 U_1 ... μ_k U_k].
         stacked = np.ascontiguousarray(prec_chol.transpose(1, 0, 2)).reshape(n_features, n_components * n_features)
-        offsets = np.einsum("ki,kij->kj", means, prec_chol).reshape(-1)
-        z = np.matmul(y, stacked, out=_scratch(work, "z", (n, n_components * n_features)))
+        offsets = np.einsum("ki,kij->kj", means, prec_chol).reshape(-1).astype(y.dtype, copy=False)
+        stacked = stacked.astype(y.dtype, copy=False)
+        z = np.matmul(y, stacked, out=_scratch(work, "z", (n, n_components * n_features), y.dtype))
         z -= offsets
         z *= z
         return np.einsum("nkd->nk", z.reshape(n, n_components, n_features))
@@ -297,7 +299,7 @@ def estimate_log_gaussian_prob(y: np.ndarray, params: ChunkParams, work: Workspa
     n_features = y.shape[1]
     log_det = log_det_cholesky(params.precisions_cholesky, params.covariance_type, n_features)
     quad = _quadratic_form(y, params, work)
-    return -0.5 * (n_features * math.log(2 * math.pi) + quad) + log_det
+    return -0.5 * (n_features * math.log(2 * math.pi) + quad) + log_det.astype(y.dtype, copy=False)
 
 
 def logsumexp_rows(a: np.ndarray) -> np.ndarray:
@@ -377,20 +379,24 @@ def statistics_from_resp(
     """
     n_components = resp.shape[1]
     if sample_weight is not None:
-        resp = resp * sample_weight[:, None]
-    nk = resp.sum(axis=0)
+        resp = resp * sample_weight[:, None].astype(resp.dtype, copy=False)
+    nk = resp.sum(axis=0, dtype=np.float64)
     if covariance_type == "full":
         # Shifted by each component's own mean: d_ki = y_i - s_k, all k at
         # once in (k, n, d) layout so each product is one contiguous GEMM.
         shape = (n_components,) + y.shape
-        # w_ki = sqrt(r_ik) (y_i - s_k); Σ_i w_ki w_kiᵀ by a symmetric rank-k update.
-        w = np.subtract(y[None, :, :], shifts[:, None, :], out=_scratch(work, "d", shape))
-        w *= np.sqrt(resp.T)[:, :, None]
-        sx = resp.T @ y - nk[:, None] * shifts
+        # d_ki = y_i - s_k; Σ r d by a batched GEMV, then w = sqrt(r) d and
+        # Σ_i w_ki w_kiᵀ by a symmetric rank-k update (float32 blocks for
+        # float32 input: the products are shifted, the sums across blocks float64).
+        resp_t = resp.T.astype(y.dtype, copy=False)
+        w = np.subtract(y[None, :, :], shifts.astype(y.dtype)[:, None, :], out=_scratch(work, "d", shape, y.dtype))
+        sx = np.matmul(resp_t[:, None, :], w)[:, 0, :].astype(np.float64)
+        w *= np.sqrt(resp_t)[:, :, None]
+        syrk = blas.ssyrk if y.dtype == np.float32 else blas.dsyrk
         sxx = np.empty((n_components, y.shape[1], y.shape[1]))
         for k in range(n_components):
             # C-ordered (n, d) is Fortran-ordered (d, n): syrk of wᵀ gives wᵀw, upper triangle.
-            upper = blas.dsyrk(1.0, w[k].T, trans=0, lower=0)
+            upper = syrk(1.0, w[k].T, trans=0, lower=0)
             sxx[k] = np.triu(upper) + np.triu(upper, 1).T
     else:
         sx = resp.T @ y
@@ -404,7 +410,7 @@ def statistics_from_resp(
         nk=nk,
         sx=sx,
         sxx=sxx,
-        sy=y.sum(axis=0) if sample_weight is None else sample_weight @ y,
+        sy=y.sum(axis=0, dtype=np.float64) if sample_weight is None else sample_weight @ y.astype(np.float64),
         n_samples=int(y.shape[0]) if sample_weight is None else float(sample_weight.sum()),
         log_likelihood=float(log_likelihood),
         n_nonfinite=int(n_nonfinite),
@@ -445,6 +451,8 @@ def e_step_statistics(
     out = []
     work = _thread_workspace()
     for params in batch:
+        if X.dtype == np.float32 and params.covariance_type == "full":
+            params = cast_params(params, np.float32)
         rows = block_rows(params.means.shape[0], X.shape[1])
         total = None
         for start in range(0, max(X.shape[0], 1), rows):
@@ -458,13 +466,15 @@ def e_step_statistics(
 def _e_step_block(
     X: np.ndarray, params: ChunkParams, work: Workspace | None = None, sample_weight: np.ndarray | None = None
 ) -> SufficientStatistics:
-    y = np.subtract(X, params.center, out=_scratch(work, "y", X.shape), dtype=np.float64)
+    dtype = params.center.dtype  # float32 only for float32 input to a 'full' mixture
+    y = np.subtract(X, params.center, out=_scratch(work, "y", X.shape, dtype), dtype=dtype)
     with np.errstate(under="ignore", invalid="ignore", over="ignore"):
         weighted = estimate_log_gaussian_prob(y, params, work)
         weighted += params.log_weights
         log_prob_norm = logsumexp_rows(weighted)
         weighted -= log_prob_norm[:, None]
         resp = np.exp(weighted, out=weighted)
+        log_prob_norm = log_prob_norm.astype(np.float64, copy=False)
         log_likelihood = log_prob_norm.sum() if sample_weight is None else sample_weight @ log_prob_norm
         # Non-finite rows poison the sum; count them only then (no extra pass otherwise).
         n_nonfinite = count_nonfinite_rows(X) if not np.isfinite(log_likelihood) else 0
@@ -688,21 +698,39 @@ def parameters_from_statistics(
     return weights, means, covariances
 
 
-def chunk_params(weights, means, precisions_cholesky, covariance_type, center=None) -> ChunkParams:
+def cast_params(params: ChunkParams, dtype) -> ChunkParams:
+    """The same parameters with arrays in ``dtype`` (for float32 chunk products)."""
+    return ChunkParams(
+        center=params.center.astype(dtype),
+        means=params.means.astype(dtype),
+        precisions_cholesky=params.precisions_cholesky.astype(dtype),
+        log_weights=params.log_weights.astype(dtype),
+        covariance_type=params.covariance_type,
+    )
+
+
+def chunk_params(weights, means, precisions_cholesky, covariance_type, center=None, input_dtype=None) -> ChunkParams:
     """Build the kernel's :class:`ChunkParams` (float64) from fitted parameters.
 
-    ``center`` defaults to the weighted mean of the means.
+    ``center`` defaults to the weighted mean of the means. For float32 input
+    to a 'full' mixture (whose chunk products run in float32) the centre and
+    the relative means are rounded to float32 values here, so the shifts the
+    kernel uses and the ones the M-step adds back are exactly the same.
     """
     weights = np.asarray(weights, dtype=np.float64)
     means = np.asarray(means, dtype=np.float64)
     if center is None:
         center = weights @ means / max(weights.sum(), np.finfo(np.float64).tiny)
     center = np.asarray(center, dtype=np.float64)
+    relative = means - center
+    if input_dtype is not None and np.dtype(input_dtype) == np.float32 and covariance_type == "full":
+        center = center.astype(np.float32).astype(np.float64)
+        relative = (means - center).astype(np.float32).astype(np.float64)
     with np.errstate(divide="ignore"):
         log_weights = np.log(weights)
     return ChunkParams(
         center=center,
-        means=means - center,
+        means=relative,
         precisions_cholesky=np.asarray(precisions_cholesky, dtype=np.float64),
         log_weights=log_weights,
         covariance_type=covariance_type,

@@ -85,8 +85,10 @@ class _Run:
     converged: bool = False
     start_time: float = 0.0
 
-    def params(self, covariance_type: str) -> chunk.ChunkParams:
-        return chunk.chunk_params(self.weights, self.means, self.precisions_cholesky, covariance_type)
+    def params(self, covariance_type: str, input_dtype=None) -> chunk.ChunkParams:
+        return chunk.chunk_params(
+            self.weights, self.means, self.precisions_cholesky, covariance_type, input_dtype=input_dtype
+        )
 
 
 class GaussianMixture(DensityMixin, BaseEstimator):
@@ -483,7 +485,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _em_batch(self, runs, active) -> tuple[chunk.ChunkParams, ...]:
         """The parameter sets of the active restarts, as the chunk kernels take them."""
-        return tuple(runs[i].params(self.covariance_type) for i in active)
+        return tuple(runs[i].params(self.covariance_type, self._dtype) for i in active)
 
     def _em_update(self, data, runs, active, batch, stats_list, n_iter, eps, float32, iter_time):
         """M-steps of the active restarts from one pass's statistics; convergence bookkeeping."""

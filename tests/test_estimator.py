@@ -274,3 +274,20 @@ def test_one_iteration_holds_no_array_with_n_samples_rows():
         (stats,) = graph.e_step_statistics(graph.RowBlocks(X), (params,), split_every=4).compute(scheduler="threads")
     assert stats.n_samples == n
     assert largest and max(largest) <= 37
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_float32_full_runs_shifted_float32_products_close_to_float64(offset):
+    """float32 'full' chunks compute in float32 (shifted); sums are float64: lower bound within 1e-4."""
+    rng = np.random.default_rng(51)
+    d = 32
+    centers = rng.normal(size=(4, d)) * 4
+    X = (centers[rng.integers(0, 4, size=6000)] + rng.normal(size=(6000, d)) + offset).astype(np.float32)
+    X64 = X.astype(np.float64)
+    kwargs = dict(n_components=4, covariance_type="full", random_state=0, tol=0, max_iter=15)
+    a = GaussianMixture(**kwargs).fit(da.from_array(X64, chunks=(1000, d)))
+    b = GaussianMixture(**kwargs).fit(da.from_array(X, chunks=(1000, d)))
+    assert b.means_.dtype == np.float32
+    np.testing.assert_allclose(b.lower_bound_, a.lower_bound_, rtol=1e-4)
+    np.testing.assert_allclose(b.means_, a.means_, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(b.covariances_, a.covariances_, rtol=1e-3, atol=1e-3)
