@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -221,10 +222,15 @@ def open_cluster(config):
 
 
 def _jobqueue_cluster(jq, config):
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         import dask_jobqueue
     except ImportError:
         raise ConfigError("cluster.jobqueue needs dask-jobqueue: pip install 'dgmm[hpc]'") from None
+    finally:
+        # dask_jobqueue installs a SIGINT handler that calls sys.exit(); keep Ctrl-C a KeyboardInterrupt
+        # so an interrupted fit reports it, leaves its checkpoint and exits with 130.
+        signal.signal(signal.SIGINT, previous_sigint)
     cls = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}[jq.system]
     kwargs = dict(cores=jq.cores, memory=jq.memory, processes=jq.processes or 1,
                   job_extra_directives=jq.job_extra_directives, job_script_prologue=jq.job_script_prologue,

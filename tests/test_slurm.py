@@ -149,9 +149,6 @@ def test_fit_on_slurm_jobs_survives_a_cancelled_job_by_resuming_on_new_jobs(tmp_
     assert not checkpoint.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="importing dask_jobqueue installs a SIGINT handler that calls sys.exit(): "
-                   "Ctrl-C ends `dgmm fit` with status 0 and without the 'interrupted' message; dgmm/cli.py "
-                   "should restore signal.default_int_handler after importing dask_jobqueue")
 def test_ctrl_c_while_waiting_for_slurm_jobs_exits_130(tmp_path, slurm):
     X = blobs(1_000, 2)
     np.save(tmp_path / "x.npy", X)
