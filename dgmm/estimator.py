@@ -785,7 +785,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
           there is no convergence test: ``tol`` and ``max_iter`` are not used.
         - Results depend on the order and size of the batches; the first
           batch alone seeds the components (a cluster absent from it is hard
-          to recover), and small batches make noisier steps.
+          to recover), and small batches make noisier steps. Progress comes
+          per step, not per row: many moderate batches beat a few huge ones.
         - A decaying step size assumes a stationary stream; for slow drift use
           a small ``learning_decay`` (close to 0.5).
 
