@@ -826,11 +826,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     init = self._check_init_parameters(n_features)
                     random_state = check_random_state(self.random_state)
                     runs = self._initialize_runs(data, self.n_init, random_state, *init, eps)
-                    candidates = [MixtureParameters(r.weights, r.means, r.covariances, r.precisions_cholesky) for r in runs]
+                    candidates = [
+                        MixtureParameters(r.weights, r.means, r.covariances, r.precisions_cholesky) for r in runs
+                    ]
                 else:
                     names = ("weights_", "means_", "covariances_", "precisions_cholesky_")
                     candidates = [MixtureParameters(*(np.asarray(getattr(self, n), dtype=np.float64) for n in names))]
-                state = OnlineEM(candidates, self.covariance_type, float(self.reg_covar), eps, self._dtype == np.float32)
+                float32 = self._dtype == np.float32
+                state = OnlineEM(candidates, self.covariance_type, float(self.reg_covar), eps, float32)
                 self.lower_bounds_ = []
             mean_log_likelihood = state.step(data, learning_decay)
         seconds = time.perf_counter() - start
@@ -842,7 +845,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.converged_ = False
         self.n_passes_ = data.n_passes
         self._online = (state, self.means_)
-        logger.info("partial_fit step %d: %d rows, mean log-likelihood %.8f", state.n_steps, n_samples, mean_log_likelihood)
+        logger.info(
+            "partial_fit step %d: %d rows, mean log-likelihood %.8f", state.n_steps, n_samples, mean_log_likelihood
+        )
         info = IterationInfo(
             n_iter=state.n_steps,
             lower_bound=float(mean_log_likelihood),
