@@ -1,0 +1,182 @@
+"""Worker loss: SIGKILLed worker processes mid-iteration; the fit completes with the undisturbed parameters.
+
+The parameters of an EM iteration are a key of that iteration's graph (a literal
+the scheduler holds), not data scattered to workers, so the scheduler can
+recompute them after every worker holding them died. Each chunk task reads its
+rows from a Zarr file and sleeps a little, so an iteration lasts long enough for a
+kill to land in the middle of it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from dask.utils import key_split
+from distributed import Client, Future, LocalCluster
+
+from dgmm import GaussianMixture, chunk, graph
+from conftest import make_mixture
+
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
+CHUNK_DELAY = 0.03  # seconds per chunk task: an iteration of 24 chunks on 2 workers lasts >= 0.36 s
+KWARGS = dict(n_components=3, covariance_type="full", random_state=0, tol=0.0, max_iter=6)
+
+
+def slow_rows(block):
+    """Identity on a block of rows, after a short sleep (runs on the workers)."""
+    time.sleep(CHUNK_DELAY)
+    return block
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two single-threaded worker processes, each under a nanny that restarts it when it dies.
+
+    distributed's SpecCluster closes a worker for good if it is not back
+    ``lost-worker-timeout`` after *a* removal, and that timer is not cancelled when
+    the worker comes back: a worker killed twice within the timeout (here: once
+    per test) can be dropped while its second restart is under way. A long
+    timeout keeps the stale timers from firing during this module.
+    """
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         host="127.0.0.1") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    X = make_mixture(n_samples=4000, n_features=3, seed=41)
+    path = tmp_path_factory.mktemp("workers") / "x.zarr"
+    zarr.open_array(str(path), mode="w", shape=X.shape, chunks=(167, 3), dtype="f8")[:] = X
+    return str(path)
+
+
+def slow_array(path):
+    return da.from_zarr(path).map_blocks(slow_rows, dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(client, data):
+    return GaussianMixture(**KWARGS).fit(slow_array(data))
+
+
+def _iteration_state(dask_scheduler):
+    """What the scheduler holds of the E-step pass now running (runs in the scheduler)."""
+    from dask._task_spec import DataNode
+
+    e_steps = [ts for key, ts in dask_scheduler.tasks.items() if key_split(key) == "e_step_statistics"]
+    params = [ts for ts in dask_scheduler.tasks.values()
+              if isinstance(ts.run_spec, DataNode) and isinstance(ts.run_spec.value, tuple)
+              and ts.run_spec.value and all(isinstance(p, chunk.ChunkParams) for p in ts.run_spec.value)]
+    return {
+        "e_steps": len(e_steps),
+        "processing": sum(ts.state == "processing" for ts in e_steps),
+        "done": sum(ts.state not in ("waiting", "queued", "no-worker", "processing") for ts in e_steps),
+        "params": [(ts.state, sorted(ws.address for ws in (ts.who_has or ()))) for ts in params],
+    }
+
+
+class KillWorkers:
+    """An EM callback: after iteration ``after``, SIGKILL ``addresses``' processes once the next pass runs."""
+
+    def __init__(self, client, addresses, after=2):
+        self.client, self.addresses, self.after = client, list(addresses), after
+        self.pids = {a: p for a, p in client.run(os.getpid).items() if a in self.addresses}
+        self.state = None
+        self.killed_at = None
+        self.thread = None
+
+    def __call__(self, info):
+        if info.n_iter == self.after:
+            self.thread = threading.Thread(target=self._kill, args=(info.n_iter + 1,), daemon=True)
+            self.thread.start()
+
+    def _kill(self, iteration):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = self.client.run_on_scheduler(_iteration_state)
+            if state["processing"] and 4 <= state["done"] <= state["e_steps"] - 4:
+                for pid in self.pids.values():
+                    os.kill(pid, signal.SIGKILL)
+                self.state, self.killed_at = state, iteration
+                return
+            time.sleep(0.005)
+
+
+def assert_same(a, b):
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-10, atol=0, err_msg=name)
+    np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-10)
+    assert a.n_iter_ == b.n_iter_
+
+
+def wait_for_restarts(client, old_pids, n_workers=2, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = client.run(os.getpid)
+        if len(pids) == n_workers and not set(pids.values()) & set(old_pids.values()):
+            return pids
+        time.sleep(0.2)
+    nannies = {name: (str(n.status), str(n.process and n.process.status), n.process and n.process.pid)
+               for name, n in client.cluster.workers.items()}
+    raise AssertionError(f"the nannies did not restart the workers in {timeout} s: {pids} {nannies}")
+
+
+def test_parameters_are_a_recomputable_key_of_each_pass():
+    """The batch of parameters is one literal key (no Future, no outside key) that every chunk task depends on."""
+    from dask._task_spec import DataNode
+
+    X = da.from_array(make_mixture(n_samples=500, n_features=2), chunks=(37, 2))
+    params = chunk.chunk_params(np.full(3, 1 / 3), np.zeros((3, 2)), np.stack([np.eye(2)] * 3), "full")
+    lazy = graph.e_step_statistics(graph.RowBlocks(X), (params,), split_every=3)
+    dsk = dict(lazy.__dask_graph__())
+    holders = [k for k, v in dsk.items() if isinstance(v, DataNode) and isinstance(v.value, tuple)
+               and v.value and isinstance(v.value[0], chunk.ChunkParams)]
+    assert len(holders) == 1, holders
+    (key,) = holders
+    e_steps = {k: v for k, v in dsk.items() if key_split(k) == "e_step_statistics"}
+    assert len(e_steps) == X.numblocks[0]
+    assert all(key in v.dependencies for v in e_steps.values())
+    # self-contained: every dependency is a key of the graph, nothing refers to data held elsewhere
+    for k, v in dsk.items():
+        assert not isinstance(getattr(v, "value", None), Future), k
+        assert set(getattr(v, "dependencies", ())) <= set(dsk), k
+
+
+@pytest.mark.slow
+def test_one_worker_killed_mid_iteration(client, data, undisturbed):
+    victim = sorted(client.scheduler_info()["workers"])[0]
+    killer = KillWorkers(client, [victim], after=2)
+    gm = GaussianMixture(**KWARGS, callbacks=[killer]).fit(slow_array(data))
+    killer.thread.join(timeout=5)
+    assert killer.killed_at == 3, "the kill did not land during iteration 3"
+    state = killer.state
+    assert state["processing"] >= 1 and 4 <= state["done"] < state["e_steps"], state  # mid-pass
+    assert_same(gm, undisturbed)
+    wait_for_restarts(client, killer.pids, n_workers=2)
+
+
+@pytest.mark.slow
+def test_every_worker_killed_once_and_restarted_by_its_nanny(client, data, undisturbed):
+    workers = sorted(client.scheduler_info()["workers"])
+    killer = KillWorkers(client, workers, after=3)
+    gm = GaussianMixture(**KWARGS, callbacks=[killer]).fit(slow_array(data))
+    killer.thread.join(timeout=5)
+    assert killer.killed_at == 4
+    state = killer.state
+    assert state["processing"] >= 1 and 4 <= state["done"] < state["e_steps"], state
+    # the parameters were held only by workers that died: the scheduler recomputed them from the graph
+    (params_state,) = state["params"]
+    assert params_state[0] == "memory" and set(params_state[1]) <= set(workers)
+    assert_same(gm, undisturbed)
+    new_pids = wait_for_restarts(client, killer.pids, n_workers=2)
+    assert len(new_pids) == 2
