@@ -330,7 +330,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             self._print_verbose_msg_init_beg(init)
 
         with single_threaded_blas():
-            self._fit_passes(data, random_state, n_init, do_init, weights_init, means_init, precisions_init, eps, resume)
+            self._fit_passes(
+                data, random_state, n_init, do_init, weights_init, means_init, precisions_init, eps, resume
+            )
         return Xv
 
     def _fit_passes(self, data, random_state, n_init, do_init, weights_init, means_init, precisions_init, eps, resume):

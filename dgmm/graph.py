@@ -146,7 +146,9 @@ def _shared(params):
 
 def score_samples(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
     """Lazy per-row log-likelihood, a dask array with X's row chunks."""
-    out = X.map_blocks(_score_samples_chunk, _shared(params), drop_axis=1, dtype=np.float64, meta=np.empty((0,), np.float64))
+    out = X.map_blocks(
+        _score_samples_chunk, _shared(params), drop_axis=1, dtype=np.float64, meta=np.empty((0,), np.float64)
+    )
     return out.astype(dtype)
 
 

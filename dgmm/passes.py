@@ -138,7 +138,8 @@ class DataPasses:
         if self.in_process:
             self.n_passes += 1
             return chunk.init_statistics(self.numpy, 0, tuple(specs), center, covariance_type, self.sample_weight)
-        return self._compute(graph.init_statistics(self.blocks, tuple(specs), center, covariance_type, self.split_every))
+        lazy = graph.init_statistics(self.blocks, tuple(specs), center, covariance_type, self.split_every)
+        return self._compute(lazy)
 
     def _reduce_rows(self, chunk_fn, args, combine):
         """One pass: ``chunk_fn(block, row_start, args)`` of every chunk, tree-reduced by ``combine``."""
