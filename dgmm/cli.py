@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 
-from .config import Config, ConfigError, load_config, parse_config
+from .config import ClusterConfig, Config, ConfigError, load_config, parse_config
 
 logger = logging.getLogger("dgmm.cli")
 
@@ -181,9 +181,16 @@ def open_cluster(config):
         if kind == "local":
             from distributed import LocalCluster
 
+            # Thread workers (processes: false) talk in memory (inproc://), which listens on nothing and
+            # takes no host; a host set away from the default loopback asks for TCP there.
+            network = {"host": config.host}
+            if not config.processes:
+                default_host = ClusterConfig.__dataclass_fields__["host"].default
+                network = {"protocol": "inproc://"} if config.host == default_host else \
+                    {"protocol": "tcp://", "host": config.host}
             cluster = stack.enter_context(LocalCluster(
                 n_workers=config.n_workers, threads_per_worker=config.threads_per_worker,
-                processes=config.processes, memory_limit=config.memory_limit, host=config.host,
+                processes=config.processes, memory_limit=config.memory_limit, **network,
                 dashboard_address=config.dashboard_address, silence_logs=logging.ERROR,
             ))
             client = stack.enter_context(Client(cluster))
