@@ -3,6 +3,8 @@
 Measured side by side in one process, repeats interleaved so that drift on a
 shared machine hits every variant alike:
 
+* seconds of a pass that only reads the chunks (the part of an EM iteration
+  that restarts share);
 * seconds per EM iteration (diag) with ``n_init=4`` and with ``n_init=1``
   (read from the per-iteration ``callbacks``, so the initialisation is not
   counted; ``tol=0`` keeps all restarts running), and their ratio; and per
@@ -11,7 +13,9 @@ shared machine hits every variant alike:
   candidate weighing, Lloyd passes; ``n_init=1``) for each number of rounds
   in ``--rounds`` (the first is reported as ``kmeans_*``), and of the
   out-of-core 'k-means++', each as a number of diag (and full) EM iterations
-  (``n_init=1``).
+  (``n_init=1``). The initialisation is timed as a whole ``fit`` with
+  ``max_iter=0`` (validation, initialisation, no EM pass), so it runs with
+  the same single-threaded BLAS as the EM passes.
 
 Writes the blobs array (``dgmm.datasets.write_blobs_zarr``) if it is missing
 and prints one JSON line per repeat, then one with the medians.
@@ -37,7 +41,6 @@ from sklearn.exceptions import ConvergenceWarning
 import dgmm
 from dgmm import GaussianMixture, init
 from dgmm.datasets import write_blobs_zarr
-from dgmm.passes import DataPasses
 
 
 def em_seconds_per_iteration(X, n_components, n_init, iters, seed, covariance_type="diag"):
@@ -60,18 +63,28 @@ def em_seconds_per_iteration(X, n_components, n_init, iters, seed, covariance_ty
     return statistics.median(seconds)
 
 
-def kmeans_init_seconds(X, n_components, seed, rounds=None):
-    data = DataPasses(X)
+def read_seconds(X):
+    """Seconds of a pass that only reads and decompresses every chunk."""
+    rows = [dask.delayed(len)(block) for block in X.to_delayed().ravel()]
     t0 = time.perf_counter()
-    result = init.kmeans_parallel(data, n_components, seeds=(seed,), covariance_type="diag", rounds=rounds)
-    return time.perf_counter() - t0, data.n_passes, result.n_lloyd[0], result.n_candidates[0]
+    assert sum(dask.compute(*rows)) == X.shape[0]
+    return time.perf_counter() - t0
 
 
-def plusplus_init_seconds(X, n_components, seed):
-    data = DataPasses(X)
-    t0 = time.perf_counter()
-    init.kmeans_plusplus_rows(data, n_components, seeds=(seed,))
-    return time.perf_counter() - t0, data.n_passes
+def init_seconds(X, n_components, seed, init_params, rounds=None):
+    """Seconds and passes of the out-of-core initialisation alone: a fit with ``max_iter=0``."""
+    default_rounds = init.KMEANS_PARALLEL_ROUNDS
+    if rounds is not None:
+        init.KMEANS_PARALLEL_ROUNDS = rounds
+    try:
+        gm = GaussianMixture(
+            n_components, covariance_type="diag", init_params=init_params, max_iter=0, random_state=seed
+        )
+        t0 = time.perf_counter()
+        gm.fit(X)
+        return time.perf_counter() - t0, gm.n_passes_
+    finally:
+        init.KMEANS_PARALLEL_ROUNDS = default_rounds
 
 
 def main():
@@ -100,31 +113,33 @@ def main():
     rows = []
     with dask.config.set(scheduler="threads"):
         for repeat in range(args.repeats):
+            read = read_seconds(X)
             em1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat)
             em4 = em_seconds_per_iteration(X, k, 4, args.iters, repeat)
             full1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat, "full")
             rounds = [int(r) for r in args.rounds.split(",")]
-            km_s, km_passes, n_lloyd, n_candidates = kmeans_init_seconds(X, k, repeat, rounds[0])
-            more = {r: kmeans_init_seconds(X, k, repeat, r) for r in rounds[1:]}
-            pp_s, pp_passes = plusplus_init_seconds(X, k, repeat)
+            km_s, km_passes = init_seconds(X, k, repeat, "kmeans", rounds[0])
+            more = {r: init_seconds(X, k, repeat, "kmeans", r) for r in rounds[1:]}
+            pp_s, pp_passes = init_seconds(X, k, repeat, "k-means++")
             row = dict(
                 repeat=repeat,
                 em_s_per_iter_n_init_1=em1,
                 em_s_per_iter_n_init_4=em4,
                 restarts_ratio=em4 / em1,
+                read_s_per_pass=read,
+                # if reading were shared and each restart cost (em1 - read) of compute:
+                restarts_ratio_if_compute_bound=(read + 4 * (em1 - read)) / em1,
                 full_em_s_per_iter=full1,
                 kmeans_rounds=rounds[0],
                 kmeans_init_s=km_s,
                 kmeans_init_passes=km_passes,
-                kmeans_lloyd_passes=n_lloyd,
-                kmeans_candidates=n_candidates,
                 kmeans_init_in_em_iters=km_s / em1,
                 kmeans_init_in_full_em_iters=km_s / full1,
                 plusplus_init_s=pp_s,
                 plusplus_init_passes=pp_passes,
                 plusplus_init_in_em_iters=pp_s / em1,
             )
-            for r, (seconds, passes, _, _) in more.items():
+            for r, (seconds, passes) in more.items():
                 row[f"kmeans_{r}_rounds_init_s"] = seconds
                 row[f"kmeans_{r}_rounds_init_passes"] = passes
                 row[f"kmeans_{r}_rounds_init_in_em_iters"] = seconds / em1

@@ -165,6 +165,11 @@ def _as_float64(X: np.ndarray) -> np.ndarray:
     return np.asarray(X, dtype=np.float64)
 
 
+def _nonfinite_rows(X: np.ndarray, column_sums: np.ndarray) -> int:
+    """Rows of X holding NaN or infinity, counted only when the column sums say there may be some."""
+    return 0 if np.isfinite(column_sums).all() else count_nonfinite_rows(X)
+
+
 # ---------------------------------------------------------------------------
 # k-means‖ rounds (Bahmani et al., 2012)
 # ---------------------------------------------------------------------------
@@ -271,11 +276,11 @@ def parallel_round_chunk(X: np.ndarray, row_start: int, args: ParallelRoundArgs)
     tuple of ParallelRound, one per restart.
     """
     x = _as_float64(X)
-    n_nonfinite = count_nonfinite_rows(X)
     out = []
     with np.errstate(invalid="ignore", over="ignore"):
         y = x - args.origin
         sum_shifted = y.sum(axis=0)
+        n_nonfinite = _nonfinite_rows(X, sum_shifted)
         shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.candidates)
         sampling = args.oversampling > 0
         labels, min_distances = nearest_centers(y, shifted, with_labels=not sampling)
@@ -433,12 +438,12 @@ def plusplus_round_chunk(X: np.ndarray, row_start: int, args: PlusPlusArgs) -> t
     tuple of PlusPlusRound, one per restart.
     """
     x = _as_float64(X)
-    n_nonfinite = count_nonfinite_rows(X)
     n = x.shape[0]
     out = []
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         y = x - args.origin
         sum_shifted = y.sum(axis=0)
+        n_nonfinite = _nonfinite_rows(X, sum_shifted)
         shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.centers)
         _, closest = nearest_centers(y, shifted)
         for r, (trials, seed) in enumerate(zip(args.trials, args.seeds)):
@@ -552,10 +557,12 @@ class LloydStep(NamedTuple):
 def hard_assignment_statistics(
     y: np.ndarray, labels: np.ndarray, n_components: int, covariance_type: str, n_nonfinite: int = 0
 ) -> SufficientStatistics:
-    """Gaussian-mixture statistics of one-hot responsibilities, in O(n_samples · cost per row).
+    """Gaussian-mixture statistics of one-hot responsibilities.
 
     Equal to ``chunk.statistics_from_resp(y, one_hot(labels), zeros, covariance_type)``
-    up to rounding, but each row is visited for its own component only.
+    up to rounding. 'full' groups the rows by label so each row's outer
+    product is formed for its own component only; the other types use
+    one-hot products over cache-sized row blocks.
 
     Parameters
     ----------
@@ -570,35 +577,42 @@ def hard_assignment_statistics(
     -------
     SufficientStatistics
     """
-    n_features = y.shape[1]
+    n_samples, n_features = y.shape
     counts = np.bincount(labels, minlength=n_components)
-    ordered = y[_label_order(labels, n_components)]
-    stops = np.cumsum(counts)
-    starts = stops - counts
     sx = np.zeros((n_components, n_features))
     if covariance_type == "full":
         sxx = np.zeros((n_components, n_features, n_features))
-    elif covariance_type == "tied":
-        sxx = y.T @ y
-    elif covariance_type == "diag":
-        sxx = np.zeros((n_components, n_features))
-    else:
-        sxx = np.zeros(n_components)
-    for k in np.flatnonzero(counts):
-        block = ordered[starts[k] : stops[k]]
-        sx[k] = block.sum(axis=0)
-        if covariance_type == "full":
+        ordered = y[_label_order(labels, n_components)]
+        stops = np.cumsum(counts)
+        for k in np.flatnonzero(counts):
+            block = ordered[stops[k] - counts[k] : stops[k]]
+            sx[k] = block.sum(axis=0)
             sxx[k] = block.T @ block
+    else:
+        if covariance_type == "tied":
+            sxx = y.T @ y
         elif covariance_type == "diag":
-            sxx[k] = np.einsum("ij,ij->j", block, block)
-        elif covariance_type == "spherical":
-            sxx[k] = np.einsum("ij,ij->", block, block)
+            sxx = np.zeros((n_components, n_features))
+        else:
+            sxx = np.zeros(n_components)
+        rows = max(64, DISTANCE_BLOCK_ROWS * 16 // max(n_components, 16))  # one-hot blocks of <= 64k values
+        resp = np.zeros((min(rows, n_samples), n_components))
+        for start in range(0, n_samples, rows):
+            block = y[start : start + rows]
+            onehot = resp[: len(block)]
+            onehot[np.arange(len(block)), labels[start : start + rows]] = 1.0
+            sx += onehot.T @ block
+            if covariance_type == "diag":
+                sxx += onehot.T @ (block * block)
+            elif covariance_type == "spherical":
+                sxx += onehot.T @ np.einsum("ij,ij->i", block, block)
+            onehot[np.arange(len(block)), labels[start : start + rows]] = 0.0
     return SufficientStatistics(
         nk=counts.astype(np.float64),
         sx=sx,
         sxx=sxx,
         sy=y.sum(axis=0),
-        n_samples=int(y.shape[0]),
+        n_samples=int(n_samples),
         log_likelihood=0.0,
         n_nonfinite=int(n_nonfinite),
     )
@@ -619,10 +633,10 @@ def lloyd_chunk(X: np.ndarray, row_start: int, args: LloydArgs) -> tuple[LloydSt
     tuple of LloydStep, one per restart.
     """
     x = _as_float64(X)
-    n_nonfinite = count_nonfinite_rows(X)
     out = []
     with np.errstate(invalid="ignore", over="ignore"):
         y = x - args.center
+        n_nonfinite = _nonfinite_rows(X, y.sum(axis=0))
         shifted = tuple(np.asarray(c, dtype=np.float64) - args.center for c in args.centers)
         labels, min_distances = nearest_centers(y, shifted)
         for r, centers in enumerate(shifted):
