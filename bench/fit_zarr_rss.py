@@ -8,6 +8,7 @@ psutil. Prints one JSON line: data size, seconds per EM iteration, peak RSS
 (sampled, and the kernel's exact high-water mark from getrusage) and versions.
 
     python bench/fit_zarr_rss.py --path data/bench_2gb.zarr --covariance-type full
+    python bench/fit_zarr_rss.py --path data/bench_8gb.zarr --n-samples 64000000 --init-params random --max-iter 3
 """
 
 from __future__ import annotations
@@ -111,13 +112,21 @@ class ComputeTimes(Callback):
     def __init__(self):
         super().__init__()
         self.seconds: list[float] = []
-        self._starts: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self._starts: list[tuple[float, float]] = []
+
+    @staticmethod
+    def _cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     def _start(self, dsk):
-        self._starts.append(time.perf_counter())
+        self._starts.append((time.perf_counter(), self._cpu()))
 
     def _finish(self, dsk, state, errored):
-        self.seconds.append(time.perf_counter() - self._starts.pop())
+        wall, cpu = self._starts.pop()
+        self.seconds.append(time.perf_counter() - wall)
+        self.cpu_seconds.append(self._cpu() - cpu)
 
 
 def main():
@@ -129,6 +138,8 @@ def main():
     parser.add_argument("--n-components", type=int, default=8)
     parser.add_argument("--covariance-type", default="full", choices=["full", "tied", "diag", "spherical"])
     parser.add_argument("--max-iter", type=int, default=5)
+    parser.add_argument("--init-params", default="kmeans",
+                        help="'random' (one cheap pass) keeps the initialisation from dominating large runs")
     args = parser.parse_args()
 
     ensure_data(args.path, args.n_samples, args.n_features, args.chunk_rows)
@@ -143,8 +154,10 @@ def main():
         covariance_type=args.covariance_type,
         max_iter=args.max_iter,
         tol=0,
+        init_params=args.init_params,
         random_state=0,
     )
+    load_before = [round(x, 2) for x in os.getloadavg()]
     sampler.start()
     t0 = time.perf_counter()
     with dask.config.set(scheduler="threads"), times, warnings.catch_warnings():
@@ -155,6 +168,7 @@ def main():
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     iteration_seconds = times.seconds[-gm.n_iter_ :]
+    iteration_cpu_seconds = times.cpu_seconds[-gm.n_iter_ :]
     row = dict(
         n_samples=int(X.shape[0]),
         n_features=int(X.shape[1]),
@@ -171,6 +185,9 @@ def main():
         seconds_per_iteration=round(statistics.median(iteration_seconds), 2),
         iteration_seconds=[round(t, 2) for t in iteration_seconds],
         init_seconds=round(fit_seconds - sum(iteration_seconds), 2),
+        init_params=args.init_params,
+        cpu_seconds_per_iteration=round(statistics.median(iteration_cpu_seconds), 2),
+        iteration_cpu_seconds=[round(t, 2) for t in iteration_cpu_seconds],
         rss_before_fit_mb=round(rss_before_fit / MIB, 1),
         peak_rss_mb=round(peak_rss / MIB, 1),
         ru_maxrss_mb=round(maxrss / MIB, 1),
@@ -179,6 +196,8 @@ def main():
         scheduler="threads",
         cpus=os.cpu_count(),
         load_average_1min=round(os.getloadavg()[0], 2),  # other work on the machine slows the timings
+        load_average_before=load_before,
+        load_average_after=[round(x, 2) for x in os.getloadavg()],
         total_memory_mb=round(psutil.virtual_memory().total / MIB),
         python=platform.python_version(),
         dgmm=dgmm.__version__,

@@ -1,0 +1,201 @@
+"""I/O overlap: one EM iteration on a Zarr array vs merely reading and summing it, cold and warm, per codec.
+
+Two copies of the same 16,500,000 x 16 float64 array (``dgmm.datasets.write_blobs_zarr``, 100,000-row
+chunks: 165 chunks of 12.8 MB, 2.11 GB in memory) are used: Zarr v3 with the default codec (zstd
+level 0 = zstd's default level 3, what zarr, dask's ``to_zarr`` and dgmm's own writers produce) and
+uncompressed (``compressors=None``). For each repeat, copy and task, the page cache is dropped as
+root (``sync; echo 3 > /proc/sys/vm/drop_caches``) and the task timed cold, then timed again warm:
+
+* ``sum``: ``da.from_zarr(path).sum().compute()`` on the threaded scheduler (the machine's 2 threads,
+  dgmm's scheduler and chunks);
+* ``diag`` / ``full``: ``dgmm.GaussianMixture(8, covariance_type=..., max_iter=1, tol=0)`` with
+  weights, means and precisions given (no initialisation pass: exactly one pass over the data plus
+  the M-step; ``n_passes_ == 1`` is checked), timed by its per-iteration callback.
+
+Target: diag EM iteration <= 1.3x the sum, cold. Also prints, for the codec recommendation, the
+on-disk size and single-thread encode/decode rates of candidate codecs on chunks of the data and of
+dgmm's outputs (labels int64, probabilities and log-likelihoods float64). One JSON line per run,
+then summaries.
+
+    python bench/bench_io.py --repeats 3        # needs root for drop_caches; writes data/ if missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+
+from benchutil import cpu_seconds, emit, initial_parameters, load_average, machine
+
+import dgmm
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def page_cache_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bytes_on_disk(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
+
+
+def ensure_data(path: str, raw_path: str, n_samples: int, chunk_rows: int) -> None:
+    if not os.path.exists(path):
+        code = ("import sys; from dgmm.datasets import write_blobs_zarr; write_blobs_zarr(sys.argv[1], int(sys.argv[2]), "
+                "n_features=16, n_components=8, chunk_rows=int(sys.argv[3]), seed=0)")
+        subprocess.run([sys.executable, "-c", code, path, str(n_samples), str(chunk_rows)], check=True)
+    if not os.path.exists(raw_path):
+        src = da.from_zarr(path)
+        tmp = raw_path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        src.to_zarr(tmp, compressors=None, overwrite=True)
+        os.replace(tmp, raw_path)
+
+
+def run_sum(path: str) -> dict:
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    total = float(da.from_zarr(path).sum().compute())
+    return dict(seconds=time.perf_counter() - t0, cpu_seconds=cpu_seconds() - c0, value=total)
+
+
+def run_em(path: str, kind: str, init: dict) -> dict:
+    seconds = []
+    gm = dgmm.GaussianMixture(8, covariance_type=kind, max_iter=1, tol=0.0, callbacks=lambda i: seconds.append(i.seconds),
+                              **init)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm.fit(da.from_zarr(path))
+    wall = time.perf_counter() - t0
+    assert gm.n_passes_ == 1, gm.n_passes_
+    return dict(seconds=seconds[0], fit_seconds=wall, cpu_seconds=cpu_seconds() - c0, value=float(gm.lower_bound_))
+
+
+def codec_table(path: str, n_chunks: int) -> list[dict]:
+    """Size ratio and single-thread encode/decode MB/s of candidate codecs on data and dgmm outputs."""
+    import numcodecs
+
+    X = np.asarray(da.from_zarr(path)[: n_chunks * 100_000].compute())
+    init = initial_parameters(X, 8, "diag", sample=20_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = dgmm.GaussianMixture(8, covariance_type="diag", max_iter=20, **init).fit(X[:200_000])
+    outputs = {
+        "data float64": X,
+        "labels int64": gm.predict(X).astype(np.int64),
+        "probabilities float64": gm.predict_proba(X),
+        "log_likelihood float64": gm.score_samples(X),
+    }
+    codecs = {
+        "none": None,
+        "zstd level 0 (zarr default)": numcodecs.Zstd(level=0),
+        "zstd level 1": numcodecs.Zstd(level=1),
+        "blosc lz4 shuffle": numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0),
+        "blosc zstd shuffle": numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0),
+    }
+    rows = []
+    for what, array in outputs.items():
+        chunks = [np.ascontiguousarray(array[i : i + 100_000]) for i in range(0, len(array), 100_000)]
+        raw = sum(c.nbytes for c in chunks)
+        for name, codec in codecs.items():
+            if codec is None:
+                rows.append(dict(output=what, codec=name, ratio=1.0))
+                continue
+            if hasattr(numcodecs.Blosc, "set_nthreads"):
+                numcodecs.blosc.set_nthreads(1)
+            t0 = time.perf_counter()
+            encoded = [codec.encode(c) for c in chunks]
+            encode = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for e in encoded:
+                codec.decode(e)
+            decode = time.perf_counter() - t0
+            size = sum(len(e) for e in encoded)
+            rows.append(dict(output=what, codec=name, ratio=round(raw / size, 2),
+                             encode_mb_s=round(raw / encode / 2**20), decode_mb_s=round(raw / decode / 2**20)))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", default="data/bench_2gb.zarr")
+    parser.add_argument("--raw-path", default="data/bench_2gb_raw.zarr")
+    parser.add_argument("--n-samples", type=int, default=16_500_000)
+    parser.add_argument("--chunk-rows", type=int, default=100_000)
+    parser.add_argument("--tasks", default="sum,diag,full")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--codec-chunks", type=int, default=4, help="chunks in the codec table (0: skip it)")
+    args = parser.parse_args()
+    ensure_data(args.path, args.raw_path, args.n_samples, args.chunk_rows)
+    copies = {"zstd": args.path, "none": args.raw_path}
+    X = da.from_zarr(args.path)
+    emit(dict(machine=machine(), argv=vars(args), n_samples=int(X.shape[0]), chunk_rows=int(X.chunks[0][0]),
+              n_chunks=int(X.numblocks[0]), bytes_in_memory=int(X.nbytes), scheduler=dask.config.get("scheduler", None),
+              threads=os.cpu_count(), bytes_on_disk={c: bytes_on_disk(p) for c, p in copies.items()},
+              load_average=load_average()))
+    sample = np.asarray(X[:200_000].compute())
+    inits = {kind: initial_parameters(sample, 8, kind) for kind in ("diag", "full")}
+    tasks = args.tasks.split(",")
+    results: dict = {}
+    for repeat in range(args.repeats):
+        for codec, path in copies.items():
+            for task in tasks:
+                for state in ("cold", "warm"):
+                    if state == "cold":
+                        drop_caches()
+                    cached = page_cache_mb()
+                    load = load_average()
+                    out = run_sum(path) if task == "sum" else run_em(path, task, inits[task])
+                    out["gb_per_s"] = X.nbytes / out["seconds"] / 1e9
+                    results.setdefault((codec, task, state), []).append(out)
+                    emit(dict(repeat=repeat, codec=codec, task=task, state=state, page_cache_mb_before=round(cached),
+                              **{key: round(v, 3) if key != "value" else v for key, v in out.items()},
+                              load_average=load))
+    for codec in copies:
+        for state in ("cold", "warm"):
+            row = dict(summary=True, codec=codec, state=state)
+            base = statistics.median(r["seconds"] for r in results[(codec, "sum", state)])
+            row["sum_seconds"] = round(base, 2)
+            row["sum_gb_per_s"] = round(X.nbytes / base / 1e9, 3)
+            for task in tasks:
+                if task == "sum":
+                    continue
+                secs = statistics.median(r["seconds"] for r in results[(codec, task, state)])
+                ratios = [r["seconds"] / s["seconds"] for r, s in zip(results[(codec, task, state)],
+                                                                      results[(codec, "sum", state)])]
+                row[f"{task}_seconds"] = round(secs, 2)
+                row[f"{task}_over_sum"] = round(secs / base, 2)
+                row[f"{task}_over_sum_per_repeat"] = [round(x, 2) for x in ratios]
+                row[f"{task}_cpu_seconds"] = round(statistics.median(r["cpu_seconds"] for r in
+                                                                     results[(codec, task, state)]), 2)
+            row["sum_cpu_seconds"] = round(statistics.median(r["cpu_seconds"] for r in results[(codec, "sum", state)]), 2)
+            if "diag" in tasks:
+                row["diag_target_1_3_met"] = row["diag_over_sum"] <= 1.3
+            row["load_average"] = load_average()
+            emit(row)
+    if args.codec_chunks:
+        for row in codec_table(args.path, args.codec_chunks):
+            emit(dict(codec_table=True, **row))
+
+
+if __name__ == "__main__":
+    main()
