@@ -20,7 +20,11 @@ shared machine hits every variant alike:
 Writes the blobs array (``dgmm.datasets.write_blobs_zarr``) if it is missing
 and prints one JSON line per repeat, then one with the medians.
 
-    python bench/bench_init.py --path data/bench_init.zarr --n-samples 2000000 --repeats 3
+    python bench/bench_init.py --path data/bench_init.zarr --n-samples 2000000 --repeats 5 --rounds 3,5
+
+``--quality`` instead prints, for 1, 2, 3 and 5 k-means‖ rounds, the mean
+k-means inertia over 20 seeds of the out-of-core 'kmeans' (in memory, small
+data) against sklearn's ``KMeans(n_init=1)`` on digits and on 20 blobs.
 """
 
 from __future__ import annotations
@@ -87,6 +91,32 @@ def init_seconds(X, n_components, seed, init_params, rounds=None):
         init.KMEANS_PARALLEL_ROUNDS = default_rounds
 
 
+def rounds_quality(seeds=range(20)):
+    """Mean k-means inertia over seeds for several round counts, against sklearn's KMeans(n_init=1)."""
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import load_digits, make_blobs
+    from sklearn.preprocessing import StandardScaler
+
+    from dgmm.passes import DataPasses, single_threaded_blas
+
+    digits = StandardScaler().fit_transform(load_digits().data)
+    blobs, _ = make_blobs(20_000, n_features=10, centers=20, cluster_std=2.0, random_state=1)
+    for name, X, k in [("digits", digits, 10), ("blobs20", blobs, 20)]:
+        row = {"data": name, "n_components": k}
+        row["sklearn_kmeans_n_init_1"] = float(np.mean([KMeans(k, n_init=1, random_state=s).fit(X).inertia_ for s in seeds]))
+        for rounds in (1, 2, 3, 5):
+            inertia, lloyd = [], []
+            for seed in seeds:
+                with single_threaded_blas():
+                    result = init.kmeans_parallel(DataPasses(X), k, seeds=(seed,), rounds=rounds)
+                centers = result.centers[0]
+                inertia.append(float(((X[:, None, :] - centers[None]) ** 2).sum(axis=-1).min(axis=1).sum()))
+                lloyd.append(result.n_lloyd[0])
+            row[f"rounds_{rounds}"] = float(np.mean(inertia))
+            row[f"rounds_{rounds}_lloyd_passes"] = float(np.mean(lloyd))
+        print(json.dumps(row), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", default="data/bench_init.zarr")
@@ -96,10 +126,14 @@ def main():
     parser.add_argument("--chunk-rows", type=int, default=100_000)
     parser.add_argument("--iters", type=int, default=5, help="EM iterations per timed fit")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quality", action="store_true", help="k-means cost against rounds instead of timings")
     parser.add_argument(
         "--rounds", default=f"{init.KMEANS_PARALLEL_ROUNDS},5", help="k-means|| round counts to time, comma-separated"
     )
     args = parser.parse_args()
+    if args.quality:
+        rounds_quality()
+        return
 
     t0 = time.perf_counter()
     path = write_blobs_zarr(
