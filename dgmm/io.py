@@ -351,6 +351,10 @@ def open_npy(path: str, *, storage_options: Mapping | None = None, chunk_rows: i
     if fortran_order and not local:
         raise ValueError(f"{path}: Fortran-ordered .npy files can only be read from local disks")
     n_samples, n_features = shape
+    expected, size = offset + n_samples * n_features * dtype.itemsize, fs.size(file)
+    if size is not None and size < expected:
+        raise ValueError(f"{path}: truncated .npy file: its header says {n_samples} rows x {n_features} {dtype} "
+                         f"({expected} bytes with the header), but the file holds {size} bytes")
     row_bytes = max(dtype.itemsize * n_features, 1)
     rows = int(chunk_rows or max(1, NPY_CHUNK_BYTES // row_bytes))
     starts = list(range(0, n_samples, rows)) or [0]
@@ -460,13 +464,35 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         marker["seconds"] = round(time.perf_counter() - started, 3)
         _commit(fs, staging, root, json.dumps(marker, indent=1), local=not is_url(path), overwrite=overwrite)
     except BaseException:
-        try:
-            if fs.exists(staging):
-                fs.rm(staging, recursive=True)
-        except Exception:  # keep the original error
-            logger.warning("could not remove the staging output %s", staging)
+        _remove_staging(fs, staging)
         raise
     return marker
+
+
+def _remove_staging(fs, staging: str) -> None:
+    """Remove the staging output of a failed write (never raises: the write's own error matters).
+
+    When one chunk's task fails, ``dask.compute`` raises at once while other writer
+    tasks may still be running and (re)creating files under ``staging``; so remove,
+    wait a little, and look again until it stays gone (about 13 s at most).
+    """
+    delay = 0.05
+    for _ in range(8):
+        try:
+            fs.invalidate_cache()
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+        except Exception:  # a writer raced the removal; try again
+            pass
+        time.sleep(delay)
+        try:
+            fs.invalidate_cache()
+            if not fs.exists(staging):
+                return
+        except Exception:
+            pass
+        delay *= 2
+    logger.warning("could not remove the staging output %s", staging)
 
 
 def _write_zarr(arrays, staging_url, storage_options, marker) -> None:
