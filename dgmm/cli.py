@@ -198,6 +198,7 @@ def open_cluster(config):
             unit = "worker processes" if config.processes else "workers (threads)"
             description = f"LocalCluster with {n_workers} {unit}, {n_threads} threads"
         elif kind == "address":
+            _probe_scheduler(config.address, config.timeout)
             try:
                 client = stack.enter_context(Client(config.address, timeout=config.timeout))
             except (OSError, TimeoutError) as exc:
@@ -226,6 +227,45 @@ def open_cluster(config):
         report("cluster", f"cluster: {description}, {_dashboard(client)}", kind=kind,
                scheduler=client.scheduler.address, dashboard=client.dashboard_link)
         yield client
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Connect to ``address`` and complete distributed's handshake within ``timeout`` seconds, or raise OSError.
+
+    ``Client(address, timeout=...)`` bounds the TCP connect but then waits for the
+    handshake reply without a limit, so a peer that accepts connections and never
+    answers (a wrong port, a stuck proxy or tunnel) would hang it forever. The probe
+    runs on its own event loop in a daemon thread, so it also works under a running loop.
+    """
+    import asyncio
+    import threading
+
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    async def probe():
+        # (a little longer than connect's own timeout, so that its error, e.g. a refused connection, shows)
+        comm = await asyncio.wait_for(
+            connect(address, timeout=timeout, **Security().get_connection_args("client")), timeout + 1)
+        await comm.close()
+
+    failure: list = []
+
+    def run():
+        try:
+            asyncio.run(probe())
+        except BaseException as exc:  # reported below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="dgmm-probe-scheduler", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    if thread.is_alive() or failure:
+        reason = "connected, but no answer to the handshake"
+        if failure and not isinstance(failure[0], (asyncio.TimeoutError, TimeoutError)):
+            reason = f"{type(failure[0]).__name__}: {failure[0]}"
+        raise OSError(f"cannot reach the scheduler at {address} within {timeout:g} s ({reason}); "
+                      "check cluster.address or raise cluster.timeout")
 
 
 def _jobqueue_cluster(jq, config):
