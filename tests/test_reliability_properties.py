@@ -65,9 +65,8 @@ def fit_well_posed(estimator, X):
     return estimator
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=well_posed(), init_params=st.sampled_from(["kmeans", "k-means++", "random", "random_from_data"]),
        chunk_size=st.sampled_from(["auto", 37, 100]))
 def test_lower_bound_never_decreases(kind, data, init_params, chunk_size):

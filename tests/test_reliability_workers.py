@@ -152,7 +152,6 @@ def test_parameters_are_a_recomputable_key_of_each_pass():
         assert set(getattr(v, "dependencies", ())) <= set(dsk), k
 
 
-@pytest.mark.slow
 def test_one_worker_killed_mid_iteration(client, data, undisturbed):
     victim = sorted(client.scheduler_info()["workers"])[0]
     killer = KillWorkers(client, [victim], after=2)
