@@ -392,6 +392,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, comma
             text = f.read()
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the config file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -581,6 +583,10 @@ def _convert(value, annotation, source: str, key: str):
     if annotation is dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             fail("a mapping with string keys")
+        odd = _first_non_plain(value)
+        if odd is not None:
+            raise ConfigError(f"{source}: {key}{odd[0]}: must be a plain value (a string, number, boolean, null, "
+                              f"list or mapping), got {type(odd[1]).__name__} {odd[1]!r}; quote it")
         return _deep_copy(value)
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, source, key + ".")
@@ -608,6 +614,25 @@ def _convert(value, annotation, source: str, key: str):
             fail("a string")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module
+
+
+def _first_non_plain(value, where=""):
+    """(key path, value) of the first value YAML made into something JSON cannot hold (a date, bytes, a set)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            found = _first_non_plain(v, f"{where}.{k}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _first_non_plain(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return None
+    return where, value
 
 
 def _describe(annotation) -> str:
