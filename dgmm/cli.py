@@ -79,7 +79,7 @@ class _JsonFormatter(logging.Formatter):
             entry[key] = _json_value(value)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 class _TextFormatter(logging.Formatter):

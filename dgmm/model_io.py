@@ -134,7 +134,7 @@ def save_model(model, path: str | os.PathLike, *, metadata: dict | None = None,
     }
     arrays = {name: np.asarray(getattr(model, name + "_")) for name in _ARRAYS}
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+    np.savez(buffer, meta=np.array(json.dumps(meta, default=str)), **arrays)  # metadata never costs a fit
     payload = buffer.getvalue()
     if is_url(path):
         import fsspec
