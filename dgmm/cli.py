@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 
-from .config import ClusterConfig, Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, load_config, parse_config
 
 logger = logging.getLogger("dgmm.cli")
 
@@ -181,16 +181,12 @@ def open_cluster(config):
         if kind == "local":
             from distributed import LocalCluster
 
-            # Thread workers (processes: false) talk in memory (inproc://), which listens on nothing and
-            # takes no host; a host set away from the default loopback asks for TCP there.
-            network = {"host": config.host}
-            if not config.processes:
-                default_host = ClusterConfig.__dataclass_fields__["host"].default
-                network = {"protocol": "inproc://"} if config.host == default_host else \
-                    {"protocol": "tcp://", "host": config.host}
+            # TCP on cluster.host for thread workers too (processes: false): distributed's default for them,
+            # inproc://, takes no host and then serves the scheduler's and workers' HTTP endpoints on
+            # every interface.
             cluster = stack.enter_context(LocalCluster(
                 n_workers=config.n_workers, threads_per_worker=config.threads_per_worker,
-                processes=config.processes, memory_limit=config.memory_limit, **network,
+                processes=config.processes, memory_limit=config.memory_limit, protocol="tcp://", host=config.host,
                 dashboard_address=config.dashboard_address, silence_logs=logging.ERROR,
             ))
             client = stack.enter_context(Client(cluster))
