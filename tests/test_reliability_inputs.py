@@ -15,7 +15,6 @@ column and NaN in Parquet (``test_cli_errors.py``), YAML that is not a mapping
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -29,27 +28,15 @@ import pytest
 import zarr
 
 from dgmm import GaussianMixture, save_model
-from dgmm.cli import main
-from cli_helpers import blobs, write_config
+from cli_helpers import InProcessCLI, blobs, write_config
 
 
 @pytest.fixture
 def dgmm_cli(capsys):
-    """Run ``dgmm ARGS`` in this process; returns (exit status, stdout, stderr). Restores logging after."""
-    root, cli_logger = logging.getLogger(), logging.getLogger("dgmm.cli")
-    saved = (list(root.handlers), root.level, list(cli_logger.handlers), cli_logger.level, cli_logger.propagate)
-
-    def run(*args):
-        status = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    yield run
-    root.handlers[:], cli_logger.handlers[:] = saved[0], saved[2]
-    root.setLevel(saved[1])
-    cli_logger.setLevel(saved[3])
-    cli_logger.propagate = saved[4]
-    logging.captureWarnings(False)
+    """Run ``dgmm ARGS`` in this process; returns (exit status, stdout, stderr)."""
+    cli = InProcessCLI(capsys)
+    yield cli
+    cli.restore()
 
 
 def files_under(path):

@@ -34,10 +34,18 @@ import zarr
 from dgmm import GaussianMixture, load_model
 from dgmm.checkpoint import CheckpointError, load_checkpoint, read_npz_header
 from dgmm.model_io import ModelFormatError
-from cli_helpers import blobs, run_dgmm, write_config
+from cli_helpers import InProcessCLI, blobs, run_dgmm, write_config
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dgmm"
 LOOPBACK = {"127.0.0.1", "::1"}
+
+
+@pytest.fixture
+def dgmm_cli(capsys):
+    """Run ``dgmm ARGS`` in this process; returns (exit status, stdout, stderr)."""
+    cli = InProcessCLI(capsys)
+    yield cli
+    cli.restore()
 
 
 class Evil:
@@ -122,7 +130,7 @@ def replace_member(path, member, payload):
     ("m.npz", "meta.npy"), ("m.npz", "weights.npy"), ("m.npz", "covariances.npy"),
     ("c.npz", "meta.npy"), ("c.npz", "run0_means.npy"), ("c.npz", "run0_precisions_cholesky.npy"),
 ])
-def test_pickled_payloads_in_models_and_checkpoints_are_never_unpickled(valid_files, which, member):
+def test_pickled_payloads_in_models_and_checkpoints_are_never_unpickled(valid_files, dgmm_cli, which, member):
     marker = valid_files / "PWNED"
     replace_member(valid_files / which, member, evil_npy(marker))
     with pytest.raises((ModelFormatError, CheckpointError)):
@@ -135,13 +143,12 @@ def test_pickled_payloads_in_models_and_checkpoints_are_never_unpickled(valid_fi
     commands = [("info", valid_files / "m.npz"), ("predict", config), ("score", config),
                 ("sample", valid_files / "m.npz", "-n", "3")] if which == "m.npz" else [("fit", config, "--resume")]
     for args in commands:
-        result = run_dgmm(*args)
-        assert result.returncode == 1, (args, result.stderr)
-        assert "Traceback" not in result.stderr
+        status, _, stderr = dgmm_cli(*args)
+        assert status == 1 and stderr.startswith("dgmm: error: "), (args, stderr)
     assert not marker.exists(), "a pickle was loaded"
 
 
-def test_pickled_inputs_are_never_unpickled(tmp_path):
+def test_pickled_inputs_are_never_unpickled(tmp_path, dgmm_cli):
     marker = tmp_path / "PWNED"
     (tmp_path / "x.npy").write_bytes(evil_npy(marker, (4, 2)))  # an object .npy
     zarr_dir = tmp_path / "x.zarr"  # a Zarr v2 object array with a pickle filter
@@ -158,8 +165,8 @@ def test_pickled_inputs_are_never_unpickled(tmp_path):
         config = write_config(tmp_path / "c.yaml", {
             "input": {"path": str(data)}, "cluster": {"type": "threads"},
             "output": {"model": str(tmp_path / "m.npz")}})
-        result = run_dgmm("fit", config)
-        assert result.returncode == 1 and message in result.stderr, result.stderr
+        status, _, stderr = dgmm_cli("fit", config)
+        assert status == 1 and message in stderr, stderr
     assert not marker.exists(), "a pickle was loaded"
     assert not (tmp_path / "m.npz").exists()
 
@@ -235,7 +242,7 @@ HOSTILE = ["__import__('os').mkdir('{m}')", "$(mkdir {m})", "`mkdir {m}`", "{{{{
 
 
 @pytest.mark.parametrize("template", HOSTILE)
-def test_config_strings_are_never_evaluated(tmp_path, template):
+def test_config_strings_are_never_evaluated(tmp_path, dgmm_cli, template):
     marker = tmp_path / "PWNED"
     text = template.format(m=marker)
     np.save(tmp_path / "x.npy", blobs(300, 2))
@@ -245,22 +252,24 @@ def test_config_strings_are_never_evaluated(tmp_path, template):
                       f"model: {{n_components: 2, random_state: 0}}\n"
                       f"cluster: {{type: threads}}\n"
                       f"output: {{model: {json.dumps(str(tmp_path / 'out' / 'm.npz'))}}}\n")
-    check = run_dgmm("check", config, "--log-format", "json")
-    assert check.returncode == 0, check.stderr
-    (line,) = [json.loads(s) for s in check.stdout.splitlines() if s.strip()]
+    status, stdout, stderr = dgmm_cli("check", config, "--log-format", "json")
+    assert status == 0, stderr
+    (line,) = [json.loads(s) for s in stdout.splitlines() if s.strip()]
     assert line["config"]["input"]["storage_options"]["opt"] == text  # verbatim: no expansion of any kind
     for key in ("input.path", "cluster.host", "cluster.dashboard_address", "model.covariance_type"):
-        result = run_dgmm("check", config, "--set", f"{key}={quoted}", "--log-format", "json")
-        if result.returncode == 0:  # accepted as the string it is
-            (line,) = [json.loads(s) for s in result.stdout.splitlines() if s.strip()]
+        status, stdout, stderr = dgmm_cli("check", config, "--set", f"{key}={quoted}", "--log-format", "json")
+        if status == 0:  # accepted as the string it is
+            (line,) = [json.loads(s) for s in stdout.splitlines() if s.strip()]
             section, name = key.split(".")
             assert line["config"][section][name] == text, key
         else:
-            assert result.returncode == 2 and "Traceback" not in result.stderr, (key, result.stderr)
+            assert status == 2 and "Traceback" not in stderr, (key, stderr)
     unquoted = tmp_path / "tag.yaml"  # the YAML tag itself, unquoted: refused by the safe loader
     unquoted.write_text(f"input: {{path: !!python/object/apply:os.mkdir [{json.dumps(str(marker))}]}}\n")
-    tagged = run_dgmm("check", unquoted)
-    assert tagged.returncode == 2 and "not valid YAML" in tagged.stderr
+    status, _, stderr = dgmm_cli("check", unquoted)
+    assert status == 2 and "not valid YAML" in stderr
+    fit = run_dgmm("fit", config, "--set", f"output.model={json.dumps(str(tmp_path / 'out' / 'm.npz'))}")
+    assert fit.returncode == 0, fit.stderr  # the whole command, in its own process, with the hostile string
     assert not marker.exists()
 
 
