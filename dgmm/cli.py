@@ -735,6 +735,23 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted", extra={"event": "error", "fields": {"kind": "interrupted"}})
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not _is_killed_worker(exc):
+            raise  # a bug: keep the traceback
+        resume = " ('dgmm fit --resume' continues from the last checkpoint)" if args.func is _cmd_fit else ""
+        logger.error("%s Workers dying again and again may be running out of memory: raise cluster.memory_limit, "
+                     "use smaller chunks or fewer threads per worker%s.", str(exc).strip(), resume,
+                     extra={"event": "error", "fields": {"kind": "killed_worker"}})
+        return EXIT_FAILURE
+
+
+def _is_killed_worker(exc: BaseException) -> bool:
+    """True for distributed's KilledWorker: a task whose workers died ``allowed-failures`` times."""
+    if "distributed" not in sys.modules:
+        return False
+    from distributed.scheduler import KilledWorker
+
+    return isinstance(exc, KilledWorker)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,43 @@ def test_every_worker_killed_once_and_restarted_by_its_nanny(client, data, undis
     assert_same(gm, undisturbed)
     new_pids = wait_for_restarts(client, killer.pids, n_workers=2)
     assert len(new_pids) == 2
+
+
+#: ``dgmm ARGS`` in which every worker process dies (os._exit) as soon as it starts a chunk of the EM.
+DYING_WORKERS = """
+import os, sys
+import dgmm.chunk as chunk
+original = chunk.e_step_statistics
+def dying(*args, **kwargs):
+    try:
+        from distributed import get_worker
+        get_worker()
+    except ValueError:  # not on a worker: the driver's own in-process passes
+        return original(*args, **kwargs)
+    os._exit(1)
+chunk.e_step_statistics = dying
+from dgmm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_workers_dying_on_every_attempt_end_the_command_with_a_clear_message(tmp_path, data):
+    """distributed gives up on a task after ``allowed-failures`` worker deaths: exit 1, a message, no model."""
+    import subprocess
+    import sys
+
+    from cli_helpers import write_config
+
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": data}, "model": {"n_components": 2, "random_state": 0, "max_iter": 5},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1},
+        "output": {"model": str(tmp_path / "model.npz"), "checkpoint_every": 1}})
+    result = subprocess.run([sys.executable, "-c", DYING_WORKERS, "fit", config], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    (error,) = [line for line in result.stderr.splitlines() if "all those workers died while running it" in line]
+    assert error.startswith("dgmm: error: Attempted to run task 'dying-")
+    assert "may be running out of memory: raise cluster.memory_limit" in error and "--resume' continues" in error
+    assert not (tmp_path / "model.npz").exists()
+    # (a worker restarting while the cluster shuts down may still log its own heartbeat traceback)
