@@ -69,11 +69,11 @@ def undisturbed(client, data):
     return GaussianMixture(**KWARGS).fit(slow_array(data))
 
 
-def _iteration_state(dask_scheduler):
-    """What the scheduler holds of the E-step pass now running (runs in the scheduler)."""
+def _iteration_state(dask_scheduler, prefix="e_step_statistics"):
+    """What the scheduler holds of the pass now running: its ``prefix`` tasks (runs in the scheduler)."""
     from dask._task_spec import DataNode
 
-    e_steps = [ts for key, ts in dask_scheduler.tasks.items() if key_split(key) == "e_step_statistics"]
+    e_steps = [ts for key, ts in dask_scheduler.tasks.items() if key_split(key) == prefix]
     params = [ts for ts in dask_scheduler.tasks.values()
               if isinstance(ts.run_spec, DataNode) and isinstance(ts.run_spec.value, tuple)
               and ts.run_spec.value and all(isinstance(p, chunk.ChunkParams) for p in ts.run_spec.value)]
@@ -88,8 +88,8 @@ def _iteration_state(dask_scheduler):
 class KillWorkers:
     """An EM callback: after iteration ``after``, SIGKILL ``addresses``' processes once the next pass runs."""
 
-    def __init__(self, client, addresses, after=2):
-        self.client, self.addresses, self.after = client, list(addresses), after
+    def __init__(self, client, addresses, after=2, prefix="e_step_statistics"):
+        self.client, self.addresses, self.after, self.prefix = client, list(addresses), after, prefix
         self.pids = {a: p for a, p in client.run(os.getpid).items() if a in self.addresses}
         self.state = None
         self.killed_at = None
@@ -103,7 +103,7 @@ class KillWorkers:
     def _kill(self, iteration):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            state = self.client.run_on_scheduler(_iteration_state)
+            state = self.client.run_on_scheduler(_iteration_state, prefix=self.prefix)
             if state["processing"] and 4 <= state["done"] <= state["e_steps"] - 4:
                 for pid in self.pids.values():
                     os.kill(pid, signal.SIGKILL)
@@ -179,6 +179,27 @@ def test_every_worker_killed_once_and_restarted_by_its_nanny(client, data, undis
     assert_same(gm, undisturbed)
     new_pids = wait_for_restarts(client, killer.pids, n_workers=2)
     assert len(new_pids) == 2
+
+
+def test_worker_killed_while_predictions_are_written(client, data, undisturbed, tmp_path):
+    """The staged Zarr output is committed complete, with the undisturbed predictions."""
+    from dgmm.io import is_complete, write_predictions
+
+    victim = sorted(client.scheduler_info()["workers"])[-1]
+    killer = KillWorkers(client, [victim], prefix="store-map")
+    killer.thread = threading.Thread(target=killer._kill, args=(0,), daemon=True)
+    killer.thread.start()
+    X = slow_array(data)
+    write_predictions(undisturbed, X, str(tmp_path / "pred.zarr"), format="zarr", probabilities=True)
+    killer.thread.join(timeout=5)
+    assert killer.killed_at == 0, "the kill did not land while the chunks were written"
+    assert killer.state["processing"] >= 1 and 4 <= killer.state["done"] < killer.state["e_steps"], killer.state
+    assert is_complete(str(tmp_path / "pred.zarr"))
+    group = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")
+    rows = zarr.open_array(data, mode="r")[:]
+    np.testing.assert_array_equal(group["labels"][:], undisturbed.predict(rows))
+    np.testing.assert_allclose(group["probabilities"][:], undisturbed.predict_proba(rows), rtol=1e-12, atol=1e-15)
+    wait_for_restarts(client, killer.pids, n_workers=2)
 
 
 #: ``dgmm ARGS`` in which every worker process dies (os._exit) as soon as it starts a chunk of the EM.
