@@ -34,7 +34,6 @@ import warnings
 import dask
 import dask.array as da
 import numpy as np
-
 from benchutil import cpu_seconds, emit, initial_parameters, load_average, machine
 
 import dgmm

@@ -35,7 +35,6 @@ import statistics
 import time
 
 import numpy as np
-
 from benchutil import (
     dgmm_fit,
     emit,
@@ -167,11 +166,10 @@ def part_efficiency(args):
 
 def part_small(args):
     X = make_data(1000, 16, 8, seed=2)
-    from sklearn.mixture import GaussianMixture as SkGaussianMixture
-
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
     for kind in args.kinds:
         ours, theirs = [], []

@@ -26,9 +26,16 @@ import statistics
 import time
 
 import numpy as np
-
-from benchutil import dgmm_fit, emit, initial_parameters, load_average, machine, make_data, median_after_first, \
-    median_or_nan
+from benchutil import (
+    dgmm_fit,
+    emit,
+    initial_parameters,
+    load_average,
+    machine,
+    make_data,
+    median_after_first,
+    median_or_nan,
+)
 
 
 def write_parquet(path: str, X: np.ndarray, row_group_rows: int) -> None:

@@ -31,10 +31,9 @@ import time
 import warnings
 
 import numpy as np
+from benchutil import emit, initial_parameters, load_average, make_data
 from scipy.linalg import blas
 from threadpoolctl import threadpool_limits
-
-from benchutil import emit, initial_parameters, load_average, make_data
 
 from dgmm import chunk
 from dgmm.estimator import GaussianMixture
