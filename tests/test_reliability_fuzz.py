@@ -268,7 +268,8 @@ def test_any_array_in_place_of_a_parameter(tmp_path_factory, files, data, kind, 
     names = ["weights", "means", "covariances", "precisions_cholesky"]
     name = data.draw(st.sampled_from(names if which == "model" else [f"run0_{n}" for n in names]))
     try:
-        replacement = np.full(shape, fill).astype(dtype)
+        with np.errstate(invalid="ignore", over="ignore"):
+            replacement = np.full(shape, fill).astype(dtype)
     except (ValueError, TypeError, OverflowError):
         replacement = np.zeros(shape, dtype=dtype)
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import zarr
 
 from dgmm import GaussianMixture, load_model
 from dgmm.checkpoint import CheckpointError, load_checkpoint, read_npz_header

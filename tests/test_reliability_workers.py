@@ -153,7 +153,7 @@ def test_parameters_are_a_recomputable_key_of_each_pass():
 
 
 def test_one_worker_killed_mid_iteration(client, data, undisturbed):
-    victim = sorted(client.scheduler_info()["workers"])[0]
+    victim = min(client.scheduler_info()["workers"])
     killer = KillWorkers(client, [victim], after=2)
     gm = GaussianMixture(**KWARGS, callbacks=[killer]).fit(slow_array(data))
     killer.thread.join(timeout=5)
@@ -185,7 +185,7 @@ def test_worker_killed_while_predictions_are_written(client, data, undisturbed, 
     """The staged Zarr output is committed complete, with the undisturbed predictions."""
     from dgmm.io import is_complete, write_predictions
 
-    victim = sorted(client.scheduler_info()["workers"])[-1]
+    victim = max(client.scheduler_info()["workers"])
     killer = KillWorkers(client, [victim], prefix="store-map")
     killer.thread = threading.Thread(target=killer._kill, args=(0,), daemon=True)
     killer.thread.start()
@@ -233,7 +233,7 @@ def test_workers_dying_on_every_attempt_end_the_command_with_a_clear_message(tmp
         "cluster": {"n_workers": 2, "threads_per_worker": 1},
         "output": {"model": str(tmp_path / "model.npz"), "checkpoint_every": 1}})
     result = subprocess.run([sys.executable, "-c", DYING_WORKERS, "fit", config], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     (error,) = [line for line in result.stderr.splitlines() if "all those workers died while running it" in line]
     assert error.startswith("dgmm: error: Attempted to run task 'dying-")
