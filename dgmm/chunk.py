@@ -32,7 +32,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 from scipy import linalg
-from scipy.linalg import blas
 
 CovarianceType = Literal["full", "tied", "diag", "spherical"]
 COVARIANCE_TYPES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
@@ -392,12 +391,9 @@ def statistics_from_resp(
         w = np.subtract(y[None, :, :], shifts.astype(y.dtype)[:, None, :], out=_scratch(work, "d", shape, y.dtype))
         sx = np.matmul(resp_t[:, None, :], w)[:, 0, :].astype(np.float64)
         w *= np.sqrt(resp_t)[:, :, None]
-        syrk = blas.ssyrk if y.dtype == np.float32 else blas.dsyrk
-        sxx = np.empty((n_components, y.shape[1], y.shape[1]))
-        for k in range(n_components):
-            # C-ordered (n, d) is Fortran-ordered (d, n): syrk of wᵀ gives wᵀw, upper triangle.
-            upper = syrk(1.0, w[k].T, trans=0, lower=0)
-            sxx[k] = np.triu(upper) + np.triu(upper, 1).T
+        # One batched GEMM wᵀw per component: NumPy releases the GIL here (scipy's syrk
+        # wrapper does not), so dask's worker threads run their chunks in parallel.
+        sxx = np.matmul(w.transpose(0, 2, 1), w).astype(np.float64)
     else:
         sx = resp.T @ y
         if covariance_type == "tied":
