@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.filterwarnings("ignore::sklearn.exc
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "scripts" / "slurm_setup.sh"
 CONFIG = ROOT / "configs" / "slurm-local.yaml"
-LOCK = "/tmp/dgmm-slurm-test.lock"
+LOCK = os.path.join(tempfile.gettempdir(), "dgmm-slurm-test.lock")
 FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
 
