@@ -35,24 +35,13 @@ from dask.callbacks import Callback
 import dgmm
 from dgmm import GaussianMixture
 
+from benchutil import git_revision  # bench/ is on sys.path when a script there runs
+
 MIB = 2**20
 
 
 def bytes_on_disk(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
-
-
-def git_revision() -> str | None:
-    """Short commit of the dgmm checkout, with '+dirty' when it has local changes (None outside git)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(dgmm.__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "dgmm"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
 
 
 def ensure_data(path: str, n_samples: int, n_features: int, chunk_rows: int) -> None:

@@ -61,9 +61,7 @@ def tree_reduce(parts: Sequence[Any], combine: Callable, split_every: int | None
         raise ValueError(f"split_every must be at least 2, got {split_every}")
     level = list(parts)
     combine_d = dask.delayed(combine, pure=True)
-    depth = 0
     while len(level) > 1:
-        depth += 1
         level = [
             combine_d(*level[i : i + split_every], dask_key_name=None)
             if len(level[i : i + split_every]) > 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 
 import dask
@@ -216,6 +215,3 @@ def nonfinite_error(count: int, first: int, n_samples: int) -> ValueError:
         f"values (first at row {first}). Remove or impute them before fitting."
     )
 
-
-def n_blocks_for(n_samples: int, rows: int) -> int:
-    return max(1, math.ceil(n_samples / rows))
