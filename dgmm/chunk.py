@@ -413,14 +413,245 @@ def statistics_from_resp(
     )
 
 
-#: Rows per cache block inside a chunk: temporaries of (rows, n_components,
-#: n_features) float64 stay around 4 MiB whatever size the dask chunks are.
+#: Rows per cache block inside a chunk: the largest temporary of a block,
+#: (rows, Σ n_components × n_features) for 'full' members, stays around 4 MiB
+#: of float64 whatever size the dask chunks are.
 BLOCK_ELEMENTS = 2**19
 
 
 def block_rows(n_components: int, n_features: int) -> int:
-    """Rows per cache block for a mixture of this size."""
+    """Rows per cache block for a mixture (or a batch) with this many components."""
     return int(max(64, BLOCK_ELEMENTS // max(1, n_components * n_features)))
+
+
+class _BatchPlan:
+    """How one chunk evaluates a batch of mixtures with shared products.
+
+    All members see the rows through one matrix of *features* per row block,
+    ``F = [1 | y | y²]`` with ``y = x - c₀`` (``c₀`` the first member's
+    centre; ``y²`` only when a diag or spherical member needs it). Then:
+
+    - diag and spherical members: the log-densities of all their components
+      are one GEMM ``F @ W`` (the expanded quadratic form);
+    - full members: the whitened residuals ``z_k = (y - s_k) U_k`` of all
+      their components are one GEMM ``[1 | y] @ [-s U; U]``; the second
+      moments are Σ r z zᵀ per component, back-transformed by ``U⁻¹`` once
+      per chunk (shifted: no raw-moment cancellation);
+    - tied members: ``y U`` and a small GEMM against ``μ U``;
+    - every member's ``nk``, ``Σ r y`` and ``Σ r y²`` come from one GEMM
+      ``R @ F`` of the responsibilities of all components;
+    - log-probabilities and responsibilities are held components-major,
+      ``(Σ n_components, rows)``, so the per-member log-sum-exp reduces
+      across contiguous rows (fast) and runs once for the whole batch.
+
+    Statistics relative to ``c₀`` are moved to each member's own centre and
+    shifts in float64 at the end of the chunk.
+    """
+
+    def __init__(self, batch: tuple[ChunkParams, ...], n_features: int, input_dtype):
+        d = n_features
+        self.batch = batch
+        self.n_features = d
+        self.center = np.asarray(batch[0].center, dtype=np.float64)
+        kinds = [p.covariance_type for p in batch]
+        self.expanded = [m for m, kind in enumerate(kinds) if kind in ("diag", "spherical")]
+        self.full = [m for m, kind in enumerate(kinds) if kind == "full"]
+        self.tied = [m for m, kind in enumerate(kinds) if kind == "tied"]
+        self.width = 2 * d + 1 if self.expanded else d + 1
+        sizes = [p.log_weights.shape[0] for p in batch]
+        # Rows of the (components, rows) log-probability matrix, grouped by kind.
+        order = self.expanded + self.full + self.tied
+        self.slices = [None] * len(batch)
+        start = 0
+        for m in order:
+            self.slices[m] = slice(start, start + sizes[m])
+            start += sizes[m]
+        self.n_total = start
+        self.equal_sizes = len(set(sizes)) == 1
+        self.order = order
+        half_log_2pi = 0.5 * d * math.log(2 * math.pi)
+
+        # diag and spherical: log p = F @ W, columns of W per component.
+        self.W = None
+        if self.expanded:
+            columns = []
+            for m in self.expanded:
+                p = batch[m]
+                rel = p.means + (p.center - self.center)  # means relative to c₀
+                prec = p.precisions_cholesky**2
+                if p.covariance_type == "spherical":
+                    prec = np.repeat(prec[:, None], d, axis=1)
+                log_det = 0.5 * np.log(prec).sum(axis=1)
+                const = p.log_weights + log_det - half_log_2pi - 0.5 * np.sum(rel**2 * prec, axis=1)
+                columns.append(np.concatenate([const[:, None], rel * prec, -0.5 * prec], axis=1))
+            self.W = np.ascontiguousarray(np.concatenate(columns).T)  # (2d+1, Σk)
+            self.expanded_rows = slice(self.slices[self.expanded[0]].start, self.slices[self.expanded[-1]].stop)
+
+        # full: z = [1 | y] @ A, A = [-s U; U] for every component of every full member.
+        self.full_groups = []
+        if self.full:
+            float32 = np.dtype(input_dtype) == np.float32
+            dtype = np.float32 if float32 else np.float64
+            # float32 products run relative to a float32-representable centre.
+            ref = self.center.astype(np.float32).astype(np.float64) if float32 else self.center
+            blocks, consts, shifts, prec_used = [], [], [], []
+            for m in self.full:
+                p = batch[m]
+                U = p.precisions_cholesky.astype(dtype).astype(np.float64)  # the factors the products use
+                s = p.means + (p.center - ref)  # shifts relative to the reference centre
+                offsets = np.einsum("ki,kij->kj", s, U).astype(dtype).astype(np.float64)
+                blocks.append(np.concatenate([-offsets[:, None, :], U], axis=1))  # (k, d+1, d)
+                log_det = np.log(np.diagonal(U, axis1=1, axis2=2)).sum(axis=1)
+                consts.append(p.log_weights + log_det - half_log_2pi)
+                shifts.append(s)
+                prec_used.append(U)
+            stacked = np.concatenate(blocks)  # (Σk, d+1, d)
+            self.A = np.ascontiguousarray(stacked.transpose(1, 0, 2).reshape(d + 1, -1)).astype(dtype)
+            self.full_const = np.concatenate(consts)[:, None]
+            self.full_dtype = dtype
+            self.full_ref = ref
+            U_all = np.concatenate(prec_used)
+            self.U_inv = np.linalg.inv(U_all)
+            # The shift each z actually uses (the offsets were rounded): s̃ = offsets U⁻¹.
+            self.effective_shift = ref - (stacked[:, :1, :] @ self.U_inv)[:, 0, :]
+            self.full_rows = slice(self.slices[self.full[0]].start, self.slices[self.full[-1]].stop)
+            self.n_full = self.full_rows.stop - self.full_rows.start
+
+        # tied: per member, y U and μ U.
+        self.tied_terms = []
+        for m in self.tied:
+            p = batch[m]
+            rel = p.means + (p.center - self.center)
+            U = p.precisions_cholesky
+            mu_u = rel @ U
+            log_det = np.log(np.diag(U)).sum()
+            const = p.log_weights + log_det - half_log_2pi - 0.5 * np.einsum("ij,ij->i", mu_u, mu_u)
+            self.tied_terms.append((m, U, mu_u, const[:, None]))
+
+        largest = max(self.n_total + self.width, (self.n_full * d) if self.full else 0)
+        self.rows = int(max(64, BLOCK_ELEMENTS // max(1, largest)))
+
+
+class _BatchSums:
+    """Per-chunk float64 accumulators of a batch, relative to the plan's ``c₀``."""
+
+    def __init__(self, plan: _BatchPlan):
+        d = plan.n_features
+        self.G = np.zeros((plan.n_total, plan.width))  # Σ r [1, y, y²]
+        self.column_sums = np.zeros(d + 1)  # Σ w [1, y]
+        self.log_likelihood = np.zeros(len(plan.batch))
+        self.M = np.zeros((plan.n_full, d, d)) if plan.full else None  # Σ r z zᵀ
+        self.yy = np.zeros((d, d)) if plan.tied else None  # Σ w y yᵀ
+
+
+def _softmax_rows(L: np.ndarray, plan: _BatchPlan, log_likelihood: np.ndarray, sample_weight) -> None:
+    """In place: log-probabilities (components, rows) → responsibilities; adds each member's Σ log p(x)."""
+    n = L.shape[1]
+    if plan.equal_sizes:
+        groups = [(L.reshape(len(plan.batch), -1, n), plan.order)]
+    else:
+        groups = [(L[plan.slices[m]][None], [m]) for m in plan.order]
+    for L3, members in groups:
+        amax = L3.max(axis=1, keepdims=True)
+        if not np.isfinite(amax).all():
+            amax = np.where(np.isfinite(amax), amax, 0.0)
+        L3 -= amax
+        np.exp(L3, out=L3)
+        total = L3.sum(axis=1, keepdims=True)
+        L3 *= 1.0 / total
+        with np.errstate(divide="ignore"):
+            log_norm = np.log(total[:, 0, :]) + amax[:, 0, :]  # (members, rows)
+        sums = log_norm.sum(axis=1) if sample_weight is None else log_norm @ sample_weight
+        log_likelihood[members] += sums
+
+
+def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: Workspace, sample_weight) -> None:
+    n, d = X.shape
+    F = _scratch(work, "features", (n, plan.width))
+    F[:, 0] = 1.0
+    y = np.subtract(X, plan.center, out=F[:, 1 : d + 1], dtype=np.float64, casting="unsafe")
+    if plan.expanded:
+        np.multiply(y, y, out=F[:, d + 1 :])
+    L = _scratch(work, "log_prob", (plan.n_total, n))
+    if plan.expanded:
+        np.matmul(plan.W.T, F.T, out=L[plan.expanded_rows])
+    z = None
+    if plan.full:
+        if plan.full_dtype == np.float64 and plan.full_ref is plan.center:
+            head = F[:, : d + 1]
+        else:
+            head = _scratch(work, "features32", (n, d + 1), plan.full_dtype)
+            head[:, 0] = 1.0
+            np.subtract(X, plan.full_ref, out=head[:, 1:], dtype=plan.full_dtype, casting="unsafe")
+        z = np.matmul(head, plan.A, out=_scratch(work, "z", (n, plan.A.shape[1]), plan.full_dtype))
+        z3 = z.reshape(n, plan.n_full, d)
+        # Σ_d z² per (row, component) (einsum is fast only with rows outermost), then components-major.
+        quad = np.einsum("nkd,nkd->nk", z3, z3, out=_scratch(work, "quad", (n, plan.n_full), plan.full_dtype))
+        out = L[plan.full_rows]
+        np.multiply(quad.T, -0.5, out=out, casting="unsafe")
+        out += plan.full_const
+    for m, U, mu_u, const in plan.tied_terms:
+        t = y @ U
+        out = L[plan.slices[m]]
+        np.matmul(mu_u, t.T, out=out)
+        out -= 0.5 * np.einsum("ij,ij->i", t, t)
+        out += const
+    _softmax_rows(L, plan, sums.log_likelihood, sample_weight)
+    Fw = F if sample_weight is None else np.multiply(F, sample_weight[:, None], out=_scratch(work, "weighted", F.shape))
+    sums.G += L @ Fw
+    sums.column_sums += Fw[:, : d + 1].sum(axis=0)
+    if plan.full:
+        r = L[plan.full_rows]
+        if sample_weight is not None:
+            r = r * sample_weight
+        scale = np.sqrt(r.T).astype(plan.full_dtype, copy=False)
+        z3 *= scale[:, :, None]
+        sums.M += np.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
+    if plan.tied:
+        sums.yy += y.T @ Fw[:, 1 : d + 1]
+
+
+def _member_statistics(plan: _BatchPlan, sums: _BatchSums, m: int, n_samples, n_nonfinite: int) -> SufficientStatistics:
+    """Member ``m``'s statistics in its own coordinates (its centre and shifts), float64."""
+    d = plan.n_features
+    p = plan.batch[m]
+    rows = plan.slices[m]
+    G = sums.G[rows]
+    nk, s1 = G[:, 0], G[:, 1 : d + 1]  # Σ r, Σ r y (y relative to c₀)
+    delta = p.center - plan.center  # y_m = y - delta
+    total_weight = sums.column_sums[0]
+    sy = sums.column_sums[1:] - total_weight * delta
+    kind = p.covariance_type
+    if kind == "full":
+        k0 = rows.start - plan.full_rows.start
+        part = slice(k0, k0 + rows.stop - rows.start)
+        target = p.center + p.means  # absolute shift points
+        used = plan.effective_shift[part]  # absolute shifts of the products
+        sx_used = s1 - nk[:, None] * (used - plan.center)
+        U_inv = plan.U_inv[part]
+        sxx = np.swapaxes(U_inv, 1, 2) @ sums.M[part] @ U_inv  # U⁻ᵀ (Σ r z zᵀ) U⁻¹
+        e = used - target
+        sxx += e[:, :, None] * sx_used[:, None, :] + sx_used[:, :, None] * e[:, None, :]
+        sxx += nk[:, None, None] * (e[:, :, None] * e[:, None, :])
+        sx = sx_used + nk[:, None] * e
+    else:
+        sx = s1 - nk[:, None] * delta
+        if kind == "tied":
+            sxx = sums.yy - np.outer(delta, sy + total_weight * delta) - np.outer(sy, delta)
+        else:
+            s2 = G[:, d + 1 :]  # Σ r y²
+            sxx = s2 - 2.0 * delta * s1 + nk[:, None] * delta**2
+            if kind == "spherical":
+                sxx = sxx.sum(axis=1)
+    return SufficientStatistics(
+        nk=nk.copy(),
+        sx=sx,
+        sxx=sxx,
+        sy=sy,
+        n_samples=n_samples,
+        log_likelihood=float(sums.log_likelihood[m]),
+        n_nonfinite=n_nonfinite,
+    )
 
 
 def e_step_statistics(
@@ -429,8 +660,13 @@ def e_step_statistics(
     """One chunk's E-step statistics for a batch of mixtures.
 
     The chunk is read once and evaluated under every parameter set of the
-    batch (restarts, model-selection candidates). Large chunks are processed
-    in cache-sized row blocks; the per-block statistics are summed in float64.
+    batch (restarts, model-selection candidates) with shared products (see
+    :class:`_BatchPlan`): one feature matrix per row block, one GEMM for the
+    log-densities of all diag/spherical components, one for the whitened
+    residuals of all full components, one for the first and second moments
+    of every component. Large chunks are processed in cache-sized row blocks;
+    sums across blocks are float64 (float32 input to 'full' mixtures runs the
+    per-block products in float32, shifted).
 
     Parameters
     ----------
@@ -442,48 +678,23 @@ def e_step_statistics(
     -------
     tuple of SufficientStatistics, one per parameter set.
     """
+    if not batch:
+        return ()
+    X = np.asarray(X)
+    n, d = X.shape
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64)
-    out = []
+    plan = _BatchPlan(tuple(batch), d, X.dtype)
+    sums = _BatchSums(plan)
     work = _thread_workspace()
-    for params in batch:
-        if X.dtype == np.float32 and params.covariance_type == "full":
-            params = cast_params(params, np.float32)
-        rows = block_rows(params.means.shape[0], X.shape[1])
-        total = None
-        for start in range(0, max(X.shape[0], 1), rows):
-            weight = None if sample_weight is None else sample_weight[start : start + rows]
-            part = _e_step_block(X[start : start + rows], params, work, weight)
-            total = part if total is None else merge_statistics(total, part)
-        out.append(total)
-    return tuple(out)
-
-
-def _e_step_block(
-    X: np.ndarray, params: ChunkParams, work: Workspace | None = None, sample_weight: np.ndarray | None = None
-) -> SufficientStatistics:
-    dtype = params.center.dtype  # float32 only for float32 input to a 'full' mixture
-    y = np.subtract(X, params.center, out=_scratch(work, "y", X.shape, dtype), dtype=dtype)
-    with np.errstate(under="ignore", invalid="ignore", over="ignore"):
-        weighted = estimate_log_gaussian_prob(y, params, work)
-        weighted += params.log_weights
-        log_prob_norm = logsumexp_rows(weighted)
-        weighted -= log_prob_norm[:, None]
-        resp = np.exp(weighted, out=weighted)
-        log_prob_norm = log_prob_norm.astype(np.float64, copy=False)
-        log_likelihood = log_prob_norm.sum() if sample_weight is None else sample_weight @ log_prob_norm
-        # Non-finite rows poison the sum; count them only then (no extra pass otherwise).
-        n_nonfinite = count_nonfinite_rows(X) if not np.isfinite(log_likelihood) else 0
-        return statistics_from_resp(
-            y,
-            resp,
-            params.means,
-            params.covariance_type,
-            log_likelihood=log_likelihood,
-            n_nonfinite=n_nonfinite,
-            work=work,
-            sample_weight=sample_weight,
-        )
+    with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
+        for start in range(0, n, plan.rows):
+            weight = None if sample_weight is None else sample_weight[start : start + plan.rows]
+            _accumulate_block(X[start : start + plan.rows], plan, sums, work, weight)
+        n_samples = int(n) if sample_weight is None else float(sample_weight.sum())
+        # Non-finite rows poison the sums; count them only then (no extra pass otherwise).
+        n_nonfinite = count_nonfinite_rows(X) if not np.isfinite(sums.log_likelihood).all() else 0
+        return tuple(_member_statistics(plan, sums, m, n_samples, n_nonfinite) for m in range(len(plan.batch)))
 
 
 # ---------------------------------------------------------------------------
