@@ -2,21 +2,87 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import yaml
 
 
+def dgmm_command(*args) -> list[str]:
+    """``python -m dgmm.cli ARGS``: the console script's entry point, in this interpreter."""
+    return [sys.executable, "-m", "dgmm.cli", *map(str, args)]
+
+
 def run_dgmm(*args, cwd=None, env=None, timeout=300):
-    """Run ``python -m dgmm.cli ARGS`` (the console script's entry point) and capture its output."""
+    """Run ``dgmm ARGS`` in a subprocess and capture its output."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "dgmm.cli", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(dgmm_command(*args), cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def stop_process(proc, sig=signal.SIGKILL, timeout=60):
+    """Send ``sig`` to ``proc`` if it still runs and reap it; SIGKILL it if it has not ended after ``timeout`` s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running(command, stderr=subprocess.PIPE, stop=signal.SIGKILL):
+    """Start ``command`` with its stdout (and by default stderr) as text pipes, for a test to signal and read.
+
+    On leaving the block the process is stopped with ``stop`` if it still runs (see :func:`stop_process`) and
+    its pipes are closed, so that a failing assertion leaves no process behind.
+    """
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        yield proc
+    finally:
+        stop_process(proc, stop)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def wait_until(condition, timeout, interval=0.2) -> bool:
+    """Poll ``condition()`` until it is true (then True) or ``timeout`` seconds have passed (then False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def wait_for_line(proc, text, timeout=240) -> None:
+    """Read ``proc``'s stdout until a line contains ``text``; fail if the output ends or ``timeout`` s pass first."""
+    deadline = time.monotonic() + timeout
+    while text not in (line := proc.stdout.readline()):
+        assert line and time.monotonic() < deadline, "the fit ended early"
+
+
+def wait_for_checkpoint(proc, path, n_iter, timeout=240) -> None:
+    """Wait while ``proc`` runs until the checkpoint at ``path`` holds iteration ``n_iter`` or a later one."""
+    from dgmm.checkpoint import CheckpointError, load_checkpoint
+
+    def written() -> bool:
+        assert proc.poll() is None, f"the fit ended before its checkpoint of iteration {n_iter}"
+        with contextlib.suppress(FileNotFoundError, CheckpointError):  # (writes are atomic: not expected)
+            return load_checkpoint(str(path)).n_iter >= n_iter
+        return False
+
+    assert wait_until(written, timeout, interval=0.02), f"no checkpoint of iteration {n_iter} within {timeout} s"
 
 
 def write_config(path, config: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
@@ -21,6 +23,45 @@ def make_mixture(n_samples=600, n_features=3, offset=0.0, seed=0):
     X = np.vstack(parts)
     rng.shuffle(X)
     return X + offset
+
+
+#: The fitted parameters that a resumed or re-run fit must reproduce.
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
+
+
+def assert_same_model(a, b, rtol=1e-10, atol=0.0, history=True) -> None:
+    """``a`` and ``b`` have the same fitted parameters and, with ``history``, the same lower bounds and n_iter_."""
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=rtol, atol=atol, err_msg=name)
+    if history:
+        np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=rtol)
+        assert a.n_iter_ == b.n_iter_
+
+
+def rewrite(path, edit_meta=None, edit_arrays=None):
+    """Rewrite a model or checkpoint file with edited metadata or arrays (as a corrupt or foreign file would be).
+
+    ``edit_meta`` receives the decoded JSON ``meta`` entry and ``edit_arrays`` the dict of the other arrays; each
+    edits its argument in place.
+    """
+    with np.load(path, allow_pickle=False) as f:
+        arrays = dict(f)
+    meta = json.loads(str(arrays.pop("meta")))
+    if edit_meta:
+        edit_meta(meta)
+    if edit_arrays:
+        edit_arrays(arrays)
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+@pytest.fixture
+def dgmm_cli(capsys):
+    """Run ``dgmm ARGS`` in this process; returns (exit status, stdout, stderr)."""
+    from cli_helpers import InProcessCLI
+
+    cli = InProcessCLI(capsys)
+    yield cli
+    cli.restore()
 
 
 @pytest.fixture

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import zarr
 
 from dgmm.datasets import blob_parameters
-
-
-def run_dgmm(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dgmm.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+from cli_helpers import run_dgmm
 
 
 def test_demo_generates_zarr_and_fits_on_local_cluster(tmp_path):

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import zarr
 
 from dgmm import load_model
-from dgmm.checkpoint import CheckpointError, load_checkpoint
-from cli_helpers import blobs, run_dgmm, write_config
-
-FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
-
-
-def wait_for_checkpoint(proc, path, n_iter, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the fit ended before its second checkpoint"
-        if os.path.exists(path):
-            try:
-                if load_checkpoint(path).n_iter >= n_iter:
-                    return
-            except CheckpointError:
-                pass  # never expected: writes are atomic; retry to be safe
-        time.sleep(0.02)
-    raise AssertionError("no second checkpoint in time")
+from dgmm.checkpoint import load_checkpoint
+from conftest import assert_same_model
+from cli_helpers import (blobs, dgmm_command, run_dgmm, running, wait_for_checkpoint,
+                         wait_for_line, write_config)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_model(tmp_path):
@@ -52,15 +34,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_model(tmp_path):
     config = write_config(tmp_path / "c.yaml", {**base, "output": {"model": str(out / "model.npz"),
                                                                    "checkpoint_every": 2}})
     checkpoint = out / "model.checkpoint.npz"
-    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", config], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
+    with running(dgmm_command("fit", config)) as proc:
         wait_for_checkpoint(proc, checkpoint, n_iter=4)  # the second checkpoint (every 2 iterations)
         proc.send_signal(signal.SIGKILL)
-    finally:
         proc.wait(timeout=60)
-        proc.stdout.close()
-        proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model.npz").exists(), "a killed fit must not leave a model"
     killed_at = load_checkpoint(str(checkpoint)).n_iter
@@ -71,10 +48,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_model(tmp_path):
     assert f"resuming from {checkpoint} after iteration {killed_at}" in resumed.stdout
     assert f"iteration {killed_at + 1:4d}" in resumed.stdout and f"iteration {killed_at:4d}" not in resumed.stdout
     a, b = load_model(out / "model.npz"), load_model(tmp_path / "ref.npz")
-    for name in FITTED:
-        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-10, err_msg=name)
-    np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=1e-10)
-    assert a.n_iter_ == b.n_iter_ == 25
+    assert_same_model(a, b, rtol=1e-10)
+    assert a.n_iter_ == 25
     assert not checkpoint.exists()
 
 
@@ -111,17 +86,10 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path):
         "cluster": {"type": "threads"},
         "output": {"model": str(tmp_path / "model.npz"), "checkpoint_every": 10},
     })
-    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", config], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "iteration    2" not in (line := proc.stdout.readline()):
-            assert line and time.monotonic() < deadline, "the fit ended early"
+    with running(dgmm_command("fit", config)) as proc:
+        wait_for_line(proc, "iteration    2")
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 130, stderr
     assert "--resume' continues from" in stderr
     assert not (tmp_path / "model.npz").exists()

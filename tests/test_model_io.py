@@ -14,7 +14,7 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 import dgmm
 from dgmm import GaussianMixture, from_sklearn, load_model, save_model, to_sklearn
 from dgmm.model_io import FORMAT_VERSION, ModelFormatError, read_model_metadata
-from conftest import COVARIANCE_TYPES, make_mixture
+from conftest import COVARIANCE_TYPES, make_mixture, rewrite
 
 FITTED = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
 
@@ -22,18 +22,6 @@ FITTED = ("weights_", "means_", "covariances_", "precisions_", "precisions_chole
 @pytest.fixture(scope="module")
 def data():
     return make_mixture(n_samples=500, n_features=3, seed=5)
-
-
-def rewrite(path, edit_meta=None, edit_arrays=None):
-    """Rewrite a model file with edited metadata or arrays (as a corrupt or foreign file would be)."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = dict(f)
-    meta = json.loads(str(arrays.pop("meta")))
-    if edit_meta:
-        edit_meta(meta)
-    if edit_arrays:
-        edit_arrays(arrays)
-    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)

@@ -23,9 +23,9 @@ from dgmm import GaussianMixture, load_model
 from dgmm.checkpoint import CheckpointError, load_checkpoint
 from dgmm.io import SUCCESS_MARKER
 from dgmm.model_io import ModelFormatError
-from cli_helpers import blobs, run_dgmm, write_config
+from conftest import assert_same_model
+from cli_helpers import blobs, dgmm_command, run_dgmm, running, wait_for_line, write_config
 
-FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 MODEL = {"n_components": 4, "covariance_type": "full", "random_state": 3, "tol": 0.0, "max_iter": 12}
 
 #: Runs ``dgmm ARGS`` with ``TARGET`` in ``MODULE`` replaced by a wrapper that SIGKILLs this process at call ``AT``.
@@ -49,13 +49,6 @@ def run_killed(*args, module, target, at, timeout=300):
     env = dict(os.environ, KILL_MODULE=module, KILL_TARGET=target, KILL_AT=str(at))
     return subprocess.run([sys.executable, "-c", KILLER, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-def assert_same_model(a, b, rtol=1e-10):
-    for name in FITTED:
-        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=rtol, atol=1e-13, err_msg=name)
-    np.testing.assert_allclose(a.lower_bounds_, b.lower_bounds_, rtol=rtol)
-    assert a.n_iter_ == b.n_iter_
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +83,7 @@ def test_sigkill_inside_a_chunk_task_of_iteration_4_then_resume(tmp_path, zarr_d
     resumed = run_dgmm("fit", config, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "after iteration 3" in resumed.stdout and "iteration    4" in resumed.stdout
-    assert_same_model(load_model(out / "model.npz"), reference)
+    assert_same_model(load_model(out / "model.npz"), reference, atol=1e-13)
     assert sorted(os.listdir(out)) == ["model.npz"]
 
 
@@ -102,20 +95,12 @@ def test_driver_of_a_local_cluster_killed_mid_iteration_leaves_no_worker_process
         "cluster": {"n_workers": 2, "threads_per_worker": 1},
         "output": {"model": str(out / "model.npz"), "checkpoint_every": 1},
     })
-    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", config], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "iteration    3" not in (line := proc.stdout.readline()):
-            assert line and time.monotonic() < deadline, "the fit ended early"
+    with running(dgmm_command("fit", config), stderr=subprocess.DEVNULL) as proc:
+        wait_for_line(proc, "iteration    3")
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 2  # the worker processes (and multiprocessing helpers)
         proc.send_signal(signal.SIGKILL)  # iteration 4 is running
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     _, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, f"orphaned processes after the driver died: {[p.pid for p in alive]}"
@@ -128,7 +113,7 @@ def test_driver_of_a_local_cluster_killed_mid_iteration_leaves_no_worker_process
     if killed_at >= 12:  # (never seen: a pass takes far longer than reading one line)
         pytest.skip(f"the kill landed after iteration {killed_at}")
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_model(load_model(out / "model.npz"), reference)
+    assert_same_model(load_model(out / "model.npz"), reference, atol=1e-13)
 
 
 WRITER = """
@@ -161,16 +146,11 @@ def test_sigkill_while_writing_in_a_loop_leaves_the_previous_good_file(tmp_path,
     rng = np.random.default_rng(5)
     kills, torn_writes, versions = 5, 0, set()
     for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(path)], stdout=subprocess.PIPE, text=True)
-        try:
+        with running([sys.executable, "-c", WRITER, kind, str(path)], stderr=None) as proc:
             assert proc.stdout.readline().strip() == "ready"
             time.sleep(0.05 + rng.uniform(0, 0.3))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.stdout.close()
         assert proc.returncode == -signal.SIGKILL
         if kind == "model":
             model = load_model(path)  # never torn: the previous complete write is there

@@ -54,6 +54,17 @@ VALID = {"input": {"path": "s3://bucket/x.zarr"}, "model": {"n_components": 2},
          "output": {"model": "s3://bucket/m.npz"}}
 
 
+def damaged(data, payload: bytes, truncate: bool, max_flips: int) -> bytes:
+    """``payload`` cut at a drawn length (if ``truncate``), then with up to ``max_flips`` bytes set to drawn values."""
+    out = bytearray(payload)
+    if truncate:
+        out = out[: data.draw(st.integers(0, len(out)))]
+    for _ in range(data.draw(st.integers(0, max_flips))):
+        if out:
+            out[data.draw(st.integers(0, len(out) - 1))] = data.draw(st.integers(0, 255))
+    return bytes(out)
+
+
 def check_config_outcome(make):
     """``make()`` parses something: it returns a Config or raises ConfigError, in bounded time."""
     started = time.monotonic()
@@ -103,14 +114,8 @@ EXAMPLES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 @FUZZ
 @given(data=st.data(), name=st.sampled_from(EXAMPLES))
 def test_truncated_or_damaged_config_files(tmp_path_factory, data, name):
-    text = (CONFIGS / name).read_bytes()
-    cut = data.draw(st.integers(0, len(text)))
-    damaged = bytearray(text[:cut])
-    for _ in range(data.draw(st.integers(0, 3))):
-        if damaged:
-            damaged[data.draw(st.integers(0, len(damaged) - 1))] = data.draw(st.integers(0, 255))
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
-    path.write_bytes(bytes(damaged))
+    path.write_bytes(damaged(data, (CONFIGS / name).read_bytes(), truncate=True, max_flips=3))
     check_config_outcome(lambda: load_config(path))
 
 
@@ -194,14 +199,9 @@ def check_checkpoint_outcome(path):
 @given(data=st.data(), which=st.sampled_from(["model", "checkpoint"]), kind=st.sampled_from(["full", "diag"]))
 def test_truncated_and_flipped_bytes(tmp_path_factory, files, data, which, kind):
     (model_bytes, checkpoint_bytes), X = files[0][kind], files[1]
-    payload = bytearray(model_bytes if which == "model" else checkpoint_bytes)
-    if data.draw(st.booleans()):
-        payload = payload[: data.draw(st.integers(0, len(payload)))]
-    for _ in range(data.draw(st.integers(0, 8))):
-        if payload:
-            payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    payload = model_bytes if which == "model" else checkpoint_bytes
     path = tmp_path_factory.mktemp("bytes") / "f.npz"
-    path.write_bytes(bytes(payload))
+    path.write_bytes(damaged(data, payload, truncate=data.draw(st.booleans()), max_flips=8))
     check_model_outcome(path, X) if which == "model" else check_checkpoint_outcome(path)
 
 

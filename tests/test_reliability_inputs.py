@@ -28,15 +28,7 @@ import pytest
 import zarr
 
 from dgmm import GaussianMixture, save_model
-from cli_helpers import InProcessCLI, blobs, write_config
-
-
-@pytest.fixture
-def dgmm_cli(capsys):
-    """Run ``dgmm ARGS`` in this process; returns (exit status, stdout, stderr)."""
-    cli = InProcessCLI(capsys)
-    yield cli
-    cli.restore()
+from cli_helpers import blobs, write_config
 
 
 def files_under(path):

@@ -21,8 +21,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -33,18 +31,11 @@ import pytest
 from dgmm import GaussianMixture, load_model
 from dgmm.checkpoint import CheckpointError, load_checkpoint, read_npz_header
 from dgmm.model_io import ModelFormatError
-from cli_helpers import InProcessCLI, blobs, run_dgmm, write_config
+from cli_helpers import blobs, dgmm_command, run_dgmm, running, wait_for_line, write_config
+from conftest import rewrite
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dgmm"
 LOOPBACK = {"127.0.0.1", "::1"}
-
-
-@pytest.fixture
-def dgmm_cli(capsys):
-    """Run ``dgmm ARGS`` in this process; returns (exit status, stdout, stderr)."""
-    cli = InProcessCLI(capsys)
-    yield cli
-    cli.restore()
 
 
 class Evil:
@@ -173,17 +164,6 @@ def test_pickled_inputs_are_never_unpickled(tmp_path, dgmm_cli):
 # -- validated checkpoints -------------------------------------------------------------------------------------
 
 
-def rewrite(path, edit_meta=None, edit_arrays=None):
-    with np.load(path, allow_pickle=False) as f:
-        arrays = dict(f)
-    meta = json.loads(str(arrays.pop("meta")))
-    if edit_meta:
-        edit_meta(meta)
-    if edit_arrays:
-        edit_arrays(arrays)
-    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
-
-
 @pytest.mark.parametrize("edit_meta, edit_arrays, message", [
     (None, lambda a: a.update(run0_means=np.zeros((5, 7))), r"'run0_means' has shape \(5, 7\), expected \(2, 2\)"),
     (None, lambda a: a.update(run0_weights=np.array([1, 0])), "'run0_weights' has dtype int64, expected float64"),
@@ -296,22 +276,10 @@ def listening_during_fit(tmp_path, cluster):
         "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 2000},
         "model": {"n_components": 3, "random_state": 0, "tol": 0.0, "max_iter": 1000}, **section,
         "output": {"model": str(tmp_path / "m.npz"), "checkpoint_every": 0}})
-    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", config], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "iteration    2" not in (line := proc.stdout.readline()):
-            assert line and time.monotonic() < deadline, "the fit ended early"
+    with running(dgmm_command("fit", config), stderr=subprocess.DEVNULL, stop=signal.SIGINT) as proc:
+        wait_for_line(proc, "iteration    2")
         addresses = listening_during_fit.last = listening_addresses(proc.pid)
         n_processes = 1 + len(psutil.Process(proc.pid).children(recursive=True))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
     return addresses, n_processes
 
 

@@ -13,14 +13,12 @@ runs of this module on one machine.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-import tempfile
 import shutil
 import signal
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,8 +28,10 @@ import yaml
 import zarr
 
 from dgmm import GaussianMixture, load_model
-from dgmm.checkpoint import CheckpointError, load_checkpoint
-from cli_helpers import blobs, run_dgmm, write_config
+from dgmm.checkpoint import load_checkpoint
+from conftest import assert_same_model
+from cli_helpers import (blobs, dgmm_command, run_dgmm, running, wait_for_checkpoint, wait_until,
+                         write_config)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
 
@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "scripts" / "slurm_setup.sh"
 CONFIG = ROOT / "configs" / "slurm-local.yaml"
 LOCK = os.path.join(tempfile.gettempdir(), "dgmm-slurm-test.lock")
-FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
 
 def _slurm_up() -> bool:
@@ -79,26 +78,14 @@ def slurm():
                 subprocess.run(["bash", str(SETUP), "stop"], check=False, capture_output=True, timeout=120)
 
 
-def _config(tmp_path, data, **model) -> str:
+def _config(tmp_path, data, output: dict, model=None, **jobqueue) -> str:
+    """``configs/slurm-local.yaml`` reading ``data``, writing ``output``, with one job of the given settings."""
     config = yaml.safe_load(CONFIG.read_text())
     config["input"] = {"path": str(data)}
-    config["model"].update(model)
-    jobqueue = config["cluster"]["jobqueue"]
-    jobqueue.update(jobs=1, walltime="00:10:00", log_directory=str(tmp_path / "slurm-logs"), wait_timeout=120,
-                    local_directory=str(tmp_path / "worker-space"))
-    config["output"] = {"model": str(tmp_path / "out" / "model.npz"), "checkpoint_every": 1}
+    config["model"].update(model or {})
+    config["cluster"]["jobqueue"].update(jobs=1, **jobqueue)
+    config["output"] = output
     return write_config(tmp_path / "slurm.yaml", config)
-
-
-def _wait_for_checkpoint(proc, path, n_iter, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the fit ended before the job was cancelled"
-        with contextlib.suppress(FileNotFoundError, CheckpointError):
-            if load_checkpoint(str(path)).n_iter >= n_iter:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint of iteration {n_iter} within {timeout} s")
 
 
 def test_fit_on_slurm_jobs_survives_a_cancelled_job_by_resuming_on_new_jobs(tmp_path, slurm):
@@ -107,29 +94,22 @@ def test_fit_on_slurm_jobs_survives_a_cancelled_job_by_resuming_on_new_jobs(tmp_
     zarr.open_array(str(data), mode="w", shape=X.shape, chunks=(2_000, 4), dtype="f8")[:] = X
     model = {"n_components": 5, "random_state": 2, "tol": 0.0, "max_iter": 40}
     reference = GaussianMixture(**{**model, "covariance_type": "full"}).fit(X)
-    config = _config(tmp_path, data, **model)
+    config = _config(tmp_path, data, {"model": str(tmp_path / "out" / "model.npz"), "checkpoint_every": 1}, model,
+                     walltime="00:10:00", log_directory=str(tmp_path / "slurm-logs"), wait_timeout=120,
+                     local_directory=str(tmp_path / "worker-space"))
     checkpoint = tmp_path / "out" / "model.checkpoint.npz"
 
-    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", config], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_checkpoint(proc, checkpoint, n_iter=3)
+    with running(dgmm_command("fit", config)) as proc:
+        wait_for_checkpoint(proc, checkpoint, n_iter=3, timeout=180)
         first_jobs = _job_ids() - slurm
         assert len(first_jobs) == 1, first_jobs  # jobs: 1, one worker process
         subprocess.run(["scancel", *first_jobs], check=True)  # the job's walltime is over
-        deadline = time.monotonic() + 60
-        while _job_ids() & first_jobs and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _job_ids() & first_jobs, "scancel did not end the job"
+        assert wait_until(lambda: not _job_ids() & first_jobs, timeout=60), "scancel did not end the job"
         time.sleep(1.0)
         assert proc.poll() is None, "without workers the fit waits (it is not failed by a lost job)"
         # the driver's own allocation ends too: Slurm sends SIGTERM (then SIGKILL after KillWait)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == -signal.SIGTERM, stdout + stderr
     assert not (tmp_path / "out" / "model.npz").exists()
     stopped_at = load_checkpoint(str(checkpoint)).n_iter
@@ -145,32 +125,19 @@ def test_fit_on_slurm_jobs_survives_a_cancelled_job_by_resuming_on_new_jobs(tmp_
 
     fitted = load_model(tmp_path / "out" / "model.npz")
     assert fitted.n_iter_ == reference.n_iter_ == model["max_iter"]
-    for name in FITTED:
-        np.testing.assert_allclose(getattr(fitted, name), getattr(reference, name), rtol=1e-10, err_msg=name)
+    assert_same_model(fitted, reference, rtol=1e-10, history=False)
     assert not checkpoint.exists()
 
 
 def test_ctrl_c_while_waiting_for_slurm_jobs_exits_130(tmp_path, slurm):
     X = blobs(1_000, 2)
     np.save(tmp_path / "x.npy", X)
-    config = yaml.safe_load(CONFIG.read_text())
-    config["input"] = {"path": str(tmp_path / "x.npy")}
-    config["cluster"]["jobqueue"].update(jobs=1, job_extra_directives=["--begin=now+1hour"],  # stays pending
-                                         log_directory=str(tmp_path / "logs"))
-    config["output"] = {"model": str(tmp_path / "model.npz")}
-    proc = subprocess.Popen([sys.executable, "-m", "dgmm.cli", "fit", write_config(tmp_path / "c.yaml", config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not _job_ids() - slurm and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _job_ids() - slurm, "no job was submitted"
+    config = _config(tmp_path, tmp_path / "x.npy", {"model": str(tmp_path / "model.npz")},
+                     job_extra_directives=["--begin=now+1hour"], log_directory=str(tmp_path / "logs"))  # stays pending
+    with running(dgmm_command("fit", config)) as proc:
+        assert wait_until(lambda: _job_ids() - slurm, timeout=60), "no job was submitted"
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 130, (proc.returncode, stdout, stderr)
     assert "interrupted" in stderr
