@@ -573,7 +573,7 @@ def _cmd_sample(args) -> int:
     import numpy as np
 
     from .checkpoint import atomic_write_bytes
-    from .io import write_table
+    from .io import format_from_suffix, write_table
     from .model_io import load_model
 
     if args.n_samples < 1:
@@ -592,17 +592,16 @@ def _cmd_sample(args) -> int:
                    comments="")
         sys.stdout.write(buffer.getvalue())
         return 0
-    lower = out.rstrip("/").lower()
+    fmt = format_from_suffix(out)
     if os.path.exists(out) and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite or choose another path")
-    if lower.endswith(".npy"):
+    if fmt == "npy":
         import io
 
         buffer = io.BytesIO()
         np.save(buffer, X, allow_pickle=False)
         atomic_write_bytes(out, buffer.getvalue())
-    elif lower.endswith((".zarr", ".parquet", ".pq")):
-        fmt = "zarr" if lower.endswith(".zarr") else "parquet"
+    elif fmt in ("zarr", "parquet"):
         arrays = {"X": da.from_array(X, chunks=(max(len(X), 1), -1)), "labels": da.from_array(y)}
         import dask
 

@@ -28,7 +28,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .io import is_url
+from .io import format_from_suffix, is_url
 
 __all__ = [
     "ClusterConfig",
@@ -111,14 +111,7 @@ class InputConfig:
         """``format``, or the format implied by the path's suffix ('auto' when there is none)."""
         if self.format != "auto":
             return self.format
-        stem = self.path.rstrip("/").lower()
-        if stem.endswith(".zarr"):
-            return "zarr"
-        if stem.endswith((".parquet", ".pq")):
-            return "parquet"
-        if stem.endswith(".npy"):
-            return "npy"
-        return "auto"
+        return format_from_suffix(self.path) or "auto"
 
 
 @dataclass(frozen=True)
@@ -306,14 +299,11 @@ class PredictConfig:
             err("labels", "nothing to write: enable at least one of labels, probabilities, log_likelihood")
 
     def resolved_format(self) -> str:
+        """``format``, or the output format implied by the path's suffix ('auto' when it names none)."""
         if self.format != "auto":
             return self.format
-        stem = self.output.rstrip("/").lower()
-        if stem.endswith(".zarr"):
-            return "zarr"
-        if stem.endswith((".parquet", ".pq")):
-            return "parquet"
-        return "auto"
+        fmt = format_from_suffix(self.output)
+        return fmt if fmt in ("zarr", "parquet") else "auto"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from ._version import __version__
 __all__ = [
     "SUCCESS_MARKER",
     "describe_source",
+    "format_from_suffix",
     "is_complete",
     "is_url",
     "open_input",
@@ -131,11 +132,22 @@ def describe_source(path: str, *, format: str = "auto", component: str | None = 
             "columns": None if columns is None else list(columns)}
 
 
-def _detect_format(path: str, storage_options: Mapping | None) -> str:
+_SUFFIXES = (((".zarr",), "zarr"), ((".parquet", ".pq"), "parquet"), ((".npy",), "npy"))
+
+
+def format_from_suffix(path: str) -> str | None:
+    """The format a path's suffix names: 'zarr', 'parquet' (.parquet or .pq), 'npy', or None for another suffix."""
     stem = path.rstrip("/").lower()
-    for suffixes, fmt in (((".zarr",), "zarr"), ((".parquet", ".pq"), "parquet"), ((".npy",), "npy")):
+    for suffixes, fmt in _SUFFIXES:
         if stem.endswith(suffixes):
             return fmt
+    return None
+
+
+def _detect_format(path: str, storage_options: Mapping | None) -> str:
+    fmt = format_from_suffix(path)
+    if fmt is not None:
+        return fmt
     fs, root = _filesystem(path, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"{path}: no such file or directory")

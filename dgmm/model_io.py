@@ -361,11 +361,18 @@ _FITTED = ("weights_", "means_", "covariances_", "precisions_", "precisions_chol
            "lower_bound_", "lower_bounds_", "n_features_in_", "feature_names_in_")
 
 
-def _copy_fitted(source, target) -> None:
+def _converted(model, cls):
+    """A ``cls`` instance with the sklearn-compatible parameters and copies of the fitted attributes of ``model``."""
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(model)
+    params = model.get_params()
+    target = cls(**{k: params[k] for k in _SKLEARN_PARAMS})
     for name in _FITTED:
-        if hasattr(source, name):
-            value = getattr(source, name)
+        if hasattr(model, name):
+            value = getattr(model, name)
             setattr(target, name, value.copy() if isinstance(value, (np.ndarray, list)) else value)
+    return target
 
 
 def to_sklearn(model: Any):
@@ -393,13 +400,8 @@ def to_sklearn(model: Any):
     (3,)
     """
     from sklearn.mixture import GaussianMixture as SkGaussianMixture
-    from sklearn.utils.validation import check_is_fitted
 
-    check_is_fitted(model)
-    params = model.get_params()
-    sk = SkGaussianMixture(**{k: params[k] for k in _SKLEARN_PARAMS})
-    _copy_fitted(model, sk)
-    return sk
+    return _converted(model, SkGaussianMixture)
 
 
 def from_sklearn(model: Any):
@@ -424,14 +426,9 @@ def from_sklearn(model: Any):
     >>> gm.predict(X[:3]).shape
     (3,)
     """
-    from sklearn.utils.validation import check_is_fitted
-
     from .estimator import GaussianMixture
 
-    check_is_fitted(model)
-    params = model.get_params()
-    gm = GaussianMixture(**{k: params[k] for k in _SKLEARN_PARAMS})
-    _copy_fitted(model, gm)
+    gm = _converted(model, GaussianMixture)
     if not hasattr(gm, "lower_bounds_"):
         gm.lower_bounds_ = []
     return gm
