@@ -45,6 +45,7 @@ from sklearn.exceptions import ConvergenceWarning
 import dgmm
 from dgmm import GaussianMixture, init
 from dgmm.datasets import write_blobs_zarr
+from benchutil import git_revision
 
 
 def em_seconds_per_iteration(X, n_components, n_init, iters, seed, covariance_type="diag"):
@@ -126,6 +127,7 @@ def main():
     parser.add_argument("--chunk-rows", type=int, default=100_000)
     parser.add_argument("--iters", type=int, default=5, help="EM iterations per timed fit")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="em,init", help="what to time: em (read pass, EM iterations), init")
     parser.add_argument("--quality", action="store_true", help="k-means cost against rounds instead of timings")
     parser.add_argument(
         "--rounds", default=f"{init.KMEANS_PARALLEL_ROUNDS},5", help="k-means|| round counts to time, comma-separated"
@@ -147,38 +149,45 @@ def main():
     rows = []
     with dask.config.set(scheduler="threads"):
         for repeat in range(args.repeats):
-            read = read_seconds(X)
-            em1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat)
-            em4 = em_seconds_per_iteration(X, k, 4, args.iters, repeat)
-            full1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat, "full")
-            rounds = [int(r) for r in args.rounds.split(",")]
-            km_s, km_passes = init_seconds(X, k, repeat, "kmeans", rounds[0])
-            more = {r: init_seconds(X, k, repeat, "kmeans", r) for r in rounds[1:]}
-            pp_s, pp_passes = init_seconds(X, k, repeat, "k-means++")
-            row = dict(
-                repeat=repeat,
-                em_s_per_iter_n_init_1=em1,
-                em_s_per_iter_n_init_4=em4,
-                restarts_ratio=em4 / em1,
-                read_s_per_pass=read,
-                # if reading were shared and each restart cost (em1 - read) of compute:
-                restarts_ratio_if_compute_bound=(read + 4 * (em1 - read)) / em1,
-                full_em_s_per_iter=full1,
-                kmeans_rounds=rounds[0],
-                kmeans_init_s=km_s,
-                kmeans_init_passes=km_passes,
-                kmeans_init_in_em_iters=km_s / em1,
-                kmeans_init_in_full_em_iters=km_s / full1,
-                plusplus_init_s=pp_s,
-                plusplus_init_passes=pp_passes,
-                plusplus_init_in_em_iters=pp_s / em1,
-            )
-            for r, (seconds, passes) in more.items():
-                row[f"kmeans_{r}_rounds_init_s"] = seconds
-                row[f"kmeans_{r}_rounds_init_passes"] = passes
-                row[f"kmeans_{r}_rounds_init_in_em_iters"] = seconds / em1
-            rows.append(row)
+            parts = args.parts.split(",")
+            row = dict(repeat=repeat)
+            if "em" in parts:
+                read = read_seconds(X)
+                em1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat)
+                em4 = em_seconds_per_iteration(X, k, 4, args.iters, repeat)
+                full1 = em_seconds_per_iteration(X, k, 1, args.iters, repeat, "full")
+                row.update(
+                    em_s_per_iter_n_init_1=em1,
+                    em_s_per_iter_n_init_4=em4,
+                    restarts_ratio=em4 / em1,
+                    read_s_per_pass=read,
+                    # if reading were shared and each restart cost (em1 - read) of compute:
+                    restarts_ratio_if_compute_bound=(read + 4 * (em1 - read)) / em1,
+                    full_em_s_per_iter=full1,
+                )
+            if "init" in parts:
+                em1 = row.get("em_s_per_iter_n_init_1") or em_seconds_per_iteration(X, k, 1, args.iters, repeat)
+                full1 = row.get("full_em_s_per_iter") or em_seconds_per_iteration(X, k, 1, args.iters, repeat, "full")
+                rounds = [int(r) for r in args.rounds.split(",")]
+                km_s, km_passes = init_seconds(X, k, repeat, "kmeans", rounds[0])
+                more = {r: init_seconds(X, k, repeat, "kmeans", r) for r in rounds[1:]}
+                pp_s, pp_passes = init_seconds(X, k, repeat, "k-means++")
+                row.update(
+                    kmeans_rounds=rounds[0],
+                    kmeans_init_s=km_s,
+                    kmeans_init_passes=km_passes,
+                    kmeans_init_in_em_iters=km_s / em1,
+                    kmeans_init_in_full_em_iters=km_s / full1,
+                    plusplus_init_s=pp_s,
+                    plusplus_init_passes=pp_passes,
+                    plusplus_init_in_em_iters=pp_s / em1,
+                )
+                for r, (seconds, passes) in more.items():
+                    row[f"kmeans_{r}_rounds_init_s"] = seconds
+                    row[f"kmeans_{r}_rounds_init_passes"] = passes
+                    row[f"kmeans_{r}_rounds_init_in_em_iters"] = seconds / em1
             print(json.dumps(row), flush=True)
+            rows.append(row)
     summary = {
         key: statistics.median(r[key] for r in rows)
         for key in rows[0]
@@ -200,6 +209,8 @@ def main():
         numpy=np.__version__,
         dask=dask.__version__,
         dgmm=dgmm.__version__,
+        commit=git_revision(),
+        parts=args.parts,
     )
     print(json.dumps({"median": summary}), flush=True)
 
