@@ -255,52 +255,6 @@ def log_det_cholesky(precisions_cholesky: np.ndarray, covariance_type: str, n_fe
     return n_features * np.log(precisions_cholesky)
 
 
-def _quadratic_form(y: np.ndarray, params: ChunkParams, work: Workspace | None = None) -> np.ndarray:
-    """Mahalanobis distances (n, n_components) of centred rows ``y``."""
-    means, prec_chol, kind = params.means, params.precisions_cholesky, params.covariance_type
-    n, n_features = y.shape
-    n_components = means.shape[0]
-    if kind == "full":
-        # All components in one GEMM: y @ [U_1 ... U_k] - [μ_1 U_1 ... μ_k U_k].
-        stacked = np.ascontiguousarray(prec_chol.transpose(1, 0, 2)).reshape(n_features, n_components * n_features)
-        offsets = np.einsum("ki,kij->kj", means, prec_chol).reshape(-1).astype(y.dtype, copy=False)
-        stacked = stacked.astype(y.dtype, copy=False)
-        z = np.matmul(y, stacked, out=_scratch(work, "z", (n, n_components * n_features), y.dtype))
-        z -= offsets
-        z *= z
-        return np.einsum("nkd->nk", z.reshape(n, n_components, n_features))
-    if kind == "tied":
-        z = (y @ prec_chol)[:, None, :] - (means @ prec_chol)[None, :, :]
-        z *= z
-        return np.einsum("nkd->nk", z)
-    if kind == "diag":
-        precisions = prec_chol**2
-        return (
-            np.sum(means**2 * precisions, axis=1)
-            - 2.0 * (y @ (means * precisions).T)
-            + (y**2) @ precisions.T
-        )
-    precisions = prec_chol**2
-    return (
-        np.sum(means**2, axis=1) * precisions
-        - 2.0 * (y @ means.T) * precisions
-        + np.outer(np.einsum("ij,ij->i", y, y), precisions)
-    )
-
-
-def estimate_log_gaussian_prob(y: np.ndarray, params: ChunkParams, work: Workspace | None = None) -> np.ndarray:
-    """log N(x_i | μ_k, Σ_k) for centred rows ``y = x - params.center``.
-
-    Returns
-    -------
-    log_prob : ndarray of shape (n_samples, n_components)
-    """
-    n_features = y.shape[1]
-    log_det = log_det_cholesky(params.precisions_cholesky, params.covariance_type, n_features)
-    quad = _quadratic_form(y, params, work)
-    return -0.5 * (n_features * math.log(2 * math.pi) + quad) + log_det.astype(y.dtype, copy=False)
-
-
 def logsumexp_rows(a: np.ndarray) -> np.ndarray:
     """Row-wise log Σ exp, safe for rows of -inf."""
     amax = a.max(axis=1)
@@ -322,8 +276,7 @@ def log_prob_resp(X: np.ndarray, params: ChunkParams):
     log_prob_norm : ndarray of shape (n_samples,)
     log_resp : ndarray of shape (n_samples, n_components)
     """
-    y = center_rows(X, params.center)
-    weighted = estimate_log_gaussian_prob(y, params) + params.log_weights
+    weighted = weighted_log_prob(X, params)
     log_prob_norm = logsumexp_rows(weighted)
     with np.errstate(under="ignore", invalid="ignore"):
         log_resp = weighted - log_prob_norm[:, None]
@@ -331,8 +284,22 @@ def log_prob_resp(X: np.ndarray, params: ChunkParams):
 
 
 def weighted_log_prob(X: np.ndarray, params: ChunkParams) -> np.ndarray:
-    """log N(x | μ_k, Σ_k) + log π_k for one chunk, shape (n_samples, n_components)."""
-    return estimate_log_gaussian_prob(center_rows(X, params.center), params) + params.log_weights
+    """log N(x | μ_k, Σ_k) + log π_k for one chunk, shape (n_samples, n_components).
+
+    Computed in float64 with the E-step's products (:class:`_BatchPlan`);
+    the result is the transpose of a components-major array, so row-wise
+    reductions (log-sum-exp, argmax) over it stay fast.
+    """
+    X = np.asarray(X)
+    n = X.shape[0]
+    plan = _BatchPlan((params,), X.shape[1], np.float64)
+    out = np.empty((plan.n_total, n))
+    work = _thread_workspace()
+    with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
+        for start in range(0, n, plan.rows):
+            stop = min(start + plan.rows, n)
+            _log_prob_block(X[start:stop], plan, work, out[:, start:stop])
+    return out.T
 
 
 def count_nonfinite_rows(X: np.ndarray) -> int:
@@ -565,17 +532,20 @@ def _softmax_rows(L: np.ndarray, plan: _BatchPlan, log_likelihood: np.ndarray, s
         log_likelihood[members] += sums
 
 
-def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: Workspace, sample_weight) -> None:
+def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndarray):
+    """Fill ``L`` (components, rows) with log π_k + log N(x | μ_k, Σ_k) of every member's components.
+
+    Returns the block's features ``F`` and, for full members, the whitened
+    residuals ``z`` (rows, Σ k_full, d) for the statistics.
+    """
     n, d = X.shape
     F = _scratch(work, "features", (n, plan.width))
     F[:, 0] = 1.0
     y = np.subtract(X, plan.center, out=F[:, 1 : d + 1], dtype=np.float64, casting="unsafe")
     if plan.expanded:
         np.multiply(y, y, out=F[:, d + 1 :])
-    L = _scratch(work, "log_prob", (plan.n_total, n))
-    if plan.expanded:
         np.matmul(plan.W.T, F.T, out=L[plan.expanded_rows])
-    z = None
+    z3 = None
     if plan.full:
         if plan.full_dtype == np.float64 and plan.full_ref is plan.center:
             head = F[:, : d + 1]
@@ -596,6 +566,14 @@ def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: W
         np.matmul(mu_u, t.T, out=out)
         out -= 0.5 * np.einsum("ij,ij->i", t, t)
         out += const
+    return F, z3
+
+
+def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: Workspace, sample_weight) -> None:
+    n, d = X.shape
+    L = _scratch(work, "log_prob", (plan.n_total, n))
+    F, z3 = _log_prob_block(X, plan, work, L)
+    y = F[:, 1 : d + 1]
     _softmax_rows(L, plan, sums.log_likelihood, sample_weight)
     Fw = F if sample_weight is None else np.multiply(F, sample_weight[:, None], out=_scratch(work, "weighted", F.shape))
     sums.G += L @ Fw
