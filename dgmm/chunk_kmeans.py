@@ -1,28 +1,44 @@
-"""k-means chunk math: seeding rounds and Lloyd steps on ONE in-memory NumPy chunk.
+"""Initialisation chunk math: seeding rounds, Lloyd steps and initial statistics on ONE NumPy chunk.
 
 Pure NumPy, like :mod:`dgmm.chunk`: no dask, no I/O, no logging. Randomness is
 explicit and *counter based*: the uniform number of row ``i`` in a round is
 the ``i``-th output of a Philox generator keyed by ``(seed, stream)``, so it
 depends on the row's global index only, never on the chunking.
 
-Every pass over the data is a chunk function ``f(X, row_start, args)`` that
-returns one small result per restart (a tuple, so all restarts share the
-pass) and a ``combine_*`` function that merges any number of such results
-associatively; :mod:`dgmm.graph_kmeans` maps the former over the chunks and
-tree-reduces with the latter.
+Every pass over the data is a chunk function ``f(X, row_start, args,
+sample_weight=None)`` that returns one small result per restart (a tuple, so
+all restarts share the pass) and a ``combine_*`` function that merges any
+number of such results associatively; :mod:`dgmm.graph_kmeans` maps the former
+over the chunks and tree-reduces with the latter.
 
-============================  =====================================================
-pass                          per-restart result
-============================  =====================================================
-:func:`parallel_round_chunk`  k-means‖ round: cost φ, points attracted by each
-                              candidate (count, Σ x; weighing pass), rows
-                              sampled with probability ℓ·d²(x, C)/φ
-:func:`plusplus_round_chunk`  greedy k-means++ step: potential of every trial
-                              centre, and the next trials sampled ∝ d²
-:func:`lloyd_chunk`           Lloyd step: inertia and the Gaussian-mixture
-                              statistics of the hard assignment (whose counts and
-                              sums are the k-means update)
-============================  =====================================================
+Passes are batched at two levels. The restarts of one seeding (one
+``*Args``) share their distance products. A *batch* of ``*Args`` (a tuple of
+them, for example the seedings of every candidate of a model-selection sweep,
+each with its own number of components) shares the chunk read and the centred
+rows; its result is a tuple with one entry per ``*Args``. Each seeding of a
+batch gets exactly the result it would get alone (its distances are still one
+product of its own, never mixed with other seedings' columns).
+
+Optional row weights ``sample_weight`` make every pass weighted: a row of
+weight w counts as w copies of it in costs, counts, sums, inertia and
+statistics, and is sampled with probability proportional to w·d².
+
+=============================  =====================================================
+pass                           per-restart result
+=============================  =====================================================
+:func:`parallel_round_chunk`   k-means‖ round: cost φ, points attracted by each
+                               candidate (count, Σ x; weighing pass), rows
+                               sampled with probability ℓ·w·d²(x, C)/φ
+:func:`plusplus_round_chunk`   greedy k-means++ step: potential of every trial
+                               centre, and the next trials sampled ∝ w·d²
+:func:`lloyd_chunk`            Lloyd step: inertia and the Gaussian-mixture
+                               statistics of the hard assignment, for one or
+                               several covariance types (their counts and sums,
+                               the k-means update, are shared)
+:func:`init_statistics_chunk`  statistics of given initial responsibilities
+                               (:class:`dgmm.chunk.InitResp`), grouped by
+                               covariance type
+=============================  =====================================================
 
 Distances are taken on rows shifted by an ``origin`` close to the data (a data
 row), so ``‖y‖² − 2 y·c + ‖c‖²`` never cancels catastrophically on data far
@@ -35,7 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .chunk import SufficientStatistics, count_nonfinite_rows, merge_statistics
+from .chunk import SufficientStatistics, combine_statistics, count_nonfinite_rows, init_statistics
 
 #: Rows per cache block of the distance kernel.
 DISTANCE_BLOCK_ROWS = 4096
@@ -150,24 +166,91 @@ def _label_order(labels: np.ndarray, n_segments: int) -> np.ndarray:
     return np.argsort(small, kind="stable")
 
 
-def _segment_sums(values: np.ndarray, labels: np.ndarray, n_segments: int):
-    """Counts and per-label sums of the rows of ``values`` (summed in row order)."""
-    counts = np.bincount(labels, minlength=n_segments).astype(np.int64)
-    sums = np.zeros((n_segments,) + values.shape[1:])
-    if len(labels):
-        present = np.flatnonzero(counts)
-        starts = (np.cumsum(counts) - counts)[present]
-        sums[present] = np.add.reduceat(values[_label_order(labels, n_segments)], starts, axis=0)
-    return counts, sums
+def _segments(labels: np.ndarray, n_segments: int):
+    """Row order by label, the labels present and where their runs start and stop in that order."""
+    order = _label_order(labels, n_segments)
+    counts = np.bincount(labels, minlength=n_segments)
+    present = np.flatnonzero(counts)
+    stops = np.cumsum(counts)[present]
+    return order, present, stops - counts[present], stops
 
 
-def _as_float64(X: np.ndarray) -> np.ndarray:
-    return np.asarray(X, dtype=np.float64)
+def _reduce_segments(values: np.ndarray, present: np.ndarray, starts: np.ndarray, n_segments: int) -> np.ndarray:
+    """Per-label sums of label-ordered ``values`` (zero for absent labels)."""
+    out = np.zeros((n_segments,) + values.shape[1:])
+    if len(present):
+        out[present] = np.add.reduceat(values, starts, axis=0)
+    return out
+
+
+def _segment_sums(values: np.ndarray, labels: np.ndarray, n_segments: int, sample_weight: np.ndarray | None = None):
+    """Counts (Σ w with weights) and per-label sums of the rows of ``values`` (weighted, summed in row order)."""
+    order, present, starts, _ = _segments(labels, n_segments)
+    ordered = values[order]
+    if sample_weight is None:
+        counts = np.bincount(labels, minlength=n_segments).astype(np.int64)
+    else:
+        counts = np.bincount(labels, weights=sample_weight, minlength=n_segments).astype(np.float64)
+        ordered = ordered * sample_weight[order].reshape((-1,) + (1,) * (values.ndim - 1))
+    return counts, _reduce_segments(ordered, present, starts, n_segments)
 
 
 def _nonfinite_rows(X: np.ndarray, column_sums: np.ndarray) -> int:
     """Rows of X holding NaN or infinity, counted only when the column sums say there may be some."""
     return 0 if np.isfinite(column_sums).all() else count_nonfinite_rows(X)
+
+
+class _Rows:
+    """One chunk as every pass starts: float64 rows, weights, and rows centred on each origin once.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    sample_weight : ndarray of shape (n_samples,) or None
+    """
+
+    def __init__(self, X: np.ndarray, sample_weight: np.ndarray | None = None):
+        self._X = X
+        self.x = np.asarray(X, dtype=np.float64)
+        self.n_samples = int(self.x.shape[0])
+        self.weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.total_weight = float(self.n_samples) if self.weights is None else float(self.weights.sum())
+        #: Rows holding NaN or infinity (known after the first :meth:`centred`).
+        self.n_nonfinite = 0
+        self._centred: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def centred(self, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``y = x − origin`` and ``Σ w y`` (computed once per distinct origin)."""
+        origin = np.asarray(origin, dtype=np.float64)
+        key = origin.tobytes()
+        if key not in self._centred:
+            y = self.x - origin
+            column_sums = y.sum(axis=0)
+            if not self._centred:
+                self.n_nonfinite = _nonfinite_rows(self._X, column_sums)
+            self._centred[key] = (y, column_sums if self.weights is None else self.weights @ y)
+        return self._centred[key]
+
+    def weigh(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (one row per data row) times the row weights; ``values`` itself when unweighted."""
+        if self.weights is None:
+            return values
+        return values * self.weights.reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+def _as_batch(args, single: type) -> tuple[bool, tuple]:
+    """(whether ``args`` is a batch, the batch): one ``single`` is a batch of one."""
+    if isinstance(args, single):
+        return False, (args,)
+    return True, tuple(args)
+
+
+def _combine_nested(parts, leaf: type, combine_column):
+    """Merge per-chunk results: tuples over restarts, or (batches) tuples of such tuples."""
+    first = parts[0]
+    if len(first) and not isinstance(first[0], leaf):
+        return tuple(_combine_nested(group, leaf, combine_column) for group in zip(*parts))
+    return tuple(combine_column(column) for column in zip(*parts))
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +259,10 @@ def _nonfinite_rows(X: np.ndarray, column_sums: np.ndarray) -> int:
 
 
 class ParallelRoundArgs(NamedTuple):
-    """Inputs of one k-means‖ pass, shared by every chunk.
+    """Inputs of one k-means‖ pass of one seeding, shared by every chunk.
+
+    A tuple of these (one per seeding, each with its own candidates, seeds
+    and ℓ) is a batch that shares the pass.
 
     Attributes
     ----------
@@ -190,7 +276,7 @@ class ParallelRoundArgs(NamedTuple):
         Round number (selects fresh random numbers).
     oversampling : float
         ℓ, the expected number of rows sampled per round; 0 samples nothing
-        and weighs the candidates instead (counts and sums of the rows each
+        and weighs the candidates instead (weights and sums of the rows each
         one attracts).
     """
 
@@ -207,14 +293,16 @@ class ParallelRound(NamedTuple):
     Attributes
     ----------
     cost : float
-        φ = Σ d²(x, C) over the rows.
+        φ = Σ w d²(x, C) over the rows.
     sum_shifted : ndarray of shape (n_features,)
-        Σ (x − origin) over the rows, for the mean of the data.
-    counts : ndarray of shape (n_candidates,), int64
-        Weighing pass only (else empty): rows whose nearest candidate is each
-        candidate, its weight.
+        Σ w (x − origin) over the rows, for the mean of the data.
+    total_weight : float
+        Σ w (the number of rows when unweighted).
+    counts : ndarray of shape (n_candidates,)
+        Weighing pass only (else empty): Σ w over the rows whose nearest
+        candidate is each candidate, its weight (int64 counts when unweighted).
     sums : ndarray of shape (n_candidates, n_features)
-        Weighing pass only (else empty): Σ (x − origin) over those rows, so
+        Weighing pass only (else empty): Σ w (x − origin) over those rows, so
         their mean is ``origin + sums / counts``.
     n_samples, n_nonfinite : int
         Rows, and rows holding NaN or infinity.
@@ -223,14 +311,15 @@ class ParallelRound(NamedTuple):
     sample_index : ndarray of shape (n_sampled,), int64
         Global indices of the sampled rows still eligible.
     sample_score : ndarray of shape (n_sampled,)
-        d²(x, C) / u(x); a row is sampled when ``score > φ / ℓ``, i.e. when
-        ``u(x) < ℓ d²(x, C) / φ`` as the paper prescribes.
+        w d²(x, C) / u(x); a row is sampled when ``score > φ / ℓ``, i.e. when
+        ``u(x) < ℓ w d²(x, C) / φ`` as the paper prescribes.
     sample_rows : ndarray of shape (n_sampled, n_features)
         The rows themselves.
     """
 
     cost: float
     sum_shifted: np.ndarray
+    total_weight: float
     counts: np.ndarray
     sums: np.ndarray
     n_samples: int
@@ -261,89 +350,96 @@ def _keep_eligible(part: ParallelRound) -> ParallelRound:
     )
 
 
-def parallel_round_chunk(X: np.ndarray, row_start: int, args: ParallelRoundArgs) -> tuple[ParallelRound, ...]:
-    """One chunk's k-means‖ round for every restart.
+def parallel_round_chunk(X: np.ndarray, row_start: int, args, sample_weight: np.ndarray | None = None):
+    """One chunk's k-means‖ round for every restart of one seeding or of a batch.
 
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
     row_start : int
         Global index of the chunk's first row.
-    args : ParallelRoundArgs
+    args : ParallelRoundArgs or tuple of ParallelRoundArgs
+    sample_weight : ndarray of shape (n_samples,), default=None
 
     Returns
     -------
-    tuple of ParallelRound, one per restart.
+    tuple of ParallelRound, one per restart (for a batch: one such tuple per seeding).
     """
-    x = _as_float64(X)
-    out = []
+    batched, batch = _as_batch(args, ParallelRoundArgs)
+    rows = _Rows(X, sample_weight)
     with np.errstate(invalid="ignore", over="ignore"):
-        y = x - args.origin
-        sum_shifted = y.sum(axis=0)
-        n_nonfinite = _nonfinite_rows(X, sum_shifted)
-        shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.candidates)
-        sampling = args.oversampling > 0
-        labels, min_distances = nearest_centers(y, shifted, with_labels=not sampling)
-        for r, (candidates, seed) in enumerate(zip(shifted, args.seeds)):
-            d2 = min_distances[:, r]
-            cost = float(d2.sum())
-            if sampling:
-                counts, sums = np.zeros(0, dtype=np.int64), np.zeros((0, x.shape[1]))
-                u = row_uniforms(seed, _stream(STREAM_PARALLEL, args.round_index), row_start, len(d2))
-                score = d2 / u
-                rows = np.flatnonzero(score > cost / args.oversampling)
-            else:
-                counts, sums = _segment_sums(y, labels[:, r], len(candidates))
-                score, rows = d2, np.empty(0, dtype=np.int64)
-            out.append(
-                ParallelRound(
-                    cost=cost,
-                    sum_shifted=sum_shifted,
-                    counts=counts,
-                    sums=sums,
-                    n_samples=int(x.shape[0]),
-                    n_nonfinite=int(n_nonfinite),
-                    oversampling=float(args.oversampling),
-                    sample_index=rows.astype(np.int64) + int(row_start),
-                    sample_score=score[rows],
-                    sample_rows=x[rows],
-                )
-            )
-    return tuple(out)
+        out = tuple(_parallel_round(rows, int(row_start), a) for a in batch)
+    return out if batched else out[0]
 
 
-def combine_parallel_rounds(*parts) -> tuple[ParallelRound, ...]:
-    """Merge per-chunk k-means‖ results (tuples over restarts), associatively.
-
-    Costs, counts and sums add; sampled rows are pooled and those that can no
-    longer be sampled are dropped. Pooled rows are sorted by row index, so the
-    result does not depend on the order of the parts.
-    """
+def _parallel_round(rows: _Rows, row_start: int, args: ParallelRoundArgs) -> tuple[ParallelRound, ...]:
+    y, sum_shifted = rows.centred(args.origin)
+    shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.candidates)
+    sampling = args.oversampling > 0
+    labels, min_distances = nearest_centers(y, shifted, with_labels=not sampling)
+    weighted = rows.weigh(min_distances)
     out = []
-    for column in zip(*parts):
-        first = column[0]
-        merged = ParallelRound(
-            cost=float(sum(p.cost for p in column)),
-            sum_shifted=sum(p.sum_shifted for p in column[1:]) + first.sum_shifted,
-            counts=sum(p.counts for p in column[1:]) + first.counts,
-            sums=sum(p.sums for p in column[1:]) + first.sums,
-            n_samples=sum(p.n_samples for p in column),
-            n_nonfinite=sum(p.n_nonfinite for p in column),
-            oversampling=first.oversampling,
-            sample_index=np.concatenate([p.sample_index for p in column]),
-            sample_score=np.concatenate([p.sample_score for p in column]),
-            sample_rows=np.concatenate([p.sample_rows for p in column]),
-        )
-        merged = _keep_eligible(merged)
-        order = np.argsort(merged.sample_index, kind="stable")
+    for r, (candidates, seed) in enumerate(zip(shifted, args.seeds)):
+        d2 = weighted[:, r]
+        cost = float(d2.sum())
+        if sampling:
+            counts, sums = np.zeros(0, dtype=np.int64), np.zeros((0, y.shape[1]))
+            u = row_uniforms(seed, _stream(STREAM_PARALLEL, args.round_index), row_start, len(d2))
+            score = d2 / u
+            chosen = np.flatnonzero(score > cost / args.oversampling)
+        else:
+            counts, sums = _segment_sums(y, labels[:, r], len(candidates), rows.weights)
+            score, chosen = d2, np.empty(0, dtype=np.int64)
         out.append(
-            merged._replace(
-                sample_index=merged.sample_index[order],
-                sample_score=merged.sample_score[order],
-                sample_rows=merged.sample_rows[order],
+            ParallelRound(
+                cost=cost,
+                sum_shifted=sum_shifted,
+                total_weight=rows.total_weight,
+                counts=counts,
+                sums=sums,
+                n_samples=rows.n_samples,
+                n_nonfinite=int(rows.n_nonfinite),
+                oversampling=float(args.oversampling),
+                sample_index=chosen.astype(np.int64) + row_start,
+                sample_score=score[chosen],
+                sample_rows=rows.x[chosen],
             )
         )
     return tuple(out)
+
+
+def _merge_parallel_rounds(column) -> ParallelRound:
+    first = column[0]
+    merged = ParallelRound(
+        cost=float(sum(p.cost for p in column)),
+        sum_shifted=sum(p.sum_shifted for p in column[1:]) + first.sum_shifted,
+        total_weight=float(sum(p.total_weight for p in column)),
+        counts=sum(p.counts for p in column[1:]) + first.counts,
+        sums=sum(p.sums for p in column[1:]) + first.sums,
+        n_samples=sum(p.n_samples for p in column),
+        n_nonfinite=sum(p.n_nonfinite for p in column),
+        oversampling=first.oversampling,
+        sample_index=np.concatenate([p.sample_index for p in column]),
+        sample_score=np.concatenate([p.sample_score for p in column]),
+        sample_rows=np.concatenate([p.sample_rows for p in column]),
+    )
+    merged = _keep_eligible(merged)
+    order = np.argsort(merged.sample_index, kind="stable")
+    return merged._replace(
+        sample_index=merged.sample_index[order],
+        sample_score=merged.sample_score[order],
+        sample_rows=merged.sample_rows[order],
+    )
+
+
+def combine_parallel_rounds(*parts):
+    """Merge per-chunk k-means‖ results (tuples over restarts, or batches of them), associatively.
+
+    Costs, weights, counts and sums add; sampled rows are pooled and those
+    that can no longer be sampled are dropped. Pooled rows are sorted by row
+    index, so the result does not depend on the order of the parts.
+    """
+    return _combine_nested(parts, ParallelRound, _merge_parallel_rounds)
 
 
 # ---------------------------------------------------------------------------
@@ -352,7 +448,9 @@ def combine_parallel_rounds(*parts) -> tuple[ParallelRound, ...]:
 
 
 class PlusPlusArgs(NamedTuple):
-    """Inputs of one greedy k-means++ pass, shared by every chunk.
+    """Inputs of one greedy k-means++ pass of one seeding, shared by every chunk.
+
+    A tuple of these (one per seeding) is a batch that shares the pass.
 
     Attributes
     ----------
@@ -386,17 +484,15 @@ class PlusPlusRound(NamedTuple):
     Attributes
     ----------
     potentials : ndarray of shape (n_columns,)
-        Σ min d²(x, centres ∪ {trial}) over the rows.
+        Σ w min d²(x, centres ∪ {trial}) over the rows.
     keys : ndarray of shape (n_columns, n_kept)
-        Exponential-race keys E(x) / d²(x, ·) of the kept rows, ascending:
-        the rows with the smallest keys are a sample drawn ∝ d² without
+        Exponential-race keys E(x) / (w d²(x, ·)) of the kept rows, ascending:
+        the rows with the smallest keys are a sample drawn ∝ w d² without
         replacement.
     index : ndarray of shape (n_columns, n_kept), int64
         Their global row indices.
     rows : ndarray of shape (n_columns, n_kept, n_features)
         The rows themselves.
-    sum_shifted : ndarray of shape (n_features,)
-        Σ (x − origin), for the mean of the data.
     n_samples, n_nonfinite : int
     n_local_trials : int
     """
@@ -405,7 +501,6 @@ class PlusPlusRound(NamedTuple):
     keys: np.ndarray
     index: np.ndarray
     rows: np.ndarray
-    sum_shifted: np.ndarray
     n_samples: int
     n_nonfinite: int
     n_local_trials: int
@@ -424,92 +519,95 @@ def _smallest(keys: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:
     return positions[np.lexsort((index[positions], keys[positions]))]
 
 
-def plusplus_round_chunk(X: np.ndarray, row_start: int, args: PlusPlusArgs) -> tuple[PlusPlusRound, ...]:
-    """One chunk's greedy k-means++ step for every restart.
+def plusplus_round_chunk(X: np.ndarray, row_start: int, args, sample_weight: np.ndarray | None = None):
+    """One chunk's greedy k-means++ step for every restart of one seeding or of a batch.
 
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
     row_start : int
-    args : PlusPlusArgs
+    args : PlusPlusArgs or tuple of PlusPlusArgs
+    sample_weight : ndarray of shape (n_samples,), default=None
 
     Returns
     -------
-    tuple of PlusPlusRound, one per restart.
+    tuple of PlusPlusRound, one per restart (for a batch: one such tuple per seeding).
     """
-    x = _as_float64(X)
-    n = x.shape[0]
-    out = []
+    batched, batch = _as_batch(args, PlusPlusArgs)
+    rows = _Rows(X, sample_weight)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        y = x - args.origin
-        sum_shifted = y.sum(axis=0)
-        n_nonfinite = _nonfinite_rows(X, sum_shifted)
-        shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.centers)
-        _, closest = nearest_centers(y, shifted)
-        for r, (trials, seed) in enumerate(zip(args.trials, args.seeds)):
-            d2 = closest[:, r : r + 1]
-            if len(trials):
-                d2 = np.minimum(d2, squared_distances(y, np.asarray(trials, dtype=np.float64) - args.origin))
-            potentials = d2.sum(axis=0)
-            size = min(int(args.n_local_trials), n)
-            keys = np.empty((d2.shape[1], size))
-            index = np.empty((d2.shape[1], size), dtype=np.int64)
-            rows = np.empty((d2.shape[1], size, x.shape[1]))
-            if size:
-                exponential = -np.log(row_uniforms(seed, _stream(STREAM_PLUSPLUS, args.step), row_start, n))
-                global_index = np.arange(row_start, row_start + n, dtype=np.int64)
-                for t in range(d2.shape[1]):
-                    column = np.where(d2[:, t] > 0, exponential / d2[:, t], np.inf)
-                    column[~np.isfinite(d2[:, t])] = np.inf
-                    chosen = _smallest(column, global_index, size)
-                    keys[t], index[t], rows[t] = column[chosen], global_index[chosen], x[chosen]
-            out.append(
-                PlusPlusRound(
-                    potentials=potentials,
-                    keys=keys,
-                    index=index,
-                    rows=rows,
-                    sum_shifted=sum_shifted,
-                    n_samples=int(n),
-                    n_nonfinite=int(n_nonfinite),
-                    n_local_trials=int(args.n_local_trials),
-                )
+        out = tuple(_plusplus_round(rows, int(row_start), a) for a in batch)
+    return out if batched else out[0]
+
+
+def _plusplus_round(rows: _Rows, row_start: int, args: PlusPlusArgs) -> tuple[PlusPlusRound, ...]:
+    y, _ = rows.centred(args.origin)
+    n = rows.n_samples
+    shifted = tuple(np.asarray(c, dtype=np.float64) - args.origin for c in args.centers)
+    _, closest = nearest_centers(y, shifted, with_labels=False)
+    out = []
+    for r, (trials, seed) in enumerate(zip(args.trials, args.seeds)):
+        d2 = closest[:, r : r + 1]
+        if len(trials):
+            d2 = np.minimum(d2, squared_distances(y, np.asarray(trials, dtype=np.float64) - args.origin))
+        d2 = rows.weigh(d2)
+        potentials = d2.sum(axis=0)
+        size = min(int(args.n_local_trials), n)
+        keys = np.empty((d2.shape[1], size))
+        index = np.empty((d2.shape[1], size), dtype=np.int64)
+        chosen_rows = np.empty((d2.shape[1], size, y.shape[1]))
+        if size:
+            exponential = -np.log(row_uniforms(seed, _stream(STREAM_PLUSPLUS, args.step), row_start, n))
+            global_index = np.arange(row_start, row_start + n, dtype=np.int64)
+            for t in range(d2.shape[1]):
+                column = np.where(d2[:, t] > 0, exponential / d2[:, t], np.inf)
+                column[~np.isfinite(d2[:, t])] = np.inf
+                chosen = _smallest(column, global_index, size)
+                keys[t], index[t], chosen_rows[t] = column[chosen], global_index[chosen], rows.x[chosen]
+        out.append(
+            PlusPlusRound(
+                potentials=potentials,
+                keys=keys,
+                index=index,
+                rows=chosen_rows,
+                n_samples=n,
+                n_nonfinite=int(rows.n_nonfinite),
+                n_local_trials=int(args.n_local_trials),
             )
+        )
     return tuple(out)
 
 
-def combine_plusplus_rounds(*parts) -> tuple[PlusPlusRound, ...]:
-    """Merge per-chunk k-means++ results (tuples over restarts), associatively.
+def _merge_plusplus_rounds(column) -> PlusPlusRound:
+    first = column[0]
+    keys = np.concatenate([p.keys for p in column], axis=1)
+    index = np.concatenate([p.index for p in column], axis=1)
+    rows = np.concatenate([p.rows for p in column], axis=1)
+    size = min(first.n_local_trials, keys.shape[1])
+    kept_keys = np.empty((keys.shape[0], size))
+    kept_index = np.empty((keys.shape[0], size), dtype=np.int64)
+    kept_rows = np.empty((keys.shape[0], size, rows.shape[2]))
+    for t in range(keys.shape[0]):
+        chosen = _smallest(keys[t], index[t], size)
+        kept_keys[t], kept_index[t], kept_rows[t] = keys[t, chosen], index[t, chosen], rows[t, chosen]
+    return PlusPlusRound(
+        potentials=sum(p.potentials for p in column[1:]) + first.potentials,
+        keys=kept_keys,
+        index=kept_index,
+        rows=kept_rows,
+        n_samples=sum(p.n_samples for p in column),
+        n_nonfinite=sum(p.n_nonfinite for p in column),
+        n_local_trials=first.n_local_trials,
+    )
+
+
+def combine_plusplus_rounds(*parts):
+    """Merge per-chunk k-means++ results (tuples over restarts, or batches of them), associatively.
 
     Potentials add; per column, the ``n_local_trials`` smallest (key, row
     index) pairs of all parts are kept.
     """
-    out = []
-    for column in zip(*parts):
-        first = column[0]
-        keys = np.concatenate([p.keys for p in column], axis=1)
-        index = np.concatenate([p.index for p in column], axis=1)
-        rows = np.concatenate([p.rows for p in column], axis=1)
-        size = min(first.n_local_trials, keys.shape[1])
-        kept_keys = np.empty((keys.shape[0], size))
-        kept_index = np.empty((keys.shape[0], size), dtype=np.int64)
-        kept_rows = np.empty((keys.shape[0], size, rows.shape[2]))
-        for t in range(keys.shape[0]):
-            chosen = _smallest(keys[t], index[t], size)
-            kept_keys[t], kept_index[t], kept_rows[t] = keys[t, chosen], index[t, chosen], rows[t, chosen]
-        out.append(
-            PlusPlusRound(
-                potentials=sum(p.potentials for p in column[1:]) + first.potentials,
-                keys=kept_keys,
-                index=kept_index,
-                rows=kept_rows,
-                sum_shifted=sum(p.sum_shifted for p in column[1:]) + first.sum_shifted,
-                n_samples=sum(p.n_samples for p in column),
-                n_nonfinite=sum(p.n_nonfinite for p in column),
-                n_local_trials=first.n_local_trials,
-            )
-        )
-    return tuple(out)
+    return _combine_nested(parts, PlusPlusRound, _merge_plusplus_rounds)
 
 
 # ---------------------------------------------------------------------------
@@ -518,7 +616,10 @@ def combine_plusplus_rounds(*parts) -> tuple[PlusPlusRound, ...]:
 
 
 class LloydArgs(NamedTuple):
-    """Inputs of one Lloyd pass, shared by every chunk.
+    """Inputs of one Lloyd pass of one seeding, shared by every chunk.
+
+    A tuple of these (one per seeding, each with its own covariance types)
+    is a batch that shares the pass.
 
     Attributes
     ----------
@@ -528,12 +629,14 @@ class LloydArgs(NamedTuple):
         Centre of the Gaussian-mixture statistics (see :mod:`dgmm.chunk`),
         also the shift for the distances: a point close to the data, such as
         its mean.
-    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    covariance_type : {'full', 'tied', 'diag', 'spherical'} or tuple of them
+        Type of the statistics of the hard assignment; a tuple asks for the
+        statistics of each type (computed on one nearest-centre assignment).
     """
 
     centers: tuple
     center: np.ndarray
-    covariance_type: str
+    covariance_type: str | tuple
 
 
 class LloydStep(NamedTuple):
@@ -542,27 +645,34 @@ class LloydStep(NamedTuple):
     Attributes
     ----------
     inertia : float
-        Σ d²(x, nearest centre).
-    statistics : SufficientStatistics
+        Σ w d²(x, nearest centre).
+    statistics : SufficientStatistics or tuple of SufficientStatistics
         Statistics of the one-hot responsibilities of the nearest centre (as
         :func:`dgmm.chunk.init_statistics` computes them for an 'nearest'
-        :class:`dgmm.chunk.InitResp`): ``nk`` are the cluster sizes and
-        ``center + sx / nk`` the updated centres.
+        :class:`dgmm.chunk.InitResp`), one per covariance type when several
+        were asked for: ``nk`` are the cluster sizes (weights) and
+        ``center + sx / nk`` the updated centres, the same for every type.
     """
 
     inertia: float
-    statistics: SufficientStatistics
+    statistics: SufficientStatistics | tuple
 
 
 def hard_assignment_statistics(
-    y: np.ndarray, labels: np.ndarray, n_components: int, covariance_type: str, n_nonfinite: int = 0
-) -> SufficientStatistics:
+    y: np.ndarray,
+    labels: np.ndarray,
+    n_components: int,
+    covariance_type: str | tuple,
+    n_nonfinite: int = 0,
+    sample_weight: np.ndarray | None = None,
+):
     """Gaussian-mixture statistics of one-hot responsibilities.
 
-    Equal to ``chunk.statistics_from_resp(y, one_hot(labels), zeros, covariance_type)``
-    up to rounding. 'full' groups the rows by label so each row's outer
-    product is formed for its own component only; the other types use
-    one-hot products over cache-sized row blocks.
+    Equal to ``chunk.statistics_from_resp(y, one_hot(labels), zeros,
+    covariance_type, sample_weight=sample_weight)`` up to rounding. The rows
+    are grouped by label once, so each row's products are formed for its own
+    component only; ``nk``, ``sx`` and ``sy`` do not depend on the type (the
+    same arrays for every type asked for).
 
     Parameters
     ----------
@@ -570,89 +680,131 @@ def hard_assignment_statistics(
         Rows minus the statistics' centre, float64.
     labels : ndarray of shape (n_samples,), int
     n_components : int
-    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    covariance_type : {'full', 'tied', 'diag', 'spherical'} or tuple of them
     n_nonfinite : int, default=0
+    sample_weight : ndarray of shape (n_samples,), default=None
 
     Returns
     -------
-    SufficientStatistics
+    SufficientStatistics, or a tuple of them (one per type) when ``covariance_type`` is a tuple.
     """
+    kinds = (covariance_type,) if isinstance(covariance_type, str) else tuple(covariance_type)
     n_samples, n_features = y.shape
-    counts = np.bincount(labels, minlength=n_components)
-    sx = np.zeros((n_components, n_features))
-    if covariance_type == "full":
-        sxx = np.zeros((n_components, n_features, n_features))
-        ordered = y[_label_order(labels, n_components)]
-        stops = np.cumsum(counts)
-        for k in np.flatnonzero(counts):
-            block = ordered[stops[k] - counts[k] : stops[k]]
-            sx[k] = block.sum(axis=0)
-            sxx[k] = block.T @ block
+    order, present, starts, stops = _segments(labels, n_components)
+    ordered = y[order]
+    if sample_weight is None:
+        weighted = ordered
+        nk = np.bincount(labels, minlength=n_components).astype(np.float64)
+        sy, total = y.sum(axis=0), int(n_samples)
     else:
-        if covariance_type == "tied":
-            sxx = y.T @ y
-        elif covariance_type == "diag":
-            sxx = np.zeros((n_components, n_features))
+        weighted = ordered * sample_weight[order][:, None]
+        nk = np.bincount(labels, weights=sample_weight, minlength=n_components).astype(np.float64)
+        sy, total = sample_weight @ y, float(sample_weight.sum())
+    sx = _reduce_segments(weighted, present, starts, n_components)
+    out = []
+    for kind in kinds:
+        if kind == "full":
+            sxx = np.zeros((n_components, n_features, n_features))
+            for k, start, stop in zip(present, starts, stops):
+                sxx[k] = weighted[start:stop].T @ ordered[start:stop]
+        elif kind == "tied":
+            sxx = weighted.T @ ordered
+        elif kind == "diag":
+            sxx = _reduce_segments(weighted * ordered, present, starts, n_components)
         else:
-            sxx = np.zeros(n_components)
-        rows = max(64, DISTANCE_BLOCK_ROWS * 16 // max(n_components, 16))  # one-hot blocks of <= 64k values
-        resp = np.zeros((min(rows, n_samples), n_components))
-        for start in range(0, n_samples, rows):
-            block = y[start : start + rows]
-            onehot = resp[: len(block)]
-            onehot[np.arange(len(block)), labels[start : start + rows]] = 1.0
-            sx += onehot.T @ block
-            if covariance_type == "diag":
-                sxx += onehot.T @ (block * block)
-            elif covariance_type == "spherical":
-                sxx += onehot.T @ np.einsum("ij,ij->i", block, block)
-            onehot[np.arange(len(block)), labels[start : start + rows]] = 0.0
-    return SufficientStatistics(
-        nk=counts.astype(np.float64),
-        sx=sx,
-        sxx=sxx,
-        sy=y.sum(axis=0),
-        n_samples=int(n_samples),
-        log_likelihood=0.0,
-        n_nonfinite=int(n_nonfinite),
-    )
+            sxx = _reduce_segments(np.einsum("ij,ij->i", weighted, ordered), present, starts, n_components)
+        out.append(
+            SufficientStatistics(
+                nk=nk, sx=sx, sxx=sxx, sy=sy, n_samples=total, log_likelihood=0.0, n_nonfinite=int(n_nonfinite)
+            )
+        )
+    return out[0] if isinstance(covariance_type, str) else tuple(out)
 
 
-def lloyd_chunk(X: np.ndarray, row_start: int, args: LloydArgs) -> tuple[LloydStep, ...]:
-    """One chunk's Lloyd step for every restart.
+def lloyd_chunk(X: np.ndarray, row_start: int, args, sample_weight: np.ndarray | None = None):
+    """One chunk's Lloyd step for every restart of one seeding or of a batch.
 
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
     row_start : int
         Unused (the step has no randomness); kept for the common signature.
-    args : LloydArgs
+    args : LloydArgs or tuple of LloydArgs
+    sample_weight : ndarray of shape (n_samples,), default=None
 
     Returns
     -------
-    tuple of LloydStep, one per restart.
+    tuple of LloydStep, one per restart (for a batch: one such tuple per seeding).
     """
-    x = _as_float64(X)
-    out = []
+    batched, batch = _as_batch(args, LloydArgs)
+    rows = _Rows(X, sample_weight)
     with np.errstate(invalid="ignore", over="ignore"):
-        y = x - args.center
-        n_nonfinite = _nonfinite_rows(X, y.sum(axis=0))
-        shifted = tuple(np.asarray(c, dtype=np.float64) - args.center for c in args.centers)
-        labels, min_distances = nearest_centers(y, shifted)
-        for r, centers in enumerate(shifted):
-            statistics = hard_assignment_statistics(
-                y, labels[:, r], len(centers), args.covariance_type, n_nonfinite
-            )
-            out.append(LloydStep(inertia=float(min_distances[:, r].sum()), statistics=statistics))
-    return tuple(out)
+        out = tuple(_lloyd_step(rows, a) for a in batch)
+    return out if batched else out[0]
 
 
-def combine_lloyd_steps(*parts) -> tuple[LloydStep, ...]:
-    """Merge per-chunk Lloyd results (tuples over restarts) by addition."""
-    out = []
-    for column in zip(*parts):
-        statistics = column[0].statistics
-        for p in column[1:]:
-            statistics = merge_statistics(statistics, p.statistics)
-        out.append(LloydStep(inertia=float(sum(p.inertia for p in column)), statistics=statistics))
-    return tuple(out)
+def _lloyd_step(rows: _Rows, args: LloydArgs) -> tuple[LloydStep, ...]:
+    y, _ = rows.centred(args.center)
+    shifted = tuple(np.asarray(c, dtype=np.float64) - args.center for c in args.centers)
+    labels, min_distances = nearest_centers(y, shifted)
+    inertia = rows.weigh(min_distances).sum(axis=0)
+    return tuple(
+        LloydStep(
+            inertia=float(inertia[r]),
+            statistics=hard_assignment_statistics(
+                y, labels[:, r], len(centers), args.covariance_type, rows.n_nonfinite, rows.weights
+            ),
+        )
+        for r, centers in enumerate(shifted)
+    )
+
+
+def _merge_lloyd_steps(column) -> LloydStep:
+    return LloydStep(
+        inertia=float(sum(p.inertia for p in column)),
+        statistics=combine_statistics(*(p.statistics for p in column)),
+    )
+
+
+def combine_lloyd_steps(*parts):
+    """Merge per-chunk Lloyd results (tuples over restarts, or batches of them) by addition."""
+    return _combine_nested(parts, LloydStep, _merge_lloyd_steps)
+
+
+# ---------------------------------------------------------------------------
+# Statistics of initial responsibilities, several covariance types in one pass
+# ---------------------------------------------------------------------------
+
+
+class InitStatisticsArgs(NamedTuple):
+    """Inputs of one pass of initial statistics, shared by every chunk.
+
+    Attributes
+    ----------
+    center : ndarray of shape (n_features,)
+        Centre of the statistics.
+    groups : tuple of (str, tuple of InitResp)
+        Per covariance type, the initial responsibilities whose statistics of
+        that type are wanted.
+    """
+
+    center: np.ndarray
+    groups: tuple
+
+
+def init_statistics_chunk(
+    X: np.ndarray, row_start: int, args: InitStatisticsArgs, sample_weight: np.ndarray | None = None
+) -> tuple[tuple[SufficientStatistics, ...], ...]:
+    """One chunk's statistics under initial responsibilities, per group of ``args``.
+
+    Each group's result is :func:`dgmm.chunk.init_statistics` of its specs and
+    type, so a spec gets the same statistics whichever batch it is in.
+
+    Returns
+    -------
+    tuple (one per group) of tuple (one per spec) of SufficientStatistics
+        Merge with :func:`dgmm.chunk.combine_statistics`.
+    """
+    return tuple(
+        init_statistics(X, row_start, tuple(specs), args.center, kind, sample_weight) for kind, specs in args.groups
+    )

@@ -36,7 +36,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .init import InitContext, initial_statistics
+from .init import InitRequest, initial_statistics
 from .passes import DataPasses, auto_chunk_rows, nonfinite_error, single_threaded_blas
 from .validation import (
     check_input,
@@ -397,12 +397,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return weights, means, precisions
 
     def _initialize_runs(self, data, n_init, random_state, weights_init, means_init, precisions_init, eps):
+        initial = None
+        if weights_init is None or means_init is None or precisions_init is None:
+            request = InitRequest(self.n_components, self.covariance_type, n_init, random_state)
+            center, (stats_list,) = initial_statistics(data, self.init_params, self.init_sample_size, [request])
+            initial = (center, stats_list)
+        return self._runs_from_statistics(data, initial, n_init, weights_init, means_init, precisions_init, eps)
+
+    def _runs_from_statistics(self, data, initial, n_init, weights_init, means_init, precisions_init, eps):
+        """The restarts' initial runs from ``initial = (center, statistics)`` (None: all parameters given)."""
         kind = self.covariance_type
         n_features = data.n_features
-        stats_list = None
-        if weights_init is None or means_init is None or precisions_init is None:
-            ctx = InitContext(data, self.n_components, self.init_sample_size, kind)
-            center, stats_list = initial_statistics(ctx, self.init_params, random_state, n_init)
+        center, stats_list = initial if initial is not None else (None, None)
+        if stats_list is not None:
             self._check_finite(stats_list[0], data)
         runs = []
         for i in range(n_init):

@@ -1,20 +1,31 @@
 """Initialisation: how each ``init_params`` method seeds the initial parameters.
 
-Every method is an entry of :data:`INITIALIZERS`: a function
-``(ctx, random_state, n_init) -> Seeding`` that seeds ALL ``n_init`` restarts
-together, so every pass over the data it makes serves every restart. A
-:class:`Seeding` describes each restart's initial responsibilities as a
-:class:`dgmm.chunk.InitResp`; :func:`initial_statistics` turns them into
-sufficient statistics in one more pass, unless the seeding already computed
-them on its last pass (the out-of-core 'kmeans' does).
+Every method is an entry of :data:`INITIALIZERS`, in two steps. ``plan``
+draws what the method needs from the random state of one mixture (per-restart
+seeds, or the in-memory seeding itself) and returns a :class:`Seeding`;
+``run`` then seeds a whole list of seedings together, each with the
+covariance types its statistics are wanted for, so every pass over the data
+serves every seeding and every restart. :func:`initial_statistics` drives
+both for a list of :class:`InitRequest` (one fit's mixture, or every
+candidate of a model-selection sweep) and returns each request's initial
+sufficient statistics, all relative to ONE centre.
+
+Requests that would seed identically (the same number of components and
+restarts, and a random state in the same state, so the same draws: a sweep's
+candidates that differ only in covariance type) share one seeding, computed
+once; its last pass yields the statistics of every covariance type asked
+for. A sweep's initialisation therefore makes as many passes as the
+candidate that needs the most, and each request's statistics equal those of
+a fit initialised alone (:meth:`dgmm.GaussianMixture.fit` is a batch of one).
 
 Small data and large data
 -------------------------
 When ``n_samples <= init_sample_size`` (default 100,000) the data is loaded
 once and 'kmeans' and 'k-means++' call scikit-learn's ``KMeans`` and
 ``kmeans_plusplus`` on it, drawing exactly the random numbers sklearn draws,
-so the initial parameters equal sklearn's. Larger data is never loaded: the
-methods run out of core, as passes over the chunks:
+so the initial parameters equal sklearn's; one pass then computes the
+statistics of every seeding. Larger data is never loaded: the methods run
+out of core, as passes over the chunks:
 
 'kmeans'
     k-means‖ seeding (Bahmani et al., 2012): a first centre drawn uniformly,
@@ -35,7 +46,9 @@ methods run out of core, as passes over the chunks:
     Gaussian parameters (from the nearest-centre assignment, as sklearn
     initialises from ``KMeans.labels_``) cost no extra pass. Total:
     ``KMEANS_PARALLEL_ROUNDS + 1`` passes plus the Lloyd passes: usually 5 or
-    6 passes, at most 9 with the defaults.
+    6 passes, at most 9 with the defaults. Seedings of different
+    ``n_components`` share every pass (each with its own ℓ); a batch makes
+    as many Lloyd passes as its slowest seeding.
 
 'k-means++'
     Greedy k-means++ as sklearn's ``kmeans_plusplus`` (``2 + log k`` trial
@@ -43,8 +56,9 @@ methods run out of core, as passes over the chunks:
     of core: pass ``j`` evaluates the potentials of step ``j``'s trials and,
     in the same pass, draws the next step's trials for every possible
     outcome, so the cost is ``n_components`` passes plus one for the
-    statistics. Trials are drawn ∝ d² by an exponential race on row-indexed
-    random numbers (without replacement, where sklearn draws with).
+    statistics (a batch: its largest ``n_components``, plus one). Trials are
+    drawn ∝ d² by an exponential race on row-indexed random numbers (without
+    replacement, where sklearn draws with).
 
 'random'
     Uniform random responsibilities drawn in fixed row blocks seeded by
@@ -52,6 +66,22 @@ methods run out of core, as passes over the chunks:
 
 'random_from_data'
     ``n_components`` distinct rows drawn as sklearn draws them.
+
+The centre of the statistics is the data mean found by the first k-means‖
+pass for out-of-core 'kmeans', and otherwise the mean of the in-memory data
+(in-memory 'kmeans' and 'k-means++') or of the first rows
+(:meth:`InitContext.center`): never a quantity of one seeding, so all the
+requests of a batch share it.
+
+Sample weights
+--------------
+With ``sample_weight`` every seeding pass is weighted: the first centres are
+drawn ∝ w (reading the weights, not X), k-means‖ samples rows with
+probability ∝ w·d², k-means++ draws trials ∝ w·d², Lloyd's counts, sums and
+inertia are weighted, and so are the statistics (the in-memory methods pass
+the weights to sklearn). Weighted fits take no extra pass. As the random
+numbers belong to rows, integer weights give the same statistics as
+repeated rows for given centres, but not the same random draws.
 
 Reproducibility
 ---------------
@@ -64,17 +94,18 @@ scheduler or number of workers (up to floating-point rounding of sums).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
 
-from .chunk import InitResp, SufficientStatistics
+from .chunk import InitResp
 from .chunk_kmeans import LloydArgs, ParallelRoundArgs, PlusPlusArgs
 from .passes import DataPasses, nonfinite_error
 
@@ -95,44 +126,59 @@ LLOYD_TOL = 1e-4
 RECLUSTER_N_INIT = 3
 
 
-class Seeding(NamedTuple):
-    """What an initializer returns for all restarts.
+class InitRequest(NamedTuple):
+    """One mixture to initialise.
 
     Attributes
     ----------
-    specs : tuple of InitResp
-        Initial responsibilities of each restart.
-    center : ndarray of shape (n_features,) or None
-        Centre for the statistics (None: :meth:`InitContext.center`).
-    statistics : tuple of SufficientStatistics or None
-        The statistics of ``specs``, when the seeding computed them already.
+    n_components : int
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+        Type of the initial statistics.
+    n_init : int
+        Restarts, each seeded separately.
+    random_state : numpy.random.RandomState
+        Consumed as a fit initialised alone would consume it.
     """
 
-    specs: tuple
-    center: np.ndarray | None = None
-    statistics: tuple | None = None
+    n_components: int
+    covariance_type: str
+    n_init: int
+    random_state: np.random.RandomState
+
+
+class Seeding(NamedTuple):
+    """One planned seeding of all restarts of a mixture (before any pass).
+
+    Attributes
+    ----------
+    n_components : int
+    seeds : tuple of int
+        Per-restart seeds, for the out-of-core methods.
+    specs : tuple of InitResp or None
+        Initial responsibilities of each restart, when planning found them.
+    """
+
+    n_components: int
+    seeds: tuple = ()
+    specs: tuple | None = None
 
 
 class InitContext:
-    """What an initializer may use: the data passes, sizes and a lazily loaded in-memory copy.
+    """What an initializer may use: the data passes, the sample size and a lazily loaded in-memory copy.
 
     Parameters
     ----------
     data : DataPasses
-    n_components : int
     sample_size : int
         Largest ``n_samples`` seeded in memory (``init_sample_size``).
-    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
-        Type of the statistics a seeding may compute.
     """
 
-    def __init__(self, data: DataPasses, n_components: int, sample_size: int, covariance_type: str = "full"):
+    def __init__(self, data: DataPasses, sample_size: int):
         self.data = data
-        self.n_components = n_components
         self.sample_size = sample_size
-        self.covariance_type = covariance_type
         self._sample = None
         self._sample_rows = None
+        self._weights = None
 
     @property
     def out_of_core(self) -> bool:
@@ -140,7 +186,7 @@ class InitContext:
         return self.data.n_samples > self.sample_size
 
     def sample(self, random_state) -> np.ndarray:
-        """The shared bounded sample (drawn once per fit), checked for non-finite values."""
+        """The shared bounded sample (drawn once), checked for non-finite values."""
         if self._sample is None:
             sample, self._sample_rows = self.data.sample(self.sample_size, random_state)
             if not np.isfinite(sample).all():
@@ -148,6 +194,15 @@ class InitContext:
                 raise nonfinite_error(count, first, self.data.n_samples)
             self._sample = sample
         return self._sample
+
+    def sample_weight(self) -> np.ndarray | None:
+        """Row weights of the sample drawn by :meth:`sample` (None when the fit is unweighted)."""
+        weights = self.data.sample_weight
+        if weights is None:
+            return None
+        if self._weights is None:
+            self._weights = np.asarray(weights if isinstance(weights, np.ndarray) else weights.compute(), np.float64)
+        return self._weights if self._sample_rows is None else self._weights[self._sample_rows]
 
     def global_rows(self, sample_indices) -> np.ndarray:
         """Global row indices of rows of the sample."""
@@ -165,22 +220,91 @@ class InitContext:
         return rows[finite].mean(axis=0) if finite.any() else np.zeros(self.data.n_features)
 
 
-def initial_statistics(ctx: InitContext, init_params: str, random_state, n_init: int):
-    """Seed ``n_init`` restarts with ``init_params`` and return their initial statistics.
+class Initializer(NamedTuple):
+    """One ``init_params`` method.
+
+    Attributes
+    ----------
+    plan : callable
+        ``plan(ctx, n_components, random_state, n_init) -> Seeding``: draws
+        from ``random_state`` (no pass over the data).
+    run : callable
+        ``run(ctx, seedings, covariance_types) -> (center, statistics)``:
+        seeds all ``seedings`` together; ``covariance_types[j]`` lists the
+        types wanted for seeding ``j`` and ``statistics[j]`` maps each of them
+        to a tuple of SufficientStatistics, one per restart, relative to
+        ``center``.
+    """
+
+    plan: Callable
+    run: Callable
+
+
+def initial_statistics(
+    data: DataPasses, init_params: str, sample_size: int, requests: Sequence[InitRequest]
+) -> tuple[np.ndarray, list[tuple]]:
+    """Seed every request's restarts with ``init_params`` and return their initial statistics.
+
+    Requests are planned in order (each consumes its random state as a fit
+    initialised alone would); requests with the same number of components
+    and restarts whose random states are in the same state share one
+    seeding. All seedings then run together: their passes are shared.
+
+    Parameters
+    ----------
+    data : DataPasses
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}
+    sample_size : int
+        ``init_sample_size``: largest ``n_samples`` seeded in memory.
+    requests : sequence of InitRequest
 
     Returns
     -------
     center : ndarray of shape (n_features,)
-        Centre the statistics are relative to.
-    statistics : tuple of SufficientStatistics
-        One per restart, from the initial responsibilities.
+        Centre every request's statistics are relative to.
+    statistics : list of tuple of SufficientStatistics
+        Per request, one per restart, of its covariance type.
     """
-    seeding = INITIALIZERS[init_params](ctx, random_state, n_init)
-    if seeding.statistics is not None and ctx.data.sample_weight is None:
-        # (the seeding's own statistics are unweighted; weighted fits take one more pass)
-        return seeding.center, tuple(seeding.statistics)
-    center = seeding.center if seeding.center is not None else ctx.center()
-    return center, ctx.data.init_statistics(seeding.specs, center, ctx.covariance_type)
+    ctx = InitContext(data, sample_size)
+    initializer = INITIALIZERS[init_params]
+    seedings: list[Seeding] = []
+    kinds: list[list[str]] = []
+    planned: dict[tuple, tuple[int, object]] = {}
+    job_of = []
+    for request in requests:
+        key = (int(request.n_components), int(request.n_init), _state_key(request.random_state))
+        if key in planned:
+            job, state_after = planned[key]
+            request.random_state.set_state(state_after)
+        else:
+            seeding = initializer.plan(ctx, int(request.n_components), request.random_state, int(request.n_init))
+            job = len(seedings)
+            seedings.append(seeding)
+            kinds.append([])
+            planned[key] = (job, request.random_state.get_state())
+        if request.covariance_type not in kinds[job]:
+            kinds[job].append(request.covariance_type)
+        job_of.append(job)
+    logger.info(
+        "initialisation (%s): %d mixtures, %d distinct seedings", init_params, len(job_of), len(seedings)
+    )
+    center, statistics = initializer.run(ctx, seedings, [tuple(k) for k in kinds])
+    return center, [statistics[job][request.covariance_type] for job, request in zip(job_of, requests)]
+
+
+def _state_key(random_state: np.random.RandomState) -> tuple:
+    """A hashable copy of the random state's state: equal keys draw equal numbers."""
+    return _freeze(random_state.get_state(legacy=False))
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return tuple((k, _freeze(v)) for k, v in sorted(value.items()))
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
 
 
 def _restart_seeds(random_state, n_init: int) -> tuple[int, ...]:
@@ -194,9 +318,34 @@ def _raise_if_nonfinite(data: DataPasses, n_nonfinite: int) -> None:
 
 
 def _first_centers(data: DataPasses, seeds) -> tuple[np.ndarray, np.ndarray]:
-    """One uniformly drawn row per restart (indices, rows); reads only the chunks holding them."""
-    indices = np.array([np.random.default_rng(seed).integers(data.n_samples) for seed in seeds], dtype=np.int64)
+    """One row per restart, drawn uniformly (∝ weight with weights): indices and rows.
+
+    Reads only the chunks holding them (and, with weights, the weights).
+    """
+    indices = data.weighted_rows([np.random.default_rng(seed).random() for seed in seeds])
     return indices, np.asarray(data.rows(indices), dtype=np.float64)
+
+
+def _split(flat: Sequence, sizes: Sequence[int]) -> list[list]:
+    """``flat`` cut into consecutive lists of ``sizes``."""
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return [list(flat[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+def _statistics_of_specs(ctx: InitContext, seedings: Sequence[Seeding], covariance_types, center=None):
+    """ONE pass: the statistics of every seeding's ``specs``, of each of its covariance types."""
+    center = ctx.center() if center is None else center
+    members: dict[str, list[int]] = {}
+    for j, kinds in enumerate(covariance_types):
+        for kind in kinds:
+            members.setdefault(kind, []).append(j)
+    groups = tuple((kind, tuple(s for j in jobs for s in seedings[j].specs)) for kind, jobs in members.items())
+    results = ctx.data.init_statistics_groups(groups, center)
+    statistics: list[dict] = [{} for _ in seedings]
+    for (kind, jobs), stats in zip(members.items(), results):
+        for j, part in zip(jobs, _split(stats, [len(seedings[j].specs) for j in jobs])):
+            statistics[j][kind] = tuple(part)
+    return center, statistics
 
 
 # ---------------------------------------------------------------------------
@@ -204,8 +353,25 @@ def _first_centers(data: DataPasses, seeds) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------
 
 
+class KMeansJob(NamedTuple):
+    """One seeding of :func:`kmeans_parallel_batch`.
+
+    Attributes
+    ----------
+    n_components : int
+    seeds : tuple of int
+        One non-negative seed per restart.
+    covariance_types : tuple of str
+        Types of the Gaussian-mixture statistics wanted of the final assignment.
+    """
+
+    n_components: int
+    seeds: tuple
+    covariance_types: tuple = ("full",)
+
+
 class KMeansResult(NamedTuple):
-    """Out-of-core k-means of every restart.
+    """Out-of-core k-means of every restart of one seeding.
 
     Attributes
     ----------
@@ -213,12 +379,13 @@ class KMeansResult(NamedTuple):
         Final centres: the means of the last assignment (Lloyd's update).
     assigned_centers : list of ndarray of shape (n_components, n_features)
         The centres whose nearest-centre assignment ``statistics`` describe.
-    statistics : tuple of SufficientStatistics
-        Statistics of that hard assignment, relative to ``center``.
+    statistics : dict of str to tuple of SufficientStatistics
+        Per covariance type asked for, the statistics of that hard
+        assignment (one per restart), relative to ``center``.
     center : ndarray of shape (n_features,)
-        The data mean.
+        The (weighted) data mean.
     inertia : list of float
-        Σ d²(x, nearest of ``assigned_centers``).
+        Σ w d²(x, nearest of ``assigned_centers``).
     n_candidates : list of int
         k-means‖ candidates before reclustering.
     n_lloyd : list of int
@@ -227,7 +394,7 @@ class KMeansResult(NamedTuple):
 
     centers: list
     assigned_centers: list
-    statistics: tuple
+    statistics: dict
     center: np.ndarray
     inertia: list
     n_candidates: list
@@ -258,16 +425,11 @@ def kmeans_parallel(
     n_components: int,
     seeds,
     covariance_type: str = "full",
-    *,
-    rounds: int | None = None,
-    oversampling_factor: float | None = None,
-    lloyd_max_iter: int | None = None,
-    lloyd_tol: float | None = None,
+    **options,
 ) -> KMeansResult:
     """Out-of-core k-means of every restart: k-means‖ seeding then Lloyd passes.
 
-    Makes ``rounds + 1`` passes for the seeding and at most ``lloyd_max_iter``
-    Lloyd passes, each shared by all restarts (see the module docstring).
+    One seeding of :func:`kmeans_parallel_batch` (which see for ``options``).
 
     Parameters
     ----------
@@ -277,6 +439,37 @@ def kmeans_parallel(
         One non-negative seed per restart.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}, default='full'
         Type of the Gaussian-mixture statistics of the final assignment.
+
+    Returns
+    -------
+    KMeansResult
+    """
+    job = KMeansJob(n_components, tuple(seeds), (covariance_type,))
+    return kmeans_parallel_batch(data, [job], **options)[0]
+
+
+def kmeans_parallel_batch(
+    data: DataPasses,
+    jobs: Sequence[KMeansJob],
+    *,
+    rounds: int | None = None,
+    oversampling_factor: float | None = None,
+    lloyd_max_iter: int | None = None,
+    lloyd_tol: float | None = None,
+) -> list[KMeansResult]:
+    """Out-of-core k-means of several seedings together: k-means‖ seeding then Lloyd passes.
+
+    Makes ``rounds + 1`` passes for the seeding and at most ``lloyd_max_iter``
+    Lloyd passes, each shared by every restart of every seeding (see the
+    module docstring). All seedings measure distances from the first
+    seeding's first centre and share its centre (the data mean), so each
+    gets the result it would get alone when the first centres coincide
+    (the same seeds).
+
+    Parameters
+    ----------
+    data : DataPasses
+    jobs : sequence of KMeansJob
     rounds : int, default=None
         Sampling rounds (None: :data:`KMEANS_PARALLEL_ROUNDS`).
     oversampling_factor : float, default=None
@@ -288,87 +481,117 @@ def kmeans_parallel(
 
     Returns
     -------
-    KMeansResult
+    list of KMeansResult
+        One per job.
 
     Raises
     ------
     ValueError
         If the data holds NaN or infinity.
     """
-    seeds = tuple(int(s) for s in seeds)
-    n_restarts = len(seeds)
+    jobs = [KMeansJob(int(j.n_components), tuple(int(s) for s in j.seeds), tuple(j.covariance_types)) for j in jobs]
+    sizes = [len(job.seeds) for job in jobs]
     rounds = KMEANS_PARALLEL_ROUNDS if rounds is None else int(rounds)
-    oversampling_factor = OVERSAMPLING_FACTOR if oversampling_factor is None else oversampling_factor
+    oversampling_factor = OVERSAMPLING_FACTOR if oversampling_factor is None else float(oversampling_factor)
     lloyd_max_iter = LLOYD_MAX_ITER if lloyd_max_iter is None else lloyd_max_iter
     lloyd_tol = LLOYD_TOL if lloyd_tol is None else lloyd_tol
-    oversampling = float(oversampling_factor) * n_components
-    _, first_rows = _first_centers(data, seeds)
+    _, first_rows = _first_centers(data, [s for job in jobs for s in job.seeds])
     origin = first_rows[0]
-    candidates = [first_rows[r : r + 1] for r in range(n_restarts)]
+    candidates = _split([first_rows[i : i + 1] for i in range(len(first_rows))], sizes)
 
     center = mean_variance = None
     result = None
     for round_index in range(1, rounds + 2):
         sampling = round_index <= rounds
-        args = ParallelRoundArgs(origin, tuple(candidates), seeds, round_index, oversampling if sampling else 0.0)
-        result = data.kmeans_parallel_round(args)
+        batch = tuple(
+            ParallelRoundArgs(
+                origin,
+                tuple(candidates[j]),
+                job.seeds,
+                round_index,
+                oversampling_factor * job.n_components if sampling else 0.0,
+            )
+            for j, job in enumerate(jobs)
+        )
+        result = data.kmeans_parallel_round(batch)
         if center is None:
-            # First pass: restart 0 has one candidate, the origin, so its cost is Σ ‖x - origin‖².
-            _raise_if_nonfinite(data, result[0].n_nonfinite)
-            shift = result[0].sum_shifted / data.n_samples
+            # First pass: the first restart has one candidate, the origin, so its cost is Σ w ‖x - origin‖².
+            first = result[0][0]
+            _raise_if_nonfinite(data, first.n_nonfinite)
+            shift = first.sum_shifted / first.total_weight
             center = origin + shift
-            mean_variance = max(result[0].cost / data.n_samples - float(shift @ shift), 0.0) / data.n_features
+            mean_variance = max(first.cost / first.total_weight - float(shift @ shift), 0.0) / data.n_features
         if not sampling:
             break
-        for r, part in enumerate(result):
-            candidates[r] = np.concatenate([candidates[r], part.sample_rows])
+        for j, parts in enumerate(result):
+            for r, part in enumerate(parts):
+                candidates[j][r] = np.concatenate([candidates[j][r], part.sample_rows])
         logger.info(
             "k-means|| round %d/%d: cost %.6g, %s candidates",
             round_index,
             rounds,
-            result[0].cost,
-            "/".join(str(len(c)) for c in candidates),
+            result[0][0].cost,
+            "/".join(str(len(c)) for job_candidates in candidates for c in job_candidates),
         )
 
-    centers = []
-    for r, part in enumerate(result):
-        counts = part.counts.astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cell_means = origin + np.where(counts[:, None] > 0, part.sums / counts[:, None], 0.0)
-        centers.append(_recluster(cell_means, counts, n_components, seeds[r]))
+    centers = [[None] * n for n in sizes]
+    for j, parts in enumerate(result):
+        for r, part in enumerate(parts):
+            counts = part.counts.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cell_means = origin + np.where(counts[:, None] > 0, part.sums / counts[:, None], 0.0)
+            centers[j][r] = _recluster(cell_means, counts, jobs[j].n_components, jobs[j].seeds[r])
 
     tol = float(lloyd_tol) * mean_variance
-    statistics: list[SufficientStatistics | None] = [None] * n_restarts
-    assigned = [None] * n_restarts
-    inertia = [0.0] * n_restarts
-    n_lloyd = [0] * n_restarts
-    active = list(range(n_restarts))
+    statistics = [[None] * n for n in sizes]
+    assigned = [[None] * n for n in sizes]
+    inertia = [[0.0] * n for n in sizes]
+    n_lloyd = [[0] * n for n in sizes]
+    active = [list(range(n)) for n in sizes]
     for n_iter in range(1, max(int(lloyd_max_iter), 1) + 1):
-        steps = data.lloyd_step(LloydArgs(tuple(centers[r] for r in active), center, covariance_type))
-        still_active = []
-        for r, step in zip(active, steps):
-            nk = step.statistics.nk
-            updated = centers[r].copy()
-            filled = nk > 0
-            updated[filled] = center + step.statistics.sx[filled] / nk[filled, None]
-            shift = float(((updated - centers[r]) ** 2).sum())
-            statistics[r], assigned[r], inertia[r], n_lloyd[r] = step.statistics, centers[r], step.inertia, n_iter
-            centers[r] = updated
-            logger.info("Lloyd pass %d, restart %d: inertia %.6g, centre shift %.3g", n_iter, r, step.inertia, shift)
-            if shift > tol:
-                still_active.append(r)
-        active = still_active
-        if not active:
+        live = [j for j in range(len(jobs)) if active[j]]
+        batch = tuple(
+            LloydArgs(tuple(centers[j][r] for r in active[j]), center, jobs[j].covariance_types) for j in live
+        )
+        steps = data.lloyd_step(batch)
+        for j, job_steps in zip(live, steps):
+            still_active = []
+            for r, step in zip(active[j], job_steps):
+                nk, sx = step.statistics[0].nk, step.statistics[0].sx  # the same for every type
+                updated = centers[j][r].copy()
+                filled = nk > 0
+                updated[filled] = center + sx[filled] / nk[filled, None]
+                shift = float(((updated - centers[j][r]) ** 2).sum())
+                statistics[j][r], assigned[j][r] = step.statistics, centers[j][r]
+                inertia[j][r], n_lloyd[j][r] = step.inertia, n_iter
+                centers[j][r] = updated
+                logger.info(
+                    "Lloyd pass %d, seeding %d restart %d: inertia %.6g, centre shift %.3g",
+                    n_iter,
+                    j,
+                    r,
+                    step.inertia,
+                    shift,
+                )
+                if shift > tol:
+                    still_active.append(r)
+            active[j] = still_active
+        if not any(active):
             break
-    return KMeansResult(
-        centers=centers,
-        assigned_centers=assigned,
-        statistics=tuple(statistics),
-        center=center,
-        inertia=inertia,
-        n_candidates=[len(c) for c in candidates],
-        n_lloyd=n_lloyd,
-    )
+    return [
+        KMeansResult(
+            centers=centers[j],
+            assigned_centers=assigned[j],
+            statistics={
+                kind: tuple(per_type[t] for per_type in statistics[j]) for t, kind in enumerate(job.covariance_types)
+            },
+            center=center,
+            inertia=inertia[j],
+            n_candidates=[len(c) for c in candidates[j]],
+            n_lloyd=n_lloyd[j],
+        )
+        for j, job in enumerate(jobs)
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -379,8 +602,9 @@ def kmeans_parallel(
 def kmeans_plusplus_rows(data: DataPasses, n_components: int, seeds, n_local_trials: int | None = None):
     """Greedy k-means++ of every restart, out of core: the chosen rows' global indices.
 
-    Makes ``n_components`` passes when ``n_components >= 2`` (none for one
-    component), each shared by all restarts.
+    One seeding of :func:`kmeans_plusplus_batch`: makes ``n_components``
+    passes when ``n_components >= 2`` (none for one component), each shared
+    by all restarts.
 
     Parameters
     ----------
@@ -392,46 +616,70 @@ def kmeans_plusplus_rows(data: DataPasses, n_components: int, seeds, n_local_tri
 
     Returns
     -------
-    rows : list of ndarray of shape (n_components,), int64
+    list of ndarray of shape (n_components,), int64
         Per restart, the chosen rows in the order they were chosen.
-    center : ndarray of shape (n_features,) or None
-        The data mean (None when no pass was made).
     """
-    seeds = tuple(int(s) for s in seeds)
-    if n_local_trials is None:
-        n_local_trials = 2 + int(math.log(n_components))
-    first_index, first_rows = _first_centers(data, seeds)
+    return kmeans_plusplus_batch(data, [(n_components, seeds)], n_local_trials)[0]
+
+
+def kmeans_plusplus_batch(data: DataPasses, jobs, n_local_trials: int | None = None) -> list[list[np.ndarray]]:
+    """Greedy k-means++ of several seedings together, out of core.
+
+    Makes ``max(n_components)`` passes (none if every seeding has one
+    component), each shared by every restart of every seeding; a seeding of
+    ``k`` components takes part in the first ``k`` of them. All seedings
+    measure distances from the first seeding's first centre.
+
+    Parameters
+    ----------
+    data : DataPasses
+    jobs : sequence of (n_components, seeds)
+    n_local_trials : int or None
+        Trials per step (None: ``2 + int(log(n_components))`` of each seeding, as sklearn).
+
+    Returns
+    -------
+    list (one per job) of list (one per restart) of ndarray of shape (n_components,), int64
+        The chosen rows in the order they were chosen.
+    """
+    jobs = [(int(k), tuple(int(s) for s in seeds)) for k, seeds in jobs]
+    sizes = [len(seeds) for _, seeds in jobs]
+    trials_per_step = [2 + int(math.log(k)) if n_local_trials is None else int(n_local_trials) for k, _ in jobs]
+    first_index, first_rows = _first_centers(data, [s for _, seeds in jobs for s in seeds])
     origin = first_rows[0]
     n_features = data.n_features
-    chosen = [[int(i)] for i in first_index]
-    chosen_rows = [[row] for row in first_rows]
-    trials = [np.empty((0, n_features)) for _ in seeds]
-    trial_index = [np.empty(0, dtype=np.int64) for _ in seeds]
-    center = None
-    n_passes = n_components if n_components >= 2 else 0
-    for step in range(1, n_passes + 1):
+    chosen = _split([[int(i)] for i in first_index], sizes)
+    chosen_rows = _split([[row] for row in first_rows], sizes)
+    trials = [[np.empty((0, n_features)) for _ in range(n)] for n in sizes]
+    trial_index = [[np.empty(0, dtype=np.int64) for _ in range(n)] for n in sizes]
+    n_passes = [k if k >= 2 else 0 for k, _ in jobs]
+    for step in range(1, max(n_passes, default=0) + 1):
         # Pass `step` evaluates the trials drawn by the previous pass (none on the first)
-        # and draws the next trials for every outcome (none on the last).
-        args = PlusPlusArgs(
-            origin,
-            tuple(np.asarray(rows) for rows in chosen_rows),
-            tuple(trials),
-            seeds,
-            step,
-            int(n_local_trials) if step < n_components else 0,
+        # and draws the next trials for every outcome (none on a seeding's last).
+        live = [j for j in range(len(jobs)) if step <= n_passes[j]]
+        batch = tuple(
+            PlusPlusArgs(
+                origin,
+                tuple(np.asarray(rows) for rows in chosen_rows[j]),
+                tuple(trials[j]),
+                jobs[j][1],
+                step,
+                trials_per_step[j] if step < jobs[j][0] else 0,
+            )
+            for j in live
         )
-        result = data.kmeans_plusplus_round(args)
+        result = data.kmeans_plusplus_round(batch)
         if step == 1:
-            _raise_if_nonfinite(data, result[0].n_nonfinite)
-            center = origin + result[0].sum_shifted / data.n_samples
-        for r, part in enumerate(result):
-            column = 0
-            if len(trials[r]):
-                column = int(np.argmin(part.potentials))
-                chosen[r].append(int(trial_index[r][column]))
-                chosen_rows[r].append(trials[r][column])
-            trials[r], trial_index[r] = part.rows[column], part.index[column]
-    return [np.asarray(c, dtype=np.int64) for c in chosen], center
+            _raise_if_nonfinite(data, result[0][0].n_nonfinite)
+        for j, parts in zip(live, result):
+            for r, part in enumerate(parts):
+                column = 0
+                if len(trials[j][r]):
+                    column = int(np.argmin(part.potentials))
+                    chosen[j][r].append(int(trial_index[j][r][column]))
+                    chosen_rows[j][r].append(trials[j][r][column])
+                trials[j][r], trial_index[j][r] = part.rows[column], part.index[column]
+    return [[np.asarray(c, dtype=np.int64) for c in job_chosen] for job_chosen in chosen]
 
 
 # ---------------------------------------------------------------------------
@@ -439,58 +687,73 @@ def kmeans_plusplus_rows(data: DataPasses, n_components: int, seeds, n_local_tri
 # ---------------------------------------------------------------------------
 
 
-def _kmeans_in_memory(ctx: InitContext, random_state) -> InitResp:
+def _plan_kmeans(ctx: InitContext, n_components: int, random_state, n_init: int) -> Seeding:
+    if ctx.out_of_core:
+        return Seeding(n_components, seeds=_restart_seeds(random_state, n_init))
     sample = ctx.sample(random_state)
-    km = KMeans(n_clusters=ctx.n_components, n_init=1, random_state=random_state).fit(sample)
-    return InitResp("nearest", ctx.n_components, centers=np.asarray(km.cluster_centers_, dtype=np.float64))
+    weights = ctx.sample_weight()
+    specs = []
+    for _ in range(n_init):
+        km = KMeans(n_clusters=n_components, n_init=1, random_state=random_state).fit(sample, sample_weight=weights)
+        specs.append(InitResp("nearest", n_components, centers=np.asarray(km.cluster_centers_, dtype=np.float64)))
+    return Seeding(n_components, specs=tuple(specs))
 
 
-def _kmeans(ctx: InitContext, random_state, n_init: int) -> Seeding:
+def _run_kmeans(ctx: InitContext, seedings, covariance_types):
     if not ctx.out_of_core:
-        return Seeding(tuple(_kmeans_in_memory(ctx, random_state) for _ in range(n_init)))
-    result = kmeans_parallel(ctx.data, ctx.n_components, _restart_seeds(random_state, n_init), ctx.covariance_type)
-    specs = tuple(InitResp("nearest", ctx.n_components, centers=c) for c in result.assigned_centers)
-    return Seeding(specs, result.center, result.statistics)
+        return _statistics_of_specs(ctx, seedings, covariance_types)
+    jobs = [KMeansJob(s.n_components, s.seeds, kinds) for s, kinds in zip(seedings, covariance_types)]
+    results = kmeans_parallel_batch(ctx.data, jobs)
+    return results[0].center, [result.statistics for result in results]
 
 
-def _kmeans_plusplus_in_memory(ctx: InitContext, random_state) -> InitResp:
+def _plan_kmeans_plusplus(ctx: InitContext, n_components: int, random_state, n_init: int) -> Seeding:
+    if ctx.out_of_core:
+        return Seeding(n_components, seeds=_restart_seeds(random_state, n_init))
     sample = ctx.sample(random_state)
-    _, indices = kmeans_plusplus(sample, ctx.n_components, random_state=random_state)
-    return InitResp("rows", ctx.n_components, rows=ctx.global_rows(indices))
+    weights = ctx.sample_weight()
+    specs = []
+    for _ in range(n_init):
+        _, indices = kmeans_plusplus(sample, n_components, sample_weight=weights, random_state=random_state)
+        specs.append(InitResp("rows", n_components, rows=ctx.global_rows(indices)))
+    return Seeding(n_components, specs=tuple(specs))
 
 
-def _kmeans_plusplus(ctx: InitContext, random_state, n_init: int) -> Seeding:
-    if not ctx.out_of_core:
-        return Seeding(tuple(_kmeans_plusplus_in_memory(ctx, random_state) for _ in range(n_init)))
-    rows, center = kmeans_plusplus_rows(ctx.data, ctx.n_components, _restart_seeds(random_state, n_init))
-    return Seeding(tuple(InitResp("rows", ctx.n_components, rows=r) for r in rows), center)
+def _run_kmeans_plusplus(ctx: InitContext, seedings, covariance_types):
+    if ctx.out_of_core:
+        rows = kmeans_plusplus_batch(ctx.data, [(s.n_components, s.seeds) for s in seedings])
+        seedings = [
+            s._replace(specs=tuple(InitResp("rows", s.n_components, rows=r) for r in job_rows))
+            for s, job_rows in zip(seedings, rows)
+        ]
+    return _statistics_of_specs(ctx, seedings, covariance_types)
 
 
-def _random(ctx: InitContext, random_state, n_init: int) -> Seeding:
+def _plan_random(ctx: InitContext, n_components: int, random_state, n_init: int) -> Seeding:
     specs = []
     for _ in range(n_init):
         seed = int(random_state.randint(np.iinfo(np.int32).max))
-        specs.append(InitResp("random", ctx.n_components, seed=seed))
-    return Seeding(tuple(specs))
+        specs.append(InitResp("random", n_components, seed=seed))
+    return Seeding(n_components, specs=tuple(specs))
 
 
-def _random_from_data(ctx: InitContext, random_state, n_init: int) -> Seeding:
+def _plan_random_from_data(ctx: InitContext, n_components: int, random_state, n_init: int) -> Seeding:
     n = ctx.data.n_samples
     specs = []
     for _ in range(n_init):
         if n <= 10_000_000:
-            indices = random_state.choice(n, size=ctx.n_components, replace=False)
+            indices = random_state.choice(n, size=n_components, replace=False)
         else:
             rng = np.random.default_rng(random_state.randint(np.iinfo(np.int32).max))
-            indices = rng.choice(n, size=ctx.n_components, replace=False)
-        specs.append(InitResp("rows", ctx.n_components, rows=np.asarray(indices, dtype=np.int64)))
-    return Seeding(tuple(specs))
+            indices = rng.choice(n, size=n_components, replace=False)
+        specs.append(InitResp("rows", n_components, rows=np.asarray(indices, dtype=np.int64)))
+    return Seeding(n_components, specs=tuple(specs))
 
 
-#: init_params name -> initializer(ctx, random_state, n_init) -> Seeding
-INITIALIZERS: dict[str, Callable[[InitContext, np.random.RandomState, int], Seeding]] = {
-    "kmeans": _kmeans,
-    "k-means++": _kmeans_plusplus,
-    "random": _random,
-    "random_from_data": _random_from_data,
+#: init_params name -> Initializer(plan, run)
+INITIALIZERS: dict[str, Initializer] = {
+    "kmeans": Initializer(_plan_kmeans, _run_kmeans),
+    "k-means++": Initializer(_plan_kmeans_plusplus, _run_kmeans_plusplus),
+    "random": Initializer(_plan_random, _statistics_of_specs),
+    "random_from_data": Initializer(_plan_random_from_data, _statistics_of_specs),
 }

@@ -133,30 +133,42 @@ class DataPasses:
         return self._compute(graph.e_step_statistics(self.blocks, batch, self.split_every))
 
     def init_statistics(self, specs, center, covariance_type) -> tuple[chunk.SufficientStatistics, ...]:
-        """One pass: statistics under initial responsibilities."""
+        """One pass: statistics of one covariance type under initial responsibilities."""
+        return self.init_statistics_groups(((covariance_type, tuple(specs)),), center)[0]
+
+    def init_statistics_groups(self, groups, center) -> tuple[tuple[chunk.SufficientStatistics, ...], ...]:
+        """One pass: statistics under initial responsibilities, for groups of (covariance type, specs).
+
+        Returns one tuple of statistics (one per spec) per group.
+        """
+        args = chunk_kmeans.InitStatisticsArgs(np.asarray(center, dtype=np.float64), tuple(groups))
         if self.in_process:
             self.n_passes += 1
-            return chunk.init_statistics(self.numpy, 0, tuple(specs), center, covariance_type, self.sample_weight)
-        lazy = graph.init_statistics(self.blocks, tuple(specs), center, covariance_type, self.split_every)
-        return self._compute(lazy)
+            return chunk_kmeans.init_statistics_chunk(self.numpy, 0, args, self.sample_weight)
+        return self._compute(graph_kmeans.init_statistics(self.blocks, args, self.split_every))
 
     def _reduce_rows(self, chunk_fn, args, combine):
-        """One pass: ``chunk_fn(block, row_start, args)`` of every chunk, tree-reduced by ``combine``."""
+        """One pass: ``chunk_fn(block, row_start, args, weights)`` of every chunk, tree-reduced by ``combine``."""
         if self.in_process:
             self.n_passes += 1
-            return combine(chunk_fn(self.numpy, 0, args))
+            return combine(chunk_fn(self.numpy, 0, args, self.sample_weight))
         return self._compute(graph_kmeans.map_reduce_rows(self.blocks, chunk_fn, args, combine, self.split_every))
 
-    def kmeans_parallel_round(self, args: chunk_kmeans.ParallelRoundArgs) -> tuple[chunk_kmeans.ParallelRound, ...]:
-        """One pass: a k-means‖ round (costs, candidate weights, sampled rows) for every restart."""
+    def kmeans_parallel_round(self, args):
+        """One pass: a k-means‖ round (costs, candidate weights, sampled rows) for every restart.
+
+        ``args`` is a :class:`dgmm.chunk_kmeans.ParallelRoundArgs` (result: a
+        tuple of ParallelRound, one per restart) or a batch of them (one such
+        tuple per seeding).
+        """
         return self._reduce_rows(chunk_kmeans.parallel_round_chunk, args, chunk_kmeans.combine_parallel_rounds)
 
-    def kmeans_plusplus_round(self, args: chunk_kmeans.PlusPlusArgs) -> tuple[chunk_kmeans.PlusPlusRound, ...]:
-        """One pass: a greedy k-means++ step (trial potentials, next trials) for every restart."""
+    def kmeans_plusplus_round(self, args):
+        """One pass: a greedy k-means++ step (trial potentials, next trials) for every restart (or batch)."""
         return self._reduce_rows(chunk_kmeans.plusplus_round_chunk, args, chunk_kmeans.combine_plusplus_rounds)
 
-    def lloyd_step(self, args: chunk_kmeans.LloydArgs) -> tuple[chunk_kmeans.LloydStep, ...]:
-        """One pass: a Lloyd step (inertia, statistics of the hard assignment) for every restart."""
+    def lloyd_step(self, args):
+        """One pass: a Lloyd step (inertia, statistics of the hard assignment) for every restart (or batch)."""
         return self._reduce_rows(chunk_kmeans.lloyd_chunk, args, chunk_kmeans.combine_lloyd_steps)
 
     def head(self, n_rows: int) -> np.ndarray:
@@ -173,14 +185,37 @@ class DataPasses:
         return np.asarray(self.array[start:].compute())
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
-        """Rows at sorted global ``indices`` as a NumPy array."""
+        """Rows at global ``indices`` (any order, repeats allowed) as a NumPy array."""
         indices = np.asarray(indices, dtype=np.int64)
         if self.numpy is not None:
             return np.asarray(self.numpy[indices])
-        order = np.argsort(indices, kind="stable")
-        taken = np.asarray(self.array[indices[order]].compute())
-        out = np.empty_like(taken)
-        out[order] = taken
+        unique, inverse = np.unique(indices, return_inverse=True)
+        return np.asarray(self.array[unique].compute())[inverse.reshape(-1)]
+
+    def weighted_rows(self, fractions) -> np.ndarray:
+        """Rows drawn with probability ∝ weight, one per fraction in [0, 1) (uniformly when unweighted).
+
+        Row ``i`` is returned for a fraction ``f`` when the running weight
+        before it is ``<= f × Σw`` and after it ``> f × Σw``. Reads the
+        weights only (per-block totals, then the blocks holding the rows),
+        never X.
+        """
+        fractions = np.asarray(fractions, dtype=np.float64)
+        weights = self.sample_weight
+        if weights is None:
+            return np.minimum((fractions * self.n_samples).astype(np.int64), self.n_samples - 1)
+        if isinstance(weights, np.ndarray):
+            running = np.cumsum(weights)
+            return np.minimum(np.searchsorted(running, fractions * running[-1], side="right"), self.n_samples - 1)
+        blocks = list(weights.to_delayed().ravel())
+        totals = np.cumsum(np.asarray(dask.compute(*[block.sum() for block in blocks]), dtype=np.float64))
+        starts = np.concatenate([[0], np.cumsum(weights.chunks[0])])
+        out = np.empty(len(fractions), dtype=np.int64)
+        for i, target in enumerate(fractions * totals[-1]):
+            j = min(int(np.searchsorted(totals, target, side="right")), len(blocks) - 1)
+            running = np.cumsum(np.asarray(blocks[j].compute(), dtype=np.float64))
+            local = target - (totals[j - 1] if j else 0.0)
+            out[i] = starts[j] + min(int(np.searchsorted(running, local, side="right")), len(running) - 1)
         return out
 
     def sample(self, size: int, random_state: np.random.RandomState):

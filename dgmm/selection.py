@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.utils import check_random_state
 
 from .estimator import GaussianMixture
+from .init import InitRequest, initial_statistics
 from .passes import DataPasses, single_threaded_blas
 from .validation import check_input, check_sample_weight
 
@@ -97,8 +98,13 @@ def select(
     covariance_type=t, **params).fit(X)`` would fit it (same initialisation
     for the same ``random_state``), but all candidates and restarts share
     each pass over the data: an EM iteration of the sweep reads every chunk
-    once, and converged candidates stop costing compute. Initialisation runs
-    per candidate (its passes are not shared), and one last shared pass
+    once, and converged candidates stop costing compute. The initialisation
+    is shared too: all candidates' seedings advance together (one pass per
+    k-means‖ round, Lloyd step or k-means++ step for all of them), candidates
+    that differ only in covariance type share one seeding, and its last pass
+    yields the initial statistics of every type, so the sweep's
+    initialisation makes as many passes as its most demanding candidate
+    alone (see :func:`dgmm.init.initial_statistics`). One last shared pass
     scores every candidate's final parameters.
 
     Parameters
@@ -153,26 +159,39 @@ def select(
     eps = float(np.finfo(dtype).eps)
     float32 = dtype == np.float32
 
-    candidates = []
+    candidates, requests, inits = [], [], []
+    for k, kind in grid:
+        gm = GaussianMixture(n_components=k, covariance_type=kind, **params)
+        gm._validate_params()
+        if n_samples < k:
+            raise ValueError(
+                "Expected n_samples >= n_components "
+                f"but got n_components = {k}, n_samples = {n_samples}"
+            )
+        for attribute in ("n_features_in_", "feature_names_in_"):
+            if hasattr(template, attribute):
+                setattr(gm, attribute, getattr(template, attribute))
+        gm._dtype = dtype
+        gm._degenerate_warned = set()
+        gm._fingerprint = None
+        gm.converged_ = False  # as fit() starts (max_iter=0 keeps the initial parameters, not converged)
+        given = gm._check_init_parameters(n_features)
+        if any(value is None for value in given):
+            # planned in grid order, so a shared RandomState is consumed as by fits one after another
+            requests.append(InitRequest(k, kind, gm.n_init, check_random_state(gm.random_state)))
+        inits.append(given)
+        candidates.append(gm)
+
     with single_threaded_blas():
-        for k, kind in grid:
-            gm = GaussianMixture(n_components=k, covariance_type=kind, **params)
-            gm._validate_params()
-            if n_samples < k:
-                raise ValueError(
-                    "Expected n_samples >= n_components "
-                    f"but got n_components = {k}, n_samples = {n_samples}"
-                )
-            for attribute in ("n_features_in_", "feature_names_in_"):
-                if hasattr(template, attribute):
-                    setattr(gm, attribute, getattr(template, attribute))
-            gm._dtype = dtype
-            gm._degenerate_warned = set()
-            gm._fingerprint = None
-            weights_init, means_init, precisions_init = gm._check_init_parameters(n_features)
-            random_state = check_random_state(gm.random_state)
-            runs = gm._initialize_runs(data, gm.n_init, random_state, weights_init, means_init, precisions_init, eps)
-            candidates.append([gm, runs, list(range(len(runs)))])
+        # ONE initialisation for all candidates: shared passes, identical seedings computed once
+        center, statistics = (None, [])
+        if requests:
+            center, statistics = initial_statistics(data, template.init_params, template.init_sample_size, requests)
+        statistics = iter(statistics)
+        for i, (gm, given) in enumerate(zip(candidates, inits)):
+            initial = (center, next(statistics)) if any(value is None for value in given) else None
+            runs = gm._runs_from_statistics(data, initial, gm.n_init, *given, eps)
+            candidates[i] = [gm, runs, list(range(len(runs)))]
         init_passes = data.n_passes
         logger.info("select: %d candidates initialised in %d passes", len(candidates), init_passes)
 

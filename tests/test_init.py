@@ -171,6 +171,108 @@ def test_plusplus_round_keeps_the_smallest_keys_whatever_the_split():
         np.testing.assert_array_equal(whole.index[t], np.argsort(keys, kind="stable")[:4])
 
 
+def _assert_same(a, b, rtol=1e-10):
+    """Equal pass results (tuples, NamedTuples, arrays, numbers); ``rtol=0``: bit for bit."""
+    if isinstance(a, tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y, rtol)
+    elif rtol == 0:
+        np.testing.assert_array_equal(a, b)
+    else:
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-9)
+
+
+def test_a_batch_of_seedings_gets_each_seeding_s_own_result_in_one_pass():
+    """A batch shares the chunk; each member's result is exactly the one it gets alone, whatever the split."""
+    X = make_mixture(n_samples=1500, n_features=3, seed=13)
+    rounds = (
+        chunk_kmeans.ParallelRoundArgs(X[0], (X[[0]], X[[0, 9]]), (5, 6), 2, 4.0),
+        chunk_kmeans.ParallelRoundArgs(X[0], (X[[0, 1, 2]],), (5,), 2, 10.0),
+        chunk_kmeans.ParallelRoundArgs(X[0], (X[[3, 4]],), (7,), 2, 0.0),
+    )
+    plusplus = (
+        chunk_kmeans.PlusPlusArgs(X[0], (X[[0]],), (X[[1, 2]],), (3,), 2, 3),
+        chunk_kmeans.PlusPlusArgs(X[0], (X[[0, 5]], X[[7]]), (X[[8]], X[[9, 10]]), (3, 4), 2, 0),
+    )
+    lloyd = (
+        chunk_kmeans.LloydArgs((X[:3], X[3:6]), X.mean(axis=0), ("full", "diag")),
+        chunk_kmeans.LloydArgs((X[10:15],), X.mean(axis=0), "spherical"),
+    )
+    passes = [
+        (chunk_kmeans.parallel_round_chunk, chunk_kmeans.combine_parallel_rounds, rounds),
+        (chunk_kmeans.plusplus_round_chunk, chunk_kmeans.combine_plusplus_rounds, plusplus),
+        (chunk_kmeans.lloyd_chunk, chunk_kmeans.combine_lloyd_steps, lloyd),
+    ]
+    for chunk_fn, combine, batch in passes:
+        whole = chunk_fn(X, 0, batch)
+        assert len(whole) == len(batch)
+        for member, args in zip(whole, batch):
+            _assert_same(member, chunk_fn(X, 0, args), rtol=0)
+        split = combine(*[chunk_fn(X[a : a + 137], a, batch) for a in range(0, len(X), 137)])
+        _assert_same(split, whole)
+
+
+def test_lloyd_statistics_of_several_types_share_counts_and_sums():
+    X = make_mixture(n_samples=800, n_features=3, seed=14)
+    centers, center = X[:4], X.mean(axis=0)
+    (step,) = chunk_kmeans.lloyd_chunk(X, 0, chunk_kmeans.LloydArgs((centers,), center, COVARIANCE_TYPES))
+    for kind, statistics in zip(COVARIANCE_TYPES, step.statistics):
+        (alone,) = chunk_kmeans.lloyd_chunk(X, 0, chunk_kmeans.LloydArgs((centers,), center, kind))
+        for name, a, b in zip(chunk.SufficientStatistics._fields, statistics, alone.statistics):
+            np.testing.assert_array_equal(a, b, err_msg=f"{kind} {name}")
+        np.testing.assert_array_equal(statistics.nk, step.statistics[0].nk)
+        np.testing.assert_array_equal(statistics.sx, step.statistics[0].sx)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_weighted_passes_equal_repeated_rows(kind):
+    """Integer row weights count as copies: costs, weighing, Lloyd statistics and k-means++ potentials."""
+    X = make_mixture(n_samples=700, n_features=3, seed=15)
+    weights = np.random.default_rng(3).integers(0, 4, size=len(X)).astype(float)
+    repeated = np.repeat(X, weights.astype(int), axis=0)
+    center = X.mean(axis=0)
+    lloyd = chunk_kmeans.LloydArgs((X[:3], X[3:8]), center, (kind,))
+    weighted = chunk_kmeans.combine_lloyd_steps(
+        *[chunk_kmeans.lloyd_chunk(X[a : a + 97], a, lloyd, weights[a : a + 97]) for a in range(0, len(X), 97)]
+    )
+    _assert_same(weighted, chunk_kmeans.lloyd_chunk(repeated, 0, lloyd))
+    reference = chunk.statistics_from_resp(
+        X - center, np.eye(3)[squared_distance_matrix(X, X[:3]).argmin(axis=1)], np.zeros((3, 3)), kind,
+        sample_weight=weights,
+    )
+    _assert_same(weighted[0].statistics[0], reference)
+    weigh = chunk_kmeans.ParallelRoundArgs(X[0], (X[[0, 10, 20]],), (5,), 4, 0.0)
+    ours = chunk_kmeans.parallel_round_chunk(X, 0, weigh, weights)[0]
+    theirs = chunk_kmeans.parallel_round_chunk(repeated, 0, weigh)[0]
+    for name in ("cost", "sum_shifted", "total_weight", "counts", "sums"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-10, err_msg=name)
+    plusplus = chunk_kmeans.PlusPlusArgs(X[0], (X[[0]],), (X[[5, 6, 7]],), (9,), 2, 0)
+    np.testing.assert_allclose(
+        chunk_kmeans.plusplus_round_chunk(X, 0, plusplus, weights)[0].potentials,
+        chunk_kmeans.plusplus_round_chunk(repeated, 0, plusplus)[0].potentials,
+        rtol=1e-10,
+    )
+
+
+def test_weighted_sampling_is_proportional_to_weight_times_squared_distance():
+    """k-means‖ samples a row iff u(x) < ℓ w d² / φ; k-means++ never draws a zero-weight row."""
+    X = make_mixture(n_samples=3000, n_features=3, seed=16)
+    weights = np.random.default_rng(4).integers(0, 3, size=len(X)).astype(float)
+    args = chunk_kmeans.ParallelRoundArgs(X[0], (X[[0, 10]],), (5,), 1, 8.0)
+    parts = [
+        chunk_kmeans.parallel_round_chunk(X[a : a + 400], a, args, weights[a : a + 400]) for a in range(0, 3000, 400)
+    ]
+    (result,) = chunk_kmeans.combine_parallel_rounds(*parts)
+    wd2 = weights * squared_distance_matrix(X, X[[0, 10]]).min(axis=1)
+    u = chunk_kmeans.row_uniforms(5, (chunk_kmeans.STREAM_PARALLEL << 32) | 1, 0, len(X))
+    np.testing.assert_array_equal(result.sample_index, np.flatnonzero(u < 8.0 * wd2 / wd2.sum()))
+    assert np.all(weights[result.sample_index] > 0)
+    plusplus = chunk_kmeans.PlusPlusArgs(X[0], (X[[0]],), (X[[5, 6]],), (9,), 2, 50)
+    (trials,) = chunk_kmeans.plusplus_round_chunk(X, 0, plusplus, weights)
+    assert np.all(weights[trials.index] > 0)
+
+
 # ---------------------------------------------------------------------------
 # Graph builders
 # ---------------------------------------------------------------------------
@@ -187,6 +289,11 @@ def test_graph_builders_do_not_compute():
         graph_kmeans.parallel_round(blocks, chunk_kmeans.ParallelRoundArgs(origin, (origin[None],), (1,), 1, 2.0), 3)
         graph_kmeans.plusplus_round(blocks, chunk_kmeans.PlusPlusArgs(origin, (origin[None],), (origin[:0, None].T,), (1,), 1, 3))
         graph_kmeans.lloyd_step(blocks, chunk_kmeans.LloydArgs((np.eye(2),), origin, "full"), 2)
+        weighted = graph.RowBlocks(X, da.ones(500, chunks=100))
+        lloyd = chunk_kmeans.LloydArgs((np.eye(2),), origin, ("full", "diag"))
+        graph_kmeans.lloyd_step(weighted, (lloyd, lloyd), 2)
+        specs = (chunk.InitResp("random", 2, seed=1),)
+        graph_kmeans.init_statistics(weighted, chunk_kmeans.InitStatisticsArgs(origin, (("full", specs),)), 2)
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +337,7 @@ def test_fused_lloyd_statistics_equal_a_nearest_pass(kind):
     result = init.kmeans_parallel(data, 3, seeds=(1, 2), covariance_type=kind)
     specs = [chunk.InitResp("nearest", 3, centers=c) for c in result.assigned_centers]
     reference = data.init_statistics(specs, result.center, kind)
-    for ours, theirs in zip(result.statistics, reference):
+    for ours, theirs in zip(result.statistics[kind], reference):
         for a, b, name in zip(ours, theirs, chunk.SufficientStatistics._fields):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-8, err_msg=name)
     np.testing.assert_allclose(result.center, X.mean(axis=0), rtol=1e-12)
@@ -239,9 +346,8 @@ def test_fused_lloyd_statistics_equal_a_nearest_pass(kind):
 def test_kmeans_plusplus_out_of_core_seeds_every_blob(blobs):
     X, labels = blobs
     data = DataPasses(da.from_array(X, chunks=(437, 4)))
-    rows, center = init.kmeans_plusplus_rows(data, 5, seeds=(3, 4, 5))
+    rows = init.kmeans_plusplus_rows(data, 5, seeds=(3, 4, 5))
     assert data.n_passes == 5
-    np.testing.assert_allclose(center, X.mean(axis=0), rtol=1e-12)
     _, sklearn_rows = kmeans_plusplus(X, 5, random_state=0)
     sklearn_potential = squared_distance_matrix(X, X[sklearn_rows]).min(axis=1).sum()
     for chosen in rows:
@@ -344,6 +450,33 @@ def test_restarts_read_each_chunk_once_per_pass(tmp_path, init_params):
             assert gm.n_passes_ == 1 + 6  # the statistics pass, then one per EM iteration for all restarts
         else:  # rounds, weighing, Lloyd passes (restarts may stop at different ones), EM iterations
             assert gm.n_passes_ <= init.KMEANS_PARALLEL_ROUNDS + 1 + init.LLOYD_MAX_ITER + 6
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random", "random_from_data"])
+def test_requests_differing_only_in_covariance_type_share_one_seeding(monkeypatch, init_params):
+    X = make_mixture(n_samples=1500, n_features=3, seed=11)
+    planned = []
+    original = init.INITIALIZERS[init_params]
+
+    def plan(ctx, n_components, random_state, n_init):
+        planned.append(n_components)
+        return original.plan(ctx, n_components, random_state, n_init)
+
+    monkeypatch.setitem(init.INITIALIZERS, init_params, original._replace(plan=plan))
+    requests = [
+        init.InitRequest(k, kind, 2, np.random.RandomState(4)) for kind in COVARIANCE_TYPES for k in (1, 2, 3)
+    ]
+    data = DataPasses(da.from_array(X, chunks=(211, 3)))
+    center, statistics = init.initial_statistics(data, init_params, 300, requests)
+    assert planned == [1, 2, 3]
+    for request, stats in zip(requests, statistics):
+        assert len(stats) == 2
+        alone = DataPasses(da.from_array(X, chunks=(211, 3)))
+        request = request._replace(random_state=np.random.RandomState(4))
+        their_center, (theirs,) = init.initial_statistics(alone, init_params, 300, [request])
+        np.testing.assert_array_equal(center, their_center)
+        _assert_same(stats, theirs, rtol=0)
+        assert data.n_passes == max(data.n_passes, alone.n_passes)
 
 
 # ---------------------------------------------------------------------------

@@ -55,3 +55,36 @@ def test_bad_sample_weights():
         GaussianMixture(2).fit(da.from_array(X, chunks=30), sample_weight=da.from_array(np.full(100, np.nan)))
     with pytest.raises(ValueError, match="Negative values"):
         GaussianMixture(2).fit(da.from_array(X, chunks=30), sample_weight=da.from_array(-np.ones(100), chunks=40))
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random", "random_from_data"])
+def test_weighted_out_of_core_initialisation_takes_no_extra_pass(init_params):
+    """The seeding passes carry the weights: unit weights give the unweighted fit, in as many passes."""
+    X = make_mixture(n_samples=2000, n_features=3, seed=43)
+    Xd = da.from_array(X, chunks=(211, 3))
+    kwargs = dict(init_params=init_params, init_sample_size=300, random_state=0, n_init=2, max_iter=0)
+    plain = GaussianMixture(3, **kwargs).fit(Xd)
+    for weights in (np.ones(len(X)), da.ones(len(X), chunks=500)):
+        ones = GaussianMixture(3, **kwargs).fit(Xd, sample_weight=weights)
+        assert ones.n_passes_ == plain.n_passes_
+        for name in ("weights_", "means_", "covariances_"):
+            np.testing.assert_allclose(getattr(ones, name), getattr(plain, name), rtol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++"])
+@pytest.mark.parametrize("as_dask", [False, True], ids=["numpy", "dask"])
+def test_zero_weight_rows_never_seed_a_component(init_params, as_dask):
+    """Far outliers of weight zero: no initial mean lands among them, in or out of core."""
+    X = make_mixture(n_samples=1800, n_features=2, seed=44)
+    X[::9] += 1000.0  # 200 outliers
+    weights = np.ones(len(X))
+    weights[::9] = 0.0
+    Xin = da.from_array(X, chunks=(150, 2)) if as_dask else X
+    win = da.from_array(weights, chunks=(150,)) if as_dask else weights
+    for init_sample_size in (100_000, 300):
+        for seed in range(5):
+            gm = GaussianMixture(
+                3, init_params=init_params, init_sample_size=init_sample_size, random_state=seed, max_iter=0
+            ).fit(Xin, sample_weight=win)
+            assert np.all(np.abs(gm.means_) < 100), (init_sample_size, seed, gm.means_)
+            assert np.all(gm.weights_ > 1e-6)  # no component seeded on a zero-weight row

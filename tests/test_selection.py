@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 
 import dgmm
 from dgmm import GaussianMixture, select
@@ -31,9 +33,10 @@ def test_sweep_matches_individual_fits_and_reads_each_chunk_once_per_iteration()
         np.testing.assert_allclose(row["aic"], alone.aic(Xd), rtol=1e-8)
         np.testing.assert_allclose(gm.means_, alone.means_, rtol=1e-8, atol=1e-10)
         assert row["n_iter"] == alone.n_iter_
-    # passes: each candidate's initialisation, then ONE pass per EM iteration for all, then one scoring pass
+    # passes: ONE shared initialisation (as long as the longest candidate's alone), then ONE pass per EM
+    # iteration for all, then one scoring pass
     longest = max(row["n_iter"] for row in sweep.results)
-    init_passes = sum(
+    init_passes = max(
         GaussianMixture(row["n_components"], covariance_type=row["covariance_type"], **{**params, "max_iter": 0})
         .fit(Xd)
         .n_passes_
@@ -70,3 +73,84 @@ def test_plot_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="n_samples >= n_components"):
         select(X[:5], n_components=[2, 8])
     assert dgmm.select is select
+
+
+INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
+FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
+
+
+def initial_sweep(X, n_components, covariance_types, **params):
+    """The sweep stopped before its first EM iteration: every candidate keeps its initial parameters."""
+    return select(X, n_components=n_components, covariance_types=covariance_types, max_iter=0, **params)
+
+
+@pytest.mark.parametrize("init_params", INIT_PARAMS)
+@pytest.mark.parametrize("init_sample_size", [100_000, 300], ids=["in_memory", "out_of_core"])
+def test_sweep_initial_parameters_equal_individual_fits(init_params, init_sample_size):
+    X = known_mixture(1500, seed=4)
+    Xd = da.from_array(X, chunks=(173, 3))
+    params = dict(random_state=7, n_init=2, init_params=init_params, init_sample_size=init_sample_size)
+    sweep = initial_sweep(Xd, (1, 2, 4), ("full", "tied", "diag", "spherical"), **params)
+    for row, gm in zip(sweep.results, sweep.estimators):
+        alone = GaussianMixture(row["n_components"], covariance_type=row["covariance_type"], max_iter=0, **params)
+        alone.fit(Xd)
+        for name in FITTED:
+            np.testing.assert_allclose(getattr(gm, name), getattr(alone, name), rtol=1e-10, atol=0, err_msg=name)
+
+
+def test_sweep_consumes_a_shared_random_state_as_fits_one_after_another():
+    X = known_mixture(600, seed=5)
+    grid = [(k, kind) for kind in ("full", "diag") for k in (2, 3)]
+    sweep = initial_sweep(X, (2, 3), ("full", "diag"), init_params="random", random_state=np.random.RandomState(3))
+    shared = np.random.RandomState(3)
+    for (k, kind), gm in zip(grid, sweep.estimators):
+        alone = GaussianMixture(k, covariance_type=kind, init_params="random", max_iter=0, random_state=shared).fit(X)
+        for name in FITTED:
+            np.testing.assert_allclose(getattr(gm, name), getattr(alone, name), rtol=1e-10, atol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("init_params", INIT_PARAMS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_sweep_initialises_in_as_many_passes_as_its_longest_candidate(tmp_path, init_params, weighted):
+    """Every chunk is read once per shared initialisation pass, not once per candidate."""
+    from test_init import CountingStore
+
+    X = known_mixture(2400, seed=6)
+    weights = np.random.default_rng(1).integers(0, 4, size=len(X)).astype(float) if weighted else None
+    zarr.create_array(str(tmp_path / "x.zarr"), data=X, chunks=(200, 3))
+    params = dict(random_state=2, n_init=2, init_params=init_params, init_sample_size=500)
+    grid = (1, 3, 6), ("full", "diag")
+    alone = [
+        GaussianMixture(k, covariance_type=kind, max_iter=0, **params).fit(X, sample_weight=weights).n_passes_
+        for kind in grid[1]
+        for k in grid[0]
+    ]
+    expected = {
+        "kmeans": max(alone),  # k-means‖ rounds, weighing, the slowest seeding's Lloyd passes
+        "k-means++": max(grid[0]) + 1,  # one pass per step of the largest k, one for the statistics
+        "random": 1,
+        "random_from_data": 1,
+    }[init_params]
+    assert max(alone) == expected
+    store = CountingStore(zarr.storage.LocalStore(str(tmp_path / "x.zarr")))
+    Xd = da.from_zarr(zarr.open_array(store, mode="r"))
+    with dask.config.set(scheduler="threads"):
+        sweep = initial_sweep(Xd, *grid, sample_weight=weights, **params)
+    assert sweep.n_passes == expected + 1  # and the scoring pass
+    per_chunk = sorted(store.reads.values())
+    assert len(per_chunk) == 12 and per_chunk[0] == sweep.n_passes
+    assert per_chunk[-1] <= sweep.n_passes + 2 * params["n_init"]  # the first centres' chunks (or head rows)
+
+
+def test_weighted_sweep_equals_weighted_individual_fits():
+    X = known_mixture(1500, seed=8)
+    weights = np.random.default_rng(2).integers(0, 4, size=len(X)).astype(float)
+    Xd, wd = da.from_array(X, chunks=(173, 3)), da.from_array(weights, chunks=(173,))
+    params = dict(random_state=0, init_sample_size=300, tol=1e-4, max_iter=30)
+    sweep = select(Xd, n_components=(2, 3), covariance_types=("full", "spherical"), sample_weight=wd, **params)
+    for row, gm in zip(sweep.results, sweep.estimators):
+        alone = GaussianMixture(row["n_components"], covariance_type=row["covariance_type"], **params)
+        alone.fit(Xd, sample_weight=wd)
+        for name in FITTED:
+            np.testing.assert_allclose(getattr(gm, name), getattr(alone, name), rtol=1e-8, atol=1e-12, err_msg=name)
+        assert row["n_iter"] == alone.n_iter_
