@@ -736,7 +736,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return np.concatenate([fn(X[i : i + rows]) for i in range(0, X.shape[0], rows)])
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y=None, *, learning_decay=0.6):
+    def partial_fit(self, X, y=None, sample_weight=None, *, learning_decay=0.6):
         """Update the model with one batch of a stream, by stepwise (online) EM.
 
         Each call is one step of stepwise EM (Cappé & Moulines, 2009; Liang &
@@ -757,6 +757,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             DataFrame or Zarr array. A lazy batch is one step, computed in one
             pass over its chunks.
         y : Ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative row weights (NumPy or dask, aligned with the batch's
+            rows): a row of weight w counts as w copies of it, so the batch
+            enters the running average as statistics per unit of weight and
+            an integer weight equals repeating the row.
         learning_decay : float, default=0.6
             Exponent α in (0.5, 1] of the step size: larger values average
             over a longer past (1 is the running mean of all batches), smaller
@@ -823,7 +828,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 f"but got n_components = {self.n_components}, "
                 f"n_samples = {n_samples}"
             )
-        data = DataPasses(Xv, chunk_size=self.chunk_size, split_every=self.split_every)
+        sample_weight = check_sample_weight(sample_weight, n_samples, not isinstance(Xv, np.ndarray))
+        data = DataPasses(Xv, chunk_size=self.chunk_size, split_every=self.split_every, sample_weight=sample_weight)
         state, state_means = getattr(self, "_online", (None, None))
         start = time.perf_counter()
         with single_threaded_blas():

@@ -208,3 +208,35 @@ def test_init_arrays_and_callbacks(stream):
     assert seen[1].n_samples == 2_000 and not seen[1].converged
     assert seen[1].lower_bound == gm.lower_bound_
     np.testing.assert_allclose(means_init, TRUE_MEANS + 0.5)  # never modified
+
+
+def _start(kind, X):
+    """Fixed starting parameters (no initialisation randomness) for a partial_fit stream."""
+    ref = GaussianMixture(N_COMPONENTS, covariance_type=kind, max_iter=2, random_state=0).fit(X)
+    return dict(weights_init=ref.weights_, means_init=ref.means_, precisions_init=ref.precisions_)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_partial_fit_integer_weights_equal_repeated_rows_and_zero_weights_dropped_rows(kind):
+    rng = np.random.default_rng(7)
+    batches = [draw(600, rng) for _ in range(3)]
+    start = _start(kind, batches[0])
+    weighted = GaussianMixture(N_COMPONENTS, covariance_type=kind, **start)
+    repeated = GaussianMixture(N_COMPONENTS, covariance_type=kind, **start)
+    for i, X in enumerate(batches):
+        w = rng.integers(0, 4, size=len(X))  # zeros drop rows, 2 and 3 repeat them
+        Xw = X if i % 2 == 0 else da.from_array(X, chunks=173)  # NumPy and lazy batches
+        ww = w if i % 2 == 0 else da.from_array(w, chunks=173)
+        weighted.partial_fit(Xw, sample_weight=ww)
+        repeated.partial_fit(np.repeat(X, w, axis=0))
+        np.testing.assert_allclose(weighted.lower_bound_, repeated.lower_bound_, rtol=1e-8)
+    for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+        np.testing.assert_allclose(getattr(weighted, name), getattr(repeated, name), rtol=1e-8, atol=1e-10)
+
+
+def test_partial_fit_rejects_bad_sample_weight():
+    X = draw(100, np.random.default_rng(8))
+    gm = GaussianMixture(N_COMPONENTS, random_state=0)
+    with pytest.raises(ValueError, match="expected"):
+        gm.partial_fit(X, sample_weight=np.ones(99))
+    assert not hasattr(gm, "means_")  # nothing half-done
