@@ -417,8 +417,8 @@ def run_predict(config: Config) -> int:
         t0 = time.perf_counter()
         marker = write_predictions(model, X, p.output, format=fmt, labels=p.labels, probabilities=p.probabilities,
                                    log_likelihood=p.log_likelihood, storage_options=p.storage_options,
-                                   overwrite=p.overwrite, attributes={"model": config.output.model,
-                                                                      "input": config.input.path})
+                                   overwrite=p.overwrite, compressor=p.compressor,
+                                   attributes={"model": config.output.model, "input": config.input.path})
         seconds = time.perf_counter() - t0
     report("predict", f"predictions: {p.output} ({fmt}, {marker['n_rows']:,} rows: "
                       f"{', '.join(marker['arrays'])}) in {seconds:.1f} s",

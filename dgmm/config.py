@@ -289,12 +289,16 @@ class PredictConfig:
     log_likelihood: bool = False
     overwrite: bool = False
     storage_options: dict = field(default_factory=dict)
+    #: Zarr outputs only; see :func:`dgmm.io.zarr_compressors`.
+    compressor: Literal["default", "blosc-lz4", "blosc-zstd", "zstd", "none"] = "default"
 
     def _check(self, err):
         if not self.output:
             err("output", "must name a Zarr or Parquet path, got an empty string")
         elif self.resolved_format() == "auto":
             err("format", f"cannot be inferred from {self.output!r}: end it in .zarr or .parquet, or set predict.format")
+        elif self.resolved_format() == "parquet" and self.compressor != "default":
+            err("compressor", f"applies to Zarr outputs; Parquet keeps pyarrow's compression, got {self.compressor!r}")
         if not (self.labels or self.probabilities or self.log_likelihood):
             err("labels", "nothing to write: enable at least one of labels, probabilities, log_likelihood")
 

@@ -59,21 +59,28 @@ def _delayed_chunk(*args):
 
 
 def write_blobs_zarr(path: str | os.PathLike, n_samples: int, n_features: int = 8, n_components: int = 4,
-                     chunk_rows: int = 100_000, seed: int = 0, dtype="float64", overwrite: bool = False) -> str:
-    """Write :func:`blobs` to a Zarr v3 array at ``path``, chunk by chunk.
+                     chunk_rows: int = 100_000, seed: int = 0, dtype="float64", overwrite: bool = False,
+                     compressor: str = "default", zarr_format: int = 3) -> str:
+    """Write :func:`blobs` to a Zarr array at ``path``, chunk by chunk.
 
     The array is written to ``path + '.tmp'`` and renamed when complete, so an
-    interrupted write never leaves a data set that looks finished.
+    interrupted write never leaves a data set that looks finished. It is
+    compressed with Blosc-LZ4 and byte shuffle unless ``compressor`` says
+    otherwise (:func:`dgmm.io.zarr_compressors`: 'default', 'blosc-lz4',
+    'blosc-zstd', 'zstd' or 'none'); ``zarr_format`` is 3 (default) or 2.
     """
     import shutil
+
+    from .io import zarr_compressors
 
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         return path
+    compressors = zarr_compressors(dtype, compressor, zarr_format)
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     X = blobs(n_samples, n_features, n_components, chunk_rows, seed, dtype)
-    X.to_zarr(tmp, overwrite=True)
+    X.to_zarr(tmp, overwrite=True, zarr_format=zarr_format, compressors=compressors)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -15,7 +15,8 @@ Writers compute, chunk by chunk on the workers, into a staging location next
 to the target (``.NAME.dgmm-staging-*``), write a ``_SUCCESS`` marker last and
 only then commit: a local directory is renamed into place; on object stores
 the staged objects are moved and the marker is written at the target last.
-An interrupted write never leaves an output that looks complete.
+An interrupted write never leaves an output that looks complete. Zarr outputs
+are compressed with Blosc and byte shuffle by default (:func:`zarr_compressors`).
 
 ``storage_options`` are passed to fsspec; credentials come from the
 environment or the provider chains of fsspec / s3fs, never from a config.
@@ -39,6 +40,7 @@ import numpy as np
 from ._version import __version__
 
 __all__ = [
+    "COMPRESSORS",
     "SUCCESS_MARKER",
     "describe_source",
     "format_from_suffix",
@@ -50,6 +52,7 @@ __all__ = [
     "open_zarr",
     "write_predictions",
     "write_table",
+    "zarr_compressors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 SUCCESS_MARKER = "_SUCCESS"
 #: Default target size of an ``.npy`` chunk.
 NPY_CHUNK_BYTES = 64 * 2**20
+#: Names accepted for the compression of dgmm's Zarr outputs (see :func:`zarr_compressors`).
+COMPRESSORS = ("default", "blosc-lz4", "blosc-zstd", "zstd", "none")
 
 
 def is_url(path: str) -> bool:
@@ -410,7 +415,7 @@ def _regular_rows(array: da.Array, rows: int) -> da.Array:
 
 def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
                 column_names: Mapping[str, Sequence[str]] | None = None, storage_options: Mapping | None = None,
-                overwrite: bool = False, attributes: Mapping | None = None) -> dict:
+                overwrite: bool = False, attributes: Mapping | None = None, compressor: str = "default") -> dict:
     """Write row-aligned 1-D / 2-D dask arrays to a Zarr group or a Parquet directory, chunk by chunk.
 
     Every chunk is computed and written by the worker that computes it (no
@@ -434,6 +439,10 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         Replace an existing output at ``path`` (only once the new one is complete).
     attributes : mapping, default=None
         JSON metadata stored in the Zarr group's attributes and in the marker.
+    compressor : {'default', 'blosc-lz4', 'blosc-zstd', 'zstd', 'none'}, default='default'
+        How Zarr arrays are compressed (:func:`zarr_compressors`; the group's
+        format is zarr's ``default_zarr_format``). Parquet files keep pyarrow's
+        own compression, so for Parquet only 'default' is accepted.
 
     Returns
     -------
@@ -447,6 +456,10 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     """
     if format not in ("zarr", "parquet"):
         raise ValueError(f"unsupported output format {format!r}: use 'zarr' or 'parquet'")
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"unknown compressor {compressor!r}: use one of {', '.join(COMPRESSORS)}")
+    if format == "parquet" and compressor != "default":
+        raise ValueError(f"compressor {compressor!r} applies to Zarr outputs; Parquet keeps pyarrow's compression")
     if not arrays:
         raise ValueError("nothing to write")
     n_rows = {int(a.shape[0]) for a in arrays.values()}
@@ -470,7 +483,7 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     fs.makedirs(parent, exist_ok=True)
     try:
         if format == "zarr":
-            _write_zarr(arrays, staging_url, storage_options, marker)
+            _write_zarr(arrays, staging_url, storage_options, marker, compressor)
         else:
             _write_parquet(arrays, fs, staging, column_names or {}, n_samples)
         marker["seconds"] = round(time.perf_counter() - started, 3)
@@ -479,6 +492,59 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         _remove_staging(fs, staging)
         raise
     return marker
+
+
+def zarr_compressors(dtype, compressor: str = "default", zarr_format: int = 3) -> tuple:
+    """The ``compressors`` of a Zarr array of ``dtype`` written by dgmm.
+
+    Every EM iteration decodes the whole input again, and on a CPU-bound host
+    decoding competes with the E-step; Blosc with byte shuffle decodes several
+    times faster than zarr's default zstd and compresses as well or better
+    (``bench/README.md``, "I/O overlap and codecs").
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        The array's dtype.
+    compressor : {'default', 'blosc-lz4', 'blosc-zstd', 'zstd', 'none'}, default='default'
+        'default' is 'blosc-lz4' (LZ4 level 5 with byte shuffle) for floating-point
+        arrays and 'blosc-zstd' (zstd level 3 with byte shuffle) for integer ones;
+        'zstd' is zarr's own default (zstd level 3 without shuffle); 'none' stores
+        chunks uncompressed.
+    zarr_format : {2, 3}, default=3
+        The format of the array: v3 takes ``zarr.codecs`` codecs, v2 numcodecs ones.
+
+    Returns
+    -------
+    tuple
+        The codecs (empty for 'none'), for ``compressors=`` of zarr's array creation.
+
+    Examples
+    --------
+    >>> zarr_compressors("float64")
+    (BloscCodec(...cname=<BloscCname.lz4: 'lz4'>, clevel=5, shuffle=<BloscShuffle.shuffle: 'shuffle'>...),)
+    """
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"unknown compressor {compressor!r}: use one of {', '.join(COMPRESSORS)}")
+    if zarr_format not in (2, 3):
+        raise ValueError(f"unsupported Zarr format {zarr_format!r}: use 2 or 3")
+    if compressor == "default":
+        compressor = "blosc-zstd" if np.dtype(dtype).kind in "iub" else "blosc-lz4"
+    if compressor == "none":
+        return ()
+    if zarr_format == 3:
+        from zarr.codecs import BloscCodec, ZstdCodec
+
+        if compressor == "zstd":
+            return (ZstdCodec(level=0),)  # zstd's level 0 is its default level, 3
+        cname, clevel = ("lz4", 5) if compressor == "blosc-lz4" else ("zstd", 3)
+        return (BloscCodec(cname=cname, clevel=clevel, shuffle="shuffle"),)
+    import numcodecs
+
+    if compressor == "zstd":
+        return (numcodecs.Zstd(level=0),)
+    cname, clevel = ("lz4", 5) if compressor == "blosc-lz4" else ("zstd", 3)
+    return (numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=numcodecs.Blosc.SHUFFLE),)
 
 
 def _remove_staging(fs, staging: str) -> None:
@@ -507,7 +573,7 @@ def _remove_staging(fs, staging: str) -> None:
     logger.warning("could not remove the staging output %s", staging)
 
 
-def _write_zarr(arrays, staging_url, storage_options, marker) -> None:
+def _write_zarr(arrays, staging_url, storage_options, marker, compressor) -> None:
     import zarr
 
     options = dict(storage_options or {}) if is_url(staging_url) else None
@@ -520,7 +586,9 @@ def _write_zarr(arrays, staging_url, storage_options, marker) -> None:
     writes = []
     for name, array in arrays.items():
         array = _regular_rows(array.rechunk({i: -1 for i in range(1, array.ndim)}), rows)
-        target = group.create_array(name, shape=array.shape, chunks=(rows, *array.shape[1:]), dtype=array.dtype)
+        target = group.create_array(name, shape=array.shape, chunks=(rows, *array.shape[1:]), dtype=array.dtype,
+                                    compressors=zarr_compressors(array.dtype, compressor,
+                                                                 group.metadata.zarr_format))
         writes.append(da.store(array, target, lock=False, compute=False))
     dask.compute(*writes)
 
@@ -597,13 +665,16 @@ def _commit(fs, staging: str, root: str, marker: str, *, local: bool, overwrite:
 def write_predictions(model, X: da.Array, path: str, *, format: str, labels: bool = True,
                       probabilities: bool = False, log_likelihood: bool = False,
                       storage_options: Mapping | None = None, overwrite: bool = False,
-                      attributes: Mapping | None = None) -> dict:
+                      attributes: Mapping | None = None, compressor: str = "default") -> dict:
     """Write a fitted model's per-row predictions for ``X``, row-aligned, chunk by chunk.
 
     Zarr: a group with arrays ``labels`` (n_samples,), ``probabilities``
     (n_samples, n_components) and ``log_likelihood`` (n_samples,). Parquet: a
     directory of ``part-*.parquet`` files in row order with columns
     ``label``, ``probability_0`` ... ``probability_{k-1}``, ``log_likelihood``.
+    Zarr arrays are compressed as ``compressor`` says (:func:`zarr_compressors`):
+    by default, labels with Blosc-zstd and the float arrays with Blosc-LZ4, both
+    with byte shuffle. The other parameters are those of :func:`write_table`.
 
     Returns
     -------
@@ -619,4 +690,4 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
     if log_likelihood:
         arrays["log_likelihood"], names["log_likelihood"] = model.score_samples(X), ["log_likelihood"]
     return write_table(arrays, path, format=format, column_names=names, storage_options=storage_options,
-                       overwrite=overwrite, attributes=attributes)
+                       overwrite=overwrite, attributes=attributes, compressor=compressor)

@@ -60,6 +60,14 @@ def test_fit_predict_score_info_from_zarr_on_a_local_cluster(tmp_path, zarr_data
     np.testing.assert_array_equal(group["labels"][:], expected.predict(X))
     np.testing.assert_allclose(group["probabilities"][:], expected.predict_proba(X), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(group["log_likelihood"][:], expected.score_samples(X), rtol=1e-9)
+    assert [c.cname.value for c in group["labels"].compressors] == ["zstd"]  # Blosc-zstd for labels
+    assert [c.cname.value for c in group["probabilities"].compressors] == ["lz4"]  # Blosc-LZ4 for floats
+    plain = run_dgmm("predict", config, "--set", "cluster.type=threads", "--set", "predict.overwrite=true",
+                     "--set", "predict.compressor=none", "--quiet")
+    assert plain.returncode == 0, plain.stderr
+    group = zarr.open_group(str(tmp_path / "out" / "pred.zarr"), mode="r")
+    assert group["labels"].compressors == () and group["probabilities"].compressors == ()
+    np.testing.assert_array_equal(group["labels"][:], expected.predict(X))
 
     score = run_dgmm("score", config, "--set", "cluster.type=threads", "--log-format", "json")
     assert score.returncode == 0, score.stderr

@@ -73,6 +73,10 @@ def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
         ({"input": REMOTE, "predict": {"output": "out.csv"}}, "predict.format: cannot be inferred from 'out.csv'"),
         ({"input": REMOTE, "predict": {"output": "o.zarr", "labels": False}}, "predict.labels: nothing to write"),
         ({"input": REMOTE, "predict": {"labels": True}}, "predict.output: is required"),
+        ({"input": REMOTE, "predict": {"output": "o.zarr", "compressor": "gzip"}},
+         "predict.compressor: must be one of 'default', 'blosc-lz4', 'blosc-zstd', 'zstd', 'none'"),
+        ({"input": REMOTE, "predict": {"output": "o.parquet", "compressor": "none"}},
+         "predict.compressor: applies to Zarr outputs; Parquet keeps pyarrow's compression, got 'none'"),
         ({"input": REMOTE, 3: 4}, "x.yaml: 3: unknown key"),
     ],
 )
@@ -169,3 +173,12 @@ def test_credentials_are_redacted_from_the_printed_config():
     assert options == {"key": "<redacted>", "secret": "<redacted>", "anon": False,
                        "client_kwargs": {"aws_session_token": "<redacted>"}}
     assert config.input.storage_options["secret"] == "s3cr3t"  # still used to read the data
+
+
+def test_predict_compressor_choices_are_the_writers():
+    import typing
+
+    from dgmm.config import PredictConfig
+    from dgmm.io import COMPRESSORS
+
+    assert typing.get_args(typing.get_type_hints(PredictConfig)["compressor"]) == COMPRESSORS

@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from dgmm import GaussianMixture
-from dgmm.io import SUCCESS_MARKER, is_complete, open_input, write_predictions, write_table
+from dgmm.io import SUCCESS_MARKER, is_complete, open_input, write_predictions, write_table, zarr_compressors
 from conftest import make_mixture
 
 
@@ -145,6 +145,74 @@ def test_irregular_chunks_are_written_to_regular_zarr_chunks(tmp_path):
     group = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
     np.testing.assert_array_equal(group["a"][:], np.concatenate([np.arange(10), np.arange(7), np.arange(13)]))
     assert group["b"].shape == (30, 2)
+
+
+def blosc(array):
+    """(cname, clevel, shuffle) of a Zarr array's one Blosc compressor, in either format's codec class."""
+    (codec,) = array.compressors
+    if array.metadata.zarr_format == 3:
+        return str(codec.cname.value), codec.clevel, str(codec.shuffle.value)
+    return codec.cname, codec.clevel, {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}[codec.shuffle]
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_zarr_predictions_use_blosc_with_shuffle_and_round_trip_exactly(tmp_path, X, zarr_format):
+    """Labels: Blosc-zstd 3; probabilities and log-likelihoods: Blosc-LZ4 5; byte shuffle; the values exact."""
+    Xd = da.from_array(X, chunks=(137, 3))
+    gm = GaussianMixture(3, random_state=0).fit(Xd)
+    out = str(tmp_path / "pred.zarr")
+    with zarr.config.set({"default_zarr_format": zarr_format}):
+        write_predictions(gm, Xd, out, format="zarr", probabilities=True, log_likelihood=True)
+    group = zarr.open_group(out, mode="r")
+    assert group.metadata.zarr_format == zarr_format
+    assert blosc(group["labels"]) == ("zstd", 3, "shuffle")
+    assert blosc(group["probabilities"]) == blosc(group["log_likelihood"]) == ("lz4", 5, "shuffle")
+    np.testing.assert_array_equal(group["labels"][:], gm.predict(X))
+    np.testing.assert_array_equal(group["probabilities"][:], gm.predict_proba(Xd).compute())
+    np.testing.assert_array_equal(group["log_likelihood"][:], gm.score_samples(Xd).compute())
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+@pytest.mark.parametrize("compressor, expected", [("blosc-zstd", ("zstd", 3, "shuffle")),
+                                                  ("blosc-lz4", ("lz4", 5, "shuffle")), ("zstd", None), ("none", ())])
+def test_zarr_compressor_can_be_chosen(tmp_path, zarr_format, compressor, expected):
+    data = {"a": da.arange(1000, chunks=300), "b": da.random.default_rng(0).normal(size=(1000, 2), chunks=(300, 2))}
+    out = str(tmp_path / "o.zarr")
+    with zarr.config.set({"default_zarr_format": zarr_format}):
+        write_table(data, out, format="zarr", compressor=compressor)
+    group = zarr.open_group(out, mode="r")
+    for name, array in data.items():
+        if expected is None:  # zarr's own default: zstd level 0 (that is, 3) without shuffle
+            ((codec,),) = [group[name].compressors]
+            assert type(codec).__name__ in ("ZstdCodec", "Zstd") and codec.level == 0
+        elif expected == ():
+            assert group[name].compressors == ()
+        else:
+            assert blosc(group[name]) == expected
+        np.testing.assert_array_equal(group[name][:], array.compute())
+
+
+def test_unknown_or_parquet_compressor_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown compressor 'gzip': use one of default, blosc-lz4"):
+        write_table({"a": da.zeros(3)}, str(tmp_path / "o.zarr"), format="zarr", compressor="gzip")
+    with pytest.raises(ValueError, match="applies to Zarr outputs"):
+        write_table({"a": da.zeros(3)}, str(tmp_path / "o.parquet"), format="parquet", compressor="none")
+    with pytest.raises(ValueError, match="unsupported Zarr format 4"):
+        zarr_compressors("f8", zarr_format=4)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_synthetic_data_sets_use_blosc_lz4_with_shuffle(tmp_path, zarr_format):
+    from dgmm.datasets import blobs, write_blobs_zarr
+
+    path = write_blobs_zarr(tmp_path / "x.zarr", 1000, 3, chunk_rows=300, zarr_format=zarr_format)
+    array = zarr.open_array(path, mode="r")
+    assert array.metadata.zarr_format == zarr_format and blosc(array) == ("lz4", 5, "shuffle")
+    np.testing.assert_array_equal(array[:], blobs(1000, 3, chunk_rows=300).compute())
+    np.testing.assert_array_equal(open_input(path).compute(), array[:])
+    plain = write_blobs_zarr(tmp_path / "plain.zarr", 1000, 3, chunk_rows=300, compressor="none")
+    assert zarr.open_array(plain, mode="r").compressors == ()
 
 
 def test_failed_write_leaves_nothing_that_looks_complete(tmp_path):
