@@ -535,20 +535,23 @@ def _softmax_rows(L: np.ndarray, plan: _BatchPlan, log_likelihood: np.ndarray, s
 def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndarray):
     """Fill ``L`` (components, rows) with log π_k + log N(x | μ_k, Σ_k) of every member's components.
 
-    Returns the block's features ``F`` and, for full members, the whitened
+    Returns the block's features ``F`` (features-major: (width, rows)) and,
+    for full members, the whitened
     residuals ``z`` (rows, Σ k_full, d) for the statistics.
     """
     n, d = X.shape
-    F = _scratch(work, "features", (n, plan.width))
-    F[:, 0] = 1.0
-    y = np.subtract(X, plan.center, out=F[:, 1 : d + 1], dtype=np.float64, casting="unsafe")
+    # Features-major (width, rows): contiguous writes here and contiguous row sums later.
+    F = _scratch(work, "features", (plan.width, n))
+    F[0] = 1.0
+    np.subtract(X.T, plan.center[:, None], out=F[1 : d + 1], dtype=np.float64, casting="unsafe")
+    y = F[1 : d + 1].T
     if plan.expanded:
-        np.multiply(y, y, out=F[:, d + 1 :])
-        np.matmul(plan.W.T, F.T, out=L[plan.expanded_rows])
+        np.multiply(F[1 : d + 1], F[1 : d + 1], out=F[d + 1 :])
+        np.matmul(plan.W.T, F, out=L[plan.expanded_rows])
     z3 = None
     if plan.full:
         if plan.full_dtype == np.float64 and plan.full_ref is plan.center:
-            head = F[:, : d + 1]
+            head = F[: d + 1].T
         else:
             head = _scratch(work, "features32", (n, d + 1), plan.full_dtype)
             head[:, 0] = 1.0
@@ -573,11 +576,10 @@ def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: W
     n, d = X.shape
     L = _scratch(work, "log_prob", (plan.n_total, n))
     F, z3 = _log_prob_block(X, plan, work, L)
-    y = F[:, 1 : d + 1]
     _softmax_rows(L, plan, sums.log_likelihood, sample_weight)
-    Fw = F if sample_weight is None else np.multiply(F, sample_weight[:, None], out=_scratch(work, "weighted", F.shape))
-    sums.G += L @ Fw
-    sums.column_sums += Fw[:, : d + 1].sum(axis=0)
+    Fw = F if sample_weight is None else np.multiply(F, sample_weight, out=_scratch(work, "weighted", F.shape))
+    sums.G += L @ Fw.T
+    sums.column_sums += Fw[: d + 1].sum(axis=1)
     if plan.full:
         r = L[plan.full_rows]
         if sample_weight is not None:
@@ -586,7 +588,7 @@ def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: W
         z3 *= scale[:, :, None]
         sums.M += np.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
     if plan.tied:
-        sums.yy += y.T @ Fw[:, 1 : d + 1]
+        sums.yy += F[1 : d + 1] @ Fw[1 : d + 1].T
 
 
 def _member_statistics(plan: _BatchPlan, sums: _BatchSums, m: int, n_samples, n_nonfinite: int) -> SufficientStatistics:
