@@ -117,23 +117,29 @@ def _init_statistics_packed(X, row_start, args, sample_weight=None):
 # ---------------------------------------------------------------------------
 
 
-def _checked(X):
+def _checked(X, block_info=None):
+    """The chunk, or a ValueError naming its non-finite rows by their global index."""
     bad = chunk.count_nonfinite_rows(X)
     if bad:
-        raise ValueError(f"Input X contains NaN or infinity ({bad} rows in a chunk of {X.shape[0]}).")
+        start = block_info[0]["array-location"][0][0] if block_info and 0 in block_info else 0
+        first = start + int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
+        raise ValueError(
+            f"Input X contains NaN or infinity: {bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} "
+            f"have non-finite values (first at row {first}). Remove or impute them before predicting."
+        )
     return X
 
 
-def _score_samples_chunk(X, params):
-    return chunk.logsumexp_rows(chunk.weighted_log_prob(_checked(X), params))
+def _score_samples_chunk(X, params, block_info=None):
+    return chunk.logsumexp_rows(chunk.weighted_log_prob(_checked(X, block_info), params))
 
 
-def _predict_chunk(X, params):
-    return chunk.weighted_log_prob(_checked(X), params).argmax(axis=1)
+def _predict_chunk(X, params, block_info=None):
+    return chunk.weighted_log_prob(_checked(X, block_info), params).argmax(axis=1)
 
 
-def _predict_proba_chunk(X, params):
-    _, log_resp = chunk.log_prob_resp(_checked(X), params)
+def _predict_proba_chunk(X, params, block_info=None):
+    _, log_resp = chunk.log_prob_resp(_checked(X, block_info), params)
     return np.exp(log_resp)
 
 

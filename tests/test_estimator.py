@@ -188,6 +188,17 @@ def test_nonfinite_dask_input_raises_in_the_first_pass(bad):
         GaussianMixture(2).fit(X)  # numpy input: sklearn's own message
 
 
+@pytest.mark.parametrize("method", ["predict", "predict_proba", "score_samples"])
+def test_lazy_prediction_on_nonfinite_rows_names_the_global_row(method):
+    X = make_mixture(n_samples=300, n_features=2)
+    gm = GaussianMixture(2, random_state=0).fit(X)
+    bad = X.copy()
+    bad[[230, 260], 0] = [np.nan, np.inf]
+    lazy = getattr(gm, method)(da.from_array(bad, chunks=(111, 2)))  # building the graph reads nothing
+    with pytest.raises(ValueError, match=r"NaN or infinity: 2 of the 78 rows 222-299 .*first at row 230"):
+        lazy.compute()
+
+
 def test_bad_shapes_and_dtypes():
     gm = GaussianMixture(2)
     with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
