@@ -4,7 +4,8 @@ A checkpoint holds every restart's parameters in float64, its lower-bound
 history, iteration count and convergence flag, which restarts are still
 active, and a *fingerprint* of the settings that change the model and of the
 data. Writes are atomic (temporary file, fsync, rename), so a crash while
-writing leaves the previous checkpoint loadable.
+writing leaves the previous checkpoint loadable; the temporary file a killed
+writer leaves behind is removed by the next successful write of the same file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
 import zipfile
 from dataclasses import dataclass
 
@@ -42,12 +45,72 @@ class CheckpointState:
     runs: list  # list of dicts: arrays + lower_bound, lower_bounds, n_iter, converged
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _temporary_name(path: str) -> str:
+    """``NAME.HOST.PID.TOKEN.tmp`` beside ``path``: which host and process write it, and a random token."""
+    return f"{os.path.basename(path)}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+
+
+def _is_running(pid: int) -> bool:
+    """Whether process ``pid`` of this host may still be writing (when in doubt, it may)."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError), or no way to tell
+        return True
+    try:  # a killed writer not yet reaped by its parent is a zombie: it writes nothing more
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that killed writers of ``path`` left behind; their names.
+
+    Only files named as :func:`atomic_write_bytes` names the temporary files of
+    ``path`` are considered, and of those only the ones written on this host by a
+    process that no longer runs: a writer that is still at work (in this or another
+    process, or on another host sharing the directory) keeps its file.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = re.escape(os.path.basename(path)) + r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[1-9][0-9]*)\.[0-9a-f]{12}\.tmp"
+    host, removed = _host_tag(), []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = re.fullmatch(pattern, name)
+        if match is None or match["host"] != host or _is_running(int(match["pid"])):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:  # another writer removed it first, or it is not ours to remove: harmless
+            continue
+        removed.append(name)
+    return removed
+
+
 def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically (same-directory temporary file, fsync, rename)."""
+    """Write ``payload`` to ``path`` atomically (same-directory temporary file, fsync, rename).
+
+    The temporary file is ``NAME.HOST.PID.TOKEN.tmp``, unique to this write. After
+    the rename, temporary files of ``path`` left by killed writers are removed
+    (:func:`remove_stale_temporaries`).
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, _temporary_name(path))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -60,6 +123,7 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    remove_stale_temporaries(path)
 
 
 def save_checkpoint(path: str, state: CheckpointState, dgmm_version: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zipfile
 
 import dask.array as da
@@ -109,3 +111,21 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
     load_checkpoint(str(path))
+
+
+def test_next_checkpoint_removes_temporary_files_of_killed_writers(tmp_path):
+    from dgmm.checkpoint import _temporary_name
+
+    X = make_mixture(n_samples=300, n_features=2)
+    path = tmp_path / "c.npz"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    dead_pid = int(ended.stdout)  # a process that has ended (and been reaped), as a killed writer has
+    stale = [_temporary_name(str(path)).replace(f".{os.getpid()}.", f".{dead_pid}.") for _ in range(2)]
+    for name in stale:
+        (tmp_path / name).write_bytes(b"torn")
+    own = _temporary_name(str(path))  # this process's: a writer at work
+    (tmp_path / own).write_bytes(b"in progress")
+    GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
+    assert sorted(os.listdir(tmp_path)) == sorted(["c.npz", own])
+    assert load_checkpoint(str(path)).n_iter == 2

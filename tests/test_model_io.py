@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -173,3 +176,47 @@ def test_failed_write_keeps_the_previous_model(tmp_path, data, fitted, monkeypat
     with pytest.raises(OSError, match="disk full"):
         save_model(from_sklearn(to_sklearn(fitted)), path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.npz"]
+
+
+#: Saves a model to ``argv[1]`` and is SIGKILLed after the temporary file is written, before the rename.
+KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from dgmm import GaussianMixture, save_model
+gm = GaussianMixture(2, random_state=0, max_iter=3).fit(np.random.default_rng(0).normal(size=(200, 2)))
+print(os.getpid(), flush=True)
+os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+save_model(gm, sys.argv[1])
+"""
+
+
+def test_next_save_removes_the_temporary_file_of_a_killed_writer(tmp_path, fitted):
+    path = tmp_path / "m.npz"
+    save_model(fitted, path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (stale,) = [f for f in os.listdir(tmp_path) if f != "m.npz"]  # NAME.HOST.PID.TOKEN.tmp, whole but unrenamed
+    _, _, host, dead_pid, token, _ = stale.split(".")
+    assert stale == f"m.npz.{host}.{dead_pid}.{token}.tmp" and int(dead_pid) == killed_pid(killed)
+    assert load_model(path).lower_bounds_ == fitted.lower_bounds_  # the previous model, whole
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) as alive:
+        try:
+            kept = [f"m.npz.{host}.{alive.pid}.{token}.tmp",  # a writer still at work
+                    f"m.npz.{host}-elsewhere.{dead_pid}.{token}.tmp",  # another host's process
+                    f"other.npz.{host}.{dead_pid}.{token}.tmp",  # another file's
+                    "m.npz.backup.tmp"]  # not a name the writer gives
+            for name in kept:
+                (tmp_path / name).write_bytes(b"partial")
+            save_model(fitted, path)
+            assert sorted(os.listdir(tmp_path)) == sorted(["m.npz", *kept])
+        finally:
+            alive.kill()
+    loaded = load_model(path)
+    for name in FITTED:
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(fitted, name), err_msg=name)
+
+
+def killed_pid(result) -> int:
+    """The pid KILLED_WRITER printed before it was killed."""
+    return int(result.stdout.split()[0])
