@@ -137,6 +137,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     chunk_size : int or 'auto', default='auto'
         Rows per chunk when X is a NumPy array or DataFrame ('auto': about
         8 MiB of float64 per chunk). Dask and Zarr inputs keep their own chunks.
+        The full rule: docs/scaling.md, "Chunk size and scheduler: the automatic choice".
     split_every : int or None, default=None
         Fan-in of the reduction tree of the per-chunk statistics (None: 8).
     init_sample_size : int, default=100_000
