@@ -92,26 +92,6 @@ def e_step_statistics(blocks: RowBlocks, batch: tuple[chunk.ChunkParams, ...], s
     return tree_reduce(parts, chunk.combine_statistics, split_every)
 
 
-def init_statistics(
-    blocks: RowBlocks,
-    specs: tuple[chunk.InitResp, ...],
-    center: np.ndarray,
-    covariance_type: str,
-    split_every=None,
-) -> Delayed:
-    """Lazy statistics of a whole array under initial responsibilities."""
-    args = dask.delayed((specs, center, covariance_type), pure=True)
-    fn = dask.delayed(_init_statistics_packed, pure=True)
-    weights = blocks.weight_blocks or [None] * len(blocks.blocks)
-    parts = [fn(block, int(start), args, w) for block, start, w in zip(blocks.blocks, blocks.row_starts, weights)]
-    return tree_reduce(parts, chunk.combine_statistics, split_every)
-
-
-def _init_statistics_packed(X, row_start, args, sample_weight=None):
-    specs, center, covariance_type = args
-    return chunk.init_statistics(X, row_start, specs, center, covariance_type, sample_weight)
-
-
 # ---------------------------------------------------------------------------
 # Lazy per-row outputs
 # ---------------------------------------------------------------------------
