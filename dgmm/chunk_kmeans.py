@@ -34,7 +34,10 @@ pass                           per-restart result
 :func:`lloyd_chunk`            Lloyd step: inertia and the Gaussian-mixture
                                statistics of the hard assignment, for one or
                                several covariance types (their counts and sums,
-                               the k-means update, are shared)
+                               the k-means update, are shared), and the rows
+                               farthest from their centre, where
+                               :func:`relocate_empty_clusters` moves empty
+                               clusters as sklearn does
 :func:`init_statistics_chunk`  statistics of given initial responsibilities
                                (:class:`dgmm.chunk.InitResp`), grouped by
                                covariance type
@@ -639,6 +642,37 @@ class LloydArgs(NamedTuple):
     covariance_type: str | tuple
 
 
+class FarthestRows(NamedTuple):
+    """The rows farthest from their nearest centre: where empty clusters are relocated.
+
+    At most ``n_components − 1`` rows (at most that many clusters can be empty
+    while the rows weigh anything), ordered by decreasing distance, then by
+    increasing global row index, so any set of rows keeps the same ones
+    whatever its split into chunks. Rows of zero weight are never kept.
+
+    Attributes
+    ----------
+    distances : ndarray of shape (n_rows,)
+        ``((x − c) ** 2).sum()`` for the nearest centre ``c``, computed
+        directly as sklearn's ``_relocate_empty_clusters_dense`` computes it
+        (unweighted, as there).
+    index : ndarray of shape (n_rows,), int64
+        Global row indices.
+    labels : ndarray of shape (n_rows,), int64
+        Nearest centre of each row: the cluster that gives it up.
+    weights : ndarray of shape (n_rows,)
+        Row weights (ones when unweighted).
+    rows : ndarray of shape (n_rows, n_features)
+        The rows themselves, float64.
+    """
+
+    distances: np.ndarray
+    index: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    rows: np.ndarray
+
+
 class LloydStep(NamedTuple):
     """One restart's result of a Lloyd pass over a set of rows.
 
@@ -652,10 +686,14 @@ class LloydStep(NamedTuple):
         :class:`dgmm.chunk.InitResp`), one per covariance type when several
         were asked for: ``nk`` are the cluster sizes (weights) and
         ``center + sx / nk`` the updated centres, the same for every type.
+    farthest : FarthestRows
+        The rows farthest from their nearest centre, for
+        :func:`relocate_empty_clusters`.
     """
 
     inertia: float
     statistics: SufficientStatistics | tuple
+    farthest: FarthestRows
 
 
 def hard_assignment_statistics(
@@ -728,7 +766,7 @@ def lloyd_chunk(X: np.ndarray, row_start: int, args, sample_weight: np.ndarray |
     ----------
     X : ndarray of shape (n_samples, n_features)
     row_start : int
-        Unused (the step has no randomness); kept for the common signature.
+        Global index of the chunk's first row (it names the farthest rows).
     args : LloydArgs or tuple of LloydArgs
     sample_weight : ndarray of shape (n_samples,), default=None
 
@@ -739,36 +777,184 @@ def lloyd_chunk(X: np.ndarray, row_start: int, args, sample_weight: np.ndarray |
     batched, batch = _as_batch(args, LloydArgs)
     rows = _Rows(X, sample_weight)
     with np.errstate(invalid="ignore", over="ignore"):
-        out = tuple(_lloyd_step(rows, a) for a in batch)
+        out = tuple(_lloyd_step(rows, int(row_start), a) for a in batch)
     return out if batched else out[0]
 
 
-def _lloyd_step(rows: _Rows, args: LloydArgs) -> tuple[LloydStep, ...]:
+def _lloyd_step(rows: _Rows, row_start: int, args: LloydArgs) -> tuple[LloydStep, ...]:
     y, _ = rows.centred(args.center)
-    shifted = tuple(np.asarray(c, dtype=np.float64) - args.center for c in args.centers)
+    centers = tuple(np.asarray(c, dtype=np.float64) for c in args.centers)
+    shifted = tuple(c - args.center for c in centers)
     labels, min_distances = nearest_centers(y, shifted)
     inertia = rows.weigh(min_distances).sum(axis=0)
     return tuple(
         LloydStep(
             inertia=float(inertia[r]),
             statistics=hard_assignment_statistics(
-                y, labels[:, r], len(centers), args.covariance_type, rows.n_nonfinite, rows.weights
+                y, labels[:, r], len(c), args.covariance_type, rows.n_nonfinite, rows.weights
             ),
+            farthest=_farthest_rows(rows, row_start, c, shifted[r], labels[:, r], min_distances[:, r], len(c) - 1),
         )
-        for r, centers in enumerate(shifted)
+        for r, c in enumerate(centers)
     )
+
+
+def _no_rows(n_features: int) -> FarthestRows:
+    return FarthestRows(
+        distances=np.empty(0),
+        index=np.empty(0, dtype=np.int64),
+        labels=np.empty(0, dtype=np.int64),
+        weights=np.empty(0),
+        rows=np.empty((0, n_features)),
+    )
+
+
+def _farthest_rows(
+    rows: _Rows,
+    row_start: int,
+    centers: np.ndarray,
+    shifted_centers: np.ndarray,
+    labels: np.ndarray,
+    min_distances: np.ndarray,
+    size: int,
+) -> FarthestRows:
+    """The ``size`` rows of one chunk farthest from their nearest centre (see :class:`FarthestRows`).
+
+    ``min_distances`` (expanded as ‖y‖² − 2 y·c + ‖c‖² by one matrix
+    product) may differ from the direct ``((x − c) ** 2).sum()`` by rounding,
+    and by a different amount for the same row in another chunk. So the rows
+    within a rounding bound of the ``size``-th largest expanded distance are
+    taken, their distances computed directly, and the ``size`` largest
+    (distance, then lowest row index) kept: exactly the rows the direct
+    distances rank first, whatever the chunking.
+    """
+    n_features = rows.x.shape[1]
+    if size <= 0:
+        return _no_rows(n_features)
+    eligible = np.isfinite(min_distances)
+    if rows.weights is not None:
+        eligible &= rows.weights > 0
+    candidates = np.flatnonzero(eligible)
+    if len(candidates) > size:
+        distances = min_distances[candidates]
+        kth = np.partition(distances, len(distances) - size)[len(distances) - size]
+        # Rounding: |expanded − direct| <= s (distance + C), s = 16 (n_features + 4) eps and
+        # C = max ‖c − centre‖² (generous: both are sums of n_features terms bounded by
+        # ‖y‖² + C <= 2 distance + 3 C). The size-th largest direct distance is then at least
+        # kth − s (kth + C), which only rows with expanded distance >= kth − 2 s (kth + C) reach.
+        s = 16.0 * (n_features + 4) * np.finfo(np.float64).eps
+        spread = float(np.einsum("ij,ij->i", shifted_centers, shifted_centers).max())
+        candidates = candidates[distances >= kth - 2.0 * s * (kth + spread)]
+    x = rows.x[candidates]
+    donors = labels[candidates]
+    direct = ((x - centers[donors]) ** 2).sum(axis=1)
+    index = candidates.astype(np.int64) + row_start
+    keep = np.lexsort((index, -direct))[:size]
+    weights = np.ones(len(keep)) if rows.weights is None else rows.weights[candidates[keep]]
+    return FarthestRows(
+        distances=direct[keep], index=index[keep], labels=donors[keep].astype(np.int64), weights=weights, rows=x[keep]
+    )
+
+
+def _n_components(step: LloydStep) -> int:
+    statistics = step.statistics
+    return len((statistics if isinstance(statistics, SufficientStatistics) else statistics[0]).nk)
+
+
+def _merge_farthest_rows(column, size: int) -> FarthestRows:
+    merged = FarthestRows(*(np.concatenate(field) for field in zip(*column)))
+    keep = np.lexsort((merged.index, -merged.distances))[:size]
+    return FarthestRows(*(field[keep] for field in merged))
 
 
 def _merge_lloyd_steps(column) -> LloydStep:
     return LloydStep(
         inertia=float(sum(p.inertia for p in column)),
         statistics=combine_statistics(*(p.statistics for p in column)),
+        farthest=_merge_farthest_rows([p.farthest for p in column], _n_components(column[0]) - 1),
     )
 
 
 def combine_lloyd_steps(*parts):
-    """Merge per-chunk Lloyd results (tuples over restarts, or batches of them) by addition."""
+    """Merge per-chunk Lloyd results (tuples over restarts, or batches of them), associatively.
+
+    Inertia and statistics add; of the farthest rows, the ``n_components − 1``
+    with the largest distance (then the lowest row index) are kept, so the
+    result does not depend on the order or grouping of the parts.
+    """
     return _combine_nested(parts, LloydStep, _merge_lloyd_steps)
+
+
+def relocate_empty_clusters(step: LloydStep, center: np.ndarray, covariance_type: str | tuple):
+    """sklearn's relocation of empty clusters, applied to the statistics of a Lloyd pass.
+
+    As ``sklearn.cluster._k_means_common._relocate_empty_clusters_dense``:
+    each cluster of zero weight, in increasing order, receives one of the
+    rows farthest from their nearest centre (the farthest first; ties: the
+    lowest row index, where sklearn's ``argpartition`` picks any); the row's
+    weight, sum and second moment leave the cluster it was nearest to. The
+    result describes the nearest-centre assignment with those rows
+    reassigned, so ``center + sx / nk`` are sklearn's updated centres (a
+    relocated cluster's centre is its row) and every covariance type's
+    statistics stay those of one hard assignment ('tied' second moments do
+    not depend on it). Nothing moves when every distance is zero (more
+    clusters than distinct rows), as in sklearn. A cluster that gives up all
+    its rows is left exactly empty (zero, not a rounding residue). Rows of
+    zero weight are never moved (sklearn may pick one, which moves no weight
+    and leaves the cluster empty; in dgmm a zero weight means a dropped row).
+
+    Parameters
+    ----------
+    step : LloydStep
+        A whole pass's result (see :func:`combine_lloyd_steps`).
+    center : ndarray of shape (n_features,)
+        The statistics' centre (``LloydArgs.center``).
+    covariance_type : {'full', 'tied', 'diag', 'spherical'} or tuple of them
+        The types of ``step.statistics``, as asked for in ``LloydArgs``.
+
+    Returns
+    -------
+    step : LloydStep
+        ``step`` with adjusted statistics (new arrays; ``step`` is not changed).
+    relocated : ndarray of shape (n_relocated,), int64
+        The clusters that received a row.
+    """
+    kinds = (covariance_type,) if isinstance(covariance_type, str) else tuple(covariance_type)
+    statistics = (step.statistics,) if isinstance(covariance_type, str) else tuple(step.statistics)
+    nk = statistics[0].nk
+    empty = np.flatnonzero(nk == 0)
+    far = step.farthest
+    n_moved = min(len(empty), len(far.index))
+    if n_moved == 0 or far.distances[0] == 0:
+        return step, np.empty(0, dtype=np.int64)
+    empty, donors = empty[:n_moved], far.labels[:n_moved]
+    weights = far.weights[:n_moved]
+    y = far.rows[:n_moved] - np.asarray(center, dtype=np.float64)
+    wy = weights[:, None] * y
+    # each moved row's second moment in each type's form ('tied' sums over clusters: unchanged)
+    moments = {
+        "full": wy[:, :, None] * y[:, None, :],
+        "diag": wy * y,
+        "spherical": np.einsum("ij,ij->i", wy, y),
+    }
+    out = []
+    for kind, part in zip(kinds, statistics):
+        nk, sx, sxx = part.nk.copy(), part.sx.copy(), part.sxx.copy()
+        before = nk.copy()
+        for i, (k, donor) in enumerate(zip(empty, donors)):
+            nk[donor] -= weights[i]
+            sx[donor] -= wy[i]
+            nk[k], sx[k] = weights[i], wy[i]
+            if kind != "tied":
+                sxx[donor] -= moments[kind][i]
+                sxx[k] = moments[kind][i]
+        drained = np.unique(donors[nk[donors] <= 64 * np.finfo(np.float64).eps * before[donors]])
+        nk[drained], sx[drained] = 0.0, 0.0
+        if kind != "tied":
+            sxx[drained] = 0.0
+        out.append(part._replace(nk=nk, sx=sx, sxx=sxx))
+    adjusted = out[0] if isinstance(covariance_type, str) else tuple(out)
+    return step._replace(statistics=adjusted), empty.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------

@@ -168,7 +168,7 @@ class DataPasses:
         return self._reduce_rows(chunk_kmeans.plusplus_round_chunk, args, chunk_kmeans.combine_plusplus_rounds)
 
     def lloyd_step(self, args):
-        """One pass: a Lloyd step (inertia, statistics of the hard assignment) for every restart (or batch)."""
+        """One pass: a Lloyd step (inertia, hard-assignment statistics, farthest rows) of every restart (or batch)."""
         return self._reduce_rows(chunk_kmeans.lloyd_chunk, args, chunk_kmeans.combine_lloyd_steps)
 
     def head(self, n_rows: int) -> np.ndarray:

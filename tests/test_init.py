@@ -236,7 +236,11 @@ def test_weighted_passes_equal_repeated_rows(kind):
     weighted = chunk_kmeans.combine_lloyd_steps(
         *[chunk_kmeans.lloyd_chunk(X[a : a + 97], a, lloyd, weights[a : a + 97]) for a in range(0, len(X), 97)]
     )
-    _assert_same(weighted, chunk_kmeans.lloyd_chunk(repeated, 0, lloyd))
+    # the farthest rows are not repetition-invariant (one copy is moved, as in sklearn): compare the rest
+    _assert_same(
+        tuple((s.inertia, s.statistics) for s in weighted),
+        tuple((s.inertia, s.statistics) for s in chunk_kmeans.lloyd_chunk(repeated, 0, lloyd)),
+    )
     reference = chunk.statistics_from_resp(
         X - center, np.eye(3)[squared_distance_matrix(X, X[:3]).argmin(axis=1)], np.zeros((3, 3)), kind,
         sample_weight=weights,
@@ -271,6 +275,143 @@ def test_weighted_sampling_is_proportional_to_weight_times_squared_distance():
     plusplus = chunk_kmeans.PlusPlusArgs(X[0], (X[[0]],), (X[[5, 6]],), (9,), 2, 50)
     (trials,) = chunk_kmeans.plusplus_round_chunk(X, 0, plusplus, weights)
     assert np.all(weights[trials.index] > 0)
+
+
+# ---------------------------------------------------------------------------
+# Empty clusters: sklearn's relocation, found in the Lloyd pass itself
+# ---------------------------------------------------------------------------
+
+
+def _centers_with_empty_clusters(X, n_far=2):
+    """Four data rows, then ``n_far`` centres far from every row (their clusters are empty)."""
+    far = X.mean(axis=0) + 100.0 * np.arange(1, n_far + 1)[:, None] * np.eye(X.shape[1])[:n_far]
+    return np.vstack([X[[0, 100, 200, 300]], far])
+
+
+def _lloyd_pass(X, args, weights=None, chunk_rows=None, fan_in=8):
+    """A Lloyd pass over ``X`` cut into ``chunk_rows``-row chunks and merged by a tree of fan-in ``fan_in``."""
+    chunk_rows = len(X) if chunk_rows is None else chunk_rows
+    starts = range(0, len(X), chunk_rows)
+    if weights is None:
+        parts = [chunk_kmeans.lloyd_chunk(X[a : a + chunk_rows], a, args) for a in starts]
+    else:
+        parts = [chunk_kmeans.lloyd_chunk(X[a : a + chunk_rows], a, args, weights[a : a + chunk_rows]) for a in starts]
+    while len(parts) > 1:
+        parts = [chunk_kmeans.combine_lloyd_steps(*parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
+    return chunk_kmeans.combine_lloyd_steps(parts[0])
+
+
+def _sklearn_update(X, weights, centers):
+    """sklearn's Lloyd update with ``_relocate_empty_clusters_dense``: labels, weight per cluster, sums, new centres."""
+    from sklearn.cluster._k_means_common import _relocate_empty_clusters_dense
+
+    labels = squared_distance_matrix(X, centers).argmin(axis=1).astype(np.int32)
+    weight_in_clusters = np.bincount(labels, weights=weights, minlength=len(centers))
+    sums = np.zeros_like(centers)
+    np.add.at(sums, labels, weights[:, None] * X)
+    _relocate_empty_clusters_dense(
+        np.ascontiguousarray(X), weights, np.ascontiguousarray(centers), sums, weight_in_clusters, labels
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):  # clusters still empty
+        return labels, weight_in_clusters, sums, sums / weight_in_clusters[:, None]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lloyd_pass_relocates_empty_clusters_as_sklearn(weighted):
+    """Each empty cluster takes a farthest row, as sklearn's relocation does; its donor gives it up."""
+    X = make_mixture(n_samples=700, n_features=3, seed=17)
+    weights = np.random.default_rng(5).uniform(0.5, 3.0, size=len(X)) if weighted else None
+    centers, center = _centers_with_empty_clusters(X), X.mean(axis=0)
+    args = chunk_kmeans.LloydArgs((centers,), center, COVARIANCE_TYPES)
+    (step,) = _lloyd_pass(X, args, weights)
+    assert np.count_nonzero(step.statistics[0].nk == 0) == 2
+    step, relocated = chunk_kmeans.relocate_empty_clusters(step, center, COVARIANCE_TYPES)
+    np.testing.assert_array_equal(relocated, [4, 5])
+
+    w = np.ones(len(X)) if weights is None else weights
+    labels, weight_in_clusters, _, updated = _sklearn_update(X, w, centers)
+    distances = ((X - centers[labels]) ** 2).sum(axis=1)
+    farthest = np.argsort(-distances, kind="stable")[:2]
+    np.testing.assert_array_equal(step.farthest.index[:2], farthest)
+    np.testing.assert_allclose(step.statistics[0].nk, weight_in_clusters, rtol=1e-12)
+    np.testing.assert_allclose(center + step.statistics[0].sx / step.statistics[0].nk[:, None], updated, rtol=1e-10)
+    np.testing.assert_allclose(updated[[4, 5]], X[farthest], rtol=1e-12)
+    # every type's statistics are those of the relocated hard assignment
+    moved = labels.copy()
+    moved[farthest] = [4, 5]
+    for kind, ours in zip(COVARIANCE_TYPES, step.statistics):
+        reference = chunk.statistics_from_resp(X - center, np.eye(6)[moved], np.zeros((6, 3)), kind, sample_weight=w)
+        for a, b, name in zip(ours, reference, chunk.SufficientStatistics._fields):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-9, err_msg=f"{kind} {name}")
+
+
+def test_farthest_rows_do_not_depend_on_chunks_or_fan_in():
+    """The kept rows are the largest (distance, then lowest row index), bit for bit, whatever the split."""
+    X = make_mixture(n_samples=900, n_features=3, seed=18)
+    X[[50, 400, 899]] = X[600] + 30.0  # three equally far rows: ties broken by the row index
+    weights = np.random.default_rng(6).integers(1, 4, size=len(X)).astype(float)
+    args = (
+        chunk_kmeans.LloydArgs((_centers_with_empty_clusters(X, 3), X[:2]), X.mean(axis=0), "diag"),
+        chunk_kmeans.LloydArgs((_centers_with_empty_clusters(X, 1),), X.mean(axis=0), ("full", "tied")),
+    )
+    for w in (None, weights):
+        whole = _lloyd_pass(X, args, w)
+        assert len(whole[0][0].farthest.index) == 6 and len(whole[0][1].farthest.index) == 1
+        np.testing.assert_array_equal(whole[0][0].farthest.index[:3], [50, 400, 899])
+        for chunk_rows, fan_in in [(37, 2), (37, 3), (100, 8), (899, 2)]:
+            split = _lloyd_pass(X, args, w, chunk_rows, fan_in)
+            for a, b in zip(split, whole):
+                for sa, sb in zip(a, b):
+                    _assert_same(sa.farthest, sb.farthest, rtol=0)
+
+
+def test_rows_of_zero_weight_are_never_relocated():
+    """A zero weight drops the row: relocation equals sklearn's on the data without it."""
+    X = make_mixture(n_samples=700, n_features=3, seed=19)
+    centers, center = _centers_with_empty_clusters(X), X.mean(axis=0)
+    labels = squared_distance_matrix(X, centers).argmin(axis=1)
+    distances = ((X - centers[labels]) ** 2).sum(axis=1)
+    weights = np.ones(len(X))
+    weights[np.argsort(-distances)[:3]] = 0.0  # the three farthest rows
+    args = chunk_kmeans.LloydArgs((centers,), center, "full")
+    (step,) = _lloyd_pass(X, args, weights, chunk_rows=37)
+    assert np.all(weights[step.farthest.index] > 0)
+    step, _ = chunk_kmeans.relocate_empty_clusters(step, center, "full")
+    kept = weights > 0
+    _, weight_in_clusters, _, updated = _sklearn_update(X[kept], weights[kept], centers)
+    np.testing.assert_allclose(step.statistics.nk, weight_in_clusters, rtol=1e-12)
+    np.testing.assert_allclose(center + step.statistics.sx / step.statistics.nk[:, None], updated, rtol=1e-10)
+
+
+def test_nothing_is_relocated_when_every_row_sits_on_a_centre():
+    """More clusters than distinct rows: sklearn leaves them empty (every distance is zero)."""
+    X = np.repeat(np.array([[0.0, 1.0], [2.0, 3.0]]), 50, axis=0)
+    centers = np.array([[0.0, 1.0], [2.0, 3.0], [9.0, 9.0]])
+    args = chunk_kmeans.LloydArgs((centers,), X.mean(axis=0), "diag")
+    (step,) = _lloyd_pass(X, args, chunk_rows=37)
+    adjusted, relocated = chunk_kmeans.relocate_empty_clusters(step, X.mean(axis=0), "diag")
+    assert len(relocated) == 0
+    _assert_same(adjusted, step, rtol=0)
+
+
+def test_a_cluster_that_gives_up_all_its_rows_is_left_exactly_empty():
+    """Two outliers, alone in their cluster, are the farthest rows: both move, and their cluster is empty."""
+    X = make_mixture(n_samples=500, n_features=3, seed=22)
+    X[[10, 20]] = [[60.0, 0.0, 0.0], [60.0, 0.3, 0.0]]
+    centers = np.vstack([X[[0, 100, 200]], [[45.0, 0.0, 0.0]], _centers_with_empty_clusters(X, 2)[4:]])
+    weights = np.random.default_rng(8).uniform(0.1, 3.0, size=len(X))
+    args = chunk_kmeans.LloydArgs((centers,), X.mean(axis=0), ("full", "tied", "diag", "spherical"))
+    (step,) = _lloyd_pass(X, args, weights, chunk_rows=37)
+    step, relocated = chunk_kmeans.relocate_empty_clusters(step, X.mean(axis=0), args.covariance_type)
+    np.testing.assert_array_equal(relocated, [4, 5])
+    np.testing.assert_array_equal(np.sort(step.farthest.index[:2]), [10, 20])
+    _, weight_in_clusters, sums, _ = _sklearn_update(X, weights, centers)
+    for kind, part in zip(args.covariance_type, step.statistics):
+        assert part.nk[3] == 0 and np.all(part.sx[3] == 0), kind
+        if kind != "tied":
+            assert np.all(part.sxx[3] == 0), kind
+        np.testing.assert_allclose(part.nk, weight_in_clusters, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(part.sx + part.nk[:, None] * X.mean(axis=0), sums, rtol=1e-10, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------
