@@ -41,10 +41,13 @@ out of core, as passes over the chunks:
     in memory; finally Lloyd iterations run over the data, one pass each
     (per-chunk counts and sums, tree-reduced), until the centres move by
     less than :data:`LLOYD_TOL` × the mean feature variance (squared, as
-    sklearn's ``KMeans``) or :data:`LLOYD_MAX_ITER` passes. Each Lloyd pass
-    also yields the statistics of its hard assignment, so the initial
-    Gaussian parameters (from the nearest-centre assignment, as sklearn
-    initialises from ``KMeans.labels_``) cost no extra pass. Total:
+    sklearn's ``KMeans``) or :data:`LLOYD_MAX_ITER` passes. As in sklearn's
+    Lloyd, a cluster left empty takes one of the rows farthest from their
+    nearest centre (each chunk reports its farthest rows in the same pass).
+    Each Lloyd pass also yields the statistics of its hard assignment (with
+    those rows moved), so the initial Gaussian parameters (from the
+    nearest-centre assignment, as sklearn initialises from
+    ``KMeans.labels_``) cost no extra pass. Total:
     ``KMEANS_PARALLEL_ROUNDS + 1`` passes plus the Lloyd passes: usually 5 or
     6 passes, at most 9 with the defaults. Seedings of different
     ``n_components`` share every pass (each with its own ℓ); a batch makes
@@ -106,7 +109,7 @@ from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
 
 from .chunk import InitResp
-from .chunk_kmeans import LloydArgs, ParallelRoundArgs, PlusPlusArgs
+from .chunk_kmeans import LloydArgs, ParallelRoundArgs, PlusPlusArgs, relocate_empty_clusters
 from .passes import DataPasses, nonfinite_error
 
 logger = logging.getLogger(__name__)
@@ -378,10 +381,13 @@ class KMeansResult(NamedTuple):
     centers : list of ndarray of shape (n_components, n_features)
         Final centres: the means of the last assignment (Lloyd's update).
     assigned_centers : list of ndarray of shape (n_components, n_features)
-        The centres whose nearest-centre assignment ``statistics`` describe.
+        The centres whose nearest-centre assignment ``statistics`` describe
+        (with the rows moved into empty clusters, see
+        :func:`dgmm.chunk_kmeans.relocate_empty_clusters`).
     statistics : dict of str to tuple of SufficientStatistics
         Per covariance type asked for, the statistics of that hard
-        assignment (one per restart), relative to ``center``.
+        assignment (one per restart), relative to ``center``; their means
+        are ``centers``.
     center : ndarray of shape (n_features,)
         The (weighted) data mean.
     inertia : list of float
@@ -557,8 +563,15 @@ def kmeans_parallel_batch(
         for j, job_steps in zip(live, steps):
             still_active = []
             for r, step in zip(active[j], job_steps):
+                # sklearn's Lloyd update: empty clusters take the farthest rows (found in this
+                # pass), which leave their clusters. The statistics are adjusted too (their
+                # means are the updated centres), also on the last pass, so the initial
+                # statistics always describe one hard assignment: no extra pass is needed.
+                step, relocated = relocate_empty_clusters(step, center, jobs[j].covariance_types)
                 nk, sx = step.statistics[0].nk, step.statistics[0].sx  # the same for every type
                 updated = centers[j][r].copy()
+                # A cluster still empty (every row on a centre) keeps its centre, where sklearn
+                # moves it onto the largest cluster's.
                 filled = nk > 0
                 updated[filled] = center + sx[filled] / nk[filled, None]
                 shift = float(((updated - centers[j][r]) ** 2).sum())
@@ -566,12 +579,13 @@ def kmeans_parallel_batch(
                 inertia[j][r], n_lloyd[j][r] = step.inertia, n_iter
                 centers[j][r] = updated
                 logger.info(
-                    "Lloyd pass %d, seeding %d restart %d: inertia %.6g, centre shift %.3g",
+                    "Lloyd pass %d, seeding %d restart %d: inertia %.6g, centre shift %.3g, %d clusters relocated",
                     n_iter,
                     j,
                     r,
                     step.inertia,
                     shift,
+                    len(relocated),
                 )
                 if shift > tol:
                     still_active.append(r)

@@ -414,6 +414,68 @@ def test_a_cluster_that_gives_up_all_its_rows_is_left_exactly_empty():
         np.testing.assert_allclose(part.sx + part.nk[:, None] * X.mean(axis=0), sums, rtol=1e-10, atol=1e-9)
 
 
+def _sklearn_lloyd(X, weights, centers, n_passes):
+    """sklearn's own Lloyd iterations (``lloyd_iter_chunked_dense``, relocation included) from ``centers``."""
+    from sklearn.cluster._k_means_lloyd import lloyd_iter_chunked_dense
+
+    centers = np.ascontiguousarray(centers, dtype=np.float64)
+    labels = np.zeros(len(X), dtype=np.int32)
+    for _ in range(n_passes):
+        new = np.zeros_like(centers)
+        weight_in_clusters = np.zeros(len(centers))
+        shift = np.zeros(len(centers))
+        lloyd_iter_chunked_dense(np.ascontiguousarray(X), weights, centers, new, weight_in_clusters, labels, shift, 1)
+        centers = new
+    return centers
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lloyd_passes_relocate_each_seeding_of_a_batch_as_sklearn(monkeypatch, weighted):
+    """Driver: every restart of every seeding of a batch follows sklearn's Lloyd, whatever the chunking."""
+    X = make_mixture(n_samples=1100, n_features=3, seed=20)
+    weights = np.random.default_rng(7).uniform(0.5, 2.0, size=len(X)) if weighted else None
+    given = {  # per restart seed, the reclustered centres
+        1: _centers_with_empty_clusters(X, 1),  # one empty cluster
+        2: X[[0, 1, 2, 3, 4]],  # none
+        3: _centers_with_empty_clusters(X, 2),  # two
+    }
+    monkeypatch.setattr(init, "_recluster", lambda cell_means, counts, n_components, seed: given[seed].copy())
+    jobs = [init.KMeansJob(5, (1, 2), ("full", "diag")), init.KMeansJob(6, (3,), ("spherical",))]
+    options = dict(lloyd_max_iter=3, lloyd_tol=0.0)
+    reference = init.kmeans_parallel_batch(DataPasses(X, sample_weight=weights), jobs, **options)
+    w = np.ones(len(X)) if weights is None else weights
+    for job, result in zip(jobs, reference):
+        for seed, centers, n_lloyd in zip(job.seeds, result.centers, result.n_lloyd):
+            np.testing.assert_allclose(centers, _sklearn_lloyd(X, w, given[seed], n_lloyd), rtol=1e-9, atol=1e-9)
+        for kind, statistics in result.statistics.items():
+            for centers, part in zip(result.centers, statistics):
+                assert np.all(part.nk > 0)  # the relocated clusters hold their rows
+                np.testing.assert_allclose(result.center + part.sx / part.nk[:, None], centers, rtol=1e-9, atol=1e-9)
+    for chunks, split_every in [(37, 2), (250, 3)]:
+        data = DataPasses(da.from_array(X, chunks=(chunks, 3)), split_every=split_every, sample_weight=weights)
+        for ours, theirs in zip(init.kmeans_parallel_batch(data, jobs, **options), reference):
+            assert ours.n_lloyd == theirs.n_lloyd
+            for a, b in zip(ours.centers, theirs.centers):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_a_relocation_on_the_last_pass_keeps_the_statistics_consistent(monkeypatch):
+    """One Lloyd pass: the initial statistics are those of the relocated assignment, their means the centres."""
+    X = make_mixture(n_samples=800, n_features=3, seed=21)
+    centers = _centers_with_empty_clusters(X, 2)
+    monkeypatch.setattr(init, "_recluster", lambda cell_means, counts, n_components, seed: centers.copy())
+    data = DataPasses(da.from_array(X, chunks=(37, 3)), split_every=3)
+    result = init.kmeans_parallel(data, 6, seeds=(4,), covariance_type="full", lloyd_max_iter=1)
+    assert result.n_lloyd == [1]
+    labels = squared_distance_matrix(X, centers).argmin(axis=1)
+    farthest = np.argsort(-((X - centers[labels]) ** 2).sum(axis=1), kind="stable")[:2]
+    labels[farthest] = [4, 5]
+    reference = chunk.statistics_from_resp(X - result.center, np.eye(6)[labels], np.zeros((6, 3)), "full")
+    for a, b, name in zip(result.statistics["full"][0], reference, chunk.SufficientStatistics._fields):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-8, err_msg=name)
+    np.testing.assert_allclose(result.centers[0][[4, 5]], X[farthest], rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # Graph builders
 # ---------------------------------------------------------------------------
