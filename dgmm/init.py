@@ -570,8 +570,8 @@ def kmeans_parallel_batch(
                 step, relocated = relocate_empty_clusters(step, center, jobs[j].covariance_types)
                 nk, sx = step.statistics[0].nk, step.statistics[0].sx  # the same for every type
                 updated = centers[j][r].copy()
-                # A cluster still empty (every row on a centre) keeps its centre, where sklearn
-                # moves it onto the largest cluster's.
+                # A cluster still empty (every distance zero, or it gave up all its rows) keeps
+                # its centre, where sklearn's _average_centers moves it onto the largest cluster's.
                 filled = nk > 0
                 updated[filled] = center + sx[filled] / nk[filled, None]
                 shift = float(((updated - centers[j][r]) ** 2).sum())
