@@ -44,7 +44,7 @@ def bytes_on_disk(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
 
 
-def ensure_data(path: str, n_samples: int, n_features: int, chunk_rows: int) -> None:
+def ensure_data(path: str, n_samples: int, n_features: int, chunk_rows: int, compressor: str = "zstd") -> None:
     """Write the blobs array at ``path`` unless it is there, in a child process."""
     if os.path.exists(path):
         return
@@ -52,10 +52,12 @@ def ensure_data(path: str, n_samples: int, n_features: int, chunk_rows: int) -> 
     code = (
         "import sys; from dgmm.datasets import write_blobs_zarr; "
         "write_blobs_zarr(sys.argv[1], int(sys.argv[2]), n_features=int(sys.argv[3]), n_components=8, "
-        "chunk_rows=int(sys.argv[4]), seed=0)"
+        "chunk_rows=int(sys.argv[4]), seed=0, compressor=sys.argv[5])"
     )
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, path, str(n_samples), str(n_features), str(chunk_rows)], check=True)
+    subprocess.run(
+        [sys.executable, "-c", code, path, str(n_samples), str(n_features), str(chunk_rows), compressor], check=True
+    )
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 
@@ -125,13 +127,16 @@ def main():
     parser.add_argument("--n-features", type=int, default=16)
     parser.add_argument("--chunk-rows", type=int, default=100_000)
     parser.add_argument("--n-components", type=int, default=8)
+    parser.add_argument(
+        "--compressor", default="zstd", help="codec of a newly written array (write_blobs_zarr's compressor=)"
+    )
     parser.add_argument("--covariance-type", default="full", choices=["full", "tied", "diag", "spherical"])
     parser.add_argument("--max-iter", type=int, default=5)
     parser.add_argument("--init-params", default="kmeans",
                         help="'random' (one cheap pass) keeps the initialisation from dominating large runs")
     args = parser.parse_args()
 
-    ensure_data(args.path, args.n_samples, args.n_features, args.chunk_rows)
+    ensure_data(args.path, args.n_samples, args.n_features, args.chunk_rows, args.compressor)
 
     X = da.from_zarr(args.path)
     times = ComputeTimes()
