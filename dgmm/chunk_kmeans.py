@@ -228,7 +228,7 @@ class _Rows:
         key = origin.tobytes()
         if key not in self._centred:
             y = self.x - origin
-            column_sums = y.sum(axis=0)
+            column_sums = np.ones(self.n_samples) @ y  # a GEMV: far faster than a sum over axis 0
             if not self._centred:
                 self.n_nonfinite = _nonfinite_rows(self._X, column_sums)
             self._centred[key] = (y, column_sums if self.weights is None else self.weights @ y)
@@ -707,9 +707,11 @@ def hard_assignment_statistics(
     """Gaussian-mixture statistics of one-hot responsibilities.
 
     Equal to ``chunk.statistics_from_resp(y, one_hot(labels), zeros,
-    covariance_type, sample_weight=sample_weight)`` up to rounding. The rows
-    are grouped by label once, so each row's products are formed for its own
-    component only; ``nk``, ``sx`` and ``sy`` do not depend on the type (the
+    covariance_type, sample_weight=sample_weight)`` up to rounding. ``nk``,
+    ``sx`` and the diag/spherical moments come from one product of the
+    one-hot responsibilities with ``[1 | y | y²]``; for 'full' the rows are
+    grouped by label, so each row's outer product is formed for its own
+    component only. ``nk``, ``sx`` and ``sy`` do not depend on the type (the
     same arrays for every type asked for).
 
     Parameters
@@ -728,29 +730,40 @@ def hard_assignment_statistics(
     """
     kinds = (covariance_type,) if isinstance(covariance_type, str) else tuple(covariance_type)
     n_samples, n_features = y.shape
-    order, present, starts, stops = _segments(labels, n_components)
-    ordered = y[order]
+    d = n_features
+    # nk, Σ w y and Σ w y² of every component from ONE product of the one-hot
+    # responsibilities (components-major) with the features-major [1 | y | y²].
+    squares = any(kind in ("diag", "spherical") for kind in kinds)
+    features = np.empty((1 + d + (d if squares else 0), n_samples))
+    features[0] = 1.0
+    features[1 : d + 1] = y.T
+    if squares:
+        np.multiply(features[1 : d + 1], features[1 : d + 1], out=features[d + 1 :])
+    resp = np.zeros((n_components, n_samples))
+    resp[labels, np.arange(n_samples)] = 1.0 if sample_weight is None else sample_weight
+    moments = resp @ features.T
+    nk, sx = moments[:, 0].copy(), moments[:, 1 : d + 1].copy()
     if sample_weight is None:
-        weighted = ordered
-        nk = np.bincount(labels, minlength=n_components).astype(np.float64)
-        sy, total = y.sum(axis=0), int(n_samples)
+        sy, total = features[1 : d + 1].sum(axis=1), int(n_samples)
     else:
-        weighted = ordered * sample_weight[order][:, None]
-        nk = np.bincount(labels, weights=sample_weight, minlength=n_components).astype(np.float64)
-        sy, total = sample_weight @ y, float(sample_weight.sum())
-    sx = _reduce_segments(weighted, present, starts, n_components)
+        sy, total = features[1 : d + 1] @ sample_weight, float(sample_weight.sum())
     out = []
     for kind in kinds:
         if kind == "full":
+            # Rows grouped by label: each row's outer product is formed for its own component only.
+            order, present, starts, stops = _segments(labels, n_components)
+            ordered = y[order]
+            weighted = ordered if sample_weight is None else ordered * sample_weight[order][:, None]
             sxx = np.zeros((n_components, n_features, n_features))
             for k, start, stop in zip(present, starts, stops):
                 sxx[k] = weighted[start:stop].T @ ordered[start:stop]
         elif kind == "tied":
-            sxx = weighted.T @ ordered
+            y_t = features[1 : d + 1]
+            sxx = y_t @ (y_t if sample_weight is None else y_t * sample_weight).T
         elif kind == "diag":
-            sxx = _reduce_segments(weighted * ordered, present, starts, n_components)
+            sxx = moments[:, d + 1 :].copy()
         else:
-            sxx = _reduce_segments(np.einsum("ij,ij->i", weighted, ordered), present, starts, n_components)
+            sxx = moments[:, d + 1 :].sum(axis=1)
         out.append(
             SufficientStatistics(
                 nk=nk, sx=sx, sxx=sxx, sy=sy, n_samples=total, log_likelihood=0.0, n_nonfinite=int(n_nonfinite)
