@@ -48,8 +48,8 @@ out of core, as passes over the chunks:
     those rows moved), so the initial Gaussian parameters (from the
     nearest-centre assignment, as sklearn initialises from
     ``KMeans.labels_``) cost no extra pass. Total:
-    ``KMEANS_PARALLEL_ROUNDS + 1`` passes plus the Lloyd passes: usually 5 or
-    6 passes, at most 9 with the defaults. Seedings of different
+    ``KMEANS_PARALLEL_ROUNDS + 1`` passes plus the Lloyd passes: usually 4 or
+    5 passes, at most 8 with the defaults. Seedings of different
     ``n_components`` share every pass (each with its own ℓ); a batch makes
     as many Lloyd passes as its slowest seeding.
 
@@ -115,9 +115,11 @@ from .passes import DataPasses, nonfinite_error
 logger = logging.getLogger(__name__)
 
 #: k-means‖ sampling rounds (passes) before the candidates are weighed. Bahmani et
-#: al. use 5; with the candidates reclustered by their cell means, 3 reach the same
-#: k-means cost on our test data for 2 fewer passes (see bench/README.md).
-KMEANS_PARALLEL_ROUNDS = 3
+#: al. use 5; Spark MLlib's k-means|| defaults to 2 (``initSteps``). With the
+#: candidates reclustered by their cell means, 2 rounds reach a k-means cost at
+#: least as low as sklearn's ``KMeans(n_init=1)`` on our test data (within 0.2 % of
+#: 3 rounds) for one pass less (see bench/README.md, "Rounds").
+KMEANS_PARALLEL_ROUNDS = 2
 #: ℓ / n_components: expected rows sampled per k-means‖ round, per component.
 OVERSAMPLING_FACTOR = 2.0
 #: Most Lloyd passes over the data after the candidates are reclustered (the
