@@ -71,6 +71,11 @@ class IterationInfo(NamedTuple):
     converged: bool
 
 
+#: Relative difference below which two restarts' final lower bounds count as a tie (the
+#: first restart is kept, see ``GaussianMixture._finish``).
+TIE_RTOL = 1e-10
+
+
 @dataclass
 class _Run:
     """State of one EM run (one restart), all in float64."""
@@ -370,7 +375,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if self.max_iter == 0:
                 best = run
                 continue
-            if run.lower_bound > max_lower_bound or max_lower_bound == -np.inf:
+            # Restarts that reach the same optimum tie up to rounding, and rounding depends on
+            # the chunking: lower bounds within TIE_RTOL count as equal and the first restart
+            # wins, as it would in exact arithmetic, so the pick does not depend on chunking.
+            margin = TIE_RTOL * abs(max_lower_bound) if np.isfinite(max_lower_bound) else 0.0
+            if run.lower_bound > max_lower_bound + margin or max_lower_bound == -np.inf:
                 max_lower_bound = run.lower_bound
                 best = run
                 self.converged_ = run.converged
