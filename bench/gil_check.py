@@ -1,11 +1,12 @@
 """Which BLAS entry points release the GIL? A pure-Python counter thread runs while the main thread is in ONE long call.
 
 If the call releases the GIL the counter keeps its idle rate; if it holds the GIL the counter stops
-for the call's duration. dgmm's 'full' kernel computes second moments with
+for the call's duration. dgmm's 'full' kernel once computed second moments with
 ``scipy.linalg.blas.dsyrk``/``ssyrk`` (f2py wrappers that never release the GIL: the extension
 module does not even import ``PyEval_SaveThread``), so under dask's threaded scheduler the other
-worker thread cannot run Python code while a syrk runs. ``numpy.matmul`` on ``a.T @ a`` calls the
-same BLAS syrk with the GIL released. BLAS is limited to one thread, as dgmm does.
+worker thread could not run Python code while a syrk ran; it now uses ``numpy.matmul``, which calls
+BLAS with the GIL released (``a.T @ a`` even calls syrk). This script keeps the evidence for
+anyone tempted by scipy's BLAS wrappers. BLAS is limited to one thread, as dgmm does.
 
     python bench/gil_check.py
 """
