@@ -478,7 +478,7 @@ class _BatchPlan:
             self.full_dtype = dtype
             self.full_ref = ref
             U_all = np.concatenate(prec_used)
-            self.U_inv = np.linalg.inv(U_all)
+            self.U_inv = _triangular_inverses(U_all)
             # The shift each z actually uses (the offsets were rounded): s̃ = offsets U⁻¹.
             self.effective_shift = ref - (stacked[:, :1, :] @ self.U_inv)[:, 0, :]
             self.full_rows = slice(self.slices[self.full[0]].start, self.slices[self.full[-1]].stop)
@@ -497,6 +497,25 @@ class _BatchPlan:
 
         largest = max(self.n_total + self.width, (self.n_full * d) if self.full else 0)
         self.rows = int(max(64, BLOCK_ELEMENTS // max(1, largest)))
+
+
+def _triangular_inverses(factors: np.ndarray) -> np.ndarray:
+    """Inverses of a stack of (upper-triangular) precision Cholesky factors.
+
+    Back-substitution for triangular factors (componentwise accurate, which the
+    back-transform of the second moments relies on for ill-conditioned
+    components); a general inverse for any other factor.
+    """
+    eye = np.eye(factors.shape[-1])
+    out = np.empty_like(factors)
+    for k, U in enumerate(factors):
+        if not np.any(np.tril(U, -1)):
+            out[k] = linalg.solve_triangular(U, eye, lower=False, check_finite=False)
+        elif not np.any(np.triu(U, 1)):
+            out[k] = linalg.solve_triangular(U, eye, lower=True, check_finite=False)
+        else:
+            out[k] = np.linalg.inv(U)
+    return out
 
 
 class _BatchSums:
