@@ -395,7 +395,7 @@ class _BatchPlan:
     """How one chunk evaluates a batch of mixtures with shared products.
 
     All members see the rows through one matrix of *features* per row block,
-    ``F = [1 | y | y²]`` with ``y = x - c₀`` (``c₀`` the first member's
+    ``F = [1 | y | y²]`` (held features-major, (width, rows)) with ``y = x - c₀`` (``c₀`` the first member's
     centre; ``y²`` only when a diag or spherical member needs it). Then:
 
     - diag and spherical members: the log-densities of all their components
@@ -455,13 +455,12 @@ class _BatchPlan:
             self.expanded_rows = slice(self.slices[self.expanded[0]].start, self.slices[self.expanded[-1]].stop)
 
         # full: z = [1 | y] @ A, A = [-s U; U] for every component of every full member.
-        self.full_groups = []
         if self.full:
             float32 = np.dtype(input_dtype) == np.float32
             dtype = np.float32 if float32 else np.float64
             # float32 products run relative to a float32-representable centre.
             ref = self.center.astype(np.float32).astype(np.float64) if float32 else self.center
-            blocks, consts, shifts, prec_used = [], [], [], []
+            blocks, consts, prec_used = [], [], []
             for m in self.full:
                 p = batch[m]
                 U = p.precisions_cholesky.astype(dtype).astype(np.float64)  # the factors the products use
@@ -470,7 +469,6 @@ class _BatchPlan:
                 blocks.append(np.concatenate([-offsets[:, None, :], U], axis=1))  # (k, d+1, d)
                 log_det = np.log(np.diagonal(U, axis1=1, axis2=2)).sum(axis=1)
                 consts.append(p.log_weights + log_det - half_log_2pi)
-                shifts.append(s)
                 prec_used.append(U)
             stacked = np.concatenate(blocks)  # (Σk, d+1, d)
             self.A = np.ascontiguousarray(stacked.transpose(1, 0, 2).reshape(d + 1, -1)).astype(dtype)
