@@ -166,10 +166,15 @@ def _reference_statistics(X, params, sample_weight=None):
     )
 
 
+MIXED_BATCH = [("full", 3), ("diag", 2), ("spherical", 4), ("tied", 3), ("full", 1), ("diag", 5)]
+FULL_BATCH = [("full", 3), ("full", 1), ("full", 4)]  # float32 input: the all-float32 block path
+
+
+@pytest.mark.parametrize("members", [MIXED_BATCH, FULL_BATCH], ids=["mixed", "full-only"])
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_mixed_batch_matches_independent_reference(offset, weighted, dtype):
+def test_mixed_batch_matches_independent_reference(offset, weighted, dtype, members):
     """All four covariance types, different sizes and centres, in one batch: each member's
     statistics equal scipy log-densities + NumPy sums in that member's own coordinates."""
     rng = np.random.default_rng(5)
@@ -177,7 +182,7 @@ def test_mixed_batch_matches_independent_reference(offset, weighted, dtype):
     X = (rng.normal(size=(n, d)) * [1.0, 2.0, 0.5, 3.0] + offset).astype(dtype)
     weight = rng.integers(0, 4, size=n).astype(np.float64) if weighted else None
     batch = []
-    for j, (kind, k) in enumerate([("full", 3), ("diag", 2), ("spherical", 4), ("tied", 3), ("full", 1), ("diag", 5)]):
+    for j, (kind, k) in enumerate(members):
         means = rng.normal(size=(k, d)) * 2 + offset
         cov = random_covariances(kind, k, d, rng)
         weights = rng.dirichlet(np.ones(k))
