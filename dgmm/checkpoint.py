@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .chunk import COVARIANCE_TYPES, covariance_shape
+
 FORMAT = "dgmm-checkpoint"
 FORMAT_VERSION = 1
 _RUN_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
-_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 #: Largest JSON metadata member read from a model or checkpoint file (characters).
 MAX_META_CHARS = 16 * 2**20
 #: Largest parameter array read from a checkpoint: guards against files that claim absurd shapes.
@@ -207,12 +208,7 @@ def _is_number(value) -> bool:
 
 def parameter_shapes(covariance_type: str, n_components: int, n_features: int) -> dict[str, tuple]:
     """Shapes of weights, means, covariances and precision Cholesky factors of a model."""
-    cov = {
-        "full": (n_components, n_features, n_features),
-        "tied": (n_features, n_features),
-        "diag": (n_components, n_features),
-        "spherical": (n_components,),
-    }[covariance_type]
+    cov = covariance_shape(covariance_type, n_components, n_features)
     return {"weights": (n_components,), "means": (n_components, n_features), "covariances": cov,
             "precisions_cholesky": cov}
 
@@ -299,7 +295,7 @@ def _read_state(meta: dict, archive: zipfile.ZipFile, path: str) -> CheckpointSt
         raise bad(f"'fingerprint' must be a mapping, got {type(fingerprint).__name__}")
     kind = fingerprint.get("covariance_type")
     n_components, n_features = fingerprint.get("n_components"), fingerprint.get("n_features")
-    if kind not in _COVARIANCE_TYPES:
+    if kind not in COVARIANCE_TYPES:
         raise bad(f"invalid covariance_type {kind!r}")
     for name, value in (("n_components", n_components), ("n_features", n_features)):
         if not _is_int(value) or value < 1:

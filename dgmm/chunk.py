@@ -797,14 +797,19 @@ def init_statistics(
     return tuple(out)
 
 
-def empty_statistics(n_components: int, n_features: int, covariance_type: str) -> SufficientStatistics:
-    """Statistics of zero rows (the identity of :func:`merge_statistics`)."""
-    sxx_shape = {
+def covariance_shape(covariance_type: str, n_components: int, n_features: int) -> tuple[int, ...]:
+    """Shape of the covariances (and precision Cholesky factors, and ``sxx``) of a mixture."""
+    return {
         "full": (n_components, n_features, n_features),
         "tied": (n_features, n_features),
         "diag": (n_components, n_features),
         "spherical": (n_components,),
     }[covariance_type]
+
+
+def empty_statistics(n_components: int, n_features: int, covariance_type: str) -> SufficientStatistics:
+    """Statistics of zero rows (the identity of :func:`merge_statistics`)."""
+    sxx_shape = covariance_shape(covariance_type, n_components, n_features)
     return SufficientStatistics(
         np.zeros(n_components),
         np.zeros((n_components, n_features)),
@@ -900,17 +905,6 @@ def parameters_from_statistics(
         weights = nk / nk.sum()
     means = center + rel_means
     return weights, means, covariances
-
-
-def cast_params(params: ChunkParams, dtype) -> ChunkParams:
-    """The same parameters with arrays in ``dtype`` (for float32 chunk products)."""
-    return ChunkParams(
-        center=params.center.astype(dtype),
-        means=params.means.astype(dtype),
-        precisions_cholesky=params.precisions_cholesky.astype(dtype),
-        log_weights=params.log_weights.astype(dtype),
-        covariance_type=params.covariance_type,
-    )
 
 
 def chunk_params(weights, means, precisions_cholesky, covariance_type, center=None, input_dtype=None) -> ChunkParams:

@@ -27,6 +27,7 @@ import numpy as np
 
 from ._version import __version__
 from .checkpoint import atomic_write_bytes, check_parameter_values, parameter_shapes, read_npz_header, read_npz_meta
+from .chunk import COVARIANCE_TYPES
 from .io import is_url
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFormatError", "from_sklearn", "load_model", "read_model_metadata",
@@ -35,7 +36,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFormatError", "from_sklearn", "load
 FORMAT = "dgmm-model"
 FORMAT_VERSION = 1
 _ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
-_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 #: Estimator parameters stored in the file (JSON scalars only; init arrays, callbacks, checkpoints are not).
 _PARAMS = ("n_components", "covariance_type", "tol", "reg_covar", "max_iter", "n_init", "init_params",
            "random_state", "chunk_size", "split_every", "init_sample_size")
@@ -46,8 +46,6 @@ MAX_MODEL_ELEMENTS = 2**28
 class ModelFormatError(ValueError):
     """A model file that cannot be loaded: corrupt, inconsistent, or from a newer format."""
 
-
-_parameter_shapes = parameter_shapes
 
 
 def _jsonable(value):
@@ -247,13 +245,13 @@ def load_model(path: str | os.PathLike, *, storage_options: dict | None = None):
         return ModelFormatError(f"{path}: {message}")
 
     kind = meta.get("covariance_type")
-    if kind not in _COVARIANCE_TYPES:
+    if kind not in COVARIANCE_TYPES:
         raise bad(f"invalid covariance_type {kind!r}")
     n_components, n_features = meta.get("n_components"), meta.get("n_features")
     for name, value in (("n_components", n_components), ("n_features", n_features)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad(f"invalid {name} {value!r}")
-    shapes = _parameter_shapes(kind, n_components, n_features)
+    shapes = parameter_shapes(kind, n_components, n_features)
     if sum(int(np.prod(s)) for s in shapes.values()) > MAX_MODEL_ELEMENTS:
         raise bad(f"implausibly large model ({n_components} components x {n_features} features)")
     dtype = None
