@@ -7,6 +7,7 @@ timers for dgmm and sklearn. Not part of the dgmm package.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
 import platform
@@ -14,8 +15,10 @@ import re
 import resource
 import statistics
 import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -207,3 +210,13 @@ def median_after_first(seconds: list[float]) -> float:
 def median_or_nan(values) -> float:
     values = list(values)
     return statistics.median(values) if values else float("nan")
+
+
+def netns_cluster_module():
+    """``scripts/netns_cluster.py`` as a module (the network-namespace cluster of the bench scripts)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("netns_cluster", root / "scripts" / "netns_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("netns_cluster", module)
+    spec.loader.exec_module(module)
+    return module

@@ -23,7 +23,6 @@ Prints one JSON object (and a table) with:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -33,8 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchutil import netns_cluster_module
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _best(fn, repeat=5):
@@ -133,14 +132,6 @@ def scheduler_overhead():
     return out
 
 
-def _netns_module():
-    spec = importlib.util.spec_from_file_location("netns_cluster", ROOT / "scripts" / "netns_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("netns_cluster", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 _PING_SERVER = """
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -185,7 +176,7 @@ print(json.dumps({"rtt_seconds": rtt, "bulk_bytes": got, "bulk_mb_per_second": g
 
 
 def network_rates(workdir: Path):
-    nc = _netns_module()
+    nc = netns_cluster_module()
     why = nc.netns_available()
     if why:
         return {"skipped": why}

@@ -23,7 +23,6 @@ each also divided by the size P of the parameters ("copies of P").
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -31,16 +30,8 @@ import time
 from pathlib import Path
 
 import yaml
+from benchutil import netns_cluster_module
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _netns_cluster():
-    spec = importlib.util.spec_from_file_location("netns_cluster", ROOT / "scripts" / "netns_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("netns_cluster", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parameter_nbytes(k: int, d: int) -> int:
@@ -114,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="keep the data and raw metrics here")
     parser.add_argument("--reanalyse", action="store_true", help="only re-read the metrics saved in --workdir")
     args = parser.parse_args(argv)
-    nc = _netns_cluster()
+    nc = netns_cluster_module()
     P = parameter_nbytes(args.k, args.d)
     if args.reanalyse:
         rows = []
