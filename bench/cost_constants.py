@@ -35,7 +35,6 @@ import numpy as np
 from benchutil import netns_cluster_module
 
 
-
 def _best(fn, repeat=5):
     times = []
     for _ in range(repeat):

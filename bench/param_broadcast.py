@@ -33,7 +33,6 @@ import yaml
 from benchutil import netns_cluster_module
 
 
-
 def parameter_nbytes(k: int, d: int) -> int:
     """Bytes of one full-covariance ChunkParams: center, means, precision Cholesky factors, log weights."""
     return 8 * (d + k * d + k * d * d + k)
