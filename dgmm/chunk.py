@@ -121,7 +121,7 @@ class Workspace:
 
     def get(self, name: str, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
         """A contiguous scratch array of ``shape`` and ``dtype`` (contents undefined)."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         key = (name, np.dtype(dtype).char)
         array = self._arrays.get(key)
         if array is None or array.size < size:
@@ -356,24 +356,24 @@ def statistics_from_resp(
         # float32 input: the products are shifted, the sums across blocks float64).
         resp_t = resp.T.astype(y.dtype, copy=False)
         w = np.subtract(y[None, :, :], shifts.astype(y.dtype)[:, None, :], out=_scratch(work, "d", shape, y.dtype))
-        sx = np.matmul(resp_t[:, None, :], w)[:, 0, :].astype(np.float64)
+        sx = np.stack([np.dot(resp_t[k], w[k]) for k in range(n_components)]).astype(np.float64)
         w *= np.sqrt(resp_t)[:, :, None]
         # One batched GEMM wᵀw per component: NumPy releases the GIL here (scipy's syrk
         # wrapper does not), so dask's worker threads run their chunks in parallel.
         sxx = np.matmul(w.transpose(0, 2, 1), w).astype(np.float64)
     else:
-        sx = resp.T @ y
+        sx = np.dot(resp.T, y)
         if covariance_type == "tied":
-            sxx = y.T @ y if sample_weight is None else (y * sample_weight[:, None]).T @ y
+            sxx = np.dot(y.T, y if sample_weight is None else y * sample_weight[:, None])
         elif covariance_type == "diag":
-            sxx = resp.T @ (y * y)
+            sxx = np.dot(resp.T, y * y)
         else:
-            sxx = resp.T @ np.einsum("ij,ij->i", y, y)
+            sxx = np.dot(resp.T, np.einsum("ij,ij->i", y, y))
     return SufficientStatistics(
         nk=nk,
         sx=sx,
         sxx=sxx,
-        sy=y.sum(axis=0, dtype=np.float64) if sample_weight is None else sample_weight @ y.astype(np.float64),
+        sy=y.sum(axis=0, dtype=np.float64) if sample_weight is None else np.dot(sample_weight, y.astype(np.float64)),
         n_samples=int(y.shape[0]) if sample_weight is None else float(sample_weight.sum()),
         log_likelihood=float(log_likelihood),
         n_nonfinite=int(n_nonfinite),
@@ -384,6 +384,16 @@ def statistics_from_resp(
 #: (rows, Σ n_components × n_features) for 'full' members, stays around 4 MiB
 #: of float64 whatever size the dask chunks are.
 BLOCK_ELEMENTS = 2**19
+
+
+# Products whose result is small (at most 500 elements) but whose inner
+# dimension is a whole block of rows -- the moments ``R @ Fᵀ``, ``yᵀ y``, GEMVs
+# -- go through ``np.dot``, never ``@``/``np.matmul``: NumPy's matmul keeps the
+# GIL for its entire BLAS call when the result has <= 500 elements (its
+# small-loop threshold is applied to the output size), which serialises dask's
+# worker threads; ``np.dot`` releases the GIL around every BLAS call. For the
+# diag kernel on 2 threads this alone is 1.4x -> 1.9x parallel throughput
+# (``bench/README.md``, "Where the time goes").
 
 
 def block_rows(n_components: int, n_features: int) -> int:
@@ -434,8 +444,19 @@ class _BatchPlan:
             self.slices[m] = slice(start, start + sizes[m])
             start += sizes[m]
         self.n_total = start
-        self.equal_sizes = len(set(sizes)) == 1
         self.order = order
+        # Softmax groups: runs of consecutive members (in ``order``) with equal
+        # component counts, each normalised by one set of NumPy calls.
+        self.softmax_groups: list[list[int]] = []
+        self.softmax_layout: list[tuple[int, int, int]] = []  # (first row, end row, components)
+        for m in order:
+            if self.softmax_groups and sizes[self.softmax_groups[-1][-1]] == sizes[m]:
+                self.softmax_groups[-1].append(m)
+                first, _, size = self.softmax_layout[-1]
+                self.softmax_layout[-1] = (first, self.slices[m].stop, size)
+            else:
+                self.softmax_groups.append([m])
+                self.softmax_layout.append((self.slices[m].start, self.slices[m].stop, sizes[m]))
         half_log_2pi = 0.5 * d * math.log(2 * math.pi)
 
         # diag and spherical: log p = F @ W, columns of W per component.
@@ -481,6 +502,9 @@ class _BatchPlan:
             self.effective_shift = ref - (stacked[:, :1, :] @ self.U_inv)[:, 0, :]
             self.full_rows = slice(self.slices[self.full[0]].start, self.slices[self.full[-1]].stop)
             self.n_full = self.full_rows.stop - self.full_rows.start
+        # float32 batches of 'full' members only never build the float64 features: their first moments
+        # come from the float32 head [1 | y - c̃] (relative to full_ref; moved to c₀ at the end of the chunk).
+        self.head_only = bool(self.full) and not self.expanded and not self.tied and self.full_dtype == np.float32
 
         # tied: per member, y U and μ U.
         self.tied_terms = []
@@ -522,31 +546,48 @@ class _BatchSums:
     def __init__(self, plan: _BatchPlan):
         d = plan.n_features
         self.G = np.zeros((plan.n_total, plan.width))  # Σ r [1, y, y²]
-        self.column_sums = np.zeros(d + 1)  # Σ w [1, y]
-        self.log_likelihood = np.zeros(len(plan.batch))
         self.M = np.zeros((plan.n_full, d, d)) if plan.full else None  # Σ r z zᵀ
         self.yy = np.zeros((d, d)) if plan.tied else None  # Σ w y yᵀ
+        # Σ log p(x) per softmax group (see _softmax_groups), in the plan's member order.
+        self.group_log_likelihood = [np.zeros(len(members)) for members in plan.softmax_groups]
+        self.plan_first_rows = plan.slices[plan.order[0]]
+        self.n_features = d
+
+    @property
+    def column_sums(self) -> np.ndarray:
+        """Σ w [1, y]: the responsibilities of any one member sum to 1 on every row, so its rows of G add up to it."""
+        first = self.G[self.plan_first_rows]
+        return first[:, : self.n_features + 1].sum(axis=0)
+
+    def log_likelihood(self, plan: _BatchPlan) -> np.ndarray:
+        """Σ log p(x) of every member, in batch order."""
+        out = np.zeros(len(plan.batch))
+        for members, sums in zip(plan.softmax_groups, self.group_log_likelihood):
+            out[members] = sums
+        return out
 
 
-def _softmax_rows(L: np.ndarray, plan: _BatchPlan, log_likelihood: np.ndarray, sample_weight) -> None:
-    """In place: log-probabilities (components, rows) → responsibilities; adds each member's Σ log p(x)."""
+def _softmax_rows(L: np.ndarray, plan: _BatchPlan, sums: _BatchSums, sample_weight, guard: bool = False) -> None:
+    """In place: log-probabilities (components, rows) → responsibilities; adds each member's Σ log p(x).
+
+    Every call costs a handful of NumPy calls per softmax group (each holding
+    the GIL briefly); rows whose log-probabilities are all -inf or NaN are
+    only handled with ``guard`` (the chunk is redone with it when its
+    log-likelihood comes out non-finite).
+    """
     n = L.shape[1]
-    if plan.equal_sizes:
-        groups = [(L.reshape(len(plan.batch), -1, n), plan.order)]
-    else:
-        groups = [(L[plan.slices[m]][None], [m]) for m in plan.order]
-    for L3, members in groups:
+    for (start, stop, size), acc in zip(plan.softmax_layout, sums.group_log_likelihood):
+        L3 = L[start:stop].reshape(-1, size, n)
         amax = L3.max(axis=1, keepdims=True)
-        if not np.isfinite(amax).all():
+        if guard and not np.isfinite(amax).all():
             amax = np.where(np.isfinite(amax), amax, 0.0)
         L3 -= amax
         np.exp(L3, out=L3)
         total = L3.sum(axis=1, keepdims=True)
         L3 *= 1.0 / total
-        with np.errstate(divide="ignore"):
-            log_norm = np.log(total[:, 0, :]) + amax[:, 0, :]  # (members, rows)
-        sums = log_norm.sum(axis=1) if sample_weight is None else log_norm @ sample_weight
-        log_likelihood[members] += sums
+        log_norm = np.log(total[:, 0, :], out=total[:, 0, :])
+        log_norm += amax[:, 0, :]  # (members, rows)
+        acc += log_norm.sum(axis=1) if sample_weight is None else np.dot(log_norm, sample_weight)
 
 
 def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndarray):
@@ -557,11 +598,14 @@ def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndar
     residuals ``z`` (rows, Σ k_full, d) for the statistics.
     """
     n, d = X.shape
-    # Features-major (width, rows): contiguous writes here and contiguous row sums later.
-    F = _scratch(work, "features", (plan.width, n))
-    F[0] = 1.0
-    np.subtract(X.T, plan.center[:, None], out=F[1 : d + 1], dtype=np.float64, casting="unsafe")
-    y = F[1 : d + 1].T
+    if plan.head_only:
+        F = y = None
+    else:
+        # Features-major (width, rows): contiguous writes here and contiguous row sums later.
+        F = _scratch(work, "features", (plan.width, n))
+        F[0] = 1.0
+        np.subtract(X.T, plan.center[:, None], out=F[1 : d + 1], dtype=np.float64, casting="unsafe")
+        y = F[1 : d + 1].T
     if plan.expanded:
         np.multiply(F[1 : d + 1], F[1 : d + 1], out=F[d + 1 :])
         np.matmul(plan.W.T, F, out=L[plan.expanded_rows])
@@ -586,17 +630,29 @@ def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndar
         np.matmul(mu_u, t.T, out=out)
         out -= 0.5 * np.einsum("ij,ij->i", t, t)
         out += const
-    return F, z3
+    return (head if plan.head_only else F), z3
 
 
-def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: Workspace, sample_weight) -> None:
+def _accumulate_block(
+    X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: Workspace, sample_weight, guard: bool = False
+) -> None:
     n, d = X.shape
     L = _scratch(work, "log_prob", (plan.n_total, n))
     F, z3 = _log_prob_block(X, plan, work, L)
-    _softmax_rows(L, plan, sums.log_likelihood, sample_weight)
+    _softmax_rows(L, plan, sums, sample_weight, guard)
+    if plan.head_only:
+        # float32 'full' batch: F is the float32 head [1 | y - c̃] (rows, d + 1); the block's Σ r [1, y]
+        # and the √r scaling come from float32 responsibilities (summed across blocks in float64).
+        r = L if sample_weight is None else np.multiply(L, sample_weight, out=_scratch(work, "weighted", L.shape))
+        r32 = _scratch(work, "resp32", L.shape, np.float32)
+        np.copyto(r32, r, casting="same_kind")
+        sums.G += np.dot(r32, F)
+        np.sqrt(r32, out=r32)
+        z3 *= r32.T[:, :, None]
+        sums.M += np.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
+        return
     Fw = F if sample_weight is None else np.multiply(F, sample_weight, out=_scratch(work, "weighted", F.shape))
-    sums.G += L @ Fw.T
-    sums.column_sums += Fw[: d + 1].sum(axis=1)
+    sums.G += np.dot(L, Fw.T)  # np.dot, not @: see the note above block_rows
     if plan.full:
         r = L[plan.full_rows]
         if sample_weight is not None:
@@ -605,10 +661,12 @@ def _accumulate_block(X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: W
         z3 *= scale[:, :, None]
         sums.M += np.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
     if plan.tied:
-        sums.yy += F[1 : d + 1] @ Fw[1 : d + 1].T
+        sums.yy += np.dot(F[1 : d + 1], Fw[1 : d + 1].T)
 
 
-def _member_statistics(plan: _BatchPlan, sums: _BatchSums, m: int, n_samples, n_nonfinite: int) -> SufficientStatistics:
+def _member_statistics(
+    plan: _BatchPlan, sums: _BatchSums, m: int, n_samples, n_nonfinite: int, log_likelihood: np.ndarray
+) -> SufficientStatistics:
     """Member ``m``'s statistics in its own coordinates (its centre and shifts), float64."""
     d = plan.n_features
     p = plan.batch[m]
@@ -616,8 +674,9 @@ def _member_statistics(plan: _BatchPlan, sums: _BatchSums, m: int, n_samples, n_
     G = sums.G[rows]
     nk, s1 = G[:, 0], G[:, 1 : d + 1]  # Σ r, Σ r y (y relative to c₀)
     delta = p.center - plan.center  # y_m = y - delta
-    total_weight = sums.column_sums[0]
-    sy = sums.column_sums[1:] - total_weight * delta
+    column_sums = sums.column_sums
+    total_weight = column_sums[0]
+    sy = column_sums[1:] - total_weight * delta
     kind = p.covariance_type
     if kind == "full":
         k0 = rows.start - plan.full_rows.start
@@ -646,7 +705,7 @@ def _member_statistics(plan: _BatchPlan, sums: _BatchSums, m: int, n_samples, n_
         sxx=sxx,
         sy=sy,
         n_samples=n_samples,
-        log_likelihood=float(sums.log_likelihood[m]),
+        log_likelihood=float(log_likelihood[m]),
         n_nonfinite=n_nonfinite,
     )
 
@@ -682,16 +741,28 @@ def e_step_statistics(
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64)
     plan = _BatchPlan(tuple(batch), d, X.dtype)
-    sums = _BatchSums(plan)
     work = _thread_workspace()
     with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
-        for start in range(0, n, plan.rows):
-            weight = None if sample_weight is None else sample_weight[start : start + plan.rows]
-            _accumulate_block(X[start : start + plan.rows], plan, sums, work, weight)
+        n_nonfinite = 0
+        for guard in (False, True):
+            sums = _BatchSums(plan)
+            for start in range(0, n, plan.rows):
+                weight = None if sample_weight is None else sample_weight[start : start + plan.rows]
+                _accumulate_block(X[start : start + plan.rows], plan, sums, work, weight, guard)
+            if plan.head_only:  # Σ r (x - c̃) → Σ r (x - c₀)
+                sums.G[:, 1:] += sums.G[:, :1] * (plan.full_ref - plan.center)
+            log_likelihood = sums.log_likelihood(plan)
+            if np.isfinite(log_likelihood).all():
+                break
+            # Non-finite rows poison the sums; count them only then (no extra pass otherwise).
+            n_nonfinite = count_nonfinite_rows(X)
+            if n_nonfinite:
+                break
+            # Finite rows whose log-densities overflowed: redo the chunk with the guarded softmax.
         n_samples = int(n) if sample_weight is None else float(sample_weight.sum())
-        # Non-finite rows poison the sums; count them only then (no extra pass otherwise).
-        n_nonfinite = count_nonfinite_rows(X) if not np.isfinite(sums.log_likelihood).all() else 0
-        return tuple(_member_statistics(plan, sums, m, n_samples, n_nonfinite) for m in range(len(plan.batch)))
+        return tuple(
+            _member_statistics(plan, sums, m, n_samples, n_nonfinite, log_likelihood) for m in range(len(plan.batch))
+        )
 
 
 # ---------------------------------------------------------------------------

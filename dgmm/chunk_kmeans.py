@@ -228,10 +228,12 @@ class _Rows:
         key = origin.tobytes()
         if key not in self._centred:
             y = self.x - origin
-            column_sums = np.ones(self.n_samples) @ y  # a GEMV: far faster than a sum over axis 0
+            # A GEMV (far faster than a sum over axis 0); np.dot releases the GIL, @ does not for
+            # small results (see the note in dgmm.chunk above block_rows).
+            column_sums = np.dot(np.ones(self.n_samples), y)
             if not self._centred:
                 self.n_nonfinite = _nonfinite_rows(self._X, column_sums)
-            self._centred[key] = (y, column_sums if self.weights is None else self.weights @ y)
+            self._centred[key] = (y, column_sums if self.weights is None else np.dot(self.weights, y))
         return self._centred[key]
 
     def weigh(self, values: np.ndarray) -> np.ndarray:
@@ -741,12 +743,12 @@ def hard_assignment_statistics(
         np.multiply(features[1 : d + 1], features[1 : d + 1], out=features[d + 1 :])
     resp = np.zeros((n_components, n_samples))
     resp[labels, np.arange(n_samples)] = 1.0 if sample_weight is None else sample_weight
-    moments = resp @ features.T
+    moments = np.dot(resp, features.T)
     nk, sx = moments[:, 0].copy(), moments[:, 1 : d + 1].copy()
     if sample_weight is None:
         sy, total = features[1 : d + 1].sum(axis=1), int(n_samples)
     else:
-        sy, total = features[1 : d + 1] @ sample_weight, float(sample_weight.sum())
+        sy, total = np.dot(features[1 : d + 1], sample_weight), float(sample_weight.sum())
     out = []
     for kind in kinds:
         if kind == "full":
@@ -756,10 +758,10 @@ def hard_assignment_statistics(
             weighted = ordered if sample_weight is None else ordered * sample_weight[order][:, None]
             sxx = np.zeros((n_components, n_features, n_features))
             for k, start, stop in zip(present, starts, stops):
-                sxx[k] = weighted[start:stop].T @ ordered[start:stop]
+                sxx[k] = np.dot(weighted[start:stop].T, ordered[start:stop])
         elif kind == "tied":
             y_t = features[1 : d + 1]
-            sxx = y_t @ (y_t if sample_weight is None else y_t * sample_weight).T
+            sxx = np.dot(y_t, (y_t if sample_weight is None else y_t * sample_weight).T)
         elif kind == "diag":
             sxx = moments[:, d + 1 :].copy()
         else:
