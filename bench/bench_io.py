@@ -1,13 +1,17 @@
 """I/O overlap: one EM iteration on a Zarr array vs merely reading and summing it, cold and warm, per codec.
 
-Two copies of the same 16,500,000 x 16 float64 array (``dgmm.datasets.write_blobs_zarr``, 100,000-row
-chunks: 165 chunks of 12.8 MB, 2.11 GB in memory) are used: Zarr v3 with the default codec (zstd
-level 0 = zstd's default level 3, what zarr, dask's ``to_zarr`` and dgmm's own writers produce) and
-uncompressed (``compressors=None``). For each repeat, copy and task, the page cache is dropped as
-root (``sync; echo 3 > /proc/sys/vm/drop_caches``) and the task timed cold, then timed again warm:
+Copies of the same 16,500,000 x 16 float64 array (``dgmm.datasets.write_blobs_zarr``, 100,000-row
+chunks: 165 chunks of 12.8 MB, 2.11 GB in memory), one per codec of ``--codecs``: ``zstd`` (zarr's
+default, zstd level 3 without shuffle; the array at ``--path``), ``blosc-lz4`` (what dgmm's own
+writers produce by default: Blosc LZ4 with byte shuffle), ``blosc-zstd`` and ``none``
+(uncompressed); the copies other than zstd are written beside ``--path`` once, same chunks. For
+each repeat, copy and task, the page cache is dropped as root (``sync; echo 3 >
+/proc/sys/vm/drop_caches``) and the task timed cold, then timed again warm; the order of the tasks
+alternates between repeats (the shared disk's speed drifts), and ratios are given per repeat:
 
-* ``sum``: ``da.from_zarr(path).sum().compute()`` on the threaded scheduler (the machine's 2 threads,
-  dgmm's scheduler and chunks);
+* ``sum``: ``da.from_zarr(path).sum().compute()`` with dgmm's chunks, on the scheduler of
+  ``--scheduler``: dask's threaded scheduler (one thread per core, the Python API's default) or a
+  ``LocalCluster`` of one single-threaded worker process per core (the ``dgmm`` command's default);
 * ``diag`` / ``full``: ``dgmm.GaussianMixture(8, covariance_type=..., max_iter=1, tol=0)`` with
   weights, means and precisions given (no initialisation pass: exactly one pass over the data plus
   the M-step; ``n_passes_ == 1`` is checked), timed by its per-iteration callback.
@@ -17,7 +21,7 @@ on-disk size and single-thread encode/decode rates of candidate codecs on chunks
 dgmm's outputs (labels int64, probabilities and log-likelihoods float64). One JSON line per run,
 then summaries.
 
-    python bench/bench_io.py --repeats 3        # needs root for drop_caches; writes data/ if missing
+    python bench/bench_io.py --repeats 5        # needs root for drop_caches; writes data/ if missing
 """
 
 from __future__ import annotations
@@ -34,9 +38,24 @@ import warnings
 import dask
 import dask.array as da
 import numpy as np
-from benchutil import cpu_seconds, emit, initial_parameters, load_average, machine
+import psutil
+from benchutil import emit, initial_parameters, load_average, machine
 
 import dgmm
+from dgmm.io import zarr_compressors
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (LocalCluster workers), all threads."""
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me] + me.children(recursive=True):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def drop_caches() -> None:
@@ -57,17 +76,21 @@ def bytes_on_disk(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
 
 
-def ensure_data(path: str, raw_path: str, n_samples: int, chunk_rows: int) -> None:
+def ensure_data(path: str, copies: dict[str, str], n_samples: int, chunk_rows: int) -> None:
+    """Write the zstd array at ``path`` if missing, then a copy per other codec (same chunks, same values)."""
     if not os.path.exists(path):
         code = ("import sys; from dgmm.datasets import write_blobs_zarr; write_blobs_zarr(sys.argv[1], int(sys.argv[2]), "
-                "n_features=16, n_components=8, chunk_rows=int(sys.argv[3]), seed=0)")
+                "n_features=16, n_components=8, chunk_rows=int(sys.argv[3]), seed=0, compressor='zstd')")
         subprocess.run([sys.executable, "-c", code, path, str(n_samples), str(chunk_rows)], check=True)
-    if not os.path.exists(raw_path):
+    for codec, copy_path in copies.items():
+        if os.path.exists(copy_path):
+            continue
         src = da.from_zarr(path)
-        tmp = raw_path + ".tmp"
+        tmp = copy_path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        src.to_zarr(tmp, compressors=None, overwrite=True)
-        os.replace(tmp, raw_path)
+        compressors = None if codec == "none" else zarr_compressors(np.dtype(np.float64), codec, 3)
+        src.to_zarr(tmp, compressors=compressors, overwrite=True)
+        os.replace(tmp, copy_path)
 
 
 def run_sum(path: str) -> dict:
@@ -140,19 +163,39 @@ def codec_table(path: str, n_chunks: int) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", default="data/bench_2gb.zarr")
-    parser.add_argument("--raw-path", default="data/bench_2gb_raw.zarr")
+    parser.add_argument("--codecs", default="zstd,blosc-lz4,none",
+                        help="copies to time: zstd (the array at --path), blosc-lz4 (dgmm's writers' default), "
+                             "blosc-zstd, none (uncompressed); the others are written beside --path once")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="threads of dask's threaded scheduler for both sum and EM (0: dask's default, one per core)")
+    parser.add_argument("--scheduler", choices=("threads", "processes"), default="threads",
+                        help="threads: dask's threaded scheduler (the Python API's default); processes: a "
+                             "distributed.LocalCluster of one single-threaded worker process per core (the dgmm "
+                             "command's default), for both sum and EM")
     parser.add_argument("--n-samples", type=int, default=16_500_000)
     parser.add_argument("--chunk-rows", type=int, default=100_000)
     parser.add_argument("--tasks", default="sum,diag,full")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--codec-chunks", type=int, default=4, help="chunks in the codec table (0: skip it)")
     args = parser.parse_args()
-    ensure_data(args.path, args.raw_path, args.n_samples, args.chunk_rows)
-    copies = {"zstd": args.path, "none": args.raw_path}
+    codecs = args.codecs.split(",")
+    stem = args.path[:-5] if args.path.endswith(".zarr") else args.path
+    copies = {codec: args.path if codec == "zstd" else f"{stem}_{'raw' if codec == 'none' else codec}.zarr"
+              for codec in codecs}
+    ensure_data(args.path, {c: p for c, p in copies.items() if c != "zstd"}, args.n_samples, args.chunk_rows)
+    if args.num_workers:
+        dask.config.set(num_workers=args.num_workers)
+    client = None
+    if args.scheduler == "processes":
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=os.cpu_count(), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
     X = da.from_zarr(args.path)
     emit(dict(machine=machine(), argv=vars(args), n_samples=int(X.shape[0]), chunk_rows=int(X.chunks[0][0]),
               n_chunks=int(X.numblocks[0]), bytes_in_memory=int(X.nbytes), scheduler=dask.config.get("scheduler", None),
-              threads=os.cpu_count(), bytes_on_disk={c: bytes_on_disk(p) for c, p in copies.items()},
+              threads=os.cpu_count(), scheduler_kind=args.scheduler, bytes_on_disk={c: bytes_on_disk(p) for c, p in copies.items()},
               load_average=load_average()))
     sample = np.asarray(X[:200_000].compute())
     inits = {kind: initial_parameters(sample, 8, kind) for kind in ("diag", "full")}
@@ -160,7 +203,8 @@ def main():
     results: dict = {}
     for repeat in range(args.repeats):
         for codec, path in copies.items():
-            for task in tasks:
+            # Alternate the order of the tasks between repeats: the disk's speed drifts (shared host).
+            for task in (tasks if repeat % 2 == 0 else tasks[::-1]):
                 for state in ("cold", "warm"):
                     if state == "cold":
                         drop_caches()
@@ -194,6 +238,9 @@ def main():
                 row["diag_target_1_3_met"] = row["diag_over_sum"] <= 1.3
             row["load_average"] = load_average()
             emit(row)
+    if client is not None:
+        client.close()
+        cluster.close()
     if args.codec_chunks:
         for row in codec_table(args.path, args.codec_chunks):
             emit(dict(codec_table=True, **row))
