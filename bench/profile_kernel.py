@@ -1,4 +1,4 @@
-"""Where the chunk kernel's time goes: ``dgmm.chunk.e_step_statistics`` on one thread.
+"""Where the chunk kernel's time goes: ``dgmm.chunk.e_step_statistics`` on one thread, and on two.
 
 Runs on ONE thread (BLAS limited to 1 thread, as dgmm's threaded scheduler does) over one chunk
 of dgmm's automatic size (8 MiB of float64), and times, with the kernel's own functions (no copy
@@ -10,6 +10,11 @@ of its code here, so this cannot drift from it):
              kernel's row blocks): the rest of ``kernel`` is log-sum-exp + statistics
   gemm_1t    the best 1-thread GEMM rate (a square 1536 x 1536 matmul) and, for 'full', the
              kernel's GFLOP/s as a fraction of it
+  threaded   wall seconds per chunk when a pool of one thread, then of ``--threads`` threads,
+             runs the kernel on 24 chunks back to back (median of ``--repeats``), as dask's threaded scheduler does
+             (``--threads 0`` skips it); ``thread_scaling`` = one thread / ``--threads`` threads:
+             2 on two cores when nothing serialises the threads, lower when the kernel holds
+             the GIL (see the note above ``dgmm.chunk.block_rows``)
 
 Process CPU time, minimum over ``--repeats`` (the least disturbed run on a busy machine).
 FLOPs of 'full': 4 n k d^2 per mixture (E-step whitening + second moments). One JSON line
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from benchutil import emit, initial_parameters, load_average, make_data
@@ -62,6 +68,26 @@ def log_prob_only(X, batch):
         chunk._log_prob_block(block, plan, work, L[:, : block.shape[0]])
 
 
+def threaded_seconds(X, batch, threads, repeats, n_chunks=24):
+    """Median wall seconds per chunk with ``threads`` threads running the kernel on ``n_chunks`` chunks.
+
+    The median, not the minimum: how often two threads collide on the GIL varies from run to run,
+    and the minimum would report the luckiest run.
+    """
+    copies = [X.copy() for _ in range(threads)]  # one chunk per thread, as dask's workers hold theirs
+
+    def job(i):
+        chunk.e_step_statistics(copies[i % threads], batch)
+
+    runs = []
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(job, range(n_chunks)))
+            runs.append(time.perf_counter() - t0)
+    return float(np.median(runs)) / n_chunks
+
+
 def gemm_probe(dtype, repeats, size=1536):
     """The best 1-thread GEMM rate: a square (size x size) matmul, GFLOP/s."""
     rng = np.random.default_rng(0)
@@ -77,6 +103,7 @@ def main():
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--members", default="1", help="batch sizes (restarts) to time, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="threads of the threaded measurement (0: skip it)")
     args = parser.parse_args()
     dtype = np.dtype(args.dtype)
     for config in args.configs.split(","):
@@ -103,6 +130,13 @@ def main():
                     rest_share=1 - log_prob / kernel,
                     load_average=load_average(),
                 )
+                if args.threads:
+                    one = threaded_seconds(X, batch, 1, args.repeats)
+                    wall = threaded_seconds(X, batch, args.threads, args.repeats)
+                    row["threads"] = args.threads
+                    row["pool_1_thread_s_per_chunk"] = one
+                    row["threaded_s_per_chunk"] = wall
+                    row["thread_scaling"] = one / wall
                 if kind == "full":
                     flops = 4 * n * k * d * d * members
                     row["gflops"] = flops / kernel / 1e9
