@@ -154,6 +154,26 @@ def merge_statistics(a: SufficientStatistics, b: SufficientStatistics) -> Suffic
     return SufficientStatistics(*(x + y for x, y in zip(a, b)))
 
 
+#: Restarts whose lower bounds agree within this relative margin count as tied (the first wins).
+TIE_RTOL = 1e-10
+
+
+def best_restart(lower_bounds) -> int:
+    """Index of the restart to keep: the largest lower bound, ties going to the first restart.
+
+    Restarts that reach the same optimum tie up to rounding, and rounding depends on the
+    chunking: lower bounds within ``TIE_RTOL`` (relative) of the best so far count as equal
+    and the earlier restart wins, as it would in exact arithmetic, so the pick does not
+    depend on chunking. Used by ``fit`` and by ``partial_fit``'s first batch.
+    """
+    best, top = 0, -np.inf
+    for i, value in enumerate(lower_bounds):
+        margin = TIE_RTOL * abs(top) if np.isfinite(top) else 0.0
+        if value > top + margin or top == -np.inf:
+            top, best = value, i
+    return best
+
+
 def combine_statistics(*parts):
     """Merge any number of per-chunk results.
 

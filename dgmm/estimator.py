@@ -73,7 +73,7 @@ class IterationInfo(NamedTuple):
 
 #: Relative difference below which two restarts' final lower bounds count as a tie (the
 #: first restart is kept, see ``GaussianMixture._finish``).
-TIE_RTOL = 1e-10
+TIE_RTOL = chunk.TIE_RTOL
 
 
 @dataclass
@@ -371,18 +371,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Keep the best restart as sklearn does (largest lower bound) and set the fitted attributes."""
         max_lower_bound = -np.inf
         best = runs[-1]
-        for run in runs:
-            if self.max_iter == 0:
-                best = run
-                continue
-            # Restarts that reach the same optimum tie up to rounding, and rounding depends on
-            # the chunking: lower bounds within TIE_RTOL count as equal and the first restart
-            # wins, as it would in exact arithmetic, so the pick does not depend on chunking.
-            margin = TIE_RTOL * abs(max_lower_bound) if np.isfinite(max_lower_bound) else 0.0
-            if run.lower_bound > max_lower_bound + margin or max_lower_bound == -np.inf:
-                max_lower_bound = run.lower_bound
-                best = run
-                self.converged_ = run.converged
+        if self.max_iter > 0:
+            best = runs[chunk.best_restart([run.lower_bound for run in runs])]
+            max_lower_bound = best.lower_bound
+            self.converged_ = best.converged
         if not self.converged_ and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. "

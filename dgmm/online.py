@@ -248,7 +248,7 @@ class OnlineEM:
         if stats_list[0].n_nonfinite:
             count, first = data.locate_nonfinite()
             raise nonfinite_error(count, first, data.n_samples)
-        best = int(np.argmax([s.log_likelihood for s in stats_list]))
+        best = chunk.best_restart([s.log_likelihood for s in stats_list])  # fit's tie rule
         params, batch_stats = batch[best], stats_list[best]
 
         running = self.stats

@@ -318,3 +318,44 @@ def test_tied_restarts_pick_the_first_whatever_the_chunking():
     for other in fits[1:]:
         np.testing.assert_allclose(other.means_, fits[0].means_, rtol=1e-9)
         np.testing.assert_allclose(other.weights_, fits[0].weights_, rtol=1e-9)
+
+
+def test_best_restart_rule():
+    """The restart rule of fit and partial_fit: the largest lower bound, ties within TIE_RTOL
+    (relative) to the earlier restart, -inf never preferred to a finite bound."""
+    from dgmm.chunk import best_restart
+
+    assert best_restart([-5.0, -5.0 * (1 - 1e-12), -6.0]) == 0  # a rounding-level "improvement" is a tie
+    assert best_restart([-5.0, -5.0 * (1 - 1e-8)]) == 1  # a real improvement wins
+    assert best_restart([-np.inf, -3.0, -3.0]) == 1
+    assert best_restart([2.0, 1.0, 2.0 + 1e-6]) == 2
+    assert best_restart([-1.0]) == 0
+
+
+def test_partial_fit_first_batch_uses_the_tie_rule():
+    """partial_fit's first batch picks among the n_init candidates by fit's rule: a later
+    candidate better only at the level of rounding (where np.argmax would take it) loses."""
+    from dgmm import chunk
+    from dgmm.online import MixtureParameters, OnlineEM
+    from dgmm.passes import DataPasses
+
+    rng = np.random.default_rng(3)
+    X = np.concatenate([rng.normal(size=(300, 2)), rng.normal(size=(300, 2)) + 6])
+    gm = GaussianMixture(2, random_state=0).fit(X)
+
+    def candidate(shift, order):
+        return MixtureParameters(gm.weights_[order], gm.means_[order] + shift, gm.covariances_[order],
+                                 gm.precisions_cholesky_[order])
+
+    first = candidate(0.1, [0, 1])
+    second = candidate(0.1 - 1e-9, [1, 0])  # the same mixture, components swapped, a hair nearer the optimum
+    lls = [
+        chunk.e_step_statistics(X, (chunk.chunk_params(p.weights, p.means, p.precisions_cholesky, "full"),))[0]
+        .log_likelihood for p in (first, second)
+    ]
+    gain = (lls[1] - lls[0]) / abs(lls[0])
+    assert 0 < gain < chunk.TIE_RTOL, gain  # the setup: argmax would take the second candidate
+    state = OnlineEM([first, second], "full", reg_covar=1e-6, eps=np.finfo(np.float64).eps)
+    state.step(DataPasses(X), 0.6)
+    picked = state.parameters.means  # after one step, in the picked candidate's component order
+    assert np.linalg.norm(picked[0] - gm.means_[0]) < np.linalg.norm(picked[0] - gm.means_[1])
