@@ -106,6 +106,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="threads of the threaded measurement (0: skip it)")
     args = parser.parse_args()
     dtype = np.dtype(args.dtype)
+    # One BLAS thread from the start: OpenBLAS threads woken by a multithreaded call (the
+    # sklearn-initialised parameters) spin for a while afterwards, and process CPU time would
+    # count their spinning as the kernel's.
+    threadpool_limits(1)
     for config in args.configs.split(","):
         kind, d, k = config.split(":")
         d, k = int(d), int(k)
