@@ -411,8 +411,8 @@ BLOCK_ELEMENTS = 2**19
 # -- go through ``np.dot``, never ``@``/``np.matmul``: NumPy's matmul keeps the
 # GIL for its entire BLAS call when the result has <= 500 elements (its
 # small-loop threshold is applied to the output size), which serialises dask's
-# worker threads; ``np.dot`` releases the GIL around every BLAS call. For the
-# diag kernel on 2 threads this alone is 1.4x -> 1.9x parallel throughput
+# worker threads; ``np.dot`` releases the GIL around every BLAS call. Two
+# threads ran the diag kernel 1.1x faster than one before, 1.9x after
 # (``bench/README.md``, "Where the time goes").
 
 
@@ -565,26 +565,27 @@ class _BatchSums:
 
     def __init__(self, plan: _BatchPlan):
         d = plan.n_features
+        self.plan = plan
         self.G = np.zeros((plan.n_total, plan.width))  # Σ r [1, y, y²]
         self.M = np.zeros((plan.n_full, d, d)) if plan.full else None  # Σ r z zᵀ
         self.yy = np.zeros((d, d)) if plan.tied else None  # Σ w y yᵀ
-        # Σ log p(x) per softmax group (see _softmax_groups), in the plan's member order.
+        # Σ log p(x) per softmax group (plan.softmax_groups), in the plan's member order.
         self.group_log_likelihood = [np.zeros(len(members)) for members in plan.softmax_groups]
-        self.plan_first_rows = plan.slices[plan.order[0]]
-        self.n_features = d
 
-    @property
-    def column_sums(self) -> np.ndarray:
-        """Σ w [1, y]: the responsibilities of any one member sum to 1 on every row, so its rows of G add up to it."""
-        first = self.G[self.plan_first_rows]
-        return first[:, : self.n_features + 1].sum(axis=0)
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """After the last block: every member's Σ log p(x) (batch order) and Σ w [1, y].
 
-    def log_likelihood(self, plan: _BatchPlan) -> np.ndarray:
-        """Σ log p(x) of every member, in batch order."""
-        out = np.zeros(len(plan.batch))
+        The column sums are read off G: the responsibilities of any one member sum to 1 on
+        every row, so its rows of Σ r [1, y] add up to Σ w [1, y].
+        """
+        plan = self.plan
+        if plan.head_only:  # Σ r (x - c̃) → Σ r (x - c₀)
+            self.G[:, 1:] += self.G[:, :1] * (plan.full_ref - plan.center)
+        log_likelihood = np.zeros(len(plan.batch))
         for members, sums in zip(plan.softmax_groups, self.group_log_likelihood):
-            out[members] = sums
-        return out
+            log_likelihood[members] = sums
+        column_sums = self.G[plan.slices[plan.order[0]], : plan.n_features + 1].sum(axis=0)
+        return log_likelihood, column_sums
 
 
 def _softmax_rows(L: np.ndarray, plan: _BatchPlan, sums: _BatchSums, sample_weight, guard: bool = False) -> None:
@@ -685,7 +686,13 @@ def _accumulate_block(
 
 
 def _member_statistics(
-    plan: _BatchPlan, sums: _BatchSums, m: int, n_samples, n_nonfinite: int, log_likelihood: np.ndarray
+    plan: _BatchPlan,
+    sums: _BatchSums,
+    m: int,
+    n_samples,
+    n_nonfinite: int,
+    log_likelihood: np.ndarray,
+    column_sums: np.ndarray,
 ) -> SufficientStatistics:
     """Member ``m``'s statistics in its own coordinates (its centre and shifts), float64."""
     d = plan.n_features
@@ -694,7 +701,6 @@ def _member_statistics(
     G = sums.G[rows]
     nk, s1 = G[:, 0], G[:, 1 : d + 1]  # Σ r, Σ r y (y relative to c₀)
     delta = p.center - plan.center  # y_m = y - delta
-    column_sums = sums.column_sums
     total_weight = column_sums[0]
     sy = column_sums[1:] - total_weight * delta
     kind = p.covariance_type
@@ -769,9 +775,7 @@ def e_step_statistics(
             for start in range(0, n, plan.rows):
                 weight = None if sample_weight is None else sample_weight[start : start + plan.rows]
                 _accumulate_block(X[start : start + plan.rows], plan, sums, work, weight, guard)
-            if plan.head_only:  # Σ r (x - c̃) → Σ r (x - c₀)
-                sums.G[:, 1:] += sums.G[:, :1] * (plan.full_ref - plan.center)
-            log_likelihood = sums.log_likelihood(plan)
+            log_likelihood, column_sums = sums.finish()
             if np.isfinite(log_likelihood).all():
                 break
             # Non-finite rows poison the sums; count them only then (no extra pass otherwise).
@@ -781,7 +785,8 @@ def e_step_statistics(
             # Finite rows whose log-densities overflowed: redo the chunk with the guarded softmax.
         n_samples = int(n) if sample_weight is None else float(sample_weight.sum())
         return tuple(
-            _member_statistics(plan, sums, m, n_samples, n_nonfinite, log_likelihood) for m in range(len(plan.batch))
+            _member_statistics(plan, sums, m, n_samples, n_nonfinite, log_likelihood, column_sums)
+            for m in range(len(plan.batch))
         )
 
 
