@@ -210,12 +210,15 @@ class DataPasses:
         blocks = list(weights.to_delayed().ravel())
         totals = np.cumsum(np.asarray(dask.compute(*[block.sum() for block in blocks]), dtype=np.float64))
         starts = np.concatenate([[0], np.cumsum(weights.chunks[0])])
+        targets = fractions * totals[-1]
+        holding = [min(int(np.searchsorted(totals, target, side="right")), len(blocks) - 1) for target in targets]
+        needed = sorted(set(holding))  # each block holding a row is read once, all in one compute
+        loaded = dask.compute(*[blocks[j] for j in needed])
+        running = {j: np.cumsum(np.asarray(w, dtype=np.float64)) for j, w in zip(needed, loaded)}
         out = np.empty(len(fractions), dtype=np.int64)
-        for i, target in enumerate(fractions * totals[-1]):
-            j = min(int(np.searchsorted(totals, target, side="right")), len(blocks) - 1)
-            running = np.cumsum(np.asarray(blocks[j].compute(), dtype=np.float64))
+        for i, (target, j) in enumerate(zip(targets, holding)):
             local = target - (totals[j - 1] if j else 0.0)
-            out[i] = starts[j] + min(int(np.searchsorted(running, local, side="right")), len(running) - 1)
+            out[i] = starts[j] + min(int(np.searchsorted(running[j], local, side="right")), len(running[j]) - 1)
         return out
 
     def sample(self, size: int, random_state: np.random.RandomState):
