@@ -38,24 +38,11 @@ import warnings
 import dask
 import dask.array as da
 import numpy as np
-import psutil
 from benchutil import emit, initial_parameters, load_average, machine
+from benchutil import tree_cpu_seconds as cpu_seconds
 
 import dgmm
 from dgmm.io import zarr_compressors
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (LocalCluster workers), all threads."""
-    me = psutil.Process()
-    total = 0.0
-    for proc in [me] + me.children(recursive=True):
-        try:
-            times = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def drop_caches() -> None:

@@ -35,6 +35,7 @@ from benchutil import (
     make_data,
     median_after_first,
     median_or_nan,
+    tree_cpu_seconds,
 )
 
 
@@ -69,16 +70,7 @@ def spark_session(cores: int, driver_memory: str):
 
 def jvm_cpu_seconds() -> float:
     """User + system CPU seconds of this process's children (Spark's JVM runs in one)."""
-    import psutil
-
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            times = child.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return tree_cpu_seconds(include_self=False)
 
 
 def spark_fit(spark, path: str, n_features: int, k: int, max_iter: int, seed: int):

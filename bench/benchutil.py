@@ -130,6 +130,22 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def tree_cpu_seconds(include_self: bool = True) -> float:
+    """User + system CPU seconds of this process's live children (Spark's JVM, LocalCluster
+    workers), all threads, plus this process's own unless ``include_self`` is False."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in ([me] if include_self else []) + me.children(recursive=True):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 class Fit:
     """Timings of one fit: wall seconds of the whole fit and of each EM iteration, and CPU seconds of
     iterations 2.. (process user+system time between consecutive iteration ends: load-independent
