@@ -275,12 +275,42 @@ def log_det_cholesky(precisions_cholesky: np.ndarray, covariance_type: str, n_fe
     return n_features * np.log(precisions_cholesky)
 
 
+#: Arguments below this are flushed to exp = 0 by :func:`exp_inplace` (exp(-707) = 1.0e-307).
+EXP_FLUSH_BELOW = -707.0
+
+
+def exp_inplace(a: np.ndarray, work: Workspace | None = None) -> np.ndarray:
+    """``np.exp(a, out=a)`` for arguments <= 0, with results below 1e-307 flushed to 0.
+
+    NumPy's vectorised float64 exp sends every element below about -707.70
+    (results under 2x the smallest normal number) to a scalar fallback: 7x
+    slower per element for results that are 0, 40x for subnormal ones. In a
+    mixture's softmax many entries are that small (log-density gaps to distant
+    components): on well-separated data the fallback made the E-step's exp
+    3-4x slower. Here arguments below ``EXP_FLUSH_BELOW`` are clamped for the
+    vector loop and their results set to 0. Every sum these results enter also
+    holds the row's maximum term exp(0) = 1, so the flushed values (< 1e-307)
+    do not change any sum, log-likelihood or statistic beyond those of a
+    component whose every responsibility is below 1e-307. NaN and inf pass
+    through as in ``np.exp``; other dtypes use ``np.exp`` unchanged.
+    """
+    if a.dtype != np.float64:
+        return np.exp(a, out=a)
+    low = np.less(a, EXP_FLUSH_BELOW, out=_scratch(work, "exp_low", a.shape, np.bool_))
+    if not low.any():
+        return np.exp(a, out=a)
+    np.maximum(a, EXP_FLUSH_BELOW, out=a)
+    np.exp(a, out=a)
+    a *= np.logical_not(low, out=low)  # multiplying by the mask is 7x faster than copyto(where=)
+    return a
+
+
 def logsumexp_rows(a: np.ndarray) -> np.ndarray:
     """Row-wise log Σ exp, safe for rows of -inf."""
     amax = a.max(axis=1)
     amax = np.where(np.isfinite(amax), amax, 0.0)
     with np.errstate(divide="ignore"):
-        return np.log(np.exp(a - amax[:, None]).sum(axis=1)) + amax
+        return np.log(exp_inplace(a - amax[:, None]).sum(axis=1)) + amax
 
 
 def center_rows(X: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -588,7 +618,9 @@ class _BatchSums:
         return log_likelihood, column_sums
 
 
-def _softmax_rows(L: np.ndarray, plan: _BatchPlan, sums: _BatchSums, sample_weight, guard: bool = False) -> None:
+def _softmax_rows(
+    L: np.ndarray, plan: _BatchPlan, sums: _BatchSums, sample_weight, work: Workspace, guard: bool = False
+) -> None:
     """In place: log-probabilities (components, rows) → responsibilities; adds each member's Σ log p(x).
 
     Every call costs a handful of NumPy calls per softmax group (each holding
@@ -603,7 +635,7 @@ def _softmax_rows(L: np.ndarray, plan: _BatchPlan, sums: _BatchSums, sample_weig
         if guard and not np.isfinite(amax).all():
             amax = np.where(np.isfinite(amax), amax, 0.0)
         L3 -= amax
-        np.exp(L3, out=L3)
+        exp_inplace(L3, work)
         total = L3.sum(axis=1, keepdims=True)
         L3 *= 1.0 / total
         log_norm = np.log(total[:, 0, :], out=total[:, 0, :])
@@ -660,7 +692,7 @@ def _accumulate_block(
     n, d = X.shape
     L = _scratch(work, "log_prob", (plan.n_total, n))
     F, z3 = _log_prob_block(X, plan, work, L)
-    _softmax_rows(L, plan, sums, sample_weight, guard)
+    _softmax_rows(L, plan, sums, sample_weight, work, guard)
     if plan.head_only:
         # float32 'full' batch: F is the float32 head [1 | y - c̃] (rows, d + 1); the block's Σ r [1, y]
         # and the √r scaling come from float32 responsibilities (summed across blocks in float64).

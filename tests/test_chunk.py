@@ -226,3 +226,47 @@ def test_random_resp_does_not_depend_on_chunking():
     pieces = np.vstack([chunk.random_resp(a, b - a, 3, 42) for a, b in [(0, 37), (37, 4100), (4100, 10_000)]])
     np.testing.assert_array_equal(whole, pieces)
     np.testing.assert_allclose(whole.sum(axis=1), 1.0)
+
+
+def test_exp_inplace_equals_numpy_above_the_flush_and_zero_below():
+    """exp_inplace is np.exp bit for bit wherever exp(x) >= 1e-307; below, 0; NaN/inf as np.exp."""
+    rng = np.random.default_rng(5)
+    values = np.concatenate([
+        -np.abs(rng.normal(size=5000)) * 1000,  # many below the flush point, as in a softmax
+        np.linspace(-750.0, -690.0, 4001),  # around the flush point and the subnormal range
+        [0.0, -0.0, -np.inf, np.nan, np.inf, 3.5, chunk.EXP_FLUSH_BELOW, np.nextafter(chunk.EXP_FLUSH_BELOW, 0)],
+    ])
+    for layout in (values.copy(), values.reshape(-1, 7)[:, ::-1].copy(), values.reshape(-1, 7).T):
+        got = chunk.exp_inplace(np.array(layout, copy=True)).ravel()
+        with np.errstate(all="ignore"):
+            want = np.exp(np.asarray(layout)).ravel()
+        kept = np.asarray(layout).ravel() >= chunk.EXP_FLUSH_BELOW
+        np.testing.assert_array_equal(got[kept], want[kept])  # NaN == NaN here, inf == inf
+        nan = np.isnan(np.asarray(layout).ravel())
+        assert np.isnan(got[nan]).all() and np.all(got[~kept & ~nan] == 0.0)
+        assert np.all(want[~kept & np.isfinite(want)] < 1.01e-307)  # only such tiny values are flushed
+    assert chunk.exp_inplace(np.array([-800.0, -1.0])).tolist() == [0.0, np.exp(-1.0)]
+    float32 = np.array([-100.0, -1.0], dtype=np.float32)
+    np.testing.assert_array_equal(chunk.exp_inplace(float32.copy()), np.exp(float32))
+
+
+def test_flushing_tiny_responsibilities_leaves_well_separated_statistics_unchanged():
+    """On well-separated data most log-responsibilities are below -707: same statistics as the exact softmax."""
+    rng = np.random.default_rng(6)
+    centers = rng.normal(size=(6, 4)) * 60
+    X = np.concatenate([c + rng.normal(size=(400, 4)) for c in centers])
+    resp = np.zeros((len(X), 6))
+    resp[np.arange(len(X)), np.repeat(np.arange(6), 400)] = 1.0
+    _, means, covariances = _estimate_gaussian_parameters(X, resp, 1e-6, "diag")
+    params = chunk.chunk_params(np.full(6, 1 / 6), means, 1 / np.sqrt(covariances), "diag")
+    weighted = chunk.weighted_log_prob(X, params)
+    gaps = weighted - weighted.max(axis=1, keepdims=True)
+    assert (gaps < chunk.EXP_FLUSH_BELOW).mean() > 0.5  # the flushed path is really taken
+    with np.errstate(under="ignore"):
+        exact = np.exp(gaps)
+    exact /= exact.sum(axis=1, keepdims=True)
+    (stats,) = chunk.e_step_statistics(X, (params,))
+    np.testing.assert_allclose(stats.nk, exact.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sx, exact.T @ (X - params.center), rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(stats.log_likelihood, np.sum(np.log(np.exp(gaps).sum(axis=1)) + weighted.max(axis=1)),
+                               rtol=1e-12)
