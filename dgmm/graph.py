@@ -46,12 +46,28 @@ class RowBlocks:
         if sample_weight is not None:
             aligned = sample_weight.rechunk((X.chunks[0],))
             self.weight_blocks = list(aligned.to_delayed(optimize_graph=True).ravel())
+        #: Keys of the tasks that produce the blocks and their weights from the source: the
+        #: blocks' own and every task upstream of them (the graphs the blocks were cut from).
+        self.read_keys: frozenset = _graph_keys(self.blocks + (self.weight_blocks or []))
         sizes = np.asarray(X.chunks[0], dtype=np.int64)
         self.row_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.n_samples = int(sizes.sum())
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+
+def _graph_keys(delayed: list[Delayed]) -> frozenset:
+    """Every key of the graphs behind ``delayed`` (blocks cut from one array share one graph)."""
+    keys: set = set()
+    seen: set[int] = set()
+    for item in delayed:
+        graph = item.__dask_graph__()
+        if id(graph) not in seen:
+            seen.add(id(graph))
+            keys.update(graph.keys())
+        keys.add(item.key)
+    return frozenset(keys)
 
 
 def tree_reduce(parts: Sequence[Any], combine: Callable, split_every: int | None = None):

@@ -9,9 +9,11 @@ its only callers.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import sys
+import threading
 
 import dask
 import dask.array as da
@@ -72,6 +74,88 @@ def single_threaded_blas():
     return contextlib.nullcontext()
 
 
+# ---------------------------------------------------------------------------
+# Read-ahead on dask's threaded scheduler
+# ---------------------------------------------------------------------------
+
+_READ_AHEAD_POOLS: dict[int, tuple] = {}
+_READ_AHEAD_LOCK = threading.Lock()
+
+
+def _read_ahead_pools(n_threads: int):
+    """The (compute, read) thread pools of ``n_threads`` threads each, shared by all fits."""
+    with _READ_AHEAD_LOCK:
+        pools = _READ_AHEAD_POOLS.get(n_threads)
+        if pools is None:
+            from dask.threaded import ContextAwareThreadPoolExecutor
+
+            pools = _READ_AHEAD_POOLS[n_threads] = (
+                ContextAwareThreadPoolExecutor(n_threads, thread_name_prefix="dgmm-compute"),
+                ContextAwareThreadPoolExecutor(n_threads, thread_name_prefix="dgmm-read"),
+            )
+            for pool in pools:
+                atexit.register(pool.shutdown, wait=False)
+        return pools
+
+
+class ReadAheadPool:
+    """A ``pool`` for ``dask.threaded.get`` that reads chunks on threads of their own.
+
+    Under dask's threaded scheduler each of its ``num_workers`` threads reads a
+    chunk and then computes it, so while it waits for the disk (or a
+    decompressor) its core is idle, and nothing is read while all threads
+    compute. This pool keeps the same number of compute threads and adds as
+    many reading threads: tasks that read a block of the input (``read_keys``,
+    the row blocks of :class:`dgmm.graph.RowBlocks`) run on the reading
+    threads, everything else (the chunk kernels, the reduction) on the compute
+    threads. The scheduler keeps up to twice ``n_threads`` tasks in flight, so at
+    most about that many chunks are in memory, and reading overlaps computing.
+
+    Parameters
+    ----------
+    read_keys : frozenset
+        Keys of the tasks that read input blocks.
+    n_threads : int
+        Compute threads, and reading threads.
+    """
+
+    def __init__(self, read_keys: frozenset, n_threads: int):
+        self.read_keys = read_keys
+        self.compute_pool, self.read_pool = _read_ahead_pools(n_threads)
+        #: Tasks in flight at once (``dask.threaded.get`` reads this attribute).
+        self._max_workers = 2 * n_threads
+
+    def _reads(self, batch) -> bool:
+        # dask.local submits batch_execute_tasks(args) with one (key, task, ...) tuple per task;
+        # anything else goes to the compute threads.
+        try:
+            return bool(batch) and all(entry[0] in self.read_keys for entry in batch)
+        except (TypeError, IndexError, KeyError):
+            return False
+
+    def submit(self, fn, *args, **kwargs):
+        pool = self.read_pool if args and self._reads(args[0]) else self.compute_pool
+        return pool.submit(fn, *args, **kwargs)
+
+
+def read_ahead_pool(read_keys: frozenset) -> ReadAheadPool | None:
+    """A :class:`ReadAheadPool` when a pass would run on dask's threaded scheduler, else None.
+
+    None when a distributed client is active (and the ``scheduler`` config does
+    not ask for threads), when the ``scheduler`` config names another
+    scheduler, or when the ``pool`` config gives dask a pool of the user's.
+    The compute threads are dask's ``num_workers`` (default: one per core).
+    """
+    scheduler = dask.config.get("scheduler", None)
+    if dask.config.get("pool", None) is not None:
+        return None
+    if scheduler in ("threads", "threading") or (scheduler is None and _distributed_client() is None):
+        from dask.system import CPU_COUNT
+
+        return ReadAheadPool(read_keys, int(dask.config.get("num_workers", None) or CPU_COUNT))
+    return None
+
+
 class DataPasses:
     """Runs passes over one validated input.
 
@@ -122,7 +206,8 @@ class DataPasses:
 
     def _compute(self, lazy):
         self.n_passes += 1
-        (result,) = dask.compute(lazy)
+        pool = read_ahead_pool(self.blocks.read_keys)
+        (result,) = dask.compute(lazy) if pool is None else dask.compute(lazy, pool=pool)
         return result
 
     def e_step(self, batch: tuple[chunk.ChunkParams, ...]) -> tuple[chunk.SufficientStatistics, ...]:
