@@ -75,15 +75,17 @@ def test_nearest_centers_matches_brute_force():
         np.testing.assert_allclose(distances[:, r], full.min(axis=1), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
-def test_hard_assignment_statistics_equal_one_hot_statistics(kind):
+def test_hard_assignment_statistics_equal_one_hot_statistics(kind, weighted):
     rng = np.random.default_rng(1)
-    y = rng.normal(size=(500, 3))
+    y = rng.normal(size=(500, 3)) + 5.0
     labels = rng.integers(0, 4, size=500)
     labels[labels == 2] = 1  # an empty component
+    weights = rng.uniform(0.0, 3.0, size=500) if weighted else None
     resp = np.eye(4)[labels]
-    ours = chunk_kmeans.hard_assignment_statistics(y, labels, 4, kind)
-    reference = chunk.statistics_from_resp(y, resp, np.zeros((4, 3)), kind)
+    ours = chunk_kmeans.hard_assignment_statistics(y, labels, 4, kind, sample_weight=weights)
+    reference = chunk.statistics_from_resp(y, resp, np.zeros((4, 3)), kind, sample_weight=weights)
     for a, b, name in zip(ours, reference, chunk.SufficientStatistics._fields):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10, err_msg=name)
 
