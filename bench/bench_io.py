@@ -12,6 +12,9 @@ alternates between repeats (the shared disk's speed drifts), and ratios are give
 * ``sum``: ``da.from_zarr(path).sum().compute()`` with dgmm's chunks, on the scheduler of
   ``--scheduler``: dask's threaded scheduler (one thread per core, the Python API's default) or a
   ``LocalCluster`` of one single-threaded worker process per core (the ``dgmm`` command's default);
+* ``sum_all_threads`` (optional): the same sum on twice as many threads, as many as a dgmm pass
+  uses in all on the threaded scheduler (its compute threads plus as many reading threads,
+  ``dgmm.passes.ReadAheadPool``);
 * ``diag`` / ``full``: ``dgmm.GaussianMixture(8, covariance_type=..., max_iter=1, tol=0)`` with
   weights, means and precisions given (no initialisation pass: exactly one pass over the data plus
   the M-step; ``n_passes_ == 1`` is checked), timed by its per-iteration callback.
@@ -27,6 +30,7 @@ then summaries.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -80,9 +84,10 @@ def ensure_data(path: str, copies: dict[str, str], n_samples: int, chunk_rows: i
         os.replace(tmp, copy_path)
 
 
-def run_sum(path: str) -> dict:
+def run_sum(path: str, threads: int | None = None) -> dict:
     t0, c0 = time.perf_counter(), cpu_seconds()
-    total = float(da.from_zarr(path).sum().compute())
+    with dask.config.set(num_workers=threads) if threads else contextlib.nullcontext():
+        total = float(da.from_zarr(path).sum().compute())
     return dict(seconds=time.perf_counter() - t0, cpu_seconds=cpu_seconds() - c0, value=total)
 
 
@@ -161,7 +166,7 @@ def main():
                              "command's default), for both sum and EM")
     parser.add_argument("--n-samples", type=int, default=16_500_000)
     parser.add_argument("--chunk-rows", type=int, default=100_000)
-    parser.add_argument("--tasks", default="sum,diag,full")
+    parser.add_argument("--tasks", default="sum,sum_all_threads,diag,full")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--codec-chunks", type=int, default=4, help="chunks in the codec table (0: skip it)")
     args = parser.parse_args()
@@ -197,7 +202,12 @@ def main():
                         drop_caches()
                     cached = page_cache_mb()
                     load = load_average()
-                    out = run_sum(path) if task == "sum" else run_em(path, task, inits[task])
+                    if task == "sum":
+                        out = run_sum(path)
+                    elif task == "sum_all_threads":
+                        out = run_sum(path, 2 * (args.num_workers or dask.system.CPU_COUNT))
+                    else:
+                        out = run_em(path, task, inits[task])
                     out["gb_per_s"] = X.nbytes / out["seconds"] / 1e9
                     results.setdefault((codec, task, state), []).append(out)
                     emit(dict(repeat=repeat, codec=codec, task=task, state=state, page_cache_mb_before=round(cached),
@@ -210,7 +220,7 @@ def main():
             row["sum_seconds"] = round(base, 2)
             row["sum_gb_per_s"] = round(X.nbytes / base / 1e9, 3)
             for task in tasks:
-                if task == "sum":
+                if task in ("sum", "sum_all_threads"):
                     continue
                 secs = statistics.median(r["seconds"] for r in results[(codec, task, state)])
                 ratios = [r["seconds"] / s["seconds"] for r, s in zip(results[(codec, task, state)],
@@ -223,6 +233,12 @@ def main():
             row["sum_cpu_seconds"] = round(statistics.median(r["cpu_seconds"] for r in results[(codec, "sum", state)]), 2)
             if "diag" in tasks:
                 row["diag_target_1_3_met"] = row["diag_over_sum"] <= 1.3
+            if "sum_all_threads" in tasks:
+                wide = statistics.median(r["seconds"] for r in results[(codec, "sum_all_threads", state)])
+                row["sum_all_threads_seconds"] = round(wide, 2)
+                for task in ("diag", "full"):
+                    if task in tasks:
+                        row[f"{task}_over_sum_all_threads"] = round(row[f"{task}_seconds"] / wide, 2)
             row["load_average"] = load_average()
             emit(row)
     if client is not None:
