@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import sys
 import threading
 
@@ -78,18 +79,22 @@ def single_threaded_blas():
 # Read-ahead on dask's threaded scheduler
 # ---------------------------------------------------------------------------
 
-_READ_AHEAD_POOLS: dict[int, tuple] = {}
+_READ_AHEAD_POOLS: dict[tuple[int, int], tuple] = {}
 _READ_AHEAD_LOCK = threading.Lock()
 
 
 def _read_ahead_pools(n_threads: int):
-    """The (compute, read) thread pools of ``n_threads`` threads each, shared by all fits."""
+    """The (compute, read) thread pools of ``n_threads`` threads each, shared by all fits.
+
+    Keyed by process id too: a forked child inherits the pool objects but not their threads.
+    """
+    key = (os.getpid(), n_threads)
     with _READ_AHEAD_LOCK:
-        pools = _READ_AHEAD_POOLS.get(n_threads)
+        pools = _READ_AHEAD_POOLS.get(key)
         if pools is None:
             from dask.threaded import ContextAwareThreadPoolExecutor
 
-            pools = _READ_AHEAD_POOLS[n_threads] = (
+            pools = _READ_AHEAD_POOLS[key] = (
                 ContextAwareThreadPoolExecutor(n_threads, thread_name_prefix="dgmm-compute"),
                 ContextAwareThreadPoolExecutor(n_threads, thread_name_prefix="dgmm-read"),
             )

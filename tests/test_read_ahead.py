@@ -158,3 +158,32 @@ def test_no_read_ahead_pool_with_a_distributed_client():
             assert passes.read_ahead_pool(frozenset()) is not None
     X = make_mixture(n_samples=600, n_features=2, seed=33)
     assert np.isfinite(GaussianMixture(2, random_state=0).fit(da.from_array(X, chunks=(150, 2))).lower_bound_)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_pools_of_its_own():
+    """After os.fork the child has the parent's pool objects but none of their threads.
+
+    (dask's own default pool has the same problem, so a whole fit in a forked child can still
+    hang in dask; this checks dgmm's pools.)
+    """
+    import multiprocessing
+
+    parent = passes.read_ahead_pool(frozenset({"read"}))
+    assert parent.submit(lambda batch: "ran", [("read", None)]).result(timeout=10) == "ran"
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+
+    def child():
+        pool = passes.read_ahead_pool(frozenset({"read"}))
+        futures = [pool.submit(lambda batch: threading.current_thread().name, [(key, None)]) for key in ("read", "x")]
+        queue.put([future.result(timeout=10) for future in futures])
+
+    process = context.Process(target=child)
+    process.start()
+    process.join(30)
+    if process.is_alive():
+        process.kill()
+        pytest.fail("dgmm's pools did not run tasks in the forked child")
+    names = queue.get(timeout=5)
+    assert names[0].startswith("dgmm-read") and names[1].startswith("dgmm-compute")
