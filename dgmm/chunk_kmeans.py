@@ -226,8 +226,6 @@ class _Rows:
         origin = np.asarray(origin, dtype=np.float64)
         key = origin.tobytes()
         if key not in self._centred:
-            # Per-thread scratch (reused chunk after chunk): a fresh chunk-sized array per pass
-            # costs page faults that showed as a third of a Lloyd step.
             y = self.x - origin
             # A GEMV (far faster than a sum over axis 0); np.dot releases the GIL, @ does not for
             # small results (see the note in dgmm.chunk above block_rows).

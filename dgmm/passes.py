@@ -110,16 +110,16 @@ class ReadAheadPool:
     chunk and then computes it, so while it waits for the disk (or a
     decompressor) its core is idle, and nothing is read while all threads
     compute. This pool keeps the same number of compute threads and adds as
-    many reading threads: tasks that read a block of the input (``read_keys``,
-    the row blocks of :class:`dgmm.graph.RowBlocks`) run on the reading
-    threads, everything else (the chunk kernels, the reduction) on the compute
-    threads. The scheduler keeps up to twice ``n_threads`` tasks in flight, so at
+    many reading threads: the tasks that produce the input's row blocks
+    (``read_keys``: :attr:`dgmm.graph.RowBlocks.read_keys`, the blocks and
+    every task upstream of them) run on the reading threads, everything else
+    (the chunk kernels, the reduction) on the compute threads. The scheduler keeps up to twice ``n_threads`` tasks in flight, so at
     most about that many chunks are in memory, and reading overlaps computing.
 
     Parameters
     ----------
     read_keys : frozenset
-        Keys of the tasks that read input blocks.
+        Keys of the tasks that produce input blocks.
     n_threads : int
         Compute threads, and reading threads.
     """
