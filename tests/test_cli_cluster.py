@@ -105,3 +105,17 @@ def test_unreachable_scheduler_fails_fast_and_writes_nothing(tmp_path):
     assert f"cannot reach the scheduler at tcp://127.0.0.1:{port} within 2 s" in result.stderr
     assert time.monotonic() - started < 60
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "x.npy"]
+
+
+def test_local_cluster_workers_keep_glibc_malloc_thresholds(monkeypatch):
+    """distributed's MALLOC_TRIM_THRESHOLD_=65536 doubled the CPU of reading Zarr; the command's workers go without it."""
+    from dgmm.cli import open_cluster
+    from dgmm.config import ClusterConfig
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # an earlier LocalCluster in this process sets it
+    with open_cluster(ClusterConfig(n_workers=1, threads_per_worker=1, dashboard_address=None)) as client:
+        trim = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        omp = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert list(trim.values()) == [None]
+    assert list(omp.values()) == ["1"]  # distributed's other settings for worker processes stay
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
