@@ -181,8 +181,11 @@ def main():
     if args.scheduler == "processes":
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=os.cpu_count(), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        from dgmm.cli import LOCAL_WORKER_ENVIRON
+
+        with dask.config.set(LOCAL_WORKER_ENVIRON):  # worker processes as the dgmm command starts them
+            cluster = LocalCluster(n_workers=os.cpu_count(), threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
         client = Client(cluster)
     X = da.from_zarr(args.path)
     emit(dict(machine=machine(), argv=vars(args), n_samples=int(X.shape[0]), chunk_rows=int(X.chunks[0][0]),
