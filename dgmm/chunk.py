@@ -700,21 +700,21 @@ def _accumulate_block(
         r32 = _scratch(work, "resp32", L.shape, np.float32)
         np.copyto(r32, r, casting="same_kind")
         sums.G += np.dot(r32, F)
-        np.sqrt(r32, out=r32)
-        z3 *= r32.T[:, :, None]
-        sums.M += np.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
-        return
-    Fw = F if sample_weight is None else np.multiply(F, sample_weight, out=_scratch(work, "weighted", F.shape))
-    sums.G += np.dot(L, Fw.T)  # np.dot, not @: see the note above block_rows
-    if plan.full:
-        r = L[plan.full_rows]
-        if sample_weight is not None:
-            r = r * sample_weight
-        scale = np.sqrt(r.T).astype(plan.full_dtype, copy=False)
+        scale = np.sqrt(r32, out=r32).T
+    else:
+        Fw = F if sample_weight is None else np.multiply(F, sample_weight, out=_scratch(work, "weighted", F.shape))
+        sums.G += np.dot(L, Fw.T)  # np.dot, not @: see the note above block_rows
+        if plan.tied:
+            sums.yy += np.dot(F[1 : d + 1], Fw[1 : d + 1].T)
+        scale = None
+        if plan.full:
+            r = L[plan.full_rows]
+            if sample_weight is not None:
+                r = r * sample_weight
+            scale = np.sqrt(r.T).astype(plan.full_dtype, copy=False)
+    if scale is not None:  # Σ r z zᵀ of the full members: √r-scaled residuals, one batched GEMM
         z3 *= scale[:, :, None]
         sums.M += np.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
-    if plan.tied:
-        sums.yy += np.dot(F[1 : d + 1], Fw[1 : d + 1].T)
 
 
 def _member_statistics(
