@@ -71,11 +71,6 @@ class IterationInfo(NamedTuple):
     converged: bool
 
 
-#: Relative difference below which two restarts' final lower bounds count as a tie (the
-#: first restart is kept, see ``GaussianMixture._finish``).
-TIE_RTOL = chunk.TIE_RTOL
-
-
 @dataclass
 class _Run:
     """State of one EM run (one restart), all in float64."""
