@@ -179,22 +179,29 @@ def _segments(labels: np.ndarray, n_segments: int):
     return order, present, stops - counts[present], stops
 
 
-def _segment_sums(values: np.ndarray, labels: np.ndarray, n_segments: int, sample_weight: np.ndarray | None = None):
-    """Counts (Σ w with weights) and per-label sums of the rows of ``values`` (weighted, summed in row order).
+def _one_hot(labels: np.ndarray, n_segments: int, sample_weight: np.ndarray | None = None):
+    """The (n_segments, n_samples) one-hot matrix of ``labels`` (entries: the row weights), sparse.
 
-    The sums are one product of a sparse one-hot matrix (one entry per row, in
-    CSC form, so nothing is sorted) with ``values``: ten times faster than
-    sorting the rows by label and reducing the runs.
+    One entry per row in CSC form, so nothing is sorted: its product with the
+    rows sums them per label, in row order, ten times faster than sorting the
+    rows by label and reducing the runs.
     """
     n_samples = len(labels)
     data = np.ones(n_samples) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    one_hot = sparse.csc_array((data, labels, np.arange(n_samples + 1)), shape=(n_segments, n_samples))
-    sums = np.asarray(one_hot @ values, dtype=np.float64)
+    return sparse.csc_array((data, labels, np.arange(n_samples + 1)), shape=(n_segments, n_samples))
+
+
+def _segment_counts(labels: np.ndarray, n_segments: int, sample_weight: np.ndarray | None = None):
+    """Rows per label (int64), or Σ w per label (float64) with weights."""
     if sample_weight is None:
-        counts = np.bincount(labels, minlength=n_segments).astype(np.int64)
-    else:
-        counts = np.bincount(labels, weights=sample_weight, minlength=n_segments).astype(np.float64)
-    return counts, sums
+        return np.bincount(labels, minlength=n_segments).astype(np.int64)
+    return np.bincount(labels, weights=sample_weight, minlength=n_segments).astype(np.float64)
+
+
+def _segment_sums(values: np.ndarray, labels: np.ndarray, n_segments: int, sample_weight: np.ndarray | None = None):
+    """Counts (Σ w with weights) and per-label sums of the rows of ``values`` (weighted, summed in row order)."""
+    sums = np.asarray(_one_hot(labels, n_segments, sample_weight) @ values, dtype=np.float64)
+    return _segment_counts(labels, n_segments, sample_weight), sums
 
 
 def _nonfinite_rows(X: np.ndarray, column_sums: np.ndarray) -> int:
@@ -710,7 +717,7 @@ def hard_assignment_statistics(
     Equal to ``chunk.statistics_from_resp(y, one_hot(labels), zeros,
     covariance_type, sample_weight=sample_weight)`` up to rounding. ``sx`` and
     the diag/spherical moments are products of the sparse one-hot
-    responsibilities with ``y`` and ``y²`` (:func:`_segment_sums`); for 'full' the rows are
+    responsibilities with ``y`` and ``y²`` (:func:`_one_hot`); for 'full' the rows are
     grouped by label, so each row's outer product is formed for its own
     component only. ``nk``, ``sx`` and ``sy`` do not depend on the type (the
     same arrays for every type asked for).
@@ -734,12 +741,12 @@ def hard_assignment_statistics(
     # nk, Σ w y and Σ w y² of every component: products of the one-hot responsibilities, a sparse
     # (components, rows) matrix with one entry per row, with the rows (no transposed copy of y,
     # no dense responsibilities).
-    nk, sx = _segment_sums(y, labels, n_components, sample_weight)
-    nk = nk.astype(np.float64)
+    one_hot = _one_hot(labels, n_components, sample_weight)
+    nk = _segment_counts(labels, n_components, sample_weight).astype(np.float64)
+    sx = np.asarray(one_hot @ y, dtype=np.float64)
     squares = None
     if any(kind in ("diag", "spherical") for kind in kinds):
-        squared = np.multiply(y, y)
-        _, squares = _segment_sums(squared, labels, n_components, sample_weight)
+        squares = np.asarray(one_hot @ np.multiply(y, y), dtype=np.float64)
     if sample_weight is None:
         sy, total = np.dot(np.ones(n_samples), y), int(n_samples)
     else:
