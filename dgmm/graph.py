@@ -66,7 +66,6 @@ def _graph_keys(delayed: list[Delayed]) -> frozenset:
         if id(graph) not in seen:
             seen.add(id(graph))
             keys.update(graph.keys())
-        keys.add(item.key)
     return frozenset(keys)
 
 

@@ -92,11 +92,14 @@ def _read_ahead_pools(n_threads: int):
     with _READ_AHEAD_LOCK:
         pools = _READ_AHEAD_POOLS.get(key)
         if pools is None:
-            from dask.threaded import ContextAwareThreadPoolExecutor
+            try:  # recent dask: propagates contextvars (and so caught warnings) to its threads
+                from dask.threaded import ContextAwareThreadPoolExecutor as Executor
+            except ImportError:  # older dask, as its own pool there
+                from concurrent.futures import ThreadPoolExecutor as Executor
 
             pools = _READ_AHEAD_POOLS[key] = (
-                ContextAwareThreadPoolExecutor(n_threads, thread_name_prefix="dgmm-compute"),
-                ContextAwareThreadPoolExecutor(n_threads, thread_name_prefix="dgmm-read"),
+                Executor(n_threads, thread_name_prefix="dgmm-compute"),
+                Executor(n_threads, thread_name_prefix="dgmm-read"),
             )
             for pool in pools:
                 atexit.register(pool.shutdown, wait=False)
@@ -113,8 +116,9 @@ class ReadAheadPool:
     many reading threads: the tasks that produce the input's row blocks
     (``read_keys``: :attr:`dgmm.graph.RowBlocks.read_keys`, the blocks and
     every task upstream of them) run on the reading threads, everything else
-    (the chunk kernels, the reduction) on the compute threads. The scheduler keeps up to twice ``n_threads`` tasks in flight, so at
-    most about that many chunks are in memory, and reading overlaps computing.
+    (the chunk kernels, the reduction) on the compute threads. The scheduler
+    keeps up to twice ``n_threads`` tasks in flight, so at most about that many
+    chunks are in memory, and reading overlaps computing.
 
     Parameters
     ----------
