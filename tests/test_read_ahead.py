@@ -67,7 +67,7 @@ def test_reads_run_on_reading_threads_and_kernels_on_compute_threads(tmp_path, k
     assert_same_model(threaded, synchronous)
 
 
-def test_no_more_kernels_at_once_than_num_workers_and_reads_overlap_them():
+def test_no_more_kernels_at_once_than_num_workers_and_reads_overlap_them(monkeypatch):
     """With num_workers=2: never 3 kernels at once, but blocks are read while 2 kernels run.
 
     dask's own pool of 2 threads would never have more than 2 tasks (reads and
@@ -107,13 +107,10 @@ def test_no_more_kernels_at_once_than_num_workers_and_reads_overlap_them():
 
     Xd = da.from_array(X, chunks=(100, 3)).map_blocks(slow_read, dtype=X.dtype)
     w, m, p = perturbed_init(X, "diag")
-    chunk_module.e_step_statistics = slow_kernel  # graph.e_step_statistics looks it up per pass
-    try:
-        with dask.config.set(num_workers=2):
-            GaussianMixture(3, covariance_type="diag", weights_init=w, means_init=m, precisions_init=p,
-                            tol=0, max_iter=2).fit(Xd)
-    finally:
-        chunk_module.e_step_statistics = original
+    monkeypatch.setattr(chunk_module, "e_step_statistics", slow_kernel)  # graph looks it up per pass
+    with dask.config.set(num_workers=2):
+        GaussianMixture(3, covariance_type="diag", weights_init=w, means_init=m, precisions_init=p,
+                        tol=0, max_iter=2).fit(Xd)
     assert running["max_kernels"] == 2
     assert running["max_both"] >= 3
 
