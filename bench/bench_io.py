@@ -11,13 +11,18 @@ alternates between repeats (the shared disk's speed drifts), and ratios are give
 
 * ``sum``: ``da.from_zarr(path).sum().compute()`` with dgmm's chunks, on the scheduler of
   ``--scheduler``: dask's threaded scheduler (one thread per core, the Python API's default) or a
-  ``LocalCluster`` of one single-threaded worker process per core (the ``dgmm`` command's default);
+  ``LocalCluster`` of one single-threaded worker process per core;
 * ``sum_all_threads`` (optional): the same sum on twice as many threads, as many as a dgmm pass
-  uses in all on the threaded scheduler (its compute threads plus as many reading threads,
-  ``dgmm.passes.ReadAheadPool``);
+  uses in all (its compute threads plus as many reading threads: ``dgmm.passes.ReadAheadPool`` on
+  the threaded scheduler; with ``--scheduler processes``, the workers below);
 * ``diag`` / ``full``: ``dgmm.GaussianMixture(8, covariance_type=..., max_iter=1, tol=0)`` with
   weights, means and precisions given (no initialisation pass: exactly one pass over the data plus
-  the M-step; ``n_passes_ == 1`` is checked), timed by its per-iteration callback.
+  the M-step; ``n_passes_ == 1`` is checked), timed by its per-iteration callback. With
+  ``--scheduler processes`` these run on a second ``LocalCluster`` with workers as the ``dgmm``
+  command starts them: one per core, each with a compute thread and a reading thread
+  (``dgmm.passes.read_ahead_worker_options(1)``);
+* ``diag_plain`` (``--scheduler processes`` only): the diag iteration on the plain single-threaded
+  workers of ``sum``, i.e. without read-ahead (the ``dgmm`` command with ``read_ahead: false``).
 
 Target: diag EM iteration <= 1.3x the sum, cold. Also prints, for the codec recommendation, the
 on-disk size and single-thread encode/decode rates of candidate codecs on chunks of the data and of
@@ -177,16 +182,25 @@ def main():
     ensure_data(args.path, {c: p for c, p in copies.items() if c != "zstd"}, args.n_samples, args.chunk_rows)
     if args.num_workers:
         dask.config.set(num_workers=args.num_workers)
-    client = None
+    clusters: list = []
+    clients: dict = {}  # task -> the distributed client it runs on (--scheduler processes)
     if args.scheduler == "processes":
         from distributed import Client, LocalCluster
 
         from dgmm.cli import LOCAL_WORKER_ENVIRON
+        from dgmm.passes import read_ahead_worker_options
 
-        with dask.config.set(LOCAL_WORKER_ENVIRON):  # worker processes as the dgmm command starts them
-            cluster = LocalCluster(n_workers=os.cpu_count(), threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-        client = Client(cluster)
+        def local_client(**workers):
+            with dask.config.set(LOCAL_WORKER_ENVIRON):  # worker processes as the dgmm command starts them
+                cluster = LocalCluster(n_workers=os.cpu_count(), processes=True, dashboard_address=None, **workers)
+            clusters.append(cluster)
+            return Client(cluster, set_as_default=False)
+
+        # The sum on plain single-threaded workers; EM (and the wide sum) on workers as the dgmm command
+        # starts them: one compute thread and one reading thread each (dgmm.passes.read_ahead_worker_options).
+        plain = local_client(threads_per_worker=1)
+        command = local_client(**read_ahead_worker_options(1))
+        clients = {task: plain if task in ("sum", "diag_plain") else command for task in args.tasks.split(",")}
     X = da.from_zarr(args.path)
     emit(dict(machine=machine(), argv=vars(args), n_samples=int(X.shape[0]), chunk_rows=int(X.chunks[0][0]),
               n_chunks=int(X.numblocks[0]), bytes_in_memory=int(X.nbytes), scheduler=dask.config.get("scheduler", None),
@@ -195,6 +209,8 @@ def main():
     sample = np.asarray(X[:200_000].compute())
     inits = {kind: initial_parameters(sample, 8, kind) for kind in ("diag", "full")}
     tasks = args.tasks.split(",")
+    if "diag_plain" in tasks and args.scheduler != "processes":
+        parser.error("the task diag_plain needs --scheduler processes")
     results: dict = {}
     for repeat in range(args.repeats):
         for codec, path in copies.items():
@@ -205,12 +221,14 @@ def main():
                         drop_caches()
                     cached = page_cache_mb()
                     load = load_average()
-                    if task == "sum":
-                        out = run_sum(path)
-                    elif task == "sum_all_threads":
-                        out = run_sum(path, 2 * (args.num_workers or dask.system.CPU_COUNT))
-                    else:
-                        out = run_em(path, task, inits[task])
+                    with clients[task].as_current() if clients else contextlib.nullcontext():
+                        if task == "sum":
+                            out = run_sum(path)
+                        elif task == "sum_all_threads":
+                            out = run_sum(path, 2 * (args.num_workers or dask.system.CPU_COUNT))
+                        else:  # diag, full; diag_plain: diag on the plain workers
+                            kind = task.removesuffix("_plain")
+                            out = run_em(path, kind, inits[kind])
                     out["gb_per_s"] = X.nbytes / out["seconds"] / 1e9
                     results.setdefault((codec, task, state), []).append(out)
                     emit(dict(repeat=repeat, codec=codec, task=task, state=state, page_cache_mb_before=round(cached),
@@ -244,8 +262,9 @@ def main():
                         row[f"{task}_over_sum_all_threads"] = round(row[f"{task}_seconds"] / wide, 2)
             row["load_average"] = load_average()
             emit(row)
-    if client is not None:
+    for client in set(clients.values()):
         client.close()
+    for cluster in clusters:
         cluster.close()
     if args.codec_chunks:
         for row in codec_table(args.path, args.codec_chunks):

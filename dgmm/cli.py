@@ -172,6 +172,33 @@ def _worker_summary(client) -> tuple[int, int]:
 LOCAL_WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
+def _local_workers(config) -> dict:
+    """LocalCluster's ``n_workers`` and per-worker threads (and resources) for a ``type: local`` config.
+
+    ``threads_per_worker`` counts compute threads. With ``read_ahead`` (the
+    default) each worker gets as many reading threads again and the
+    :data:`dgmm.passes.COMPUTE_RESOURCE` that caps its kernels
+    (:func:`dgmm.passes.read_ahead_worker_options`). Null sizes are resolved
+    the way LocalCluster resolves them, so read-ahead does not change how many
+    workers there are or how many kernels run at once.
+    """
+    from dask.system import CPU_COUNT
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    from .passes import read_ahead_worker_options
+
+    n_workers, threads = config.n_workers, config.threads_per_worker
+    if not config.read_ahead:
+        return {"n_workers": n_workers, "threads_per_worker": threads}
+    if n_workers is None and threads is None:
+        n_workers, threads = nprocesses_nthreads(CPU_COUNT) if config.processes else (1, CPU_COUNT)
+    elif n_workers is None:
+        n_workers = max(1, CPU_COUNT // threads) if config.processes else 1
+    elif threads is None:
+        threads = max(1, math.ceil(CPU_COUNT / n_workers))
+    return {"n_workers": n_workers, **read_ahead_worker_options(threads)}
+
+
 @contextlib.contextmanager
 def open_cluster(config):
     """Start or attach to the cluster of a :class:`~dgmm.config.ClusterConfig`; yields a Client or None."""
@@ -196,14 +223,16 @@ def open_cluster(config):
             # Worker processes keep glibc's own malloc thresholds (LOCAL_WORKER_ENVIRON).
             with dask.config.set(LOCAL_WORKER_ENVIRON):
                 cluster = stack.enter_context(LocalCluster(
-                    n_workers=config.n_workers, threads_per_worker=config.threads_per_worker,
-                    processes=config.processes, memory_limit=config.memory_limit, protocol="tcp://",
-                    host=config.host, dashboard_address=config.dashboard_address, silence_logs=logging.ERROR,
+                    **_local_workers(config), processes=config.processes, memory_limit=config.memory_limit,
+                    protocol="tcp://", host=config.host, dashboard_address=config.dashboard_address,
+                    silence_logs=logging.ERROR,
                 ))
             client = stack.enter_context(Client(cluster))
             n_workers, n_threads = _worker_summary(client)
             unit = "worker processes" if config.processes else "workers (threads)"
-            description = f"LocalCluster with {n_workers} {unit}, {n_threads} threads"
+            threads = (f"{n_threads // 2} compute + {n_threads // 2} reading threads" if config.read_ahead
+                       else f"{n_threads} threads")
+            description = f"LocalCluster with {n_workers} {unit}, {threads}"
         elif kind == "address":
             _probe_scheduler(config.address, config.timeout)
             try:
@@ -286,20 +315,46 @@ def _jobqueue_cluster(jq, config):
         # so an interrupted fit reports it, leaves its checkpoint and exits with 130.
         signal.signal(signal.SIGINT, previous_sigint)
     cls = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}[jq.system]
-    kwargs = dict(cores=jq.cores, memory=jq.memory, processes=jq.processes or 1,
+    cluster = getattr(dask_jobqueue, cls)(**_jobqueue_kwargs(jq, config.read_ahead))
+    cluster.scale(jobs=jq.jobs)
+    return cluster
+
+
+def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:
+    """dask-jobqueue cluster arguments for a ``cluster.jobqueue`` section.
+
+    With ``read_ahead`` each worker process runs twice its share of ``cores`` in
+    threads and offers that share as :data:`dgmm.passes.COMPUTE_RESOURCE`
+    (``--resources``), while the job still books ``cores`` CPUs from the batch
+    system (Slurm ``job_cpu``, LSF ``ncpus``, PBS ``resource_spec``; SGE books
+    CPUs only through ``job_extra_directives``).
+    """
+    processes = jq.processes or 1
+    kwargs = dict(cores=jq.cores, memory=jq.memory, processes=processes,
                   job_extra_directives=jq.job_extra_directives, job_script_prologue=jq.job_script_prologue,
                   silence_logs="error")
     for name in ("walltime", "queue", "account", "interface", "local_directory", "log_directory"):
         value = getattr(jq, name)
         if value is not None:
             kwargs[name] = value
-    if jq.system == "lsf" and "account" in kwargs:
+    if jq.system in ("lsf", "sge") and "account" in kwargs:
         kwargs["project"] = kwargs.pop("account")
-    if jq.system == "sge" and "account" in kwargs:
-        kwargs["project"] = kwargs.pop("account")
-    cluster = getattr(dask_jobqueue, cls)(**kwargs)
-    cluster.scale(jobs=jq.jobs)
-    return cluster
+    if read_ahead:
+        from .passes import COMPUTE_RESOURCE
+
+        compute = max(1, jq.cores // processes)  # dask-jobqueue: threads per process = int(cores / processes)
+        kwargs["cores"] = 2 * compute * processes
+        kwargs["worker_extra_args"] = ["--resources", f"{COMPUTE_RESOURCE}={compute}"]
+        if jq.system == "slurm":
+            kwargs["job_cpu"] = jq.cores
+        elif jq.system == "lsf":
+            kwargs["ncpus"] = jq.cores
+        elif jq.system == "pbs":
+            from dask.utils import parse_bytes
+            from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
+            kwargs["resource_spec"] = f"select=1:ncpus={jq.cores}:mem={pbs_format_bytes_ceil(parse_bytes(jq.memory))}"
+    return kwargs
 
 
 # ---------------------------------------------------------------------------

@@ -193,12 +193,16 @@ class ClusterConfig:
     ``type`` is one of ``local`` (an embedded LocalCluster, the default),
     ``address`` (an existing scheduler), ``jobqueue`` (dask-jobqueue) or
     ``threads`` (dask's threaded scheduler in this process, no cluster).
-    Giving ``address`` or a ``jobqueue`` section implies the type.
+    Giving ``address`` or a ``jobqueue`` section implies the type. For
+    ``local``, ``threads_per_worker`` counts compute threads (for
+    ``jobqueue``, ``cores``), and with ``read_ahead`` (the default) each worker
+    gets as many threads again that read input chunks while the kernels run.
     """
 
     type: Literal["local", "address", "jobqueue", "threads"] | None = None
     n_workers: int | None = None
     threads_per_worker: int | None = None
+    read_ahead: bool = True
     processes: bool = True
     memory_limit: str | None = "auto"
     host: str = "127.0.0.1"
@@ -222,6 +226,10 @@ class ClusterConfig:
             err("jobqueue", "a jobqueue section (system, cores, memory, ...) is required when cluster.type is 'jobqueue'")
         elif kind != "jobqueue" and self.jobqueue is not None:
             err("jobqueue", f"is only used when cluster.type is 'jobqueue', not {kind!r}")
+        if not self.read_ahead and kind not in ("local", "jobqueue"):
+            err("read_ahead", f"only applies to the workers dgmm starts (cluster.type 'local' or 'jobqueue'), not "
+                              f"{kind!r}; the workers of an existing cluster read ahead when started with dgmm's "
+                              "compute resource (docs/scaling.md, 'Read-ahead on distributed workers')")
         if self.n_workers is not None and self.n_workers < 1:
             err("n_workers", f"must be an int >= 1 or null (sized to the machine), got {self.n_workers}")
         if kind == "local" and self.n_workers is not None and self.n_workers > MAX_LOCAL_WORKERS:
