@@ -14,13 +14,13 @@ alternates between repeats (the shared disk's speed drifts), and ratios are give
   ``LocalCluster`` of one single-threaded worker process per core;
 * ``sum_all_threads`` (optional): the same sum on twice as many threads, as many as a dgmm pass
   uses in all (its compute threads plus as many reading threads: ``dgmm.passes.ReadAheadPool`` on
-  the threaded scheduler; with ``--scheduler processes``, the workers below);
+  the threaded scheduler; with ``--scheduler processes``, on the two-thread workers below);
 * ``diag`` / ``full``: ``dgmm.GaussianMixture(8, covariance_type=..., max_iter=1, tol=0)`` with
   weights, means and precisions given (no initialisation pass: exactly one pass over the data plus
   the M-step; ``n_passes_ == 1`` is checked), timed by its per-iteration callback. With
   ``--scheduler processes`` these run on a second ``LocalCluster`` with workers as the ``dgmm``
-  command starts them: one per core, each with a compute thread and a reading thread
-  (``dgmm.passes.read_ahead_worker_options(1)``);
+  command starts them: one per core, each with two threads (``cluster.read_ahead``,
+  ``dgmm.cli.READ_AHEAD_THREADS_PER_CORE``), so one thread's read overlaps the other's kernel;
 * ``diag_plain`` (``--scheduler processes`` only): the diag iteration on the plain single-threaded
   workers of ``sum``, i.e. without read-ahead (the ``dgmm`` command with ``read_ahead: false``).
 
@@ -187,8 +187,7 @@ def main():
     if args.scheduler == "processes":
         from distributed import Client, LocalCluster
 
-        from dgmm.cli import LOCAL_WORKER_ENVIRON
-        from dgmm.passes import read_ahead_worker_options
+        from dgmm.cli import LOCAL_WORKER_ENVIRON, READ_AHEAD_THREADS_PER_CORE
 
         def local_client(**workers):
             with dask.config.set(LOCAL_WORKER_ENVIRON):  # worker processes as the dgmm command starts them
@@ -197,9 +196,9 @@ def main():
             return Client(cluster, set_as_default=False)
 
         # The sum on plain single-threaded workers; EM (and the wide sum) on workers as the dgmm command
-        # starts them: one compute thread and one reading thread each (dgmm.passes.read_ahead_worker_options).
+        # starts them: two threads per core (cluster.read_ahead), so one thread reads while the other computes.
         plain = local_client(threads_per_worker=1)
-        command = local_client(**read_ahead_worker_options(1))
+        command = local_client(threads_per_worker=READ_AHEAD_THREADS_PER_CORE)
         clients = {task: plain if task in ("sum", "diag_plain") else command for task in args.tasks.split(",")}
     X = da.from_zarr(args.path)
     emit(dict(machine=machine(), argv=vars(args), n_samples=int(X.shape[0]), chunk_rows=int(X.chunks[0][0]),

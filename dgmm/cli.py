@@ -172,20 +172,23 @@ def _worker_summary(client) -> tuple[int, int]:
 LOCAL_WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
-def _local_workers(config) -> dict:
-    """LocalCluster's ``n_workers`` and per-worker threads (and resources) for a ``type: local`` config.
+#: Threads per core of the workers dgmm starts (``cluster.read_ahead``): a worker runs at most
+#: ``nthreads`` tasks at once and each task reads its chunk or computes on it, so with one thread
+#: per core a core idles while its thread waits for the disk or a decompressor. With two, one
+#: thread's read overlaps the other's kernel (docs/scaling.md, "Read-ahead on distributed workers").
+READ_AHEAD_THREADS_PER_CORE = 2
 
-    ``threads_per_worker`` counts compute threads. With ``read_ahead`` (the
-    default) each worker gets as many reading threads again and the
-    :data:`dgmm.passes.COMPUTE_RESOURCE` that caps its kernels
-    (:func:`dgmm.passes.read_ahead_worker_options`). Null sizes are resolved
-    the way LocalCluster resolves them, so read-ahead does not change how many
-    workers there are or how many kernels run at once.
+
+def _local_workers(config) -> dict:
+    """LocalCluster's ``n_workers`` and ``threads_per_worker`` for a ``type: local`` config.
+
+    ``threads_per_worker`` counts cores; with ``read_ahead`` (the default) each
+    worker runs :data:`READ_AHEAD_THREADS_PER_CORE` threads per core. Null sizes
+    are resolved the way LocalCluster resolves them, so read-ahead changes the
+    threads but not the number of workers.
     """
     from dask.system import CPU_COUNT
     from distributed.deploy.utils import nprocesses_nthreads
-
-    from .passes import read_ahead_worker_options
 
     n_workers, threads = config.n_workers, config.threads_per_worker
     if not config.read_ahead:
@@ -196,7 +199,7 @@ def _local_workers(config) -> dict:
         n_workers = max(1, CPU_COUNT // threads) if config.processes else 1
     elif threads is None:
         threads = max(1, math.ceil(CPU_COUNT / n_workers))
-    return {"n_workers": n_workers, **read_ahead_worker_options(threads)}
+    return {"n_workers": n_workers, "threads_per_worker": READ_AHEAD_THREADS_PER_CORE * threads}
 
 
 @contextlib.contextmanager
@@ -230,9 +233,8 @@ def open_cluster(config):
             client = stack.enter_context(Client(cluster))
             n_workers, n_threads = _worker_summary(client)
             unit = "worker processes" if config.processes else "workers (threads)"
-            threads = (f"{n_threads // 2} compute + {n_threads // 2} reading threads" if config.read_ahead
-                       else f"{n_threads} threads")
-            description = f"LocalCluster with {n_workers} {unit}, {threads}"
+            per_core = f" ({READ_AHEAD_THREADS_PER_CORE} per core: read-ahead)" if config.read_ahead else ""
+            description = f"LocalCluster with {n_workers} {unit}, {n_threads} threads{per_core}"
         elif kind == "address":
             _probe_scheduler(config.address, config.timeout)
             try:
@@ -323,11 +325,10 @@ def _jobqueue_cluster(jq, config):
 def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:
     """dask-jobqueue cluster arguments for a ``cluster.jobqueue`` section.
 
-    With ``read_ahead`` each worker process runs twice its share of ``cores`` in
-    threads and offers that share as :data:`dgmm.passes.COMPUTE_RESOURCE`
-    (``--resources``), while the job still books ``cores`` CPUs from the batch
-    system (Slurm ``job_cpu``, LSF ``ncpus``, PBS ``resource_spec``; SGE books
-    CPUs only through ``job_extra_directives``).
+    With ``read_ahead`` each worker process runs :data:`READ_AHEAD_THREADS_PER_CORE`
+    threads per core of its share of ``cores``, while the job still books
+    ``cores`` CPUs from the batch system (Slurm ``job_cpu``, LSF ``ncpus``, PBS
+    ``resource_spec``; SGE books CPUs only through ``job_extra_directives``).
     """
     processes = jq.processes or 1
     kwargs = dict(cores=jq.cores, memory=jq.memory, processes=processes,
@@ -340,11 +341,8 @@ def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:
     if jq.system in ("lsf", "sge") and "account" in kwargs:
         kwargs["project"] = kwargs.pop("account")
     if read_ahead:
-        from .passes import COMPUTE_RESOURCE
-
-        compute = max(1, jq.cores // processes)  # dask-jobqueue: threads per process = int(cores / processes)
-        kwargs["cores"] = 2 * compute * processes
-        kwargs["worker_extra_args"] = ["--resources", f"{COMPUTE_RESOURCE}={compute}"]
+        per_process = max(1, jq.cores // processes)  # dask-jobqueue: threads per process = int(cores / processes)
+        kwargs["cores"] = READ_AHEAD_THREADS_PER_CORE * per_process * processes
         if jq.system == "slurm":
             kwargs["job_cpu"] = jq.cores
         elif jq.system == "lsf":

@@ -165,50 +165,6 @@ def read_ahead_pool(read_keys: frozenset) -> ReadAheadPool | None:
     return None
 
 
-#: Worker resource that counts compute slots for dgmm's chunk kernels on a distributed cluster.
-#: A worker started with ``2t`` threads and ``{COMPUTE_RESOURCE: t}`` runs at most ``t`` kernels
-#: (and reductions) at once and reads input chunks on its other ``t`` threads meanwhile: the
-#: distributed counterpart of :class:`ReadAheadPool`. See :func:`read_ahead_worker_options`.
-COMPUTE_RESOURCE = "dgmm-compute"
-
-
-def read_ahead_worker_options(compute_threads: int) -> dict:
-    """Worker options that give distributed workers read-ahead: ``threads_per_worker`` and ``resources``.
-
-    For ``distributed.LocalCluster(n_workers=..., **read_ahead_worker_options(1))``;
-    the ``dask worker`` command takes the same as ``--nthreads 2 --resources
-    dgmm-compute=1``. Each worker gets twice ``compute_threads`` threads and
-    ``compute_threads`` units of :data:`COMPUTE_RESOURCE`; dgmm's passes
-    reserve one unit per kernel, so input chunks are read while kernels run.
-    """
-    compute_threads = int(compute_threads)
-    if compute_threads < 1:
-        raise ValueError(f"compute_threads must be at least 1, got {compute_threads}")
-    return {"threads_per_worker": 2 * compute_threads, "resources": {COMPUTE_RESOURCE: compute_threads}}
-
-
-def kernel_annotations() -> dict:
-    """Dask annotations for the tasks of a pass that do not read input: ``{}`` or a resource claim.
-
-    A claim of one :data:`COMPUTE_RESOURCE` unit when a distributed client is
-    active and every one of its workers offers that resource (workers set up by
-    :func:`read_ahead_worker_options`); ``{}`` otherwise, since tasks that claim
-    a resource no worker has would wait forever. Other schedulers ignore
-    annotations.
-    """
-    client = _distributed_client()
-    if client is None:
-        return {}
-    try:
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    except Exception:  # noqa: BLE001 - a client that cannot answer: no claim, plain scheduling
-        logger.debug("could not read the workers' resources", exc_info=True)
-        return {}
-    if workers and all(COMPUTE_RESOURCE in (worker.get("resources") or {}) for worker in workers):
-        return {"resources": {COMPUTE_RESOURCE: 1}}
-    return {}
-
-
 class DataPasses:
     """Runs passes over one validated input.
 
@@ -247,7 +203,6 @@ class DataPasses:
                 if self.array is not None:
                     weight_array = da.from_array(sample_weight, chunks=(rows,))
         self.blocks = graph.RowBlocks(self.array, weight_array) if self.array is not None else None
-        self._annotations: dict | None = None
 
     @property
     def in_process(self) -> bool:
@@ -258,18 +213,8 @@ class DataPasses:
     def n_chunks(self) -> int:
         return 1 if self.blocks is None else len(self.blocks)
 
-    def _compute(self, build, *args):
-        """One pass over the blocks: ``build(blocks, *args, split_every)``'s graph, computed.
-
-        The graph's own tasks (kernels, reductions; the input blocks were built
-        before) carry :func:`kernel_annotations`; on dask's threaded scheduler
-        the pass runs on a :class:`ReadAheadPool`.
-        """
+    def _compute(self, lazy):
         self.n_passes += 1
-        if self._annotations is None:  # decided once per fit: one query of the workers
-            self._annotations = kernel_annotations()
-        with dask.annotate(**self._annotations):
-            lazy = build(self.blocks, *args, self.split_every)
         pool = read_ahead_pool(self.blocks.read_keys)
         (result,) = dask.compute(lazy) if pool is None else dask.compute(lazy, pool=pool)
         return result
@@ -279,7 +224,7 @@ class DataPasses:
         if self.in_process:
             self.n_passes += 1
             return chunk.e_step_statistics(self.numpy, batch, self.sample_weight)
-        return self._compute(graph.e_step_statistics, batch)
+        return self._compute(graph.e_step_statistics(self.blocks, batch, self.split_every))
 
     def init_statistics(self, specs, center, covariance_type) -> tuple[chunk.SufficientStatistics, ...]:
         """One pass: statistics of one covariance type under initial responsibilities."""
@@ -294,14 +239,14 @@ class DataPasses:
         if self.in_process:
             self.n_passes += 1
             return chunk_kmeans.init_statistics_chunk(self.numpy, 0, args, self.sample_weight)
-        return self._compute(graph_kmeans.init_statistics, args)
+        return self._compute(graph_kmeans.init_statistics(self.blocks, args, self.split_every))
 
     def _reduce_rows(self, chunk_fn, args, combine):
         """One pass: ``chunk_fn(block, row_start, args, weights)`` of every chunk, tree-reduced by ``combine``."""
         if self.in_process:
             self.n_passes += 1
             return combine(chunk_fn(self.numpy, 0, args, self.sample_weight))
-        return self._compute(graph_kmeans.map_reduce_rows, chunk_fn, args, combine)
+        return self._compute(graph_kmeans.map_reduce_rows(self.blocks, chunk_fn, args, combine, self.split_every))
 
     def kmeans_parallel_round(self, args):
         """One pass: a k-means‖ round (costs, candidate weights, sampled rows) for every restart.
