@@ -46,6 +46,12 @@ FLOAT32_NOTE = (
     " The numerical accuracy can also be improved by passing float64"
     " data instead of float32."
 )
+#: Added when a covariance is not finite: the input is finite (checked), so its squares overflowed.
+OVERFLOW_NOTE = (
+    " Some covariances are not finite: the input's values are too large for float64"
+    " second moments (their squares overflow); scale the input data, e.g. with"
+    " sklearn.preprocessing.StandardScaler."
+)
 
 
 class ChunkParams(NamedTuple):
@@ -216,6 +222,8 @@ def compute_precision_cholesky(covariances: np.ndarray, covariance_type: str, fl
         If a covariance is not positive definite.
     """
     message = PRECISION_ERROR_MESSAGE + (FLOAT32_NOTE if float32_note else "")
+    if not np.all(np.isfinite(covariances)):
+        raise ValueError(message + OVERFLOW_NOTE)
     if covariance_type in ("full", "tied"):
         stack = covariances[None] if covariance_type == "tied" else covariances
         n_features = stack.shape[-1]
@@ -228,7 +236,7 @@ def compute_precision_cholesky(covariances: np.ndarray, covariance_type: str, fl
                 raise ValueError(message) from None
             out[k] = linalg.solve_triangular(cov_chol, eye, lower=True).T
         return out[0] if covariance_type == "tied" else out
-    if np.any(covariances <= 0.0) or not np.all(np.isfinite(covariances)):
+    if np.any(covariances <= 0.0):
         raise ValueError(message)
     return 1.0 / np.sqrt(covariances)
 

@@ -145,3 +145,28 @@ def test_sklearn_raises_where_we_expect_it_to():
         _, error = sklearn_outcome(X, dict(params, covariance_type="full", reg_covar=0.0, random_state=0,
                                            max_iter=20))
         assert isinstance(error, ValueError) and "increase reg_covar" in str(error), scenario
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_input_whose_squares_overflow_gets_an_error_that_says_so(kind):
+    """Finite input above ~1e154. sklearn fails inside scipy for full and tied ("array must not
+    contain infs or NaNs", about an input that has none) and returns NaN covariances for diag and
+    spherical; dgmm raises sklearn's covariance error with the cause and the fix, for all four."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(3000, 3)) * 1e160
+    assert np.all(np.isfinite(X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind in ("full", "tied"):
+            with pytest.raises(ValueError, match="must not contain infs or NaNs"):
+                SkGaussianMixture(3, covariance_type=kind, random_state=0).fit(X)
+        else:
+            assert np.all(np.isnan(SkGaussianMixture(3, covariance_type=kind, random_state=0).fit(X).covariances_))
+        for data, kwargs in ((X, {}), (da.from_array(X, chunks=(700, 3)), {"init_sample_size": 1000})):
+            with pytest.raises(ValueError, match="ill-defined empirical covariance.*squares overflow.*StandardScaler"):
+                GaussianMixture(3, covariance_type=kind, random_state=0, **kwargs).fit(data)
+    # just below the overflow the fit works and matches sklearn, scaled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = GaussianMixture(3, covariance_type=kind, random_state=0).fit(X * 1e-10)
+    assert np.all(np.isfinite(small.covariances_))
