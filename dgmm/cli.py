@@ -158,6 +158,92 @@ def _dashboard(client) -> str:
     return f"dashboard {link}" if link else "no dashboard"
 
 
+#: ``input.persist: auto`` keeps the input in memory when its bytes are at most this fraction of
+#: the memory the computation may use (the workers' memory limits, or this process's).
+PERSIST_FRACTION = 0.25
+
+
+def _cgroup_memory_limit() -> int | None:
+    """The smallest memory limit of this process's cgroups (v1 or v2) and their ancestors, if any."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        elif controllers == "":
+            base, name = "/sys/fs/cgroup", "memory.max"
+        else:
+            continue
+        while True:
+            try:
+                with open(os.path.join(base, path.lstrip("/"), name)) as f:
+                    text = f.read().strip()
+                if text.isdigit():
+                    limits.append(int(text))
+            except OSError:
+                pass
+            if path in ("/", ""):
+                break
+            path = os.path.dirname(path)
+    return min(limits) if limits else None
+
+
+def _local_memory() -> int:
+    """This machine's memory, or less when this process's cgroup says so."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = _cgroup_memory_limit()
+    return min(physical, limit) if limit else physical
+
+
+def _memory_for_data(client, kind: str) -> int | None:
+    """Bytes of memory the computation may use: the workers' limits, or this process's; None if unknown.
+
+    A LocalCluster's workers share this process's cgroup, which distributed's
+    ``memory_limit: auto`` does not look at below the cgroup root, so the
+    smaller of the two counts. A worker without a limit makes a remote
+    cluster's memory unknown.
+    """
+    if client is None:
+        return _local_memory()
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    if kind == "local":
+        local = _local_memory()
+        return min(sum(limit or local for limit in limits), local)
+    return sum(limits) if limits and all(limits) else None
+
+
+def _persist_input(X, client, config):
+    """``X`` persisted (kept in memory after its first read) as ``input.persist`` says, with a report line.
+
+    Only for commands that read the input many times (fit, select).
+    """
+    setting, nbytes = config.input.persist, int(X.nbytes)
+    memory = _memory_for_data(client, config.cluster.kind) if setting == "auto" else None
+    if setting == "auto":
+        keep = memory is not None and nbytes <= PERSIST_FRACTION * memory
+        why = (f"{_gb(nbytes)} of {_gb(memory)} memory" if memory is not None else "memory unknown") + \
+              f"; input.persist: auto keeps data up to {PERSIST_FRACTION:.0%}"
+    else:
+        keep, why = setting, f"input.persist: {str(setting).lower()}"
+    where = "the workers' memory" if client is not None else "memory"
+    if keep:
+        report("persist", f"data: kept in {where} after the first read ({why})", persisted=True, nbytes=nbytes,
+               memory=memory)
+        return X.persist()
+    report("persist", f"data: read from storage on every pass ({why})", persisted=False, nbytes=nbytes,
+           memory=memory)
+    return X
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
 def _worker_summary(client) -> tuple[int, int]:
     nthreads = client.nthreads()
     return len(nthreads), sum(nthreads.values())
@@ -423,8 +509,9 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     gm = GaussianMixture(**config.model.estimator_params(), callbacks=[progress],
                          checkpoint=checkpoint, checkpoint_every=max(out.checkpoint_every, 1))
     started = datetime.datetime.now(datetime.timezone.utc)
-    with open_cluster(config.cluster):
+    with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
+        X = _persist_input(X, client, config)
         try:
             gm.fit(X, resume=resume)
         except KeyboardInterrupt:
@@ -542,8 +629,9 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     params.pop("warm_start", None)
     _generate_synthetic(config)
     X = _open_data(config)
-    with open_cluster(config.cluster):
+    with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
+        X = _persist_input(X, client, config)
         sweep = select(X, n_components=n_components, covariance_types=kinds, criterion=criterion, **params)
         seconds = time.perf_counter() - t0
     lines = [f"{'k':>4} {'type':>10} {'bic':>16} {'aic':>16} {'iter':>5} converged"]

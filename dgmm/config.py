@@ -86,6 +86,7 @@ class InputConfig:
     columns: list[str] | None = None
     storage_options: dict = field(default_factory=dict)
     chunk_rows: int | None = None
+    persist: bool | Literal["auto"] = "auto"
     synthetic: SyntheticConfig | None = None
 
     def _check(self, err):
@@ -571,6 +572,11 @@ def _convert(value, annotation, source: str, key: str):
             if value is None:
                 fail(_describe(non_null[0]))
             return _convert(value, non_null[0], source, key)
+        for option in non_null:  # e.g. bool | Literal["auto"]: the first that takes the value
+            try:
+                return _convert(value, option, source, key)
+            except ConfigError:
+                continue
         fail(" or ".join(_describe(a) for a in options))
     if origin is Literal:
         choices = typing.get_args(annotation)

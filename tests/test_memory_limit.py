@@ -270,3 +270,18 @@ def test_fit_finishes_under_memory_limit_smaller_than_data(tmp_path, memory_cgro
         np.testing.assert_allclose(covariances, true_covariances, atol=0.015)
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_the_command_sees_its_cgroup_memory_limit_and_does_not_keep_larger_data(tmp_path, memory_cgroup):
+    """``input.persist: auto`` compares the data with the memory of this process's own cgroup.
+
+    distributed's ``memory_limit: auto`` reads only the cgroup root, so a LocalCluster inside a
+    smaller cgroup would otherwise count the whole machine and hold data the cgroup cannot.
+    """
+    code = ("import os, sys\n"
+            "open(os.path.join(sys.argv[1], 'cgroup.procs'), 'w').write(str(os.getpid()))\n"
+            "from dgmm.cli import _cgroup_memory_limit, _memory_for_data\n"
+            "print(_cgroup_memory_limit(), _memory_for_data(None, 'threads'))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(memory_cgroup)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert [int(v) for v in out] == [LIMIT_BYTES, LIMIT_BYTES]
