@@ -240,3 +240,27 @@ def test_workers_dying_on_every_attempt_end_the_command_with_a_clear_message(tmp
     assert "may be running out of memory: raise cluster.memory_limit" in error and "--resume' continues" in error
     assert not (tmp_path / "model.npz").exists()
     # (a worker restarting while the cluster shuts down may still log its own heartbeat traceback)
+
+
+def test_input_kept_in_worker_memory_survives_a_killed_worker(client, data, undisturbed):
+    """`dgmm fit`'s input.persist: chunks kept on a worker that dies are read again from the Zarr file."""
+    from distributed import wait
+
+    X = slow_array(data).persist()  # what cli._persist_input does
+    wait(X)
+    held = client.who_has(X)
+    victim = min(client.scheduler_info()["workers"])
+    lost = [key for key, workers in held.items() if list(workers) == [victim]]
+    assert lost, held  # the victim holds chunks no other worker has
+    pids = client.run(os.getpid)
+    killed = []
+
+    def kill_after_second_iteration(info):
+        if info.n_iter == 2:
+            os.kill(pids[victim], signal.SIGKILL)
+            killed.append(info.n_iter)
+
+    gm = GaussianMixture(**KWARGS, callbacks=[kill_after_second_iteration]).fit(X)
+    assert killed == [2]
+    assert_same(gm, undisturbed)
+    wait_for_restarts(client, {victim: pids[victim]}, n_workers=2)
