@@ -195,9 +195,9 @@ class ClusterConfig:
     ``address`` (an existing scheduler), ``jobqueue`` (dask-jobqueue) or
     ``threads`` (dask's threaded scheduler in this process, no cluster).
     Giving ``address`` or a ``jobqueue`` section implies the type. For
-    ``local``, ``threads_per_worker`` counts compute threads (for
-    ``jobqueue``, ``cores``), and with ``read_ahead`` (the default) each worker
-    gets as many threads again that read input chunks while the kernels run.
+    ``local``, ``threads_per_worker`` counts cores (for ``jobqueue``,
+    ``cores``), and with ``read_ahead`` (the default) the workers run two
+    threads per core, so one reads input chunks while the other computes.
     """
 
     type: Literal["local", "address", "jobqueue", "threads"] | None = None
@@ -229,8 +229,8 @@ class ClusterConfig:
             err("jobqueue", f"is only used when cluster.type is 'jobqueue', not {kind!r}")
         if not self.read_ahead and kind not in ("local", "jobqueue"):
             err("read_ahead", f"only applies to the workers dgmm starts (cluster.type 'local' or 'jobqueue'), not "
-                              f"{kind!r}; the workers of an existing cluster read ahead when started with dgmm's "
-                              "compute resource (docs/scaling.md, 'Read-ahead on distributed workers')")
+                              f"{kind!r}; the workers of an existing cluster read ahead when started with --nthreads "
+                              "twice their cores (docs/scaling.md, 'Read-ahead on distributed workers')")
         if self.n_workers is not None and self.n_workers < 1:
             err("n_workers", f"must be an int >= 1 or null (sized to the machine), got {self.n_workers}")
         if kind == "local" and self.n_workers is not None and self.n_workers > MAX_LOCAL_WORKERS:
