@@ -194,10 +194,15 @@ def _cgroup_memory_limit() -> int | None:
 
 
 def _local_memory() -> int:
-    """This machine's memory, or less when this process's cgroup says so."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = _cgroup_memory_limit()
-    return min(physical, limit) if limit else physical
+    """distributed's memory limit for this machine, or less when this process's own cgroup says so.
+
+    (``distributed.system.memory_limit`` takes the machine's memory, the root cgroup's
+    limit and RLIMIT_RSS, but not the limit of a cgroup below the root.)
+    """
+    from distributed.system import memory_limit
+
+    system, limit = memory_limit(), _cgroup_memory_limit()
+    return min(system, limit) if limit else system
 
 
 def _memory_for_data(client, kind: str) -> int | None:
@@ -222,11 +227,14 @@ def _persist_input(X, client, config):
 
     Only for commands that read the input many times (fit, select).
     """
+    from dask.utils import format_bytes
+
     setting, nbytes = config.input.persist, int(X.nbytes)
     memory = _memory_for_data(client, config.cluster.kind) if setting == "auto" else None
     if setting == "auto":
         keep = memory is not None and nbytes <= PERSIST_FRACTION * memory
-        why = (f"{_gb(nbytes)} of {_gb(memory)} memory" if memory is not None else "memory unknown") + \
+        why = (f"{format_bytes(nbytes)} of {format_bytes(memory)} memory" if memory is not None
+               else "memory unknown") + \
               f"; input.persist: auto keeps data up to {PERSIST_FRACTION:.0%}"
     else:
         keep, why = setting, f"input.persist: {str(setting).lower()}"
@@ -238,10 +246,6 @@ def _persist_input(X, client, config):
     report("persist", f"data: read from storage on every pass ({why})", persisted=False, nbytes=nbytes,
            memory=memory)
     return X
-
-
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
 
 
 def _worker_summary(client) -> tuple[int, int]:
