@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._version import __version__
 from .estimator import DegenerateComponentWarning, GaussianMixture, IterationInfo
 from .model_io import from_sklearn, load_model, save_model, to_sklearn
+from .namespace import to_gpu
 from .selection import ModelSelection, select
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "load_model",
     "save_model",
     "select",
+    "to_gpu",
     "to_sklearn",
 ]

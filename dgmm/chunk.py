@@ -33,6 +33,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 from scipy import linalg
 
+from .namespace import array_module, on_device, to_host
+
 CovarianceType = Literal["full", "tied", "diag", "spherical"]
 COVARIANCE_TYPES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
 
@@ -119,19 +121,23 @@ class Workspace:
 
     Allocating multi-megabyte temporaries for every block costs page faults
     (and distributed workers trim freed memory aggressively); one workspace
-    per chunk call reuses them across blocks.
+    per chunk call reuses them across blocks. CuPy arrays are not kept: CuPy's
+    memory pool reuses device memory already.
     """
 
     def __init__(self):
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays: dict[tuple, np.ndarray] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
-        """A contiguous scratch array of ``shape`` and ``dtype`` (contents undefined)."""
+    def get(self, name: str, shape: tuple[int, ...], dtype=np.float64, xp=np) -> np.ndarray:
+        """A contiguous scratch array of ``shape`` and ``dtype`` in library ``xp`` (contents undefined)."""
+        if xp is not np:  # CuPy's memory pool already reuses device buffers; none are held here
+            return xp.empty(shape, dtype=dtype)
         size = math.prod(shape)
         key = (name, np.dtype(dtype).char)
         array = self._arrays.get(key)
         if array is None or array.size < size:
-            array = self._arrays[key] = np.empty(size, dtype=dtype)
+            self._arrays.pop(key, None)  # free the smaller one first (device memory)
+            array = self._arrays[key] = xp.empty(size, dtype=dtype)
         return array[:size].reshape(shape)
 
 
@@ -146,8 +152,8 @@ def _thread_workspace() -> Workspace:
     return work
 
 
-def _scratch(work: Workspace | None, name: str, shape, dtype=np.float64) -> np.ndarray:
-    return np.empty(shape, dtype=dtype) if work is None else work.get(name, shape, dtype)
+def _scratch(work: Workspace | None, name: str, shape, dtype=np.float64, xp=np) -> np.ndarray:
+    return xp.empty(shape, dtype=dtype) if work is None else work.get(name, shape, dtype, xp)
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def log_det_cholesky(precisions_cholesky: np.ndarray, covariance_type: str, n_fe
 EXP_FLUSH_BELOW = -707.0
 
 
-def exp_inplace(a: np.ndarray, work: Workspace | None = None) -> np.ndarray:
+def exp_inplace(a: np.ndarray, work: Workspace | None = None, xp=np) -> np.ndarray:
     """``np.exp(a, out=a)`` for arguments <= 0, with results below 1e-307 flushed to 0.
 
     NumPy's vectorised float64 exp sends every element below about -707.70
@@ -300,10 +306,11 @@ def exp_inplace(a: np.ndarray, work: Workspace | None = None) -> np.ndarray:
     holds the row's maximum term exp(0) = 1, so the flushed values (< 1e-307)
     do not change any sum, log-likelihood or statistic beyond those of a
     component whose every responsibility is below 1e-307. NaN and inf pass
-    through as in ``np.exp``; other dtypes use ``np.exp`` unchanged.
+    through as in ``np.exp``; other dtypes, and CuPy arrays (no slow path on
+    the GPU), use ``exp`` unchanged.
     """
-    if a.dtype != np.float64:
-        return np.exp(a, out=a)
+    if a.dtype != np.float64 or xp is not np:
+        return xp.exp(a, out=a)
     low = np.less(a, EXP_FLUSH_BELOW, out=_scratch(work, "exp_low", a.shape, np.bool_))
     if not low.any():
         return np.exp(a, out=a)
@@ -314,11 +321,12 @@ def exp_inplace(a: np.ndarray, work: Workspace | None = None) -> np.ndarray:
 
 
 def logsumexp_rows(a: np.ndarray) -> np.ndarray:
-    """Row-wise log Σ exp, safe for rows of -inf."""
+    """Row-wise log Σ exp, safe for rows of -inf (NumPy or CuPy)."""
+    xp = array_module(a)
     amax = a.max(axis=1)
-    amax = np.where(np.isfinite(amax), amax, 0.0)
+    amax = xp.where(xp.isfinite(amax), amax, 0.0)
     with np.errstate(divide="ignore"):
-        return np.log(exp_inplace(a - amax[:, None]).sum(axis=1)) + amax
+        return xp.log(exp_inplace(a - amax[:, None], xp=xp).sum(axis=1)) + amax
 
 
 def center_rows(X: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -346,25 +354,27 @@ def weighted_log_prob(X: np.ndarray, params: ChunkParams) -> np.ndarray:
 
     Computed in float64 with the E-step's products (:class:`_BatchPlan`);
     the result is the transpose of a components-major array, so row-wise
-    reductions (log-sum-exp, argmax) over it stay fast.
+    reductions (log-sum-exp, argmax) over it stay fast. A CuPy chunk gives
+    a CuPy result (computed on its device).
     """
-    X = np.asarray(X)
+    xp = array_module(X)
+    X = xp.asarray(X)
     n = X.shape[0]
-    plan = _BatchPlan((params,), X.shape[1], np.float64)
-    out = np.empty((plan.n_total, n))
+    plan = _BatchPlan((params,), X.shape[1], np.float64, xp)
+    out = xp.empty((plan.n_total, n))
     work = _thread_workspace()
     with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
-        for start in range(0, n, plan.rows):
-            stop = min(start + plan.rows, n)
+        for start, stop in plan.blocks(n):
             _log_prob_block(X[start:stop], plan, work, out[:, start:stop])
     return out.T
 
 
 def count_nonfinite_rows(X: np.ndarray) -> int:
-    """Number of rows holding NaN or infinity."""
+    """Number of rows holding NaN or infinity (NumPy or CuPy)."""
     if X.dtype.kind != "f":
         return 0
-    return int(X.shape[0] - np.count_nonzero(np.isfinite(X).all(axis=1)))
+    xp = array_module(X)
+    return int(X.shape[0] - int(xp.count_nonzero(xp.isfinite(X).all(axis=1))))
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +464,11 @@ BLOCK_ELEMENTS = 2**19
 # (``bench/README.md``, "Where the time goes").
 
 
+#: Elements of the largest per-block temporary on a GPU (CuPy chunks): 2**27, 1 GiB of float64.
+#: GPU kernels need large blocks to amortise their launches; the CPU's cache blocks would be launch-bound.
+GPU_BLOCK_ELEMENTS = 2**27
+
+
 def block_rows(n_components: int, n_features: int) -> int:
     """Rows per cache block for a mixture (or a batch) with this many components."""
     return int(max(64, BLOCK_ELEMENTS // max(1, n_components * n_features)))
@@ -481,10 +496,19 @@ class _BatchPlan:
 
     Statistics relative to ``c₀`` are moved to each member's own centre and
     shifts in float64 at the end of the chunk.
+
+    The plan is built on the host (small parameter arrays, NumPy/SciPy); with
+    ``xp`` CuPy the arrays the block kernels read are copied to the device
+    once per chunk and blocks are GPU-sized (``GPU_BLOCK_ELEMENTS``).
     """
 
-    def __init__(self, batch: tuple[ChunkParams, ...], n_features: int, input_dtype):
+    def blocks(self, n: int):
+        """(start, stop) of the row blocks of an ``n``-row chunk."""
+        return _plan_blocks(self, n)
+
+    def __init__(self, batch: tuple[ChunkParams, ...], n_features: int, input_dtype, xp=np):
         d = n_features
+        self.xp = xp
         self.batch = batch
         self.n_features = d
         self.center = np.asarray(batch[0].center, dtype=np.float64)
@@ -576,7 +600,53 @@ class _BatchPlan:
             self.tied_terms.append((m, U, mu_u, const[:, None]))
 
         largest = max(self.n_total + self.width, (self.n_full * d) if self.full else 0)
-        self.rows = int(max(64, BLOCK_ELEMENTS // max(1, largest)))
+        budget = BLOCK_ELEMENTS if xp is np else GPU_BLOCK_ELEMENTS
+        self.rows = int(max(64, budget // max(1, largest)))
+        #: Layout of the whitened residuals: (rows, Σk, d) on the CPU (one GEMM [1 | y] @ A, then
+        #: per-row norms with rows outermost), (Σk, d, rows) on the GPU (one GEMM Aᵀ [1 | y]ᵀ whose
+        #: per-component blocks feed the batched GEMM of Σ r z zᵀ without a transposing copy).
+        self.z_features_major = bool(self.full) and _features_major_z(xp)
+        #: float32 products in the GPU layout are summed over sub-blocks of this many rows (a batch
+        #: dimension of the GEMMs), the sub-block sums in float64, as the CPU's float32 blocks are.
+        self.sub_rows = None
+        if self.z_features_major and self.full_dtype == np.float32:
+            self.sub_rows = FLOAT32_SUB_BLOCK_ROWS
+            self.rows = max(self.sub_rows, self.rows // self.sub_rows * self.sub_rows)
+
+        # What the block kernels read, in the chunk's library (the same objects for NumPy).
+        self.center_x = on_device(xp, self.center)
+        self.W_x = on_device(xp, self.W)
+        if self.full:
+            self.A_x = on_device(xp, self.A)
+            if self.z_features_major:
+                self.AT_x = on_device(xp, np.ascontiguousarray(self.A.T))
+            self.full_const_x = on_device(xp, self.full_const)
+            self.full_ref_x = on_device(xp, self.full_ref)
+        self.tied_terms_x = [
+            (m, on_device(xp, U), on_device(xp, mu_u), on_device(xp, const)) for m, U, mu_u, const in self.tied_terms
+        ]
+
+
+def _plan_blocks(plan, n: int):
+    """(start, stop) of the row blocks of an ``n``-row chunk: ``plan.rows`` each, and with sub-blocks
+    (``plan.sub_rows``) every block a whole number of sub-blocks or shorter than one."""
+    step, sub = plan.rows, plan.sub_rows
+    start = 0
+    while start < n:
+        stop = min(start + step, n)
+        if sub and stop - start > sub and (stop - start) % sub:
+            stop = start + (stop - start) // sub * sub
+        yield start, stop
+        start = stop
+
+
+#: Rows per float32 sum in the GPU layout (:attr:`_BatchPlan.sub_rows`); sums across them are float64.
+FLOAT32_SUB_BLOCK_ROWS = 4096
+
+
+def _features_major_z(xp) -> bool:
+    """Whether blocks hold the whitened residuals as (Σk, d, rows): on GPUs (any library but NumPy)."""
+    return xp is not np
 
 
 def _triangular_inverses(factors: np.ndarray) -> np.ndarray:
@@ -599,24 +669,35 @@ def _triangular_inverses(factors: np.ndarray) -> np.ndarray:
 
 
 class _BatchSums:
-    """Per-chunk float64 accumulators of a batch, relative to the plan's ``c₀``."""
+    """Per-chunk float64 accumulators of a batch, relative to the plan's ``c₀``.
+
+    They live in the chunk's library (on the GPU for CuPy chunks) while blocks
+    are added; :meth:`finish` brings them to the host.
+    """
 
     def __init__(self, plan: _BatchPlan):
         d = plan.n_features
+        xp = plan.xp
         self.plan = plan
-        self.G = np.zeros((plan.n_total, plan.width))  # Σ r [1, y, y²]
-        self.M = np.zeros((plan.n_full, d, d)) if plan.full else None  # Σ r z zᵀ
-        self.yy = np.zeros((d, d)) if plan.tied else None  # Σ w y yᵀ
+        self.G = xp.zeros((plan.n_total, plan.width))  # Σ r [1, y, y²]
+        self.M = xp.zeros((plan.n_full, d, d)) if plan.full else None  # Σ r z zᵀ
+        self.yy = xp.zeros((d, d)) if plan.tied else None  # Σ w y yᵀ
         # Σ log p(x) per softmax group (plan.softmax_groups), in the plan's member order.
-        self.group_log_likelihood = [np.zeros(len(members)) for members in plan.softmax_groups]
+        self.group_log_likelihood = [xp.zeros(len(members)) for members in plan.softmax_groups]
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """After the last block: every member's Σ log p(x) (batch order) and Σ w [1, y].
 
-        The column sums are read off G: the responsibilities of any one member sum to 1 on
-        every row, so its rows of Σ r [1, y] add up to Σ w [1, y].
+        Moves the accumulators to the host (float64 NumPy). The column sums are read off G:
+        the responsibilities of any one member sum to 1 on every row, so its rows of
+        Σ r [1, y] add up to Σ w [1, y].
         """
         plan = self.plan
+        if plan.xp is not np:
+            self.G = to_host(self.G)
+            self.M = None if self.M is None else to_host(self.M)
+            self.yy = None if self.yy is None else to_host(self.yy)
+            self.group_log_likelihood = [to_host(acc) for acc in self.group_log_likelihood]
         if plan.head_only:  # Σ r (x - c̃) → Σ r (x - c₀)
             self.G[:, 1:] += self.G[:, :1] * (plan.full_ref - plan.center)
         log_likelihood = np.zeros(len(plan.batch))
@@ -636,19 +717,20 @@ def _softmax_rows(
     only handled with ``guard`` (the chunk is redone with it when its
     log-likelihood comes out non-finite).
     """
+    xp = plan.xp
     n = L.shape[1]
     for (start, stop, size), acc in zip(plan.softmax_layout, sums.group_log_likelihood):
         L3 = L[start:stop].reshape(-1, size, n)
         amax = L3.max(axis=1, keepdims=True)
-        if guard and not np.isfinite(amax).all():
-            amax = np.where(np.isfinite(amax), amax, 0.0)
+        if guard and not bool(xp.isfinite(amax).all()):
+            amax = xp.where(xp.isfinite(amax), amax, 0.0)
         L3 -= amax
-        exp_inplace(L3, work)
+        exp_inplace(L3, work, xp)
         total = L3.sum(axis=1, keepdims=True)
         L3 *= 1.0 / total
-        log_norm = np.log(total[:, 0, :], out=total[:, 0, :])
+        log_norm = xp.log(total[:, 0, :], out=total[:, 0, :])
         log_norm += amax[:, 0, :]  # (members, rows)
-        acc += log_norm.sum(axis=1) if sample_weight is None else np.dot(log_norm, sample_weight)
+        acc += log_norm.sum(axis=1) if sample_weight is None else xp.dot(log_norm, sample_weight)
 
 
 def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndarray):
@@ -658,71 +740,115 @@ def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndar
     for full members, the whitened
     residuals ``z`` (rows, Σ k_full, d) for the statistics.
     """
+    xp = plan.xp
     n, d = X.shape
     if plan.head_only:
         F = y = None
     else:
         # Features-major (width, rows): contiguous writes here and contiguous row sums later.
-        F = _scratch(work, "features", (plan.width, n))
+        F = _scratch(work, "features", (plan.width, n), np.float64, xp)
         F[0] = 1.0
-        np.subtract(X.T, plan.center[:, None], out=F[1 : d + 1], dtype=np.float64, casting="unsafe")
+        xp.subtract(X.T, plan.center_x[:, None], out=F[1 : d + 1], dtype=np.float64, casting="unsafe")
         y = F[1 : d + 1].T
     if plan.expanded:
-        np.multiply(F[1 : d + 1], F[1 : d + 1], out=F[d + 1 :])
-        np.matmul(plan.W.T, F, out=L[plan.expanded_rows])
+        xp.multiply(F[1 : d + 1], F[1 : d + 1], out=F[d + 1 :])
+        xp.matmul(plan.W_x.T, F, out=L[plan.expanded_rows])
     z3 = None
-    if plan.full:
+    if plan.full and plan.z_features_major:
+        if plan.full_dtype == np.float64 and plan.full_ref is plan.center:
+            head_t = F[: d + 1]
+        else:
+            head_t = _scratch(work, "features32", (d + 1, n), plan.full_dtype, xp)
+            head_t[0] = 1.0
+            xp.subtract(X.T, plan.full_ref_x[:, None], out=head_t[1:], dtype=plan.full_dtype, casting="unsafe")
+        head = head_t.T
+        # Sub-blocks of m rows: z as (S, Σk, d, m), one batched GEMM Aᵀ [1 | y]ᵀ per sub-block.
+        m = plan.sub_rows if plan.sub_rows and n > plan.sub_rows else n
+        S = n // m
+        z4 = xp.matmul(
+            plan.AT_x[None],
+            head_t.reshape(d + 1, S, m).transpose(1, 0, 2),
+            out=_scratch(work, "z", (S, plan.A.shape[1], m), plan.full_dtype, xp),
+        ).reshape(S, plan.n_full, d, m)
+        z3 = z4
+        out = L[plan.full_rows]
+        quad = (z4 * z4).sum(axis=2)  # (S, Σk, m) → (Σk, rows): a small copy; `out` may be a strided view
+        xp.multiply(quad.transpose(1, 0, 2).reshape(plan.n_full, n), -0.5, out=out, casting="unsafe")
+        out += plan.full_const_x
+    elif plan.full:
         if plan.full_dtype == np.float64 and plan.full_ref is plan.center:
             head = F[: d + 1].T
         else:
-            head = _scratch(work, "features32", (n, d + 1), plan.full_dtype)
+            head = _scratch(work, "features32", (n, d + 1), plan.full_dtype, xp)
             head[:, 0] = 1.0
-            np.subtract(X, plan.full_ref, out=head[:, 1:], dtype=plan.full_dtype, casting="unsafe")
-        z = np.matmul(head, plan.A, out=_scratch(work, "z", (n, plan.A.shape[1]), plan.full_dtype))
+            xp.subtract(X, plan.full_ref_x, out=head[:, 1:], dtype=plan.full_dtype, casting="unsafe")
+        z = xp.matmul(head, plan.A_x, out=_scratch(work, "z", (n, plan.A.shape[1]), plan.full_dtype, xp))
         z3 = z.reshape(n, plan.n_full, d)
         # Σ_d z² per (row, component) (einsum is fast only with rows outermost), then components-major.
-        quad = np.einsum("nkd,nkd->nk", z3, z3, out=_scratch(work, "quad", (n, plan.n_full), plan.full_dtype))
+        quad = _squared_norms(z3, _scratch(work, "quad", (n, plan.n_full), plan.full_dtype, xp), xp)
         out = L[plan.full_rows]
-        np.multiply(quad.T, -0.5, out=out, casting="unsafe")
-        out += plan.full_const
-    for m, U, mu_u, const in plan.tied_terms:
+        xp.multiply(quad.T, -0.5, out=out, casting="unsafe")
+        out += plan.full_const_x
+    for m, U, mu_u, const in plan.tied_terms_x:
         t = y @ U
         out = L[plan.slices[m]]
-        np.matmul(mu_u, t.T, out=out)
-        out -= 0.5 * np.einsum("ij,ij->i", t, t)
+        xp.matmul(mu_u, t.T, out=out)
+        out -= 0.5 * xp.einsum("ij,ij->i", t, t)
         out += const
     return (head if plan.head_only else F), z3
+
+
+def _squared_norms(z3: np.ndarray, out: np.ndarray, xp) -> np.ndarray:
+    """``out[n, k] = Σ_d z3[n, k, d]²``: NumPy's einsum writes into ``out``; CuPy's einsum takes no ``out``."""
+    if xp is np:
+        return np.einsum("nkd,nkd->nk", z3, z3, out=out)
+    return xp.einsum("nkd,nkd->nk", z3, z3)
 
 
 def _accumulate_block(
     X: np.ndarray, plan: _BatchPlan, sums: _BatchSums, work: Workspace, sample_weight, guard: bool = False
 ) -> None:
+    xp = plan.xp
     n, d = X.shape
-    L = _scratch(work, "log_prob", (plan.n_total, n))
+    L = _scratch(work, "log_prob", (plan.n_total, n), np.float64, xp)
     F, z3 = _log_prob_block(X, plan, work, L)
     _softmax_rows(L, plan, sums, sample_weight, work, guard)
     if plan.head_only:
         # float32 'full' batch: F is the float32 head [1 | y - c̃] (rows, d + 1); the block's Σ r [1, y]
         # and the √r scaling come from float32 responsibilities (summed across blocks in float64).
-        r = L if sample_weight is None else np.multiply(L, sample_weight, out=_scratch(work, "weighted", L.shape))
-        r32 = _scratch(work, "resp32", L.shape, np.float32)
-        np.copyto(r32, r, casting="same_kind")
-        sums.G += np.dot(r32, F)
-        scale = np.sqrt(r32, out=r32).T
+        r = L
+        if sample_weight is not None:
+            r = xp.multiply(L, sample_weight, out=_scratch(work, "weighted", L.shape, np.float64, xp))
+        r32 = _scratch(work, "resp32", L.shape, np.float32, xp)
+        xp.copyto(r32, r, casting="same_kind")
+        if plan.sub_rows:  # GPU-sized blocks: Σ r [1, y] in float64 (a small GEMM next to the residuals')
+            sums.G += xp.dot(r, F.astype(np.float64))
+        else:
+            sums.G += xp.dot(r32, F)
+        scale = xp.sqrt(r32, out=r32)
     else:
-        Fw = F if sample_weight is None else np.multiply(F, sample_weight, out=_scratch(work, "weighted", F.shape))
-        sums.G += np.dot(L, Fw.T)  # np.dot, not @: see the note above block_rows
+        Fw = F
+        if sample_weight is not None:
+            Fw = xp.multiply(F, sample_weight, out=_scratch(work, "weighted", F.shape, np.float64, xp))
+        sums.G += xp.dot(L, Fw.T)  # np.dot, not @: see the note above block_rows
         if plan.tied:
-            sums.yy += np.dot(F[1 : d + 1], Fw[1 : d + 1].T)
+            sums.yy += xp.dot(F[1 : d + 1], Fw[1 : d + 1].T)
         scale = None
         if plan.full:
             r = L[plan.full_rows]
             if sample_weight is not None:
                 r = r * sample_weight
-            scale = np.sqrt(r.T).astype(plan.full_dtype, copy=False)
-    if scale is not None:  # Σ r z zᵀ of the full members: √r-scaled residuals, one batched GEMM
-        z3 *= scale[:, :, None]
-        sums.M += np.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
+            scale = xp.sqrt(r).astype(plan.full_dtype, copy=False)
+    if scale is None:
+        return
+    # Σ r z zᵀ of the full members: √r-scaled residuals (scale: (Σk, rows)), one batched GEMM.
+    if plan.z_features_major:  # z3: (S, Σk, d, m); Σ over the S sub-blocks in float64
+        S, m = z3.shape[0], z3.shape[3]
+        z3 *= scale.reshape(plan.n_full, S, m).transpose(1, 0, 2)[:, :, None, :]
+        sums.M += xp.matmul(z3, z3.transpose(0, 1, 3, 2)).sum(axis=0, dtype=np.float64)
+    else:
+        z3 *= scale.T[:, :, None]
+        sums.M += xp.matmul(z3.transpose(1, 2, 0), z3.transpose(1, 0, 2))
 
 
 def _member_statistics(
@@ -790,9 +916,14 @@ def e_step_statistics(
     sums across blocks are float64 (float32 input to 'full' mixtures runs the
     per-block products in float32, shifted).
 
+    A CuPy chunk is computed on its GPU with the same code (the chunk's array
+    library, :func:`array_module`, supplies every function); the statistics
+    come back as float64 NumPy arrays either way.
+
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
+        NumPy or CuPy array.
     batch : tuple of ChunkParams
     sample_weight : ndarray of shape (n_samples,), default=None
 
@@ -802,19 +933,20 @@ def e_step_statistics(
     """
     if not batch:
         return ()
-    X = np.asarray(X)
+    xp = array_module(X)
+    X = xp.asarray(X)
     n, d = X.shape
     if sample_weight is not None:
-        sample_weight = np.asarray(sample_weight, dtype=np.float64)
-    plan = _BatchPlan(tuple(batch), d, X.dtype)
+        sample_weight = xp.asarray(sample_weight, dtype=np.float64)
+    plan = _BatchPlan(tuple(batch), d, X.dtype, xp)
     work = _thread_workspace()
     with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
         n_nonfinite = 0
         for guard in (False, True):
             sums = _BatchSums(plan)
-            for start in range(0, n, plan.rows):
-                weight = None if sample_weight is None else sample_weight[start : start + plan.rows]
-                _accumulate_block(X[start : start + plan.rows], plan, sums, work, weight, guard)
+            for start, stop in plan.blocks(n):
+                weight = None if sample_weight is None else sample_weight[start:stop]
+                _accumulate_block(X[start:stop], plan, sums, work, weight, guard)
             log_likelihood, column_sums = sums.finish()
             if np.isfinite(log_likelihood).all():
                 break

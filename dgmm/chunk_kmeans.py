@@ -55,7 +55,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import sparse
 
-from .chunk import SufficientStatistics, combine_statistics, count_nonfinite_rows, init_statistics
+from .chunk import SufficientStatistics, combine_statistics, count_nonfinite_rows, init_statistics, to_host
 
 #: Rows per cache block of the distance kernel.
 DISTANCE_BLOCK_ROWS = 4096
@@ -212,6 +212,8 @@ def _nonfinite_rows(X: np.ndarray, column_sums: np.ndarray) -> int:
 class _Rows:
     """One chunk as every pass starts: float64 rows, weights, and rows centred on each origin once.
 
+    The initialisation passes run on the host: a CuPy (GPU) chunk is copied back first.
+
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
@@ -219,10 +221,11 @@ class _Rows:
     """
 
     def __init__(self, X: np.ndarray, sample_weight: np.ndarray | None = None):
+        X = to_host(X)
         self._X = X
         self.x = np.asarray(X, dtype=np.float64)
         self.n_samples = int(self.x.shape[0])
-        self.weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.weights = None if sample_weight is None else np.asarray(to_host(sample_weight), dtype=np.float64)
         self.total_weight = float(self.n_samples) if self.weights is None else float(self.weights.sum())
         #: Rows holding NaN or infinity (known after the first :meth:`centred`).
         self.n_nonfinite = 0
@@ -1007,6 +1010,8 @@ def init_statistics_chunk(
     tuple (one per group) of tuple (one per spec) of SufficientStatistics
         Merge with :func:`dgmm.chunk.combine_statistics`.
     """
+    X = to_host(X)  # initial statistics run on the host (a GPU chunk is copied back)
+    sample_weight = None if sample_weight is None else to_host(sample_weight)
     return tuple(
         init_statistics(X, row_start, tuple(specs), args.center, kind, sample_weight) for kind, specs in args.groups
     )

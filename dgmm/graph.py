@@ -117,7 +117,8 @@ def _checked(X, block_info=None):
     bad = chunk.count_nonfinite_rows(X)
     if bad:
         start = block_info[0]["array-location"][0][0] if block_info and 0 in block_info else 0
-        first = start + int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
+        xp = chunk.array_module(X)
+        first = start + int(xp.flatnonzero(~xp.isfinite(X).all(axis=1))[0])
         raise ValueError(
             f"Input X contains NaN or infinity: {bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} "
             f"have non-finite values (first at row {first}). Remove or impute them before predicting."
@@ -135,7 +136,7 @@ def _predict_chunk(X, params, block_info=None):
 
 def _predict_proba_chunk(X, params, block_info=None):
     _, log_resp = chunk.log_prob_resp(_checked(X, block_info), params)
-    return np.exp(log_resp)
+    return chunk.array_module(log_resp).exp(log_resp)
 
 
 def _shared(params):
@@ -143,27 +144,36 @@ def _shared(params):
     return dask.delayed(params, pure=True)
 
 
+def _meta(X: da.Array, shape: tuple[int, ...], dtype):
+    """An empty array of X's chunk library (NumPy, or CuPy for GPU-backed arrays): the outputs' meta."""
+    try:
+        xp = chunk.array_module(X._meta)
+    except TypeError:
+        xp = np
+    return xp.empty(shape, dtype)
+
+
 def score_samples(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
-    """Lazy per-row log-likelihood, a dask array with X's row chunks."""
+    """Lazy per-row log-likelihood, a dask array with X's row chunks (and chunk library)."""
     out = X.map_blocks(
-        _score_samples_chunk, _shared(params), drop_axis=1, dtype=np.float64, meta=np.empty((0,), np.float64)
+        _score_samples_chunk, _shared(params), drop_axis=1, dtype=np.float64, meta=_meta(X, (0,), np.float64)
     )
     return out.astype(dtype)
 
 
 def predict(X: da.Array, params: chunk.ChunkParams) -> da.Array:
-    """Lazy labels, a dask array of int64 with X's row chunks."""
-    return X.map_blocks(_predict_chunk, _shared(params), drop_axis=1, dtype=np.int64, meta=np.empty((0,), np.int64))
+    """Lazy labels, a dask array of int64 with X's row chunks (and chunk library)."""
+    return X.map_blocks(_predict_chunk, _shared(params), drop_axis=1, dtype=np.int64, meta=_meta(X, (0,), np.int64))
 
 
 def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
-    """Lazy responsibilities, a dask array (n_samples, n_components) with X's row chunks."""
+    """Lazy responsibilities, a dask array (n_samples, n_components) with X's row chunks (and chunk library)."""
     k = params.means.shape[0]
     out = X.map_blocks(
         _predict_proba_chunk,
         _shared(params),
         chunks=(X.chunks[0], (k,)),
         dtype=np.float64,
-        meta=np.empty((0, 0), np.float64),
+        meta=_meta(X, (0, 0), np.float64),
     )
     return out.astype(dtype)

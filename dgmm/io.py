@@ -38,6 +38,7 @@ import dask.array as da
 import numpy as np
 
 from ._version import __version__
+from .namespace import to_host
 
 __all__ = [
     "COMPRESSORS",
@@ -413,6 +414,13 @@ def _regular_rows(array: da.Array, rows: int) -> da.Array:
     return array.rechunk({0: rows})
 
 
+def _host_chunks(array: da.Array) -> da.Array:
+    """``array`` with NumPy chunks (GPU-backed arrays' chunks are copied to the host as they are written)."""
+    if isinstance(array._meta, np.ndarray):
+        return array
+    return array.map_blocks(to_host, dtype=array.dtype, meta=np.empty((0,) * array.ndim, array.dtype))
+
+
 def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
                 column_names: Mapping[str, Sequence[str]] | None = None, storage_options: Mapping | None = None,
                 overwrite: bool = False, attributes: Mapping | None = None, compressor: str = "default") -> dict:
@@ -466,6 +474,7 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     if len(n_rows) != 1:
         raise ValueError(f"arrays to write must have the same number of rows, got {sorted(n_rows)}")
     (n_samples,) = n_rows
+    arrays = {name: _host_chunks(array) for name, array in arrays.items()}
     fs, root = _filesystem(path, storage_options)
     if fs.exists(root) and not overwrite:
         raise FileExistsError(f"{path} exists; allow overwriting or choose another path")

@@ -269,14 +269,14 @@ class DataPasses:
         """The first ``n_rows`` rows as a NumPy array (reads the first chunks only)."""
         if self.numpy is not None:
             return np.asarray(self.numpy[:n_rows])
-        return np.asarray(self.array[:n_rows].compute())
+        return chunk.to_host(self.array[:n_rows].compute())
 
     def tail(self, n_rows: int) -> np.ndarray:
         """The last ``n_rows`` rows as a NumPy array (reads the last chunks only)."""
         start = max(self.n_samples - n_rows, 0)
         if self.numpy is not None:
             return np.asarray(self.numpy[start:])
-        return np.asarray(self.array[start:].compute())
+        return chunk.to_host(self.array[start:].compute())
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Rows at global ``indices`` (any order, repeats allowed) as a NumPy array."""
@@ -284,7 +284,7 @@ class DataPasses:
         if self.numpy is not None:
             return np.asarray(self.numpy[indices])
         unique, inverse = np.unique(indices, return_inverse=True)
-        return np.asarray(self.array[unique].compute())[inverse.reshape(-1)]
+        return chunk.to_host(self.array[unique].compute())[inverse.reshape(-1)]
 
     def weighted_rows(self, fractions) -> np.ndarray:
         """Rows drawn with probability ∝ weight, one per fraction in [0, 1) (uniformly when unweighted).
@@ -324,7 +324,7 @@ class DataPasses:
         inputs follow exactly the same random stream as sklearn.
         """
         if size >= self.n_samples:
-            return (self.numpy if self.numpy is not None else np.asarray(self.array.compute())), None
+            return (self.numpy if self.numpy is not None else chunk.to_host(self.array.compute())), None
         rng = np.random.default_rng(random_state.randint(np.iinfo(np.int32).max))
         indices = np.sort(rng.choice(self.n_samples, size=size, replace=False))
         return self.rows(indices), indices
