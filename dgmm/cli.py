@@ -222,6 +222,15 @@ def _memory_for_data(client, kind: str) -> int | None:
     return sum(limits) if limits and all(limits) else None
 
 
+def _gpu_memory(client, kind: str) -> int | None:
+    """Bytes of GPU memory for ``input.device: gpu``: this process's device for kind threads, else None (unknown)."""
+    if client is not None or kind != "threads":
+        return None
+    import cupy
+
+    return int(cupy.cuda.Device().mem_info[1])
+
+
 def _persist_input(X, client, config):
     """``X`` persisted (kept in memory after its first read) as ``input.persist`` says, with a report line.
 
@@ -230,15 +239,17 @@ def _persist_input(X, client, config):
     from dask.utils import format_bytes
 
     setting, nbytes = config.input.persist, int(X.nbytes)
-    memory = _memory_for_data(client, config.cluster.kind) if setting == "auto" else None
+    gpu = config.input.device == "gpu"  # then auto weighs the data against GPU memory, where it would be kept
+    memory = None
     if setting == "auto":
+        memory = (_gpu_memory if gpu else _memory_for_data)(client, config.cluster.kind)
         keep = memory is not None and nbytes <= PERSIST_FRACTION * memory
-        why = (f"{format_bytes(nbytes)} of {format_bytes(memory)} memory" if memory is not None
-               else "memory unknown") + \
+        why = (f"{format_bytes(nbytes)} of {format_bytes(memory)} {'GPU ' if gpu else ''}memory" if memory is not None
+               else f"{'GPU ' if gpu else ''}memory unknown") + \
               f"; input.persist: auto keeps data up to {PERSIST_FRACTION:.0%}"
     else:
         keep, why = setting, f"input.persist: {str(setting).lower()}"
-    where = "the workers' memory" if client is not None else "memory"
+    where = ("the workers' " if client is not None else "") + ("GPU memory" if gpu else "memory")
     if keep:
         report("persist", f"data: kept in {where} after the first read ({why})", persisted=True, nbytes=nbytes,
                memory=memory)
@@ -459,6 +470,11 @@ def _open_data(config: Config):
     report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features, {X.numblocks[0]} chunks, "
                    f"{X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
            n_chunks=X.numblocks[0], dtype=str(X.dtype))
+    if inp.device == "gpu":
+        from .namespace import to_gpu
+
+        X = to_gpu(X)
+        report("device", "data: chunks move to the GPU as they are read (input.device: gpu)", device="gpu")
     return X
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import types
@@ -78,7 +79,10 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class InputConfig:
-    """Where the data is: a Zarr array (v2 or v3), a Parquet file or directory, or a ``.npy`` file."""
+    """Where the data is: a Zarr array (v2 or v3), a Parquet file or directory, or a ``.npy`` file.
+
+    ``device: gpu`` moves every chunk to the GPU (CuPy) as it is read: the E-step kernels run there.
+    """
 
     path: str = REQUIRED
     format: Literal["auto", "zarr", "parquet", "npy"] = "auto"
@@ -87,6 +91,7 @@ class InputConfig:
     storage_options: dict = field(default_factory=dict)
     chunk_rows: int | None = None
     persist: bool | Literal["auto"] = "auto"
+    device: Literal["cpu", "gpu"] = "cpu"
     synthetic: SyntheticConfig | None = None
 
     def _check(self, err):
@@ -107,6 +112,9 @@ class InputConfig:
             err("synthetic", "writes a local Zarr array; input.path must be a local path")
         if self.synthetic is None and not is_url(self.path) and self.path and not os.path.exists(self.path):
             err("path", f"{self.path} does not exist")
+        if self.device == "gpu" and importlib.util.find_spec("cupy") is None:
+            err("device", "gpu needs CuPy in this environment: install dgmm[gpu] (or the cupy-cudaXXx wheel "
+                          "of your CUDA), or use device: cpu")
 
     def resolved_format(self) -> str:
         """``format``, or the format implied by the path's suffix ('auto' when there is none)."""

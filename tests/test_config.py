@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -150,7 +151,12 @@ def test_checkpoint_lives_beside_the_model():
 def test_example_configs_are_valid(name, tmp_path):
     data = tmp_path / ("data.parquet" if "parquet" in name else "data.zarr")
     data.mkdir()
-    config = load_config(CONFIGS / name, [f"input.path={data}"] if "s3" not in name else [])
+    overrides = [f"input.path={data}"] if "s3" not in name else []
+    if name == "gpu.yaml" and importlib.util.find_spec("cupy") is None:
+        with pytest.raises(ConfigError, match=r"input\.device: gpu needs CuPy .*dgmm\[gpu\]"):
+            load_config(CONFIGS / name, overrides)
+        overrides.append("input.device=cpu")  # the rest of the file must be valid all the same
+    config = load_config(CONFIGS / name, overrides)
     assert config.source.endswith(name)
     if name == "slurm.yaml":
         assert config.cluster.kind == "jobqueue" and config.cluster.jobqueue.system == "slurm"

@@ -118,3 +118,31 @@ def test_gpu_fit_on_the_distributed_scheduler_equals_threads():
     for name in FITTED:
         np.testing.assert_allclose(getattr(dist, name), getattr(threads, name), rtol=1e-5, err_msg=name)
 
+
+@pytest.mark.parametrize("persist", ["auto", False])
+def test_dgmm_fit_with_input_device_gpu_gives_the_cpu_model(tmp_path, persist):
+    from cli_helpers import json_lines, run_dgmm, write_config
+
+    from dgmm import load_model
+
+    np.save(tmp_path / "x.npy", make_mixture(120_000, 6, seed=5))
+    models = {}
+    for device in ("cpu", "gpu"):
+        config = write_config(tmp_path / f"{device}.yaml", {
+            "input": {"path": str(tmp_path / "x.npy"), "device": device, "persist": persist, "chunk_rows": 30_000},
+            "model": {"n_components": 3, "random_state": 0, "tol": 1e-6, "max_iter": 30},
+            "cluster": {"type": "threads"},
+            "output": {"model": str(tmp_path / f"{device}.npz"), "checkpoint_every": 0},
+        })
+        result = run_dgmm("fit", config, "--log-format", "json", timeout=300)
+        assert result.returncode == 0, result.stderr
+        events = json_lines(result.stdout)
+        if device == "gpu":
+            assert any(e.get("event") == "device" for e in events)
+            (kept,) = [e for e in events if e.get("event") == "persist"]
+            assert kept["persisted"] is (persist == "auto"), kept
+            assert ("GPU memory" in kept["message"]) is (persist == "auto"), kept
+        models[device] = load_model(tmp_path / f"{device}.npz")
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(models["gpu"], name), getattr(models["cpu"], name), rtol=1e-6,
+                                   atol=1e-6 * np.abs(getattr(models["cpu"], name)).max(), err_msg=name)

@@ -108,3 +108,18 @@ def test_lazy_outputs_keep_numpy_meta_and_writers_get_numpy_chunks():
     assert io._host_chunks(labels) is labels  # NumPy-backed arrays pass through unchanged
     np.testing.assert_array_equal(labels.compute(), model.predict(X.compute()))
 
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_dgmm_fit_with_device_gpu_but_no_cupy_is_a_config_error(tmp_path):
+    from cli_helpers import run_dgmm, write_config
+
+    np.save(tmp_path / "x.npy", make_mixture(300, 3))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "device": "gpu"},
+        "model": {"n_components": 2},
+        "output": {"model": str(tmp_path / "m.npz")},
+    })
+    result = run_dgmm("fit", config, timeout=120)
+    assert result.returncode != 0
+    assert "input.device" in result.stderr and "dgmm[gpu]" in result.stderr, result.stderr
+    assert not (tmp_path / "m.npz").exists()
