@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 9's device check, one run on a GPU machine from the repository root:
+#   GPU-vs-CPU tests (tests/test_gpu.py, tests/test_namespace.py), then bench/bench_gpu.py
+#   (arguments are passed on to it), then bench/profile_gpu_block.py.
+# Logs and the JSON results go to $OUT (default /tmp/dgmm-gpu-check). Wheels in .whl/ are
+# installed into /tmp/site first, when that folder exists: for a machine with Python 3.12,
+# CuPy, NumPy, SciPy but no network and none of dgmm's other dependencies, made beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl dask distributed zarr numcodecs donfig google-crc32c array-api-compat partd locket \
+#     tblib zict tornado scikit-learn
+# (versions as in bench/README.md, "GPU: CuPy-backed chunks").
+set -u
+OUT=${OUT:-/tmp/dgmm-gpu-check}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 - <<'PY' | tee "$OUT/versions.txt"
+import os, numpy, scipy, sklearn, cupy, dask, distributed, zarr, dgmm
+print({m.__name__: m.__version__ for m in (numpy, scipy, sklearn, cupy, dask, distributed, zarr, dgmm)}, "cpus", os.cpu_count())
+PY
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
+    tests/test_gpu.py tests/test_namespace.py 2>&1 | tee "$OUT/pytest.log"
+timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_gpu.py --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+timeout "${PROFILE_TIMEOUT:-60}" python3 bench/profile_gpu_block.py 2>&1 | tee "$OUT/profile.log"
