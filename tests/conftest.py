@@ -25,6 +25,26 @@ def make_mixture(n_samples=600, n_features=3, offset=0.0, seed=0):
     return X + offset
 
 
+def mixture_batch(X, kinds, rng, n_components=3):
+    """One mixture per covariance type of ``kinds`` for X (ChunkParams): rows of X as means, its covariance."""
+    from dgmm import chunk
+
+    batch = []
+    d = X.shape[1]
+    for kind in kinds:
+        k = n_components
+        means = X[rng.choice(len(X), k, replace=False)].astype(np.float64)
+        cov = {
+            "full": np.stack([np.cov(X.T) + 0.1 * np.eye(d)] * k),
+            "tied": np.cov(X.T) + 0.1 * np.eye(d),
+            "diag": np.tile(X.var(axis=0), (k, 1)),
+            "spherical": np.full(k, X.var()),
+        }[kind]
+        prec = chunk.compute_precision_cholesky(cov, kind)
+        batch.append(chunk.chunk_params(np.full(k, 1 / k), means, prec, kind, input_dtype=X.dtype))
+    return tuple(batch)
+
+
 #: The fitted parameters that a resumed or re-run fit must reproduce.
 FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 

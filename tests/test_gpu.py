@@ -12,7 +12,7 @@ import pytest
 
 from dgmm import GaussianMixture, chunk, to_gpu
 from dgmm.io import write_predictions
-from conftest import COVARIANCE_TYPES, make_mixture
+from conftest import COVARIANCE_TYPES, make_mixture, mixture_batch
 
 cupy = pytest.importorskip("cupy")
 try:
@@ -27,23 +27,6 @@ RTOL = {np.float64: 1e-6, np.float32: 1e-4}
 FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
 
-def _batch(X, kinds, rng):
-    out = []
-    d = X.shape[1]
-    for kind in kinds:
-        k = 3
-        means = X[rng.choice(len(X), k, replace=False)].astype(np.float64)
-        cov = {
-            "full": np.stack([np.cov(X.T) + 0.1 * np.eye(d)] * k),
-            "tied": np.cov(X.T) + 0.1 * np.eye(d),
-            "diag": np.tile(X.var(axis=0), (k, 1)),
-            "spherical": np.full(k, X.var()),
-        }[kind]
-        prec = chunk.compute_precision_cholesky(cov, kind)
-        out.append(chunk.chunk_params(np.full(k, 1 / k), means, prec, kind, input_dtype=X.dtype))
-    return tuple(out)
-
-
 @pytest.mark.parametrize("kinds", [COVARIANCE_TYPES, ("full",), ("diag",)])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -51,7 +34,7 @@ def test_e_step_statistics_on_gpu_equal_cpu(dtype, weighted, kinds):
     rng = np.random.default_rng(0)
     X = make_mixture(300_000, 6, offset=20.0, seed=1).astype(dtype)
     weight = rng.uniform(0.5, 2.0, len(X)) if weighted else None
-    batch = _batch(X, kinds, rng)
+    batch = mixture_batch(X, kinds, rng)
     cpu = chunk.e_step_statistics(X, batch, weight)
     gpu = chunk.e_step_statistics(cupy.asarray(X), batch, None if weight is None else cupy.asarray(weight))
     rtol = 1e-9 if dtype == np.float64 else 1e-5

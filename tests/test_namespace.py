@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dgmm import GaussianMixture, chunk, graph, io, namespace
-from conftest import COVARIANCE_TYPES, make_mixture
+from conftest import COVARIANCE_TYPES, make_mixture, mixture_batch
 
 
 def test_array_module_of_numpy_inputs_is_numpy():
@@ -52,22 +52,6 @@ def test_workspace_reuses_numpy_buffers_and_grows():
     assert work.get("x", (2, 2), np.float32).dtype == np.float32
 
 
-def _random_batch(X, rng, kinds):
-    batch = []
-    for kind in kinds:
-        k, d = 3, X.shape[1]
-        means = X[rng.choice(len(X), k, replace=False)]
-        cov = {
-            "full": np.stack([np.cov(X.T) + 0.1 * np.eye(d)] * k),
-            "tied": np.cov(X.T) + 0.1 * np.eye(d),
-            "diag": np.tile(X.var(axis=0), (k, 1)),
-            "spherical": np.full(k, X.var()),
-        }[kind]
-        prec = chunk.compute_precision_cholesky(cov, kind)
-        batch.append(chunk.chunk_params(np.full(k, 1 / k), means, prec, kind, input_dtype=X.dtype))
-    return tuple(batch)
-
-
 @pytest.mark.parametrize("kinds", [COVARIANCE_TYPES, ("full",)])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -77,7 +61,7 @@ def test_gpu_blocks_and_layout_give_the_same_statistics(monkeypatch, dtype, weig
     rng = np.random.default_rng(3)
     X = make_mixture(60_000, 4, offset=50.0, seed=3).astype(dtype)
     weight = rng.uniform(0.5, 2.0, size=len(X)) if weighted else None
-    batch = _random_batch(X, rng, kinds)
+    batch = mixture_batch(X, kinds, rng)
     small = chunk.e_step_statistics(X, batch, weight)
     plan = chunk._BatchPlan(batch, 4, X.dtype)
     assert plan.rows < len(X) and not plan.z_features_major  # the CPU splits the chunk into blocks
