@@ -603,8 +603,9 @@ class _BatchPlan:
         budget = BLOCK_ELEMENTS if xp is np else GPU_BLOCK_ELEMENTS
         self.rows = int(max(64, budget // max(1, largest)))
         #: Layout of the whitened residuals: (rows, Σk, d) on the CPU (one GEMM [1 | y] @ A, then
-        #: per-row norms with rows outermost), (Σk, d, rows) on the GPU (one GEMM Aᵀ [1 | y]ᵀ whose
-        #: per-component blocks feed the batched GEMM of Σ r z zᵀ without a transposing copy).
+        #: per-row norms with rows outermost), (sub-blocks, Σk, d, rows of a sub-block) on the GPU (one
+        #: batched GEMM Aᵀ [1 | y]ᵀ whose per-component blocks feed the batched GEMM of Σ r z zᵀ without
+        #: a transposing copy; one sub-block of all the block's rows for float64).
         self.z_features_major = bool(self.full) and _features_major_z(xp)
         #: float32 products in the GPU layout are summed over sub-blocks of this many rows (a batch
         #: dimension of the GEMMs), the sub-block sums in float64, as the CPU's float32 blocks are.
@@ -645,7 +646,7 @@ FLOAT32_SUB_BLOCK_ROWS = 4096
 
 
 def _features_major_z(xp) -> bool:
-    """Whether blocks hold the whitened residuals as (Σk, d, rows): on GPUs (any library but NumPy)."""
+    """Whether blocks hold the whitened residuals components-major, (sub-blocks, Σk, d, rows): on GPUs."""
     return xp is not np
 
 
