@@ -40,6 +40,7 @@ from .init import InitRequest, initial_statistics
 from .passes import DataPasses, auto_chunk_rows, nonfinite_error, single_threaded_blas
 from .validation import (
     check_input,
+    is_gpu_array,
     check_means,
     check_n_samples,
     check_precisions,
@@ -48,6 +49,11 @@ from .validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _like_input(X, result):
+    """A lazy per-row ``result`` as the caller expects it: computed (a CuPy array) for a CuPy array X."""
+    return result.compute() if is_gpu_array(X) else result
 
 
 class DegenerateComponentWarning(UserWarning):
@@ -885,9 +891,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         Returns
         -------
-        labels : ndarray of shape (n_samples,), or a lazy dask array for lazy input.
+        labels : ndarray of shape (n_samples,), or a lazy dask array for lazy input
+            (a CuPy array for a CuPy array).
         """
-        return self._predict_validated(self._validated(X))
+        return _like_input(X, self._predict_validated(self._validated(X)))
 
     def predict_proba(self, X):
         """Posterior probability of each component given each row.
@@ -899,7 +906,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Xv = self._validated(X)
         params = self._chunk_params()
         if isinstance(Xv, da.Array):
-            return graph.predict_proba(Xv, params, Xv.dtype)
+            return _like_input(X, graph.predict_proba(Xv, params, Xv.dtype))
         return self._map_numpy(Xv, lambda b: np.exp(chunk.log_prob_resp(b, params)[1])).astype(Xv.dtype, copy=False)
 
     def score_samples(self, X):
@@ -912,7 +919,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Xv = self._validated(X)
         params = self._chunk_params()
         if isinstance(Xv, da.Array):
-            return graph.score_samples(Xv, params, Xv.dtype)
+            return _like_input(X, graph.score_samples(Xv, params, Xv.dtype))
         return self._map_numpy(Xv, lambda b: chunk.logsumexp_rows(chunk.weighted_log_prob(b, params))).astype(
             Xv.dtype, copy=False
         )

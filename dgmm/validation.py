@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 
+import array_api_compat
 import dask
 import dask.array as da
 import numpy as np
@@ -19,9 +20,18 @@ from sklearn.utils.validation import validate_data
 FLOAT_DTYPES = (np.float64, np.float32)
 
 
+#: A CuPy array given to fit is cut into chunks of about this many elements (256 MiB of float32).
+GPU_CHUNK_ELEMENTS = 2**26
+
+
+def is_gpu_array(X) -> bool:
+    """True for CuPy arrays (held in GPU memory)."""
+    return array_api_compat.is_cupy_array(X)
+
+
 def is_lazy_input(X) -> bool:
-    """True for inputs dgmm keeps lazy: dask arrays/DataFrames and Zarr arrays."""
-    if isinstance(X, da.Array):
+    """True for inputs dgmm handles as dask arrays: dask arrays/DataFrames, Zarr arrays and CuPy arrays."""
+    if isinstance(X, da.Array) or is_gpu_array(X):
         return True
     module = type(X).__module__ or ""
     return module.startswith("zarr") or module.startswith("dask.dataframe") or module.startswith("dask_expr")
@@ -31,6 +41,10 @@ def _to_dask_array(X) -> da.Array:
     module = type(X).__module__ or ""
     if isinstance(X, da.Array):
         return X
+    if is_gpu_array(X):  # GPU-sized chunks of the CuPy array (views: nothing is copied)
+        width = int(np.prod(X.shape[1:])) if X.ndim > 1 else 1
+        rows = max(1, GPU_CHUNK_ELEMENTS // max(width, 1))
+        return da.from_array(X, chunks=(rows, *X.shape[1:]), asarray=False)
     if module.startswith("zarr"):
         return da.from_zarr(X)
     if hasattr(X, "to_dask_array"):

@@ -129,3 +129,47 @@ def test_dgmm_fit_with_input_device_gpu_gives_the_cpu_model(tmp_path, persist):
     for name in FITTED:
         np.testing.assert_allclose(getattr(models["gpu"], name), getattr(models["cpu"], name), rtol=1e-6,
                                    atol=1e-6 * np.abs(getattr(models["cpu"], name)).max(), err_msg=name)
+
+
+def test_fit_on_a_cupy_array_equals_numpy_and_predicts_cupy_arrays():
+    X = make_mixture(150_000, 6, seed=6)
+    X_gpu = cupy.asarray(X)
+    kwargs = dict(n_components=3, covariance_type="full", random_state=0, max_iter=20, tol=1e-6)
+    cpu = GaussianMixture(**kwargs).fit(X)
+    gpu = GaussianMixture(**kwargs).fit(X_gpu)
+    for name in FITTED:
+        got, want = getattr(gpu, name), getattr(cpu, name)
+        assert type(got) is np.ndarray, name
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=name)
+    labels = gpu.predict(X_gpu)
+    assert isinstance(labels, cupy.ndarray)
+    np.testing.assert_array_equal(labels.get(), gpu.predict(X))
+    proba = gpu.predict_proba(X_gpu)
+    assert isinstance(proba, cupy.ndarray) and proba.shape == (len(X), 3)
+    np.testing.assert_allclose(proba.get(), gpu.predict_proba(X), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(gpu.score_samples(X_gpu).get(), gpu.score_samples(X), rtol=1e-9)
+
+
+def test_partial_fit_on_gpu_batches_equals_cpu():
+    X = make_mixture(60_000, 4, seed=7)
+    cpu, gpu = GaussianMixture(3, random_state=0), GaussianMixture(3, random_state=0)
+    for start in range(0, len(X), 20_000):
+        batch = da.from_array(X[start : start + 20_000], chunks=(10_000, 4))
+        cpu.partial_fit(batch)
+        gpu.partial_fit(to_gpu(batch))
+    for name in FITTED:
+        want = getattr(cpu, name)
+        np.testing.assert_allclose(getattr(gpu, name), want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=name)
+
+
+def test_select_on_gpu_input_equals_cpu():
+    from dgmm import select
+
+    X = da.from_array(make_mixture(40_000, 3, seed=8), chunks=(10_000, 3))
+    grid = dict(n_components=range(1, 5), covariance_types=("full", "diag"), random_state=0, max_iter=30)
+    cpu, gpu = select(X, **grid), select(to_gpu(X), **grid)
+    assert [(r["n_components"], r["covariance_type"]) for r in gpu.results] == [
+        (r["n_components"], r["covariance_type"]) for r in cpu.results
+    ]
+    np.testing.assert_allclose([r["bic"] for r in gpu.results], [r["bic"] for r in cpu.results], rtol=1e-6)
+    assert gpu.best_estimator.get_params()["n_components"] == cpu.best_estimator.get_params()["n_components"]
