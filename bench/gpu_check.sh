@@ -2,8 +2,8 @@
 # Issue 9's device check, one run on a GPU machine from the repository root:
 #   GPU-vs-CPU tests (tests/test_gpu.py, tests/test_namespace.py), then bench/bench_gpu.py
 #   (arguments are passed on to it), then bench/profile_gpu_block.py.
-# Logs and the JSON results go to $OUT (default /tmp/dgmm-gpu-check). Wheels in .whl/ are
-# installed into /tmp/site first, when that folder exists: for a machine with Python 3.12,
+# Logs and the JSON results go to $OUT (default bench/results/gpu-check, git-ignored). Wheels in
+# .whl/ are installed into build/gpu-site (git-ignored) first, when that folder exists: for a machine with Python 3.12,
 # CuPy, NumPy, SciPy but no network and none of dgmm's other dependencies, made beforehand with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -11,12 +11,13 @@
 #     tblib zict tornado scikit-learn
 # (versions as in bench/README.md, "GPU: CuPy-backed chunks").
 set -u
-OUT=${OUT:-/tmp/dgmm-gpu-check}
+OUT=${OUT:-$PWD/bench/results/gpu-check}
+SITE=$PWD/build/gpu-site
 mkdir -p "$OUT"
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
         || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
