@@ -121,23 +121,20 @@ class Workspace:
 
     Allocating multi-megabyte temporaries for every block costs page faults
     (and distributed workers trim freed memory aggressively); one workspace
-    per chunk call reuses them across blocks. CuPy arrays are not kept: CuPy's
-    memory pool reuses device memory already.
+    per chunk call reuses them across blocks. NumPy arrays only: for CuPy
+    chunks, CuPy's memory pool reuses device memory already (:func:`_scratch`).
     """
 
     def __init__(self):
-        self._arrays: dict[tuple, np.ndarray] = {}
+        self._arrays: dict[str, np.ndarray] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype=np.float64, xp=np) -> np.ndarray:
-        """A contiguous scratch array of ``shape`` and ``dtype`` in library ``xp`` (contents undefined)."""
-        if xp is not np:  # CuPy's memory pool already reuses device buffers; none are held here
-            return xp.empty(shape, dtype=dtype)
+    def get(self, name: str, shape: tuple[int, ...], dtype=np.float64) -> np.ndarray:
+        """A contiguous scratch array of ``shape`` and ``dtype`` (contents undefined)."""
         size = math.prod(shape)
         key = (name, np.dtype(dtype).char)
         array = self._arrays.get(key)
         if array is None or array.size < size:
-            self._arrays.pop(key, None)  # free the smaller one first (device memory)
-            array = self._arrays[key] = xp.empty(size, dtype=dtype)
+            array = self._arrays[key] = np.empty(size, dtype=dtype)
         return array[:size].reshape(shape)
 
 
@@ -153,7 +150,8 @@ def _thread_workspace() -> Workspace:
 
 
 def _scratch(work: Workspace | None, name: str, shape, dtype=np.float64, xp=np) -> np.ndarray:
-    return xp.empty(shape, dtype=dtype) if work is None else work.get(name, shape, dtype, xp)
+    """Scratch memory in library ``xp``: from ``work`` for NumPy, a fresh (pooled) array otherwise."""
+    return work.get(name, shape, dtype) if work is not None and xp is np else xp.empty(shape, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +291,7 @@ def log_det_cholesky(precisions_cholesky: np.ndarray, covariance_type: str, n_fe
 EXP_FLUSH_BELOW = -707.0
 
 
-def exp_inplace(a: np.ndarray, work: Workspace | None = None, xp=np) -> np.ndarray:
+def exp_inplace(a: np.ndarray, work: Workspace | None = None) -> np.ndarray:
     """``np.exp(a, out=a)`` for arguments <= 0, with results below 1e-307 flushed to 0.
 
     NumPy's vectorised float64 exp sends every element below about -707.70
@@ -309,8 +307,8 @@ def exp_inplace(a: np.ndarray, work: Workspace | None = None, xp=np) -> np.ndarr
     through as in ``np.exp``; other dtypes, and CuPy arrays (no slow path on
     the GPU), use ``exp`` unchanged.
     """
-    if a.dtype != np.float64 or xp is not np:
-        return xp.exp(a, out=a)
+    if a.dtype != np.float64 or not isinstance(a, np.ndarray):
+        return array_module(a).exp(a, out=a)
     low = np.less(a, EXP_FLUSH_BELOW, out=_scratch(work, "exp_low", a.shape, np.bool_))
     if not low.any():
         return np.exp(a, out=a)
@@ -326,7 +324,7 @@ def logsumexp_rows(a: np.ndarray) -> np.ndarray:
     amax = a.max(axis=1)
     amax = xp.where(xp.isfinite(amax), amax, 0.0)
     with np.errstate(divide="ignore"):
-        return xp.log(exp_inplace(a - amax[:, None], xp=xp).sum(axis=1)) + amax
+        return xp.log(exp_inplace(a - amax[:, None]).sum(axis=1)) + amax
 
 
 def center_rows(X: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -618,7 +616,6 @@ class _BatchPlan:
         self.center_x = on_device(xp, self.center)
         self.W_x = on_device(xp, self.W)
         if self.full:
-            self.A_x = on_device(xp, self.A)
             if self.z_features_major:
                 self.AT_x = on_device(xp, np.ascontiguousarray(self.A.T))
             self.full_const_x = on_device(xp, self.full_const)
@@ -726,7 +723,7 @@ def _softmax_rows(
         if guard and not bool(xp.isfinite(amax).all()):
             amax = xp.where(xp.isfinite(amax), amax, 0.0)
         L3 -= amax
-        exp_inplace(L3, work, xp)
+        exp_inplace(L3, work)
         total = L3.sum(axis=1, keepdims=True)
         L3 *= 1.0 / total
         log_norm = xp.log(total[:, 0, :], out=total[:, 0, :])
@@ -776,20 +773,20 @@ def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndar
         quad = (z4 * z4).sum(axis=2)  # (S, Σk, m) → (Σk, rows): a small copy; `out` may be a strided view
         xp.multiply(quad.transpose(1, 0, 2).reshape(plan.n_full, n), -0.5, out=out, casting="unsafe")
         out += plan.full_const_x
-    elif plan.full:
+    elif plan.full:  # the CPU layout (rows, Σk, d): NumPy chunks only (see _BatchPlan.z_features_major)
         if plan.full_dtype == np.float64 and plan.full_ref is plan.center:
             head = F[: d + 1].T
         else:
-            head = _scratch(work, "features32", (n, d + 1), plan.full_dtype, xp)
+            head = _scratch(work, "features32", (n, d + 1), plan.full_dtype)
             head[:, 0] = 1.0
-            xp.subtract(X, plan.full_ref_x, out=head[:, 1:], dtype=plan.full_dtype, casting="unsafe")
-        z = xp.matmul(head, plan.A_x, out=_scratch(work, "z", (n, plan.A.shape[1]), plan.full_dtype, xp))
+            np.subtract(X, plan.full_ref, out=head[:, 1:], dtype=plan.full_dtype, casting="unsafe")
+        z = np.matmul(head, plan.A, out=_scratch(work, "z", (n, plan.A.shape[1]), plan.full_dtype))
         z3 = z.reshape(n, plan.n_full, d)
         # Σ_d z² per (row, component) (einsum is fast only with rows outermost), then components-major.
-        quad = _squared_norms(z3, _scratch(work, "quad", (n, plan.n_full), plan.full_dtype, xp), xp)
+        quad = np.einsum("nkd,nkd->nk", z3, z3, out=_scratch(work, "quad", (n, plan.n_full), plan.full_dtype))
         out = L[plan.full_rows]
-        xp.multiply(quad.T, -0.5, out=out, casting="unsafe")
-        out += plan.full_const_x
+        np.multiply(quad.T, -0.5, out=out, casting="unsafe")
+        out += plan.full_const
     for m, U, mu_u, const in plan.tied_terms_x:
         t = y @ U
         out = L[plan.slices[m]]
@@ -797,13 +794,6 @@ def _log_prob_block(X: np.ndarray, plan: _BatchPlan, work: Workspace, L: np.ndar
         out -= 0.5 * xp.einsum("ij,ij->i", t, t)
         out += const
     return (head if plan.head_only else F), z3
-
-
-def _squared_norms(z3: np.ndarray, out: np.ndarray, xp) -> np.ndarray:
-    """``out[n, k] = Σ_d z3[n, k, d]²``: NumPy's einsum writes into ``out``; CuPy's einsum takes no ``out``."""
-    if xp is np:
-        return np.einsum("nkd,nkd->nk", z3, z3, out=out)
-    return xp.einsum("nkd,nkd->nk", z3, z3)
 
 
 def _accumulate_block(

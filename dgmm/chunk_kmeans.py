@@ -55,7 +55,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import sparse
 
-from .chunk import SufficientStatistics, combine_statistics, count_nonfinite_rows, init_statistics, to_host
+from .chunk import SufficientStatistics, combine_statistics, count_nonfinite_rows, init_statistics
+from .namespace import to_host
 
 #: Rows per cache block of the distance kernel.
 DISTANCE_BLOCK_ROWS = 4096

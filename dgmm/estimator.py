@@ -37,10 +37,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .init import InitRequest, initial_statistics
+from .namespace import is_gpu_array
 from .passes import DataPasses, auto_chunk_rows, nonfinite_error, single_threaded_blas
 from .validation import (
     check_input,
-    is_gpu_array,
     check_means,
     check_n_samples,
     check_precisions,

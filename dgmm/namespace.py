@@ -13,7 +13,7 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 
-__all__ = ["array_module", "on_device", "to_gpu", "to_host"]
+__all__ = ["array_module", "is_gpu_array", "on_device", "to_gpu", "to_host"]
 
 
 def array_module(x):
@@ -33,7 +33,7 @@ def array_module(x):
     """
     if isinstance(x, (np.ndarray, np.generic)):
         return np
-    if array_api_compat.is_cupy_array(x):
+    if is_gpu_array(x):
         import cupy
 
         return cupy
@@ -52,11 +52,16 @@ def array_module(x):
     )
 
 
+def is_gpu_array(x) -> bool:
+    """True for CuPy arrays (held in GPU memory); never imports CuPy."""
+    return array_api_compat.is_cupy_array(x)
+
+
 def to_host(x) -> np.ndarray:
     """``x`` as a NumPy array (a copy from the device for CuPy arrays; NumPy arrays unchanged)."""
     if isinstance(x, np.ndarray):
         return x
-    if array_api_compat.is_cupy_array(x):
+    if is_gpu_array(x):
         return x.get()
     return np.asarray(x)
 

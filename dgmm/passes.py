@@ -21,6 +21,7 @@ import dask.array as da
 import numpy as np
 
 from . import chunk, chunk_kmeans, graph, graph_kmeans
+from .namespace import to_host
 
 logger = logging.getLogger(__name__)
 
@@ -269,14 +270,14 @@ class DataPasses:
         """The first ``n_rows`` rows as a NumPy array (reads the first chunks only)."""
         if self.numpy is not None:
             return np.asarray(self.numpy[:n_rows])
-        return chunk.to_host(self.array[:n_rows].compute())
+        return to_host(self.array[:n_rows].compute())
 
     def tail(self, n_rows: int) -> np.ndarray:
         """The last ``n_rows`` rows as a NumPy array (reads the last chunks only)."""
         start = max(self.n_samples - n_rows, 0)
         if self.numpy is not None:
             return np.asarray(self.numpy[start:])
-        return chunk.to_host(self.array[start:].compute())
+        return to_host(self.array[start:].compute())
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Rows at global ``indices`` (any order, repeats allowed) as a NumPy array."""
@@ -284,7 +285,7 @@ class DataPasses:
         if self.numpy is not None:
             return np.asarray(self.numpy[indices])
         unique, inverse = np.unique(indices, return_inverse=True)
-        return chunk.to_host(self.array[unique].compute())[inverse.reshape(-1)]
+        return to_host(self.array[unique].compute())[inverse.reshape(-1)]
 
     def weighted_rows(self, fractions) -> np.ndarray:
         """Rows drawn with probability ∝ weight, one per fraction in [0, 1) (uniformly when unweighted).
@@ -324,7 +325,7 @@ class DataPasses:
         inputs follow exactly the same random stream as sklearn.
         """
         if size >= self.n_samples:
-            return (self.numpy if self.numpy is not None else chunk.to_host(self.array.compute())), None
+            return (self.numpy if self.numpy is not None else to_host(self.array.compute())), None
         rng = np.random.default_rng(random_state.randint(np.iinfo(np.int32).max))
         indices = np.sort(rng.choice(self.n_samples, size=size, replace=False))
         return self.rows(indices), indices

@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import numbers
 
-import array_api_compat
 import dask
 import dask.array as da
 import numpy as np
 from sklearn.utils import check_array
 from sklearn.utils.validation import validate_data
 
+from .namespace import is_gpu_array
+
 FLOAT_DTYPES = (np.float64, np.float32)
 
 
 #: A CuPy array given to fit is cut into chunks of about this many elements (256 MiB of float32).
 GPU_CHUNK_ELEMENTS = 2**26
-
-
-def is_gpu_array(X) -> bool:
-    """True for CuPy arrays (held in GPU memory)."""
-    return array_api_compat.is_cupy_array(X)
 
 
 def is_lazy_input(X) -> bool:

@@ -29,6 +29,7 @@ def test_array_module_refuses_other_array_libraries():
 
 def test_to_host_and_on_device_leave_numpy_alone():
     x = np.arange(6.0).reshape(3, 2)
+    assert not namespace.is_gpu_array(x) and not namespace.is_gpu_array(da.from_array(x))
     assert namespace.to_host(x) is x
     assert namespace.on_device(np, x) is x
     assert namespace.on_device(np, None) is None
