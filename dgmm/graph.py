@@ -17,6 +17,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from . import chunk
+from .namespace import array_module
 
 DEFAULT_SPLIT_EVERY = 8
 
@@ -117,7 +118,7 @@ def _checked(X, block_info=None):
     bad = chunk.count_nonfinite_rows(X)
     if bad:
         start = block_info[0]["array-location"][0][0] if block_info and 0 in block_info else 0
-        xp = chunk.array_module(X)
+        xp = array_module(X)
         first = start + int(xp.flatnonzero(~xp.isfinite(X).all(axis=1))[0])
         raise ValueError(
             f"Input X contains NaN or infinity: {bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} "
@@ -136,7 +137,7 @@ def _predict_chunk(X, params, block_info=None):
 
 def _predict_proba_chunk(X, params, block_info=None):
     _, log_resp = chunk.log_prob_resp(_checked(X, block_info), params)
-    return chunk.array_module(log_resp).exp(log_resp)
+    return array_module(log_resp).exp(log_resp)
 
 
 def _shared(params):
@@ -147,7 +148,7 @@ def _shared(params):
 def _meta(X: da.Array, shape: tuple[int, ...], dtype):
     """An empty array of X's chunk library (NumPy, or CuPy for GPU-backed arrays): the outputs' meta."""
     try:
-        xp = chunk.array_module(X._meta)
+        xp = array_module(X._meta)
     except TypeError:
         xp = np
     return xp.empty(shape, dtype)
