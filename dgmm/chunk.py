@@ -448,7 +448,8 @@ def statistics_from_resp(
 
 #: Rows per cache block inside a chunk: the largest temporary of a block,
 #: (rows, Σ n_components × n_features) for 'full' members, stays around 4 MiB
-#: of float64 whatever size the dask chunks are.
+#: of float64 whatever size the dask chunks are (times :func:`block_scale`
+#: when many threads of one process run kernels).
 BLOCK_ELEMENTS = 2**19
 
 
@@ -465,6 +466,33 @@ BLOCK_ELEMENTS = 2**19
 #: Elements of the largest per-block temporary on a GPU (CuPy chunks): 2**27, 1 GiB of float64.
 #: GPU kernels need large blocks to amortise their launches; the CPU's cache blocks would be launch-bound.
 GPU_BLOCK_ELEMENTS = 2**27
+
+
+#: The most :func:`block_scale` grows a CPU block (2**22 values, 32 MiB of float64, per thread).
+MAX_BLOCK_SCALE = 8
+
+
+def block_scale(threads: int) -> int:
+    """How many times ``BLOCK_ELEMENTS`` a CPU block holds when ``threads`` threads of one process run kernels.
+
+    Threads of one process share the GIL, and every NumPy call of a block
+    (about 20-30 per block) releases it and takes it back. Taking it back
+    while another thread holds it costs a hand-off (a futex wake-up, several
+    microseconds), during which no thread runs Python. So the process can
+    take the GIL back only some tens of thousands of times per second,
+    whatever its core count, and with many threads on cache-sized blocks
+    the threads queue for the GIL instead of computing. On 2 cores, 2 threads
+    of 1,600-row diag blocks ran no faster than one; on a 16-core machine,
+    dask's 16 threads ran a 'full' fit 4x slower than 8 processes of 2
+    threads, at the same speed for float32 as for float64
+    (``bench/README.md``, "Threads and the GIL: block size"). Blocks grow
+    with the threads, so that the process's rate of NumPy calls stays
+    about where it is with 2 threads: 1x up to 3 threads, ``threads // 2``
+    times beyond, at most ``MAX_BLOCK_SCALE`` times. Larger blocks cost
+    each core some speed (they fall out of cache: 13-28 % per core here
+    for 4-8x), far less than the GIL queue costs at 8 or more threads.
+    """
+    return int(min(MAX_BLOCK_SCALE, max(1, int(threads) // 2)))
 
 
 def block_rows(n_components: int, n_features: int) -> int:
@@ -504,7 +532,7 @@ class _BatchPlan:
         """(start, stop) of the row blocks of an ``n``-row chunk."""
         return _plan_blocks(self, n)
 
-    def __init__(self, batch: tuple[ChunkParams, ...], n_features: int, input_dtype, xp=np):
+    def __init__(self, batch: tuple[ChunkParams, ...], n_features: int, input_dtype, xp=np, threads: int = 1):
         d = n_features
         self.xp = xp
         self.batch = batch
@@ -598,7 +626,7 @@ class _BatchPlan:
             self.tied_terms.append((m, U, mu_u, const[:, None]))
 
         largest = max(self.n_total + self.width, (self.n_full * d) if self.full else 0)
-        budget = BLOCK_ELEMENTS if xp is np else GPU_BLOCK_ELEMENTS
+        budget = BLOCK_ELEMENTS * block_scale(threads) if xp is np else GPU_BLOCK_ELEMENTS
         self.rows = int(max(64, budget // max(1, largest)))
         #: Layout of the whitened residuals: (rows, Σk, d) on the CPU (one GEMM [1 | y] @ A, then
         #: per-row norms with rows outermost), (sub-blocks, Σk, d, rows of a sub-block) on the GPU (one
@@ -894,7 +922,7 @@ def _member_statistics(
 
 
 def e_step_statistics(
-    X: np.ndarray, batch: tuple[ChunkParams, ...], sample_weight: np.ndarray | None = None
+    X: np.ndarray, batch: tuple[ChunkParams, ...], sample_weight: np.ndarray | None = None, threads: int = 1
 ) -> tuple[SufficientStatistics, ...]:
     """One chunk's E-step statistics for a batch of mixtures.
 
@@ -917,6 +945,11 @@ def e_step_statistics(
         NumPy or CuPy array.
     batch : tuple of ChunkParams
     sample_weight : ndarray of shape (n_samples,), default=None
+    threads : int, default=1
+        Threads of this process that run kernels at the same time (the
+        pass's scheduler knows): CPU row blocks grow with them
+        (:func:`block_scale`). The statistics do not depend on it beyond
+        the rounding of sums taken in another order.
 
     Returns
     -------
@@ -929,7 +962,7 @@ def e_step_statistics(
     n, d = X.shape
     if sample_weight is not None:
         sample_weight = xp.asarray(sample_weight, dtype=np.float64)
-    plan = _BatchPlan(tuple(batch), d, X.dtype, xp)
+    plan = _BatchPlan(tuple(batch), d, X.dtype, xp, threads)
     work = _thread_workspace()
     with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
         n_nonfinite = 0

@@ -87,12 +87,15 @@ def tree_reduce(parts: Sequence[Any], combine: Callable, split_every: int | None
     return level[0]
 
 
-def e_step_statistics(blocks: RowBlocks, batch: tuple[chunk.ChunkParams, ...], split_every=None) -> Delayed:
+def e_step_statistics(
+    blocks: RowBlocks, batch: tuple[chunk.ChunkParams, ...], split_every=None, threads: int = 1
+) -> Delayed:
     """Lazy E-step statistics of a whole array for a batch of parameter sets.
 
     The parameters enter the graph once, as one key that every chunk task
     depends on, so a distributed scheduler ships them once per worker, not
-    once per task.
+    once per task. ``threads``: the threads of one process that will run the
+    chunk tasks at once (:func:`dgmm.chunk.block_scale`).
 
     Returns
     -------
@@ -102,9 +105,9 @@ def e_step_statistics(blocks: RowBlocks, batch: tuple[chunk.ChunkParams, ...], s
     params = dask.delayed(batch, pure=True)
     fn = dask.delayed(chunk.e_step_statistics, pure=True)
     if blocks.weight_blocks is None:
-        parts = [fn(block, params) for block in blocks.blocks]
+        parts = [fn(block, params, None, threads) for block in blocks.blocks]
     else:
-        parts = [fn(block, params, weight) for block, weight in zip(blocks.blocks, blocks.weight_blocks)]
+        parts = [fn(block, params, weight, threads) for block, weight in zip(blocks.blocks, blocks.weight_blocks)]
     return tree_reduce(parts, chunk.combine_statistics, split_every)
 
 

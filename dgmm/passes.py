@@ -148,22 +148,57 @@ class ReadAheadPool:
         return pool.submit(fn, *args, **kwargs)
 
 
-def read_ahead_pool(read_keys: frozenset) -> ReadAheadPool | None:
-    """A :class:`ReadAheadPool` when a pass would run on dask's threaded scheduler, else None.
+def _threaded_scheduler_threads() -> int | None:
+    """dask's ``num_workers`` (default: one per core) when a pass would run on its threaded scheduler, else None.
 
     None when a distributed client is active (and the ``scheduler`` config does
-    not ask for threads), when the ``scheduler`` config names another
-    scheduler, or when the ``pool`` config gives dask a pool of the user's.
-    The compute threads are dask's ``num_workers`` (default: one per core).
+    not ask for threads) or when the ``scheduler`` config names another scheduler.
     """
     scheduler = dask.config.get("scheduler", None)
-    if dask.config.get("pool", None) is not None:
-        return None
     if scheduler in ("threads", "threading") or (scheduler is None and _distributed_client() is None):
         from dask.system import CPU_COUNT
 
-        return ReadAheadPool(read_keys, int(dask.config.get("num_workers", None) or CPU_COUNT))
+        return int(dask.config.get("num_workers", None) or CPU_COUNT)
     return None
+
+
+def read_ahead_pool(read_keys: frozenset) -> ReadAheadPool | None:
+    """A :class:`ReadAheadPool` when a pass would run on dask's threaded scheduler, else None.
+
+    None on any other scheduler, and when the ``pool`` config gives dask a pool
+    of the user's. The compute threads are dask's ``num_workers``.
+    """
+    threads = _threaded_scheduler_threads()
+    if threads is None or dask.config.get("pool", None) is not None:
+        return None
+    return ReadAheadPool(read_keys, threads)
+
+
+def kernel_threads() -> int:
+    """How many threads of one process will run chunk kernels at once in a pass (:func:`dgmm.chunk.block_scale`).
+
+    dask's threaded scheduler: its compute threads (``num_workers``, or the
+    size of a pool given in the ``pool`` config); a distributed client: the
+    most threads of any of its workers (1 when it has none yet, or when they
+    cannot be asked); the synchronous and multiprocessing schedulers: 1.
+    """
+    threads = _threaded_scheduler_threads()
+    if threads is not None:
+        pool = dask.config.get("pool", None)
+        return int(getattr(pool, "_max_workers", None) or threads) if pool is not None else threads
+    if dask.config.get("scheduler", None) in _ONE_THREAD_SCHEDULERS:
+        return 1
+    client = _distributed_client()
+    if client is None:
+        return 1
+    try:
+        return max([int(n) for n in client.nthreads().values()], default=1)
+    except (OSError, TimeoutError, RuntimeError):  # a hint only: closed comms get one-thread blocks
+        logger.debug("could not ask the scheduler for its workers' threads", exc_info=True)
+        return 1
+
+
+_ONE_THREAD_SCHEDULERS = ("sync", "synchronous", "single-threaded", "processes", "multiprocessing")
 
 
 class DataPasses:
@@ -225,7 +260,7 @@ class DataPasses:
         if self.in_process:
             self.n_passes += 1
             return chunk.e_step_statistics(self.numpy, batch, self.sample_weight)
-        return self._compute(graph.e_step_statistics(self.blocks, batch, self.split_every))
+        return self._compute(graph.e_step_statistics(self.blocks, batch, self.split_every, kernel_threads()))
 
     def init_statistics(self, specs, center, covariance_type) -> tuple[chunk.SufficientStatistics, ...]:
         """One pass: statistics of one covariance type under initial responsibilities."""

@@ -270,3 +270,37 @@ def test_flushing_tiny_responsibilities_leaves_well_separated_statistics_unchang
     np.testing.assert_allclose(stats.sx, exact.T @ (X - params.center), rtol=1e-10, atol=1e-9)
     np.testing.assert_allclose(stats.log_likelihood, np.sum(np.log(np.exp(gaps).sum(axis=1)) + weighted.max(axis=1)),
                                rtol=1e-12)
+
+
+def test_block_scale_grows_with_threads_and_is_capped():
+    assert [chunk.block_scale(t) for t in (0, 1, 2, 3, 4, 8, 15, 16, 64)] == [1, 1, 1, 1, 2, 4, 7, 8, 8]
+    assert chunk.MAX_BLOCK_SCALE == 8
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("members", [MIXED_BATCH, FULL_BATCH], ids=["mixed", "full-only"])
+def test_thread_sized_blocks_give_the_same_statistics(members, dtype, monkeypatch):
+    """Blocks sized for 16 threads (8x the rows) change only the order of the float64 sums across blocks."""
+    monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", 2**12)  # blocks of some 100 rows: many of them in a chunk
+    rng = np.random.default_rng(6)
+    n, d = 5_000, 4
+    X = (rng.normal(size=(n, d)) * [1.0, 2.0, 0.5, 3.0]).astype(dtype)
+    batch = tuple(
+        chunk.chunk_params(rng.dirichlet(np.ones(k)), rng.normal(size=(k, d)),
+                           chunk.compute_precision_cholesky(random_covariances(kind, k, d, rng), kind), kind,
+                           input_dtype=dtype)
+        for kind, k in members
+    )
+    small = chunk._BatchPlan(batch, d, X.dtype)
+    large = chunk._BatchPlan(batch, d, X.dtype, threads=16)
+    assert 8 * small.rows <= large.rows < 8 * (small.rows + 1)
+    assert len(list(small.blocks(n))) > len(list(large.blocks(n))) > 1
+    one = chunk.e_step_statistics(X, batch)
+    many = chunk.e_step_statistics(X, batch, threads=16)
+    # float32 'full' blocks sum in float32 within a block, so their rounding follows the block size
+    rtol = 1e-10 if dtype == np.float64 else 1e-6
+    for a, b in zip(one, many):
+        for field in ("nk", "sx", "sxx", "sy"):
+            x, y = getattr(a, field), getattr(b, field)
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(x).max(), err_msg=field)
+        np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=rtol)

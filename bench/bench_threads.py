@@ -1,0 +1,141 @@
+"""Threads and the GIL: dgmm's EM iteration on dask's threaded scheduler with row blocks sized for the threads.
+
+Threads of one process share the GIL; every NumPy call of a row block releases it and takes it back,
+and taking it back from another thread costs a hand-off. With many threads on cache-sized blocks,
+the threads queue for the GIL (``dgmm.chunk.block_scale``). This script fits the same in-memory data
+on dask's threaded scheduler with ``--threads`` threads, once with blocks sized for the threads
+(dgmm's default) and once with the one-thread blocks (``chunk.MAX_BLOCK_SCALE = 1``), interleaved,
+and optionally on a ``LocalCluster`` of worker processes of 2 threads (``--processes``, the
+reference without a shared GIL). One JSON line per run, then one summary line per configuration.
+
+Two measurements without a fit (``--kernel``): a pool of ``--threads`` threads runs the kernel on
+chunks back to back (no dask), per chunk, for the listed block scales.
+
+    python bench/bench_threads.py                                  # 2,000,000 x 32, k=16, full, float32
+    python bench/bench_threads.py --threads 16 --processes         # on a 16-core machine
+    python bench/bench_threads.py --kernel --threads 1,2,16 --scales 1,2,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import dask
+import dask.array as da
+import numpy as np
+from benchutil import dgmm_fit, emit, initial_parameters, load_average, make_data, median_after_first
+from threadpoolctl import threadpool_limits
+
+from dgmm import chunk
+from dgmm.passes import auto_chunk_rows
+
+
+def fit_threads(X, k, kind, init, iters, threads, scaled):
+    """Seconds per iteration (median after the first) on dask's threaded scheduler."""
+    saved = chunk.MAX_BLOCK_SCALE
+    chunk.MAX_BLOCK_SCALE = saved if scaled else 1
+    try:
+        with dask.config.set(scheduler="threads", num_workers=threads):
+            fit, _ = dgmm_fit(X, k, kind, init, iters)
+    finally:
+        chunk.MAX_BLOCK_SCALE = saved
+    return median_after_first(fit.seconds), fit
+
+
+def fit_processes(X, k, kind, init, iters, workers, chunk_rows):
+    """Seconds per iteration on a LocalCluster of ``workers`` processes x 2 threads holding the data."""
+    from distributed import Client, LocalCluster, wait
+
+    with LocalCluster(n_workers=workers, threads_per_worker=2, dashboard_address=None,
+                      memory_limit=None) as cluster, Client(cluster) as client:
+        pieces = [X[i : i + chunk_rows] for i in range(0, len(X), chunk_rows)]
+        futures = client.scatter(pieces)
+        wait(futures)
+        held = da.concatenate([da.from_delayed(f, p.shape, dtype=p.dtype) for f, p in zip(futures, pieces)])
+        fit, _ = dgmm_fit(held, k, kind, init, iters)
+    return median_after_first(fit.seconds), fit
+
+
+def kernel_per_chunk(X, batch, threads, scale, n_chunks):
+    """Wall seconds per chunk of a pool of ``threads`` threads running the kernel with blocks of ``scale``."""
+    copies = [X.copy() for _ in range(threads)]
+    saved = chunk.MAX_BLOCK_SCALE
+    chunk.MAX_BLOCK_SCALE = scale
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            # block_scale(2 * scale) == scale: blocks of `scale` times BLOCK_ELEMENTS, whatever the pool
+            list(pool.map(lambda i: chunk.e_step_statistics(copies[i % threads], batch, threads=2 * scale),
+                          range(threads)))
+            t0 = time.perf_counter()
+            list(pool.map(lambda i: chunk.e_step_statistics(copies[i % threads], batch, threads=2 * scale),
+                          range(n_chunks)))
+            return (time.perf_counter() - t0) / n_chunks
+    finally:
+        chunk.MAX_BLOCK_SCALE = saved
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-samples", type=int, default=2_000_000)
+    parser.add_argument("--n-features", type=int, default=32)
+    parser.add_argument("--n-components", type=int, default=16)
+    parser.add_argument("--kind", default="full")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--iters", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default=str(os.cpu_count()), help="dask threads (comma-separated)")
+    parser.add_argument("--processes", action="store_true", help="also a LocalCluster of cores/2 processes x 2 threads")
+    parser.add_argument("--kernel", action="store_true", help="the kernel alone on a thread pool, per block scale")
+    parser.add_argument("--scales", default="1,2,4,8", help="--kernel: block scales")
+    parser.add_argument("--chunks", type=int, default=48, help="--kernel: chunks per measurement")
+    args = parser.parse_args()
+    n, d, k, kind = args.n_samples, args.n_features, args.n_components, args.kind
+    dtype = np.dtype(args.dtype)
+    threadpool_limits(1)  # as dgmm does on the threaded scheduler; worker processes set it themselves
+    X = make_data(n, d, k, seed=3, dtype=dtype)
+    init = initial_parameters(X, k, kind)
+    base = dict(n_samples=n, n_features=d, n_components=k, kind=kind, dtype=str(dtype), cpu_count=os.cpu_count())
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.kernel:
+        rows = auto_chunk_rows(n, d)
+        from dgmm.estimator import GaussianMixture
+
+        gm = GaussianMixture(k, covariance_type=kind, max_iter=0, **init).fit(X[:2000].astype(np.float64))
+        batch = (chunk.chunk_params(gm.weights_, gm.means_, gm.precisions_cholesky_, kind, input_dtype=dtype),)
+        for threads in thread_counts:
+            for scale in (int(s) for s in args.scales.split(",")):
+                runs = [kernel_per_chunk(X[:rows], batch, threads, scale, args.chunks) for _ in range(args.repeats)]
+                plan = chunk._BatchPlan(batch, d, dtype, threads=2 * scale)
+                emit(dict(base, part="kernel", threads=threads, block_scale=scale, block_rows=plan.rows,
+                          chunk_rows=rows, ms_per_chunk=[round(r * 1e3, 2) for r in runs],
+                          median_ms_per_chunk=round(statistics.median(runs) * 1e3, 2), load_average=load_average()))
+        return
+    results: dict[str, list[float]] = {}
+    for repeat in range(args.repeats):
+        order = [(t, s) for t in thread_counts for s in (True, False)]
+        if repeat % 2:
+            order.reverse()
+        for threads, scaled in order:
+            label = f"threads={threads} blocks={'scaled' if scaled else 'one-thread'}"
+            seconds, fit = fit_threads(X, k, kind, init, args.iters, threads, scaled)
+            results.setdefault(label, []).append(seconds)
+            emit(dict(base, run=label, repeat=repeat, threads=threads, block_scale=chunk.block_scale(threads)
+                      if scaled else 1, s_per_iter=seconds, iteration_seconds=fit.seconds,
+                      load_average=load_average()))
+        if args.processes:
+            workers = max(1, (os.cpu_count() or 2) // 2)
+            label = f"processes={workers}x2"
+            seconds, fit = fit_processes(X, k, kind, init, args.iters, workers, auto_chunk_rows(n, d))
+            results.setdefault(label, []).append(seconds)
+            emit(dict(base, run=label, repeat=repeat, s_per_iter=seconds, iteration_seconds=fit.seconds,
+                      load_average=load_average()))
+    for label, runs in results.items():
+        emit(dict(base, summary=True, run=label, median_s_per_iter=statistics.median(runs), runs=runs))
+
+
+if __name__ == "__main__":
+    main()
