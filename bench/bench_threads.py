@@ -8,12 +8,14 @@ on dask's threaded scheduler with ``--threads`` threads, once with blocks sized 
 and optionally on a ``LocalCluster`` of worker processes of 2 threads (``--processes``, the
 reference without a shared GIL). One JSON line per run, then one summary line per configuration.
 
-Two measurements without a fit (``--kernel``): a pool of ``--threads`` threads runs the kernel on
-chunks back to back (no dask), per chunk, for the listed block scales.
+Without a fit (``--kernel``): pools of each of ``--threads`` threads run the kernel on one
+automatically sized chunk per thread, ``--chunks`` times back to back (no dask), with blocks of
+2**``--log2-blocks`` values (``chunk.BLOCK_ELEMENTS``, dgmm's default 2**19 for up to 3 threads);
+``thread_scaling`` = one thread's time per chunk / this pool's.
 
     python bench/bench_threads.py                                  # 2,000,000 x 32, k=16, full, float32
     python bench/bench_threads.py --threads 16 --processes         # on a 16-core machine
-    python bench/bench_threads.py --kernel --threads 1,2,16 --scales 1,2,4,8
+    python bench/bench_threads.py --kernel --threads 1,2 --log2-blocks 13,15,17,19,21,23
 """
 
 from __future__ import annotations
@@ -60,22 +62,51 @@ def fit_processes(X, k, kind, init, iters, workers, chunk_rows):
     return median_after_first(fit.seconds), fit
 
 
-def kernel_per_chunk(X, batch, threads, scale, n_chunks):
-    """Wall seconds per chunk of a pool of ``threads`` threads running the kernel with blocks of ``scale``."""
+def kernel_per_chunk(X, batch, threads, log2_block, n_chunks):
+    """Wall seconds per chunk of a pool of ``threads`` threads running the kernel on blocks of 2**log2_block values."""
     copies = [X.copy() for _ in range(threads)]
-    saved = chunk.MAX_BLOCK_SCALE
-    chunk.MAX_BLOCK_SCALE = scale
+    saved = chunk.BLOCK_ELEMENTS
+    chunk.BLOCK_ELEMENTS = 2**log2_block
     try:
         with ThreadPoolExecutor(threads) as pool:
-            # block_scale(2 * scale) == scale: blocks of `scale` times BLOCK_ELEMENTS, whatever the pool
-            list(pool.map(lambda i: chunk.e_step_statistics(copies[i % threads], batch, threads=2 * scale),
-                          range(threads)))
+            list(pool.map(lambda i: chunk.e_step_statistics(copies[i % threads], batch), range(threads)))  # warm
             t0 = time.perf_counter()
-            list(pool.map(lambda i: chunk.e_step_statistics(copies[i % threads], batch, threads=2 * scale),
-                          range(n_chunks)))
+            list(pool.map(lambda i: chunk.e_step_statistics(copies[i % threads], batch), range(n_chunks)))
             return (time.perf_counter() - t0) / n_chunks
     finally:
-        chunk.MAX_BLOCK_SCALE = saved
+        chunk.BLOCK_ELEMENTS = saved
+
+
+def kernel_part(args):
+    """``--kernel``: per configuration, thread count and block size, wall ms per chunk (median of repeats)."""
+    from dgmm.estimator import GaussianMixture
+
+    for config in args.configs.split(","):
+        kind, d, k, dtype = config.split(":")
+        d, k, dtype = int(d), int(k), np.dtype(dtype)
+        rows = auto_chunk_rows(10**9, d)
+        X = make_data(rows, d, k, seed=3, dtype=dtype)
+        init = initial_parameters(X, k, kind, sample=min(20_000, rows))
+        gm = GaussianMixture(k, covariance_type=kind, max_iter=0, **init).fit(X[:2000].astype(np.float64))
+        batch = (chunk.chunk_params(gm.weights_, gm.means_, gm.precisions_cholesky_, kind, input_dtype=dtype),)
+        one_thread: dict[int, float] = {}
+        for log2_block in (int(e) for e in args.log2_blocks.split(",")):
+            saved = chunk.BLOCK_ELEMENTS
+            chunk.BLOCK_ELEMENTS = 2**log2_block
+            block_rows = chunk._BatchPlan(batch, d, dtype).rows
+            chunk.BLOCK_ELEMENTS = saved
+            for threads in (int(t) for t in args.threads.split(",")):
+                runs = [kernel_per_chunk(X, batch, threads, log2_block, args.chunks) for _ in range(args.repeats)]
+                ms = statistics.median(runs) * 1e3
+                if threads == 1:
+                    one_thread[log2_block] = ms
+                row = dict(part="kernel", kind=kind, n_features=d, n_components=k, dtype=str(dtype), chunk_rows=rows,
+                           log2_block=log2_block, block_rows=block_rows, threads=threads,
+                           ms_per_chunk=[round(r * 1e3, 2) for r in runs], median_ms_per_chunk=round(ms, 2),
+                           load_average=load_average())
+                if threads > 1 and log2_block in one_thread:
+                    row["thread_scaling"] = round(one_thread[log2_block] / ms, 3)
+                emit(row)
 
 
 def main():
@@ -89,31 +120,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default=str(os.cpu_count()), help="dask threads (comma-separated)")
     parser.add_argument("--processes", action="store_true", help="also a LocalCluster of cores/2 processes x 2 threads")
-    parser.add_argument("--kernel", action="store_true", help="the kernel alone on a thread pool, per block scale")
-    parser.add_argument("--scales", default="1,2,4,8", help="--kernel: block scales")
-    parser.add_argument("--chunks", type=int, default=48, help="--kernel: chunks per measurement")
+    parser.add_argument("--kernel", action="store_true", help="the kernel alone on a thread pool, per block size")
+    parser.add_argument("--configs", default="full:32:16:float32,diag:16:8:float64",
+                        help="--kernel: type:d:k:dtype, comma-separated")
+    parser.add_argument("--log2-blocks", default="15,17,19,21", help="--kernel: log2 of the block's values")
+    parser.add_argument("--chunks", type=int, default=24, help="--kernel: chunks per measurement")
     args = parser.parse_args()
+    threadpool_limits(1)  # as dgmm does on the threaded scheduler; worker processes set it themselves
+    if args.kernel:
+        return kernel_part(args)
     n, d, k, kind = args.n_samples, args.n_features, args.n_components, args.kind
     dtype = np.dtype(args.dtype)
-    threadpool_limits(1)  # as dgmm does on the threaded scheduler; worker processes set it themselves
     X = make_data(n, d, k, seed=3, dtype=dtype)
     init = initial_parameters(X, k, kind)
     base = dict(n_samples=n, n_features=d, n_components=k, kind=kind, dtype=str(dtype), cpu_count=os.cpu_count())
     thread_counts = [int(t) for t in args.threads.split(",")]
-    if args.kernel:
-        rows = auto_chunk_rows(n, d)
-        from dgmm.estimator import GaussianMixture
-
-        gm = GaussianMixture(k, covariance_type=kind, max_iter=0, **init).fit(X[:2000].astype(np.float64))
-        batch = (chunk.chunk_params(gm.weights_, gm.means_, gm.precisions_cholesky_, kind, input_dtype=dtype),)
-        for threads in thread_counts:
-            for scale in (int(s) for s in args.scales.split(",")):
-                runs = [kernel_per_chunk(X[:rows], batch, threads, scale, args.chunks) for _ in range(args.repeats)]
-                plan = chunk._BatchPlan(batch, d, dtype, threads=2 * scale)
-                emit(dict(base, part="kernel", threads=threads, block_scale=scale, block_rows=plan.rows,
-                          chunk_rows=rows, ms_per_chunk=[round(r * 1e3, 2) for r in runs],
-                          median_ms_per_chunk=round(statistics.median(runs) * 1e3, 2), load_average=load_average()))
-        return
     results: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
         order = [(t, s) for t in thread_counts for s in (True, False)]

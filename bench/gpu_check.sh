@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9's device check, one run on a GPU machine from the repository root:
 #   GPU-vs-CPU tests (tests/test_gpu.py, tests/test_namespace.py), then bench/bench_gpu.py
-#   (arguments are passed on to it), then bench/profile_gpu_block.py.
+#   (arguments are passed on to it), then bench/profile_gpu_block.py, then with THREADS_CHECK=1
+#   bench/bench_threads.py on the machine's CPU cores (issue 6: threads and the GIL). For that part
+#   alone: GPU_CHECK=0 THREADS_CHECK=1 bash bench/gpu_check.sh
 # Logs and the JSON results go to $OUT (default bench/results/gpu-check, git-ignored). Wheels in
 # .whl/ are installed into build/gpu-site (git-ignored) first, when that folder exists: for a machine with Python 3.12,
 # CuPy, NumPy, SciPy but no network and none of dgmm's other dependencies, made beforehand with
@@ -20,12 +22,19 @@ if [ -d .whl ]; then
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
-python3 - <<'PY' | tee "$OUT/versions.txt"
-import os, numpy, scipy, sklearn, cupy, dask, distributed, zarr, dgmm
-print({m.__name__: m.__version__ for m in (numpy, scipy, sklearn, cupy, dask, distributed, zarr, dgmm)}, "cpus", os.cpu_count())
-PY
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
-    tests/test_gpu.py tests/test_namespace.py 2>&1 | tee "$OUT/pytest.log"
-timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_gpu.py --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
-timeout "${PROFILE_TIMEOUT:-60}" python3 bench/profile_gpu_block.py 2>&1 | tee "$OUT/profile.log"
+python3 -c "import os, numpy, scipy, dask, distributed, zarr, sklearn, dgmm; print({m.__name__: m.__version__ for m in (numpy, scipy, sklearn, dask, distributed, zarr, dgmm)}, 'cpus', os.cpu_count())" \
+    | tee "$OUT/versions.txt"
+if [ "${GPU_CHECK:-1}" = 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+    python3 -c "import cupy; print('cupy', cupy.__version__)" | tee -a "$OUT/versions.txt"
+    timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
+        tests/test_gpu.py tests/test_namespace.py 2>&1 | tee "$OUT/pytest.log"
+    timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_gpu.py --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+    timeout "${PROFILE_TIMEOUT:-60}" python3 bench/profile_gpu_block.py 2>&1 | tee "$OUT/profile.log"
+fi
+# Issue 6 on the device's many CPU cores (THREADS_CHECK=1): dask's threads with row blocks sized for them
+# (dgmm's default) and with one-thread blocks, and worker processes of 2 threads (about 2 minutes on 16 cores).
+if [ "${THREADS_CHECK:-0}" = 1 ]; then
+    timeout "${THREADS_TIMEOUT:-240}" python3 bench/bench_threads.py --threads "$(nproc)" --processes \
+        --n-samples 4000000 --repeats 2 2>&1 | tee "$OUT/bench_threads.log"
+fi
