@@ -120,6 +120,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default=str(os.cpu_count()), help="dask threads (comma-separated)")
     parser.add_argument("--processes", action="store_true", help="also a LocalCluster of cores/2 processes x 2 threads")
+    parser.add_argument("--chunk-rows", type=int, default=None,
+                        help="threads: a dask array of chunks of this many rows (default: the NumPy array, "
+                             "which dgmm cuts into its automatic chunks)")
     parser.add_argument("--kernel", action="store_true", help="the kernel alone on a thread pool, per block size")
     parser.add_argument("--configs", default="full:32:16:float32,diag:16:8:float64",
                         help="--kernel: type:d:k:dtype, comma-separated")
@@ -142,7 +145,8 @@ def main():
             order.reverse()
         for threads, scaled in order:
             label = f"threads={threads} blocks={'scaled' if scaled else 'one-thread'}"
-            seconds, fit = fit_threads(X, k, kind, init, args.iters, threads, scaled)
+            data = X if args.chunk_rows is None else da.from_array(X, chunks=(args.chunk_rows, d))
+            seconds, fit = fit_threads(data, k, kind, init, args.iters, threads, scaled)
             results.setdefault(label, []).append(seconds)
             emit(dict(base, run=label, repeat=repeat, threads=threads, block_scale=chunk.block_scale(threads)
                       if scaled else 1, s_per_iter=seconds, iteration_seconds=fit.seconds,

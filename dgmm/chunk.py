@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -358,7 +359,7 @@ def weighted_log_prob(X: np.ndarray, params: ChunkParams) -> np.ndarray:
     xp = array_module(X)
     X = xp.asarray(X)
     n = X.shape[0]
-    plan = _BatchPlan((params,), X.shape[1], np.float64, xp)
+    plan = _plan_for((params,), X.shape[1], np.float64, xp)
     out = xp.empty((plan.n_total, n))
     work = _thread_workspace()
     with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
@@ -651,6 +652,43 @@ class _BatchPlan:
         self.tied_terms_x = [
             (m, on_device(xp, U), on_device(xp, mu_u), on_device(xp, const)) for m, U, mu_u, const in self.tied_terms
         ]
+
+
+#: Plans kept per process (:func:`_plan_for`): a pass's chunks share one parameter batch.
+PLAN_CACHE_SIZE = 8
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_LOCK = threading.Lock()
+
+
+def _plan_for(batch: tuple[ChunkParams, ...], n_features: int, input_dtype, xp=np, threads: int = 1) -> _BatchPlan:
+    """The :class:`_BatchPlan` of ``batch``, built once per process for the same parameter objects.
+
+    Every chunk task of a pass receives the same parameter objects (one graph
+    key, deserialised once per distributed worker), and building a plan costs
+    a chunk some 0.5 ms for 16 'full' components at d = 32 (2 ms for 4
+    restarts; per-component triangular inverses), all of it holding the GIL
+    (``bench/README.md``, "Threads and the GIL"). Plans are read-only once
+    built, so the chunks of a pass share one. Entries hold their parameters,
+    so an ``id`` is never reused while its entry lives. NumPy plans only: a
+    GPU chunk is large, and its plan holds arrays of one device.
+    """
+    if xp is not np:
+        return _BatchPlan(batch, n_features, input_dtype, xp, threads)
+    # Everything the plan reads besides the parameters (the module settings too, which tests and benchmarks change).
+    key = (tuple(map(id, batch)), n_features, np.dtype(input_dtype).str, BLOCK_ELEMENTS * block_scale(threads),
+           _features_major_z(xp))
+    with _PLAN_CACHE_LOCK:
+        entry = _PLAN_CACHE.get(key)
+        if entry is not None and all(a is b for a, b in zip(entry[0], batch)):
+            _PLAN_CACHE.move_to_end(key)
+            return entry[1]
+    plan = _BatchPlan(batch, n_features, input_dtype, xp, threads)
+    with _PLAN_CACHE_LOCK:
+        _PLAN_CACHE[key] = (batch, plan)
+        _PLAN_CACHE.move_to_end(key)
+        while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    return plan
 
 
 def _plan_blocks(plan, n: int):
@@ -962,7 +1000,7 @@ def e_step_statistics(
     n, d = X.shape
     if sample_weight is not None:
         sample_weight = xp.asarray(sample_weight, dtype=np.float64)
-    plan = _BatchPlan(tuple(batch), d, X.dtype, xp, threads)
+    plan = _plan_for(tuple(batch), d, X.dtype, xp, threads)
     work = _thread_workspace()
     with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):
         n_nonfinite = 0

@@ -304,3 +304,32 @@ def test_thread_sized_blocks_give_the_same_statistics(members, dtype, monkeypatc
             x, y = getattr(a, field), getattr(b, field)
             np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(x).max(), err_msg=field)
         np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=rtol)
+
+
+def test_a_pass_builds_one_plan_per_parameter_batch(monkeypatch):
+    """Chunks sharing the parameter objects share the plan; anything the plan depends on makes a new one."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(500, 3))
+    batch = tuple(chunk.chunk_params(np.full(2, 0.5), rng.normal(size=(2, 3)), np.stack([np.eye(3)] * 2), "full")
+                  for _ in range(2))
+    plan = chunk._plan_for(batch, 3, X.dtype)
+    assert chunk._plan_for(batch, 3, X.dtype) is plan
+    assert chunk._plan_for(tuple(batch), 3, X.dtype) is plan  # a new tuple of the same parameter objects
+    assert chunk._plan_for(batch, 3, np.float32) is not plan
+    assert chunk._plan_for(batch, 3, X.dtype, threads=8) is not plan
+    copies = tuple(chunk.ChunkParams(*(np.copy(f) if isinstance(f, np.ndarray) else f for f in p)) for p in batch)
+    assert chunk._plan_for(copies, 3, X.dtype) is not plan
+    monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", 2**10)
+    small = chunk._plan_for(batch, 3, X.dtype)
+    assert small is not plan and small.rows < plan.rows
+    for _ in range(2 * chunk.PLAN_CACHE_SIZE):
+        fresh = tuple(chunk.ChunkParams(*(np.copy(f) if isinstance(f, np.ndarray) else f for f in p)) for p in batch)
+        chunk._plan_for(fresh, 3, X.dtype)
+    assert len(chunk._PLAN_CACHE) <= chunk.PLAN_CACHE_SIZE
+    # The cached plan gives the statistics of a fresh one, bit for bit.
+    first = chunk.e_step_statistics(X, batch)
+    chunk._PLAN_CACHE.clear()
+    again = chunk.e_step_statistics(X, batch)
+    for a, b in zip(first, again):
+        for field in ("nk", "sx", "sxx", "sy"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
