@@ -654,8 +654,10 @@ class _BatchPlan:
         ]
 
 
-#: Plans kept per process (:func:`_plan_for`): a pass's chunks share one parameter batch.
-PLAN_CACHE_SIZE = 8
+#: Plans kept per process (:func:`_plan_for`): a pass's chunks share one parameter batch, and a
+#: lazy prediction may run beside it. Few, because a plan of a large model is large (its
+#: ``A`` and ``U⁻¹`` hold about 2 k d² values: 100 MB at k = 100, d = 256).
+PLAN_CACHE_SIZE = 2
 _PLAN_CACHE: OrderedDict = OrderedDict()
 _PLAN_CACHE_LOCK = threading.Lock()
 
