@@ -16,6 +16,7 @@ automatically sized chunk per thread, ``--chunks`` times back to back (no dask),
     python bench/bench_threads.py                                  # 2,000,000 x 32, k=16, full, float32
     python bench/bench_threads.py --threads 16 --processes         # on a 16-core machine
     python bench/bench_threads.py --kernel --threads 1,2 --log2-blocks 13,15,17,19,21,23
+    python bench/bench_threads.py --distances --threads 1,2 --repeats 5
 """
 
 from __future__ import annotations
@@ -109,6 +110,37 @@ def kernel_part(args):
                 emit(row)
 
 
+def distances_part(args):
+    """``--distances``: the k-means distance kernel (``chunk_kmeans.nearest_centers``) on pools of threads,
+    with its fixed 4,096-row blocks (``DISTANCE_BLOCK_ELEMENTS = 0``) and with dgmm's rule."""
+    from dgmm import chunk_kmeans
+
+    rng = np.random.default_rng(0)
+    for config in args.distance_configs.split(","):
+        d, *sets = (int(v) for v in config.split(":"))
+        rows = auto_chunk_rows(10**9, d)
+        y = rng.standard_normal((rows, d))
+        centers = tuple(rng.standard_normal((m, d)) for m in sets)
+        saved = chunk_kmeans.DISTANCE_BLOCK_ELEMENTS
+        for rule, elements in (("fixed 4096 rows", 0), ("by elements", saved)):
+            chunk_kmeans.DISTANCE_BLOCK_ELEMENTS = elements
+            block = chunk_kmeans.distance_block_rows(d, sum(sets))
+            for threads in (int(t) for t in args.threads.split(",")):
+                copies = [y.copy() for _ in range(threads)]
+                runs = []
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(lambda i: chunk_kmeans.nearest_centers(copies[i % threads], centers), range(threads)))
+                    for _ in range(args.repeats):
+                        t0 = time.perf_counter()
+                        list(pool.map(lambda i: chunk_kmeans.nearest_centers(copies[i % threads], centers),
+                                      range(args.chunks)))
+                        runs.append((time.perf_counter() - t0) / args.chunks)
+                emit(dict(part="distances", n_features=d, centers=sets, chunk_rows=rows, rule=rule, block_rows=block,
+                          threads=threads, median_ms_per_chunk=round(statistics.median(runs) * 1e3, 3),
+                          load_average=load_average()))
+        chunk_kmeans.DISTANCE_BLOCK_ELEMENTS = saved
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-samples", type=int, default=2_000_000)
@@ -127,11 +159,16 @@ def main():
     parser.add_argument("--configs", default="full:32:16:float32,diag:16:8:float64",
                         help="--kernel: type:d:k:dtype, comma-separated")
     parser.add_argument("--log2-blocks", default="15,17,19,21", help="--kernel: log2 of the block's values")
-    parser.add_argument("--chunks", type=int, default=24, help="--kernel: chunks per measurement")
+    parser.add_argument("--chunks", type=int, default=24, help="--kernel, --distances: chunks per measurement")
+    parser.add_argument("--distances", action="store_true", help="the k-means distance kernel on a thread pool")
+    parser.add_argument("--distance-configs", default="2:3,16:8,32:16,32:64,16:32:32",
+                        help="--distances: d:centres[:centres of another set...], comma-separated")
     args = parser.parse_args()
     threadpool_limits(1)  # as dgmm does on the threaded scheduler; worker processes set it themselves
     if args.kernel:
         return kernel_part(args)
+    if args.distances:
+        return distances_part(args)
     n, d, k, kind = args.n_samples, args.n_features, args.n_components, args.kind
     dtype = np.dtype(args.dtype)
     X = make_data(n, d, k, seed=3, dtype=dtype)

@@ -58,8 +58,18 @@ from scipy import sparse
 from .chunk import SufficientStatistics, combine_statistics, count_nonfinite_rows, init_statistics
 from .namespace import to_host
 
-#: Rows per cache block of the distance kernel.
+#: Fewest rows per cache block of the distance kernel.
 DISTANCE_BLOCK_ROWS = 4096
+#: Values per block row and centre column, ``rows × (n_features + 1 + centres)``: narrow rows (small
+#: d, few centres) get longer blocks, so that the NumPy calls per block (each a GIL hand-off for
+#: dask's other threads) stay few. At d = 2 and 3 centres, 21,845-row blocks ran 31 % faster than
+#: 4,096-row ones on 2 threads (``bench/README.md``, "Threads and the GIL").
+DISTANCE_BLOCK_ELEMENTS = 2**17
+
+
+def distance_block_rows(n_features: int, n_centers: int) -> int:
+    """Rows per block of :func:`nearest_centers` for this many features and centres (all sets)."""
+    return int(max(DISTANCE_BLOCK_ROWS, DISTANCE_BLOCK_ELEMENTS // (n_features + 1 + n_centers)))
 
 #: Philox stream tags, so the rounds of different seedings never share numbers.
 STREAM_PARALLEL = 1
@@ -111,7 +121,7 @@ def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...], with_lab
     """Nearest centre of every row within each of several sets of centres.
 
     All sets are evaluated with one matrix product per block of
-    :data:`DISTANCE_BLOCK_ROWS` rows.
+    :func:`distance_block_rows` rows.
 
     Parameters
     ----------
@@ -137,12 +147,13 @@ def nearest_centers(y: np.ndarray, center_sets: tuple[np.ndarray, ...], with_lab
     factor = np.empty((n_features + 1, len(stacked)))
     factor[:n_features] = -2.0 * stacked.T
     factor[n_features] = np.einsum("ij,ij->i", stacked, stacked)
-    block = np.empty((min(DISTANCE_BLOCK_ROWS, n), n_features + 1))
+    step = distance_block_rows(n_features, len(stacked))
+    block = np.empty((min(step, n), n_features + 1))
     block[:, n_features] = 1.0
     labels = np.empty((n, len(sizes)), dtype=np.int64) if with_labels else None
     min_distances = np.empty((n, len(sizes)))
-    for start in range(0, n, DISTANCE_BLOCK_ROWS):
-        stop = min(start + DISTANCE_BLOCK_ROWS, n)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
         rows = stop - start
         block[:rows, :n_features] = y[start:stop]
         partial = block[:rows] @ factor
