@@ -50,10 +50,12 @@ def test_read_ahead_is_only_for_the_workers_dgmm_starts():
 @pytest.mark.parametrize("read_ahead", [True, False])
 def test_the_command_s_workers_read_while_they_compute_and_give_the_same_model(read_ahead):
     """One worker of one core: with read-ahead a block is read while a kernel runs, else never."""
-    X = make_mixture(n_samples=60_000, n_features=16, seed=41)
+    # d = 32: kernels of about 2 ms, so that one can overlap a read by the 1 ms counted below (at d = 16 they
+    # took about 1 ms, and the count of overlaps went as low as 5 in a loaded run)
+    X = make_mixture(n_samples=60_000, n_features=32, seed=41)
     w, m, p = perturbed_init(X, "full")
     kwargs = dict(covariance_type="full", weights_init=w, means_init=m, precisions_init=p, tol=0, max_iter=3)
-    Xd = da.from_array(X, chunks=(2_500, 16)).map_blocks(slow_read, dtype=X.dtype)
+    Xd = da.from_array(X, chunks=(2_500, 32)).map_blocks(slow_read, dtype=X.dtype)
     config = ClusterConfig(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
                            read_ahead=read_ahead)
     with open_cluster(config) as client:
