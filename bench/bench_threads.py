@@ -17,6 +17,7 @@ automatically sized chunk per thread, ``--chunks`` times back to back (no dask),
     python bench/bench_threads.py --threads 16 --processes         # on a 16-core machine
     python bench/bench_threads.py --kernel --threads 1,2 --log2-blocks 13,15,17,19,21,23
     python bench/bench_threads.py --distances --threads 1,2 --repeats 5
+    python bench/bench_threads.py --handoff --threads 1,2 --repeats 3
 """
 
 from __future__ import annotations
@@ -141,6 +142,40 @@ def distances_part(args):
         chunk_kmeans.DISTANCE_BLOCK_ELEMENTS = saved
 
 
+def handoff_part(args):
+    """``--handoff``: the GIL's cost alone. Each thread repeats one NumPy call that releases the GIL
+    (``np.add(a, 1.0, out=a)`` on ``size`` values) for a second; calls per second in all, per pool size."""
+    import threading
+
+    def calls_per_second(threads, size, seconds=1.0):
+        counts = [0] * threads
+        stop = threading.Event()
+
+        def work(i):
+            a = np.zeros(size)
+            count = 0
+            while not stop.is_set():
+                np.add(a, 1.0, out=a)
+                count += 1
+            counts[i] = count
+
+        pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in pool:
+            t.join()
+        return sum(counts) / seconds
+
+    for size in (1_000, 4_000, 16_000, 64_000, 256_000):
+        row = dict(part="handoff", values_per_call=size, load_average=load_average())
+        for threads in (int(t) for t in args.threads.split(",")):
+            row[f"calls_per_s_{threads}_threads"] = round(statistics.median(
+                [calls_per_second(threads, size) for _ in range(args.repeats)]))
+        emit(row)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-samples", type=int, default=2_000_000)
@@ -161,6 +196,7 @@ def main():
     parser.add_argument("--log2-blocks", default="15,17,19,21", help="--kernel: log2 of the block's values")
     parser.add_argument("--chunks", type=int, default=24, help="--kernel, --distances: chunks per measurement")
     parser.add_argument("--distances", action="store_true", help="the k-means distance kernel on a thread pool")
+    parser.add_argument("--handoff", action="store_true", help="calls per second of a GIL-releasing NumPy call")
     parser.add_argument("--distance-configs", default="2:3,16:8,32:16,32:64,16:32:32",
                         help="--distances: d:centres[:centres of another set...], comma-separated")
     args = parser.parse_args()
@@ -169,6 +205,8 @@ def main():
         return kernel_part(args)
     if args.distances:
         return distances_part(args)
+    if args.handoff:
+        return handoff_part(args)
     n, d, k, kind = args.n_samples, args.n_features, args.n_components, args.kind
     dtype = np.dtype(args.dtype)
     X = make_data(n, d, k, seed=3, dtype=dtype)

@@ -476,22 +476,20 @@ MAX_BLOCK_SCALE = 8
 def block_scale(threads: int) -> int:
     """How many times ``BLOCK_ELEMENTS`` a CPU block holds when ``threads`` threads of one process run kernels.
 
-    Threads of one process share the GIL, and every NumPy call of a block
-    (about 20-30 per block) releases it and takes it back. Taking it back
-    while another thread holds it costs a hand-off (a futex wake-up, several
-    microseconds), during which no thread runs Python. So the process can
-    take the GIL back only some tens of thousands of times per second,
-    whatever its core count, and with many threads on cache-sized blocks
-    the threads queue for the GIL instead of computing. On 2 cores, 2 threads
-    of 1,600-row diag blocks ran no faster than one; on a 16-core machine,
-    dask's 16 threads ran a 'full' fit 4x slower than 8 processes of 2
-    threads, at the same speed for float32 as for float64
-    (``bench/README.md``, "Threads and the GIL: block size"). Blocks grow
-    with the threads, so that the process's rate of NumPy calls stays
+    Threads of one process share the GIL. A block's NumPy calls (about 20-30)
+    release it for their loops, but the Python between them holds it, and
+    taking it back while another thread holds it costs a hand-off. So every
+    block costs a fixed amount of time in which no other thread runs Python,
+    and with many threads on cache-sized blocks the threads queue for the GIL
+    instead of computing. On 2 cores, 2 threads of 800-row diag blocks ran
+    1.5x slower than one; on a 16-core machine, dask's 16 threads ran a
+    'full' fit 4x slower than 8 processes of 2 threads, and as slowly in
+    float32 as in float64 (``bench/README.md``, "Threads and the GIL").
+    Blocks grow with the threads, so that the process's rate of blocks stays
     about where it is with 2 threads: 1x up to 3 threads, ``threads // 2``
-    times beyond, at most ``MAX_BLOCK_SCALE`` times. Larger blocks cost
-    each core some speed (they fall out of cache: 13-28 % per core here
-    for 4-8x), far less than the GIL queue costs at 8 or more threads.
+    times beyond, at most ``MAX_BLOCK_SCALE`` times. Larger blocks cost each
+    core some speed (they fall out of cache: 13-28 % per core here for
+    4-8x), far less than the GIL queue costs at 8 or more threads.
     """
     return int(min(MAX_BLOCK_SCALE, max(1, int(threads) // 2)))
 
