@@ -23,6 +23,7 @@ automatically sized chunk per thread, ``--chunks`` times back to back (no dask),
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -111,6 +112,12 @@ def kernel_part(args):
                 emit(row)
 
 
+def _distances_job(copies, centers, i):
+    from dgmm import chunk_kmeans
+
+    return chunk_kmeans.nearest_centers(copies[i % len(copies)], centers)
+
+
 def distances_part(args):
     """``--distances``: the k-means distance kernel (``chunk_kmeans.nearest_centers``) on pools of threads,
     with its fixed 4,096-row blocks (``DISTANCE_BLOCK_ELEMENTS = 0``) and with dgmm's rule."""
@@ -129,12 +136,12 @@ def distances_part(args):
             for threads in (int(t) for t in args.threads.split(",")):
                 copies = [y.copy() for _ in range(threads)]
                 runs = []
+                job = functools.partial(_distances_job, copies, centers)
                 with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(lambda i: chunk_kmeans.nearest_centers(copies[i % threads], centers), range(threads)))
+                    list(pool.map(job, range(threads)))
                     for _ in range(args.repeats):
                         t0 = time.perf_counter()
-                        list(pool.map(lambda i: chunk_kmeans.nearest_centers(copies[i % threads], centers),
-                                      range(args.chunks)))
+                        list(pool.map(job, range(args.chunks)))
                         runs.append((time.perf_counter() - t0) / args.chunks)
                 emit(dict(part="distances", n_features=d, centers=sets, chunk_rows=rows, rule=rule, block_rows=block,
                           threads=threads, median_ms_per_chunk=round(statistics.median(runs) * 1e3, 3),
