@@ -32,9 +32,15 @@ if [ "${GPU_CHECK:-1}" = 1 ]; then
     timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_gpu.py --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
     timeout "${PROFILE_TIMEOUT:-60}" python3 bench/profile_gpu_block.py 2>&1 | tee "$OUT/profile.log"
 fi
-# Issue 6 on the device's many CPU cores (THREADS_CHECK=1): dask's threads with row blocks sized for them
-# (dgmm's default) and with one-thread blocks, and worker processes of 2 threads (about 2 minutes on 16 cores).
+# Issue 6 on the device's many CPU cores (THREADS_CHECK=1, about 3 minutes on 16 cores): dask's threads with
+# row blocks sized for them (dgmm's default) and with one-thread blocks, and worker processes of 2 threads;
+# the kernel alone on 1 and on all cores per block size; the GIL hand-off alone per thread count.
 if [ "${THREADS_CHECK:-0}" = 1 ]; then
-    timeout "${THREADS_TIMEOUT:-240}" python3 bench/bench_threads.py --threads "$(nproc)" --processes \
+    CORES=$(nproc)
+    timeout "${THREADS_TIMEOUT:-200}" python3 bench/bench_threads.py --threads "$CORES" --processes \
         --n-samples 4000000 --repeats 2 2>&1 | tee "$OUT/bench_threads.log"
+    timeout 60 python3 bench/bench_threads.py --kernel --threads "1,$CORES" --log2-blocks 19,21,22 \
+        --configs full:32:16:float32 --repeats 2 2>&1 | tee "$OUT/bench_threads_kernel.log"
+    timeout 60 python3 bench/bench_threads.py --handoff --threads "1,2,4,8,$CORES" --repeats 1 2>&1 \
+        | tee "$OUT/bench_threads_handoff.log"
 fi
