@@ -333,22 +333,22 @@ def center_rows(X: np.ndarray, center: np.ndarray) -> np.ndarray:
     return np.asarray(X, dtype=np.float64) - center
 
 
-def log_prob_resp(X: np.ndarray, params: ChunkParams):
-    """Per-row log-likelihood and log-responsibilities of one chunk.
+def log_prob_resp(X: np.ndarray, params: ChunkParams, threads: int = 1):
+    """Per-row log-likelihood and log-responsibilities of one chunk (``threads``: see :func:`block_scale`).
 
     Returns
     -------
     log_prob_norm : ndarray of shape (n_samples,)
     log_resp : ndarray of shape (n_samples, n_components)
     """
-    weighted = weighted_log_prob(X, params)
+    weighted = weighted_log_prob(X, params, threads)
     log_prob_norm = logsumexp_rows(weighted)
     with np.errstate(under="ignore", invalid="ignore"):
         log_resp = weighted - log_prob_norm[:, None]
     return log_prob_norm, log_resp
 
 
-def weighted_log_prob(X: np.ndarray, params: ChunkParams) -> np.ndarray:
+def weighted_log_prob(X: np.ndarray, params: ChunkParams, threads: int = 1) -> np.ndarray:
     """log N(x | μ_k, Σ_k) + log π_k for one chunk, shape (n_samples, n_components).
 
     Computed in float64 with the E-step's products (:class:`_BatchPlan`);
@@ -359,7 +359,7 @@ def weighted_log_prob(X: np.ndarray, params: ChunkParams) -> np.ndarray:
     xp = array_module(X)
     X = xp.asarray(X)
     n = X.shape[0]
-    plan = _plan_for((params,), X.shape[1], np.float64, xp)
+    plan = _plan_for((params,), X.shape[1], np.float64, xp, threads)
     out = xp.empty((plan.n_total, n))
     work = _thread_workspace()
     with np.errstate(under="ignore", invalid="ignore", over="ignore", divide="ignore"):

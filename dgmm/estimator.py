@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .init import InitRequest, initial_statistics
 from .namespace import is_gpu_array
-from .passes import DataPasses, auto_chunk_rows, nonfinite_error, single_threaded_blas
+from .passes import DataPasses, auto_chunk_rows, kernel_threads, nonfinite_error, single_threaded_blas
 from .validation import (
     check_input,
     check_means,
@@ -883,7 +883,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _predict_validated(self, Xv):
         params = self._chunk_params()
         if isinstance(Xv, da.Array):
-            return graph.predict(Xv, params)
+            return graph.predict(Xv, params, kernel_threads())
         return self._map_numpy(Xv, lambda b: chunk.weighted_log_prob(b, params).argmax(axis=1))
 
     def predict(self, X):
@@ -906,7 +906,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Xv = self._validated(X)
         params = self._chunk_params()
         if isinstance(Xv, da.Array):
-            return _like_input(X, graph.predict_proba(Xv, params, Xv.dtype))
+            return _like_input(X, graph.predict_proba(Xv, params, Xv.dtype, kernel_threads()))
         return self._map_numpy(Xv, lambda b: np.exp(chunk.log_prob_resp(b, params)[1])).astype(Xv.dtype, copy=False)
 
     def score_samples(self, X):
@@ -919,7 +919,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Xv = self._validated(X)
         params = self._chunk_params()
         if isinstance(Xv, da.Array):
-            return _like_input(X, graph.score_samples(Xv, params, Xv.dtype))
+            return _like_input(X, graph.score_samples(Xv, params, Xv.dtype, kernel_threads()))
         return self._map_numpy(Xv, lambda b: chunk.logsumexp_rows(chunk.weighted_log_prob(b, params))).astype(
             Xv.dtype, copy=False
         )
@@ -934,7 +934,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         sample_weight = check_sample_weight(sample_weight, Xv.shape[0], lazy)
         params = self._chunk_params()
         if lazy:
-            scores = graph.score_samples(Xv, params, np.float64)
+            scores = graph.score_samples(Xv, params, np.float64, kernel_threads())
             if sample_weight is None:
                 return float(scores.mean().compute())
             weights = da.asarray(sample_weight).rechunk((scores.chunks[0],))

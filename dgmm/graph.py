@@ -130,16 +130,16 @@ def _checked(X, block_info=None):
     return X
 
 
-def _score_samples_chunk(X, params, block_info=None):
-    return chunk.logsumexp_rows(chunk.weighted_log_prob(_checked(X, block_info), params))
+def _score_samples_chunk(X, params, threads=1, block_info=None):
+    return chunk.logsumexp_rows(chunk.weighted_log_prob(_checked(X, block_info), params, threads))
 
 
-def _predict_chunk(X, params, block_info=None):
-    return chunk.weighted_log_prob(_checked(X, block_info), params).argmax(axis=1)
+def _predict_chunk(X, params, threads=1, block_info=None):
+    return chunk.weighted_log_prob(_checked(X, block_info), params, threads).argmax(axis=1)
 
 
-def _predict_proba_chunk(X, params, block_info=None):
-    _, log_resp = chunk.log_prob_resp(_checked(X, block_info), params)
+def _predict_proba_chunk(X, params, threads=1, block_info=None):
+    _, log_resp = chunk.log_prob_resp(_checked(X, block_info), params, threads)
     return array_module(log_resp).exp(log_resp)
 
 
@@ -157,25 +157,33 @@ def _meta(X: da.Array, shape: tuple[int, ...], dtype):
     return xp.empty(shape, dtype)
 
 
-def score_samples(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
-    """Lazy per-row log-likelihood, a dask array with X's row chunks (and chunk library)."""
+def score_samples(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 1) -> da.Array:
+    """Lazy per-row log-likelihood, a dask array with X's row chunks (and chunk library).
+
+    ``threads`` (here and below): the threads of one process expected to compute the blocks at
+    once (:func:`dgmm.chunk.block_scale`); only the block sizes depend on it.
+    """
     out = X.map_blocks(
-        _score_samples_chunk, _shared(params), drop_axis=1, dtype=np.float64, meta=_meta(X, (0,), np.float64)
+        _score_samples_chunk, _shared(params), threads, drop_axis=1, dtype=np.float64,
+        meta=_meta(X, (0,), np.float64),
     )
     return out.astype(dtype)
 
 
-def predict(X: da.Array, params: chunk.ChunkParams) -> da.Array:
+def predict(X: da.Array, params: chunk.ChunkParams, threads: int = 1) -> da.Array:
     """Lazy labels, a dask array of int64 with X's row chunks (and chunk library)."""
-    return X.map_blocks(_predict_chunk, _shared(params), drop_axis=1, dtype=np.int64, meta=_meta(X, (0,), np.int64))
+    return X.map_blocks(
+        _predict_chunk, _shared(params), threads, drop_axis=1, dtype=np.int64, meta=_meta(X, (0,), np.int64)
+    )
 
 
-def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype) -> da.Array:
+def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 1) -> da.Array:
     """Lazy responsibilities, a dask array (n_samples, n_components) with X's row chunks (and chunk library)."""
     k = params.means.shape[0]
     out = X.map_blocks(
         _predict_proba_chunk,
         _shared(params),
+        threads,
         chunks=(X.chunks[0], (k,)),
         dtype=np.float64,
         meta=_meta(X, (0, 0), np.float64),

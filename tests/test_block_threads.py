@@ -81,3 +81,23 @@ def test_distributed_workers_threads_size_the_blocks(plan_rows):
     (b,) = set(plan_rows)
     assert 3 * a <= b < 3 * (a + 1)  # 6 threads: 3x the rows
     assert_same_model(one, on_cluster)
+
+
+def test_lazy_predictions_use_the_blocks_of_the_scheduler_they_are_built_under(plan_rows):
+    X = make_mixture(n_samples=6000, n_features=8, seed=33)
+    Xd = da.from_array(X, chunks=(2000, 8))
+    with dask.config.set(scheduler="sync"):
+        gm = _fit(Xd, "full")
+        plan_rows.clear()
+        labels, proba, scores = dask.compute(gm.predict(Xd), gm.predict_proba(Xd), gm.score_samples(Xd))
+    (a,) = set(plan_rows)
+    plan_rows.clear()
+    with dask.config.set(scheduler="threads", num_workers=8):
+        lazy = gm.predict(Xd), gm.predict_proba(Xd), gm.score_samples(Xd)
+        labels8, proba8, scores8 = dask.compute(*lazy)
+    (b,) = set(plan_rows)
+    assert a < 2000 and 4 * a <= b < 4 * (a + 1)
+    np.testing.assert_array_equal(labels8, labels)
+    np.testing.assert_allclose(proba8, proba, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(scores8, scores, rtol=1e-12)
+    np.testing.assert_array_equal(labels, gm.predict(X))  # and the NumPy path's labels
