@@ -528,8 +528,16 @@ class _BatchPlan:
     """
 
     def blocks(self, n: int):
-        """(start, stop) of the row blocks of an ``n``-row chunk."""
-        return _plan_blocks(self, n)
+        """(start, stop) of the row blocks of an ``n``-row chunk: ``rows`` each, and with sub-blocks
+        (``sub_rows``) every block a whole number of sub-blocks or shorter than one."""
+        step, sub = self.rows, self.sub_rows
+        start = 0
+        while start < n:
+            stop = min(start + step, n)
+            if sub and stop - start > sub and (stop - start) % sub:
+                stop = start + (stop - start) // sub * sub
+            yield start, stop
+            start = stop
 
     def __init__(self, batch: tuple[ChunkParams, ...], n_features: int, input_dtype, xp=np, threads: int = 1):
         d = n_features
@@ -689,19 +697,6 @@ def _plan_for(batch: tuple[ChunkParams, ...], n_features: int, input_dtype, xp=n
         while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
             _PLAN_CACHE.popitem(last=False)
     return plan
-
-
-def _plan_blocks(plan, n: int):
-    """(start, stop) of the row blocks of an ``n``-row chunk: ``plan.rows`` each, and with sub-blocks
-    (``plan.sub_rows``) every block a whole number of sub-blocks or shorter than one."""
-    step, sub = plan.rows, plan.sub_rows
-    start = 0
-    while start < n:
-        stop = min(start + step, n)
-        if sub and stop - start > sub and (stop - start) % sub:
-            stop = start + (stop - start) // sub * sub
-        yield start, stop
-        start = stop
 
 
 #: Rows per float32 sum in the GPU layout (:attr:`_BatchPlan.sub_rows`); sums across them are float64.

@@ -14,6 +14,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.array.utils import meta_from_array
 from dask.delayed import Delayed
 
 from . import chunk
@@ -148,15 +149,6 @@ def _shared(params):
     return dask.delayed(params, pure=True)
 
 
-def _meta(X: da.Array, shape: tuple[int, ...], dtype):
-    """An empty array of X's chunk library (NumPy, or CuPy for GPU-backed arrays): the outputs' meta."""
-    try:
-        xp = array_module(X._meta)
-    except TypeError:
-        xp = np
-    return xp.empty(shape, dtype)
-
-
 def score_samples(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 1) -> da.Array:
     """Lazy per-row log-likelihood, a dask array with X's row chunks (and chunk library).
 
@@ -165,7 +157,7 @@ def score_samples(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 
     """
     out = X.map_blocks(
         _score_samples_chunk, _shared(params), threads, drop_axis=1, dtype=np.float64,
-        meta=_meta(X, (0,), np.float64),
+        meta=meta_from_array(X, 1, np.float64),
     )
     return out.astype(dtype)
 
@@ -173,7 +165,7 @@ def score_samples(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 
 def predict(X: da.Array, params: chunk.ChunkParams, threads: int = 1) -> da.Array:
     """Lazy labels, a dask array of int64 with X's row chunks (and chunk library)."""
     return X.map_blocks(
-        _predict_chunk, _shared(params), threads, drop_axis=1, dtype=np.int64, meta=_meta(X, (0,), np.int64)
+        _predict_chunk, _shared(params), threads, drop_axis=1, dtype=np.int64, meta=meta_from_array(X, 1, np.int64)
     )
 
 
@@ -186,6 +178,6 @@ def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 
         threads,
         chunks=(X.chunks[0], (k,)),
         dtype=np.float64,
-        meta=_meta(X, (0, 0), np.float64),
+        meta=meta_from_array(X, 2, np.float64),
     )
     return out.astype(dtype)

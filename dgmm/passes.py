@@ -174,6 +174,10 @@ def read_ahead_pool(read_keys: frozenset) -> ReadAheadPool | None:
     return ReadAheadPool(read_keys, threads)
 
 
+#: Schedulers that run one task per process at a time.
+_ONE_THREAD_SCHEDULERS = ("sync", "synchronous", "single-threaded", "processes", "multiprocessing")
+
+
 def kernel_threads() -> int:
     """How many threads of one process will run chunk kernels at once in a pass (:func:`dgmm.chunk.block_scale`).
 
@@ -196,9 +200,6 @@ def kernel_threads() -> int:
     except (OSError, TimeoutError, RuntimeError):  # a hint only: closed comms get one-thread blocks
         logger.debug("could not ask the scheduler for its workers' threads", exc_info=True)
         return 1
-
-
-_ONE_THREAD_SCHEDULERS = ("sync", "synchronous", "single-threaded", "processes", "multiprocessing")
 
 
 class DataPasses:

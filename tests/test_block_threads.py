@@ -49,36 +49,40 @@ def test_kernel_threads_follows_the_scheduler():
         assert passes.kernel_threads() == 5
 
 
+def _recorded(plan_rows, run):
+    """``run()``'s result and the one block size of the plans it built (every chunk the same)."""
+    plan_rows.clear()
+    result = run()
+    rows = set(plan_rows)
+    assert len(rows) == 1, rows
+    return result, rows.pop()
+
+
+def _sync_fit_and_rows(plan_rows, Xd, kind):
+    with dask.config.set(scheduler="sync"):
+        one, a = _recorded(plan_rows, lambda: _fit(Xd, kind))
+    assert a < 2000  # several blocks per 2,000-row chunk
+    return one, a
+
+
 @pytest.mark.parametrize("kind", ["full", "diag"])
 def test_threaded_scheduler_with_many_threads_uses_larger_blocks_and_the_same_model(plan_rows, kind):
-    X = make_mixture(n_samples=6000, n_features=8, seed=31)
-    Xd = da.from_array(X, chunks=(2000, 8))
-    with dask.config.set(scheduler="sync"):
-        one = _fit(Xd, kind)
-    rows_one = set(plan_rows)
-    plan_rows.clear()
+    Xd = da.from_array(make_mixture(n_samples=6000, n_features=8, seed=31), chunks=(2000, 8))
+    one, a = _sync_fit_and_rows(plan_rows, Xd, kind)
     with dask.config.set(scheduler="threads", num_workers=8):
-        many = _fit(Xd, kind)
-    rows_many = set(plan_rows)
-    assert len(rows_one) == 1 and len(rows_many) == 1
-    (a,), (b,) = rows_one, rows_many
-    assert a < 2000 and 4 * a <= b < 4 * (a + 1)  # 8 threads: 4x the rows (block_scale)
+        many, b = _recorded(plan_rows, lambda: _fit(Xd, kind))
+    assert 4 * a <= b < 4 * (a + 1)  # 8 threads: 4x the rows (block_scale)
     assert_same_model(one, many)
 
 
 def test_distributed_workers_threads_size_the_blocks(plan_rows):
-    X = make_mixture(n_samples=6000, n_features=8, seed=32)
-    Xd = da.from_array(X, chunks=(2000, 8))
-    with dask.config.set(scheduler="sync"):
-        one = _fit(Xd, "full")
-    (a,) = set(plan_rows)
-    plan_rows.clear()
+    Xd = da.from_array(make_mixture(n_samples=6000, n_features=8, seed=32), chunks=(2000, 8))
+    one, a = _sync_fit_and_rows(plan_rows, Xd, "full")
     # Thread workers in this process, so that the recording plan class is the one the tasks use.
     with LocalCluster(n_workers=1, threads_per_worker=6, processes=False, dashboard_address=None) as cluster, \
             Client(cluster):
         assert passes.kernel_threads() == 6
-        on_cluster = _fit(Xd, "full")
-    (b,) = set(plan_rows)
+        on_cluster, b = _recorded(plan_rows, lambda: _fit(Xd, "full"))
     assert 3 * a <= b < 3 * (a + 1)  # 6 threads: 3x the rows
     assert_same_model(one, on_cluster)
 
@@ -86,16 +90,15 @@ def test_distributed_workers_threads_size_the_blocks(plan_rows):
 def test_lazy_predictions_use_the_blocks_of_the_scheduler_they_are_built_under(plan_rows):
     X = make_mixture(n_samples=6000, n_features=8, seed=33)
     Xd = da.from_array(X, chunks=(2000, 8))
+    gm, _ = _sync_fit_and_rows(plan_rows, Xd, "full")
+
+    def predictions():
+        return dask.compute(gm.predict(Xd), gm.predict_proba(Xd), gm.score_samples(Xd))
+
     with dask.config.set(scheduler="sync"):
-        gm = _fit(Xd, "full")
-        plan_rows.clear()
-        labels, proba, scores = dask.compute(gm.predict(Xd), gm.predict_proba(Xd), gm.score_samples(Xd))
-    (a,) = set(plan_rows)
-    plan_rows.clear()
+        (labels, proba, scores), a = _recorded(plan_rows, predictions)
     with dask.config.set(scheduler="threads", num_workers=8):
-        lazy = gm.predict(Xd), gm.predict_proba(Xd), gm.score_samples(Xd)
-        labels8, proba8, scores8 = dask.compute(*lazy)
-    (b,) = set(plan_rows)
+        (labels8, proba8, scores8), b = _recorded(plan_rows, predictions)
     assert a < 2000 and 4 * a <= b < 4 * (a + 1)
     np.testing.assert_array_equal(labels8, labels)
     np.testing.assert_allclose(proba8, proba, rtol=1e-12, atol=1e-300)
