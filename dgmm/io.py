@@ -32,6 +32,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import dask.array as da
@@ -64,6 +65,8 @@ SUCCESS_MARKER = "_SUCCESS"
 NPY_CHUNK_BYTES = 64 * 2**20
 #: Names accepted for the compression of dgmm's Zarr outputs (see :func:`zarr_compressors`).
 COMPRESSORS = ("default", "blosc-lz4", "blosc-zstd", "zstd", "none")
+#: Parquet footers read at once when a directory is opened (:func:`open_parquet`).
+FOOTER_READERS = 16
 
 
 def is_url(path: str) -> bool:
@@ -238,11 +241,42 @@ def _read_zarr_block(array, index, asarray=True, lock=None):
 # -- Parquet ------------------------------------------------------------------
 
 
-def _parquet_files(fs, root: str) -> list[str]:
-    files = [f for f in sorted(fs.find(root)) if not any(part.startswith(("_", "."))
-                                                         for part in posixpath.relpath(f, root).split("/"))]
+def _parquet_files(fs, root: str) -> dict[str, dict]:
+    """The data files of a Parquet directory (sorted), with the file details of the one listing that found them."""
+    listing = fs.find(root, detail=True)
+    files = [f for f in sorted(listing) if not any(part.startswith(("_", "."))
+                                                   for part in posixpath.relpath(f, root).split("/"))]
     parquet = [f for f in files if f.lower().endswith((".parquet", ".pq"))]
-    return parquet or [f for f in files if posixpath.splitext(f)[1] == ""]
+    return {f: listing[f] for f in parquet or [f for f in files if posixpath.splitext(f)[1] == ""]}
+
+
+def _file_version(info: Mapping) -> str:
+    """What changes when a file is rewritten, from its fsspec details."""
+    return str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("size"))
+
+
+def _parquet_footers(fs, path: str, files: Sequence[str]) -> list:
+    """The footers (``FileMetaData``) of ``files``, read ``FOOTER_READERS`` at a time.
+
+    A data lake on an object store holds thousands of files, and each footer
+    costs a few round trips of tens of milliseconds; read one after another
+    they took minutes before the first chunk could be read. The first
+    unreadable file, in the files' order, raises.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def footer(file):
+        with fs.open(file, "rb") as f:
+            try:
+                return pq.ParquetFile(f).metadata
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ValueError(f"{path}: {file} is not a readable Parquet file ({exc})") from None
+
+    if len(files) == 1:
+        return [footer(files[0])]
+    with ThreadPoolExecutor(min(FOOTER_READERS, len(files)), thread_name_prefix="dgmm-footers") as pool:
+        return list(pool.map(footer, files))
 
 
 def _is_numeric(arrow_type) -> bool:
@@ -264,23 +298,18 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
         For a missing or non-numeric column, files with different columns, or no rows.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     fs, root = _filesystem(path, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"{path}: no such file or directory")
-    files = _parquet_files(fs, root) if fs.isdir(root) else [root]
-    if not files:
+    infos = _parquet_files(fs, root) if fs.isdir(root) else {root: fs.info(root)}
+    if not infos:
         raise ValueError(f"{path}: the directory holds no Parquet files")
+    files = list(infos)
     selected = None if columns is None else list(columns)
     plan = []  # (file, [row groups], rows)
     dtype = None
-    for file in files:
-        with fs.open(file, "rb") as f:
-            try:
-                meta = pq.ParquetFile(f).metadata
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise ValueError(f"{path}: {file} is not a readable Parquet file ({exc})") from None
+    for file, meta in zip(files, _parquet_footers(fs, path, files)):
         schema = meta.schema.to_arrow_schema()
         if selected is None:
             selected = [field.name for field in schema if _is_numeric(field.type)]
@@ -312,10 +341,7 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
             plan.append((file, groups, rows))
     if not plan:
         raise ValueError(f"{path}: the Parquet data set has no rows")
-    versions = []
-    for file in files:
-        info = fs.info(file)
-        versions.append(str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("size")))
+    versions = [_file_version(infos[file]) for file in files]
     name = "read-parquet-" + dask.base.tokenize(path, files, selected, dtype, [p[:2] for p in plan], versions)
     graph = {(name, i, 0): (_read_parquet_rows, fs, file, groups, tuple(selected), dtype)
              for i, (file, groups, _) in enumerate(plan)}

@@ -77,6 +77,50 @@ def test_parquet_row_groups_become_chunks_from_the_footer(tmp_path, X):
         open_input(str(tmp_path), format="parquet", columns=["zz"])
 
 
+def test_parquet_directory_footers_are_read_concurrently_in_file_order(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import dgmm.io
+
+    n_files = 40
+    for i in range(n_files):  # files of i + 1 rows whose values say which file and row they are
+        rows = np.arange(i + 1, dtype=np.float64)
+        pq.write_table(pa.table({"file": np.full(i + 1, float(i)), "row": rows}), tmp_path / f"p-{i:03d}.parquet")
+    threads, lock, in_flight = set(), threading.Lock(), [0, 0]  # threads; footers being read now, most at once
+
+    class Recording(pq.ParquetFile):
+        @property
+        def metadata(self):  # a footer that takes 20 ms to arrive, as from an object store
+            with lock:
+                threads.add(threading.get_ident())
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight)
+            time.sleep(0.02)
+            with lock:
+                in_flight[0] -= 1
+            return super().metadata
+
+    monkeypatch.setattr(pq, "ParquetFile", Recording)
+    start = time.perf_counter()
+    with dask.config.set(scheduler=no_compute):
+        A = open_input(str(tmp_path), format="parquet")
+    elapsed = time.perf_counter() - start
+    assert A.chunks[0] == tuple(range(1, n_files + 1))  # sorted file order, every footer's row count
+    assert threading.get_ident() not in threads and in_flight[1] == dgmm.io.FOOTER_READERS
+    assert elapsed < n_files * 0.02 / 2  # 0.8 s one after another
+    monkeypatch.undo()
+    values = A.compute()
+    np.testing.assert_array_equal(values[:, 0], np.repeat(np.arange(n_files), np.arange(1, n_files + 1)))
+    np.testing.assert_array_equal(values[:, 1], np.concatenate([np.arange(i + 1) for i in range(n_files)]))
+    # two unreadable files: the error names the first in the files' order, whichever thread fails first
+    for i in (7, 30):
+        data = (tmp_path / f"p-{i:03d}.parquet").read_bytes()
+        (tmp_path / f"p-{i:03d}.parquet").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match=r"p-007\.parquet is not a readable Parquet file"):
+        open_input(str(tmp_path), format="parquet")
+
+
 def test_parquet_nulls_become_nan_and_float32_stays(tmp_path):
     pq.write_table(pa.table({"x": pa.array([1.0, None, 3.0], pa.float32()), "y": pa.array([1, 2, None])}),
                    tmp_path / "t.parquet")
