@@ -103,6 +103,9 @@ def remove_stale_temporaries(path: str) -> list[str]:
 def atomic_write_bytes(path: str, payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically (same-directory temporary file, fsync, rename).
 
+    The file gets the permissions ``open`` gives a new file (0666 less the
+    umask), like files NumPy or joblib write: a model written on a shared
+    cluster is readable by whom the user's umask allows.
     The temporary file is ``NAME.HOST.PID.TOKEN.tmp``, unique to this write. After
     the rename, temporary files of ``path`` left by killed writers are removed
     (:func:`remove_stale_temporaries`).
@@ -111,7 +114,7 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, _temporary_name(path))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)

@@ -450,7 +450,13 @@ def _check_for_command(config: Config, command: str) -> None:
     if output.model is None:
         fail("output.model", f"is required by 'dgmm {command}' (the model file, e.g. results/model.npz)")
     local_model = not is_url(output.model)
+    kept = _kept_paths(config)
     if command == "fit":
+        if local_model:
+            if os.path.isdir(output.model):
+                fail("output.model", f"{output.model} is a directory; name the model file, e.g. "
+                                     f"{os.path.join(output.model, 'model.npz')}")
+            _check_not_over(fail, "output.model", output.model, kept)
         if local_model and os.path.exists(output.model) and not output.overwrite:
             fail("output.model", f"{output.model} exists; set output.overwrite: true or choose another path")
         return
@@ -459,8 +465,51 @@ def _check_for_command(config: Config, command: str) -> None:
     if command == "predict":
         if predict is None:
             fail("predict", "a predict section (output, labels, probabilities, log_likelihood) is required")
-        if not is_url(predict.output) and os.path.exists(predict.output) and not predict.overwrite:
-            fail("predict.output", f"{predict.output} exists; set predict.overwrite: true or choose another path")
+        if not is_url(predict.output):
+            model = [(f"the model (output.model: {output.model})", _real(output.model), False)] if local_model else []
+            _check_not_over(fail, "predict.output", predict.output, kept + model)
+            if os.path.exists(predict.output):
+                if not predict.overwrite:
+                    fail("predict.output",
+                         f"{predict.output} exists; set predict.overwrite: true or choose another path")
+                from .io import replace_refusal
+
+                refusal = replace_refusal(predict.output)
+                if refusal:
+                    fail("predict.output", f"{refusal}; dgmm replaces only its own outputs: remove it yourself or "
+                                           "choose another path")
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def _holds(outer: str, inner: str) -> bool:
+    """True when the real local path ``outer`` is ``inner`` or a directory above it."""
+    try:
+        return os.path.commonpath([outer, inner]) == outer
+    except ValueError:  # different drives
+        return False
+
+
+def _kept_paths(config: Config) -> list[tuple[str, str, bool]]:
+    """What no output of a command may replace: (description, real path, whether outputs may not go inside it)."""
+    kept = [("the current directory", _real(os.getcwd()), False)]
+    if os.path.isfile(config.source):
+        kept.append((f"the config file {config.source}", _real(config.source), False))
+    if not is_url(config.input.path):
+        kept.append((f"the input (input.path: {config.input.path})", _real(config.input.path), True))
+    return kept
+
+
+def _check_not_over(fail, key: str, path: str, kept) -> None:
+    """Fail when the local output ``path`` is, or holds, something in ``kept``, or lies inside the input."""
+    target = _real(path)
+    for what, real, nothing_inside in kept:
+        if _holds(target, real):
+            fail(key, f"{path} would replace {what}; choose another path")
+        if nothing_inside and _holds(real, target):
+            fail(key, f"{path} lies inside {what}; write outputs elsewhere")
 
 
 def apply_overrides(raw: Mapping, overrides: Sequence[str], *, source: str = "<config>") -> dict:

@@ -52,6 +52,7 @@ __all__ = [
     "open_npy",
     "open_parquet",
     "open_zarr",
+    "replace_refusal",
     "write_predictions",
     "write_table",
     "zarr_compressors",
@@ -427,6 +428,29 @@ def _read_npy_rows(fs, file, local, offset, start, stop, shape, dtype, fortran_o
 # ---------------------------------------------------------------------------
 
 
+def replace_refusal(path: str, *, storage_options: Mapping | None = None) -> str | None:
+    """Why an output must not replace what is at ``path``, or None when it may.
+
+    dgmm replaces only what it wrote itself: a directory with its
+    ``_SUCCESS`` marker (or an empty one, or nothing). Never a plain file, a
+    directory of someone else's files, or the current working directory or a
+    directory above it: an ``overwrite`` flag is not a licence to delete
+    those.
+    """
+    fs, root = _filesystem(path, storage_options)
+    if not is_url(path):
+        real, cwd = os.path.realpath(root), os.path.realpath(os.getcwd())
+        if os.path.commonpath([real, cwd]) == real:
+            return f"{path} is the current directory or holds it"
+    if not fs.exists(root):
+        return None
+    if not fs.isdir(root):
+        return f"{path} is a file, not an output dgmm wrote"
+    if fs.exists(posixpath.join(root, SUCCESS_MARKER)) or not fs.ls(root):
+        return None
+    return f"{path} is not an output dgmm wrote (it has no {SUCCESS_MARKER} marker)"
+
+
 def is_complete(path: str, *, storage_options: Mapping | None = None) -> bool:
     """True when an output written by dgmm at ``path`` was committed (its ``_SUCCESS`` marker exists)."""
     fs, root = _filesystem(path, storage_options)
@@ -470,7 +494,8 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     storage_options : mapping, default=None
         Passed to fsspec.
     overwrite : bool, default=False
-        Replace an existing output at ``path`` (only once the new one is complete).
+        Replace an existing output at ``path`` (only once the new one is
+        complete). Only an output dgmm wrote is replaced (:func:`replace_refusal`).
     attributes : mapping, default=None
         JSON metadata stored in the Zarr group's attributes and in the marker.
     compressor : {'default', 'blosc-lz4', 'blosc-zstd', 'zstd', 'none'}, default='default'
@@ -486,7 +511,8 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is False.
+        If ``path`` exists and ``overwrite`` is False, or it holds something
+        dgmm did not write (:func:`replace_refusal`).
     """
     if format not in ("zarr", "parquet"):
         raise ValueError(f"unsupported output format {format!r}: use 'zarr' or 'parquet'")
@@ -502,8 +528,13 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     (n_samples,) = n_rows
     arrays = {name: _host_chunks(array) for name, array in arrays.items()}
     fs, root = _filesystem(path, storage_options)
-    if fs.exists(root) and not overwrite:
-        raise FileExistsError(f"{path} exists; allow overwriting or choose another path")
+    if fs.exists(root):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; allow overwriting or choose another path")
+        refusal = replace_refusal(path, storage_options=storage_options)
+        if refusal:
+            raise FileExistsError(f"{refusal}; dgmm replaces only its own outputs: remove it yourself or choose "
+                                  "another path")
     parent, name = posixpath.split(root.rstrip("/"))
     staging = posixpath.join(parent, f".{name}.dgmm-staging-{uuid.uuid4().hex[:12]}")
     staging_url = staging if not is_url(path) else f"{path.split('://', 1)[0]}://{staging}"

@@ -129,3 +129,20 @@ def test_next_checkpoint_removes_temporary_files_of_killed_writers(tmp_path):
     GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
     assert sorted(os.listdir(tmp_path)) == sorted(["c.npz", own])
     assert load_checkpoint(str(path)).n_iter == 2
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    """Model files, checkpoints and tables get the permissions a plain open() would give them."""
+    from dgmm import save_model
+    from dgmm.checkpoint import atomic_write_bytes
+
+    model = GaussianMixture(2, random_state=0).fit(np.random.default_rng(0).normal(size=(50, 2)))
+    previous = os.umask(umask)
+    try:
+        save_model(model, tmp_path / "model.npz")
+        atomic_write_bytes(str(tmp_path / "table.csv"), b"k,bic\n")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model.npz").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "table.csv").stat().st_mode & 0o777 == mode

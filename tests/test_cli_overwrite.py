@@ -1,0 +1,129 @@
+"""``overwrite`` replaces only what dgmm wrote: never the input, the model, the config or the current directory."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from dgmm.config import ConfigError, parse_config
+from dgmm.io import SUCCESS_MARKER, replace_refusal, write_table
+from cli_helpers import blobs, run_dgmm, write_config
+
+
+def tree(path):
+    """Every file under ``path`` with its bytes: what a refused command must leave as it was."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+@pytest.fixture
+def lake(tmp_path, monkeypatch):
+    """A working directory with a Zarr input, a Parquet input directory, a model file and a user's folder."""
+    from dgmm import GaussianMixture, save_model
+
+    X = blobs(300, 2)
+    zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=X.shape, chunks=(100, 2), dtype="f8")[:] = X
+    (tmp_path / "table").mkdir()
+    pq.write_table(pa.table({"a": X[:, 0], "b": X[:, 1]}), tmp_path / "table" / "part-0.parquet")
+    (tmp_path / "results").mkdir()
+    save_model(GaussianMixture(2, random_state=0).fit(X), tmp_path / "results" / "model.npz")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("not dgmm's")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def config(**predict):
+    return {"input": {"path": "in.zarr"}, "model": {"n_components": 2}, "cluster": {"type": "threads"},
+            "output": {"model": "results/model.npz"},
+            "predict": {"output": "p.zarr", "format": "zarr", "overwrite": True, **predict}}
+
+
+@pytest.mark.parametrize(
+    "predict, message",
+    [
+        ({"output": "."}, "predict.output: . would replace the current directory"),
+        ({"output": ".."}, "predict.output: .. would replace the current directory"),
+        ({"output": "results"}, "predict.output: results would replace the model (output.model: results/model.npz)"),
+        ({"output": "in.zarr"}, "predict.output: in.zarr would replace the input (input.path: in.zarr)"),
+        ({"output": "in.zarr/p.zarr"}, "predict.output: in.zarr/p.zarr lies inside the input (input.path: in.zarr)"),
+        ({"output": "mine"}, ("predict.output: mine is not an output dgmm wrote (it has no _SUCCESS marker); "
+                              "dgmm replaces only its own outputs")),
+        ({"output": "results/model.npz"}, "would replace the model"),
+        ({"output": "table/p.zarr"}, None),  # a path inside another directory is fine
+    ],
+)
+def test_predict_outputs_that_would_destroy_something_are_config_errors(lake, predict, message):
+    if message is None:
+        assert parse_config(config(**predict), command="predict").predict.output == predict["output"]
+        return
+    with pytest.raises(ConfigError, match="^<config>: .*" + re.escape(message)):
+        parse_config(config(**predict), command="predict")
+
+
+def test_predict_output_inside_a_parquet_input_is_refused(lake):
+    raw = config(output="table/predictions.parquet")
+    raw["input"] = {"path": "table"}
+    with pytest.raises(ConfigError, match="table/predictions.parquet lies inside the input"):
+        parse_config(raw, command="predict")  # its part files would be read as data by the next fit
+
+
+def test_fit_model_path_over_the_input_or_a_directory_is_a_config_error(lake):
+    np.save(lake / "x.npy", blobs(50, 2))
+    raw = {"input": {"path": "x.npy"}, "output": {"model": "x.npy", "overwrite": True}}
+    with pytest.raises(ConfigError, match=r"output.model: x.npy would replace the input \(input.path: x.npy\)"):
+        parse_config(raw, command="fit")
+    raw["output"]["model"] = "results"
+    with pytest.raises(ConfigError, match="output.model: results is a directory; name the model file, e.g. "
+                                          "results/model.npz"):
+        parse_config(raw, command="fit")
+    raw["output"]["model"] = "results/model.npz"  # an existing model file is replaced when asked
+    assert parse_config(raw, command="fit").output.model == "results/model.npz"
+
+
+def test_dgmm_predict_into_the_current_directory_exits_2_and_deletes_nothing(lake):
+    """The report's case: ``predict.output: .`` with overwrite used to empty the directory."""
+    work = lake / "work"
+    work.mkdir()
+    (work / "a.txt").write_text("keep")
+    path = write_config(lake / "c.yaml", {**config(output=".", format="parquet"),
+                                          "input": {"path": str(lake / "in.zarr")},
+                                          "output": {"model": str(lake / "results" / "model.npz")}})
+    before = tree(lake)
+    result = run_dgmm("predict", path, cwd=work)
+    assert result.returncode == 2, result.stderr
+    assert "predict.output: . would replace the current directory" in result.stderr
+    assert result.stdout == "" and tree(lake) == before
+    result = run_dgmm("fit", path, "--set", f"output.model={lake / 'results'}", "--set", "output.overwrite=true")
+    assert result.returncode == 2 and "is a directory; name the model file" in result.stderr
+    assert tree(lake) == before and not list(lake.glob("*checkpoint*"))
+
+
+def test_write_table_replaces_only_outputs_dgmm_wrote(lake):
+    arrays = {"labels": da.arange(10, chunks=5)}
+    with pytest.raises(FileExistsError, match="mine is not an output dgmm wrote"):
+        write_table(arrays, "mine", format="zarr", overwrite=True)
+    assert (lake / "mine" / "keep.txt").read_text() == "not dgmm's"
+    with pytest.raises(FileExistsError, match="is the current directory or holds it"):
+        write_table(arrays, str(lake), format="parquet", overwrite=True)
+    with pytest.raises(FileExistsError, match="results/model.npz is a file, not an output dgmm wrote"):
+        write_table(arrays, "results/model.npz", format="zarr", overwrite=True)
+    assert replace_refusal("nothing-here") is None and replace_refusal("empty") is None
+    write_table(arrays, "empty", format="zarr", overwrite=True)  # an empty directory holds nothing to lose
+    assert (lake / "empty" / SUCCESS_MARKER).exists()
+    write_table({"labels": da.arange(4, chunks=2)}, "empty", format="zarr", overwrite=True)  # dgmm's own output
+    np.testing.assert_array_equal(zarr.open_group("empty", mode="r")["labels"][:], np.arange(4))
+    assert not [p for p in os.listdir(lake) if "staging" in p]  # nothing staged was left behind
