@@ -505,7 +505,7 @@ def _print_parameters(model) -> None:
 def run_fit(config: Config, *, resume: bool = False) -> int:
     """Fit the model a validated config describes and write it (and checkpoints)."""
     from . import GaussianMixture
-    from .checkpoint import load_checkpoint
+    from .checkpoint import fingerprint_mismatch, load_checkpoint
     from .io import describe_source
     from .model_io import save_model
 
@@ -514,20 +514,30 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     if resume and checkpoint is None:
         raise ConfigError(f"{config.source}: output.checkpoint_every: --resume needs checkpoints "
                           "(checkpoint_every >= 1 and a local output.model or output.checkpoint)")
+    progress = IterationReporter()
+    gm = GaussianMixture(**config.model.estimator_params(), callbacks=[progress],
+                         checkpoint=checkpoint, checkpoint_every=max(out.checkpoint_every, 1))
+    state = load_checkpoint(checkpoint) if resume and checkpoint is not None and os.path.exists(checkpoint) else None
+    if state is not None:
+        # Settings first, before a cluster starts or data is read; the data's digest is checked by fit.
+        settings = gm._settings_fingerprint()
+        mismatched = fingerprint_mismatch({k: state.fingerprint.get(k) for k in settings}, settings)
+        if mismatched:
+            raise ConfigError(f"{config.source}: --resume: the checkpoint {checkpoint} was written with other model "
+                              f"settings (differs in: {', '.join(mismatched)}); restore them, or fit anew without "
+                              "--resume")
     _generate_synthetic(config)
     X = _open_data(config)
     resumed_from = 0
     if checkpoint is not None and os.path.exists(checkpoint):
-        if resume:
-            resumed_from = load_checkpoint(checkpoint).n_iter
+        if state is not None:
+            resumed_from = state.n_iter
             report("resume", f"resuming from {checkpoint} after iteration {resumed_from}", checkpoint=checkpoint,
                    n_iter=resumed_from)
         else:
             report("checkpoint", f"note: replacing the checkpoint {checkpoint} of an earlier fit "
                                  "(dgmm fit --resume would continue it)", checkpoint=checkpoint)
-    progress = IterationReporter(resumed_from)
-    gm = GaussianMixture(**config.model.estimator_params(), callbacks=[progress],
-                         checkpoint=checkpoint, checkpoint_every=max(out.checkpoint_every, 1))
+    progress.resumed_from = resumed_from
     started = datetime.datetime.now(datetime.timezone.utc)
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()

@@ -597,16 +597,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             return [self.callbacks]
         return list(self.callbacks)
 
-    def _make_fingerprint(self, data, weights_init, means_init, precisions_init) -> dict:
-        """Settings that change the model, and a digest of the data, for checkpoint checks."""
+    def _settings_fingerprint(self) -> dict:
+        """The part of the checkpoint fingerprint that the constructor's parameters alone decide.
 
-        def digest(a):
-            return None if a is None else hashlib.sha256(np.ascontiguousarray(a, dtype=np.float64)).hexdigest()
-
-        rows = min(data.n_samples, 256)
-        data_digest = hashlib.sha256()
-        data_digest.update(np.ascontiguousarray(data.head(rows), dtype=np.float64).tobytes())
-        data_digest.update(np.ascontiguousarray(data.tail(rows), dtype=np.float64).tobytes())
+        The ``dgmm`` command compares it before it starts a cluster or reads data.
+        """
         random_state = self.random_state if isinstance(self.random_state, (int, np.integer)) else None
         return {
             "n_components": int(self.n_components),
@@ -617,6 +612,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             "init_params": self.init_params,
             "random_state": None if random_state is None else int(random_state),
             "init_sample_size": int(self.init_sample_size),
+        }
+
+    def _make_fingerprint(self, data, weights_init, means_init, precisions_init) -> dict:
+        """Settings that change the model, and a digest of the data, for checkpoint checks."""
+
+        def digest(a):
+            return None if a is None else hashlib.sha256(np.ascontiguousarray(a, dtype=np.float64)).hexdigest()
+
+        rows = min(data.n_samples, 256)
+        data_digest = hashlib.sha256()
+        data_digest.update(np.ascontiguousarray(data.head(rows), dtype=np.float64).tobytes())
+        data_digest.update(np.ascontiguousarray(data.tail(rows), dtype=np.float64).tobytes())
+        return {
+            **self._settings_fingerprint(),
             "weights_init": digest(weights_init),
             "means_init": digest(means_init),
             "precisions_init": digest(precisions_init),

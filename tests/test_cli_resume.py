@@ -69,9 +69,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     from dgmm import GaussianMixture
 
     GaussianMixture(2, random_state=0, max_iter=2, tol=0.0, checkpoint=str(tmp_path / "keep.npz")).fit(X)
-    other = run_dgmm("fit", config, "--resume", "--set", "model.n_components=3", "--set", "output.overwrite=true")
-    assert other.returncode == 1
-    assert "written for other data or settings" in other.stderr and "n_components" in other.stderr
+    other = run_dgmm("fit", config, "--resume", "--set", "model.n_components=3", "--set", "model.tol=1e-3",
+                     "--set", "output.overwrite=true")
+    # a config error, found before any cluster starts or data is read (no "data:" line)
+    assert other.returncode == 2 and other.stdout == ""
+    assert (f"--resume: the checkpoint {tmp_path / 'keep.npz'} was written with other model settings "
+            "(differs in: n_components, tol)") in other.stderr
+    assert (tmp_path / "keep.npz").exists()
     same = run_dgmm("fit", config, "--resume", "--set", "output.overwrite=true", "--set", "model.max_iter=5")
     assert same.returncode == 0, same.stderr
     assert "resuming from" in same.stdout
