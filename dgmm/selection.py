@@ -111,8 +111,9 @@ def select(
     ----------
     X : array-like of shape (n_samples, n_features)
         NumPy array, pandas DataFrame, dask array, dask DataFrame or Zarr array.
-    n_components : iterable of int, default=range(1, 11)
-    covariance_types : sequence of {'full', 'tied', 'diag', 'spherical'}
+    n_components : int or iterable of int, default=range(1, 11)
+    covariance_types : str or sequence of {'full', 'tied', 'diag', 'spherical'}
+        A value given twice is fitted once.
     criterion : {'bic', 'aic'}, default='bic'
         Lower is better.
     sample_weight : array-like of shape (n_samples,), default=None
@@ -143,7 +144,12 @@ def select(
     for key in ("n_components", "covariance_type", "warm_start", "checkpoint"):
         if key in params and params[key] not in (None, False):
             raise ValueError(f"select() sets {key!r} itself; pass the grid as n_components/covariance_types")
-    grid = [(int(k), str(t)) for t in covariance_types for k in n_components]
+    if isinstance(covariance_types, str):  # one type, not its letters
+        covariance_types = (covariance_types,)
+    if isinstance(n_components, (int, np.integer)):
+        n_components = (n_components,)
+    # each candidate once, in the order first given
+    grid = list(dict.fromkeys((int(k), str(t)) for t in covariance_types for k in n_components))
     if not grid:
         raise ValueError("select() needs at least one n_components and one covariance type")
 

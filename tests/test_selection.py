@@ -75,6 +75,19 @@ def test_plot_and_bad_arguments(tmp_path):
     assert dgmm.select is select
 
 
+def test_a_single_type_or_k_and_repeated_values_give_each_candidate_once():
+    X = known_mixture(300, seed=3)
+    one = select(X, n_components=2, covariance_types="full", random_state=0)  # not 'f', 'u', 'l', 'l'
+    assert [(r["n_components"], r["covariance_type"]) for r in one.results] == [(2, "full")]
+    twice = select(X, n_components=[2, 1, 2], covariance_types=["diag", "full", "diag"], random_state=0)
+    assert [(r["n_components"], r["covariance_type"]) for r in twice.results] == [(2, "diag"), (1, "diag"),
+                                                                                 (2, "full"), (1, "full")]
+    reference = select(X, n_components=[2, 1], covariance_types=["diag", "full"], random_state=0)
+    assert [r["bic"] for r in twice.results] == [r["bic"] for r in reference.results]
+    assert reference.results[2]["covariance_type"] == "full" and reference.results[2]["n_components"] == 2
+    np.testing.assert_allclose(one.best_estimator.means_, reference.estimators[2].means_, rtol=1e-10)
+
+
 INIT_PARAMS = ("kmeans", "k-means++", "random", "random_from_data")
 FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
