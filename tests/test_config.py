@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dgmm.cli import DEMO_CONFIG
-from dgmm.config import ConfigError, apply_overrides, load_config, parse_config
+from dgmm.config import ConfigError, _UniqueKeyLoader, apply_overrides, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REMOTE = {"path": "s3://bucket/x.zarr"}  # not checked for existence
@@ -98,6 +98,23 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_key_given_twice_is_an_error_but_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: {path: x.npy}\nmodel:\n  n_components: 4\n  tol: 0.01\n  n_components: 5\n")
+    with pytest.raises(ConfigError, match=r"(?s)not valid YAML.*found the key 'n_components' twice \(first on line 3\)"
+                                          r".*line 5"):
+        load_config(path)
+    path.write_text("input: {path: x.npy}\ninput: {path: y.npy}\n")
+    with pytest.raises(ConfigError, match="found the key 'input' twice"):
+        load_config(path)
+    path.write_text("defaults: &d {n_components: 4, tol: 0.01}\nmodel:\n  <<: *d\n  n_components: 5\n")
+    with pytest.raises(ConfigError, match="defaults: unknown key"):  # the merge itself was accepted
+        load_config(path)
+    path.write_text("x-defaults: &d {n_components: 4, tol: 0.01}\n")
+    assert yaml.load(path.read_text() + "m:\n  <<: *d\n  n_components: 5\n",
+                     Loader=_UniqueKeyLoader)["m"] == {"n_components": 5, "tol": 0.01}
 
 
 def test_set_overrides_are_parsed_as_yaml_never_evaluated():
