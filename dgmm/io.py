@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import time
 import uuid
@@ -39,6 +40,7 @@ import dask.array as da
 import numpy as np
 
 from ._version import __version__
+from .checkpoint import _host_tag, _is_running
 from .namespace import to_host
 
 __all__ = [
@@ -536,7 +538,7 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
             raise FileExistsError(f"{refusal}; dgmm replaces only its own outputs: remove it yourself or choose "
                                   "another path")
     parent, name = posixpath.split(root.rstrip("/"))
-    staging = posixpath.join(parent, f".{name}.dgmm-staging-{uuid.uuid4().hex[:12]}")
+    staging = posixpath.join(parent, _staging_name(name))
     staging_url = staging if not is_url(path) else f"{path.split('://', 1)[0]}://{staging}"
     started = time.perf_counter()
     marker = {
@@ -557,7 +559,53 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     except BaseException:
         _remove_staging(fs, staging)
         raise
+    if not is_url(path):
+        remove_stale_staging(root)
     return marker
+
+
+def _staging_name(name: str) -> str:
+    """``.NAME.dgmm-staging-HOST.PID.TOKEN``: hidden, beside the target, and saying who writes it."""
+    return f".{name}.dgmm-staging-{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def remove_stale_staging(path: str) -> list[str]:
+    """Remove what killed writers of the local output ``path`` left beside it; the names removed.
+
+    A ``dgmm predict`` killed while writing leaves its hidden staging directory
+    (as large as the output) beside the target. After each successful write the
+    staging directories of the same target that were written on this host by a
+    process that no longer runs are removed, with the ``.old`` copy of a
+    replaced output whose writer was killed after the swap. Writers still at
+    work, on this host or another sharing the directory, keep theirs. Object
+    stores are not swept (their writers' processes cannot be asked).
+    """
+    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
+    pattern = (re.escape(f".{name}.dgmm-staging-") + r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[1-9][0-9]*)\.[0-9a-f]{12}"
+               r"(\.old)?")
+    host, removed = _host_tag(), []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in names:
+        match = re.fullmatch(pattern, entry)
+        if match is None or match["host"] != host or _is_running(int(match["pid"])):
+            continue
+        full = os.path.join(parent, entry)
+        shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else _unlink_quietly(full)
+        removed.append(entry)
+    if removed:
+        logger.info("removed %d staging folder(s) that killed writers of %s left: %s", len(removed), path,
+                    ", ".join(removed))
+    return removed
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def zarr_compressors(dtype, compressor: str = "default", zarr_format: int = 3) -> tuple:

@@ -273,3 +273,28 @@ def test_failed_write_leaves_nothing_that_looks_complete(tmp_path):
         assert os.listdir(tmp_path) == [] or all(not p.startswith(f"o.{fmt}") for p in os.listdir(tmp_path))
         assert not (out / SUCCESS_MARKER).exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_write_sweeps_only_the_staging_that_dead_writers_on_this_host_left(tmp_path):
+    import subprocess
+    import sys
+
+    from dgmm.checkpoint import _host_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid, host = int(dead.stdout), _host_tag()
+    names = {
+        f".out.zarr.dgmm-staging-{host}.{dead_pid}.0123456789ab": False,  # a killed writer's: removed
+        f".out.zarr.dgmm-staging-{host}.{dead_pid}.0123456789ab.old": False,  # the replaced output it left
+        f".out.zarr.dgmm-staging-{host}.{os.getpid()}.0123456789ab": True,  # a live writer's (this process)
+        f".out.zarr.dgmm-staging-other-host.{dead_pid}.0123456789ab": True,  # another host's: cannot tell
+        f".other.zarr.dgmm-staging-{host}.{dead_pid}.0123456789ab": True,  # another target's
+        "out.zarr.dgmm-staging-not-hidden": True,
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part-0.parquet").write_bytes(b"x")
+    write_table({"labels": da.arange(6, chunks=3)}, str(tmp_path / "out.zarr"), format="zarr")
+    left = set(os.listdir(tmp_path))
+    assert left == {"out.zarr", *(name for name, kept in names.items() if kept)}

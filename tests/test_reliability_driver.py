@@ -193,8 +193,11 @@ def test_predict_killed_mid_write_keeps_the_previous_output(tmp_path, zarr_data,
     assert all(name.startswith(".pred.parquet.dgmm-staging-") for name in os.listdir(tmp_path)
                if name.startswith(".")), os.listdir(tmp_path)
 
+    staged = [name for name in os.listdir(tmp_path) if name.startswith(".pred.parquet.dgmm-staging-")]
+    assert staged  # what the killed writer left (as large as the output)
     first = run_dgmm("predict", config)
     assert first.returncode == 0, first.stderr
+    assert not [name for name in os.listdir(tmp_path) if "dgmm-staging" in name]  # swept by the next write
     before = pd.read_parquet(target)
     marker = (target / SUCCESS_MARKER).read_text()
     killed = run_killed("predict", config, "--set", "predict.overwrite=true", "--set", "predict.probabilities=false",
@@ -203,3 +206,7 @@ def test_predict_killed_mid_write_keeps_the_previous_output(tmp_path, zarr_data,
     assert (target / SUCCESS_MARKER).read_text() == marker  # the committed output is untouched
     pd.testing.assert_frame_equal(pd.read_parquet(target), before)
     np.testing.assert_array_equal(before["label"].to_numpy(), reference.predict(zarr.open_array(str(zarr_data))[:]))
+    assert [name for name in os.listdir(tmp_path) if "dgmm-staging" in name]
+    again = run_dgmm("predict", config, "--set", "predict.overwrite=true")
+    assert again.returncode == 0, again.stderr
+    assert not [name for name in os.listdir(tmp_path) if "dgmm-staging" in name]
