@@ -54,6 +54,7 @@ __all__ = [
     "open_npy",
     "open_parquet",
     "open_zarr",
+    "remove_stale_staging",
     "replace_refusal",
     "write_predictions",
     "write_table",
