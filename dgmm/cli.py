@@ -798,8 +798,8 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    overrides = [f"cluster.n_workers={args.workers or 'null'}"]
-    if args.workers:
+    overrides = [f"cluster.n_workers={'null' if args.workers is None else args.workers}"]
+    if args.workers is not None:  # 0 or less is refused by the config check, as cluster.n_workers: 0 is
         overrides.append("cluster.threads_per_worker=1")
     if args.path is not None:
         stem = args.path.rstrip("/")
@@ -882,7 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-components", type=int, default=None, help="default 4")
     demo.add_argument("--chunk-rows", type=int, default=None, help="default 250,000")
     demo.add_argument("--covariance-type", default=None, choices=["full", "tied", "diag", "spherical"])
-    demo.add_argument("--workers", type=int, default=0, help="worker processes (default: sized to the machine)")
+    demo.add_argument("--workers", type=int, default=None, help="worker processes (default: sized to the machine)")
     demo.add_argument("--seed", type=int, default=None)
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -30,3 +30,5 @@ def test_demo_generates_zarr_and_fits_on_local_cluster(tmp_path):
     again = run_dgmm("demo", "--path", str(path), "--n-samples", "60000", "--n-components", "3",
                      "--n-features", "4", "--workers", "1")
     assert again.returncode == 0, again.stderr
+    zero = run_dgmm("demo", "--path", str(path), "--workers", "0")  # not "sized to the machine" in disguise
+    assert zero.returncode == 2 and "cluster.n_workers: must be an int >= 1 or null" in zero.stderr
