@@ -99,6 +99,20 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+class _NotAbandonedGathers(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for distributed's ``AllExit``.
+
+    When Ctrl-C interrupts a fit on a distributed cluster, the client's pending
+    gather is abandoned with ``AllExit``, distributed's own signal for it, and
+    asyncio reports the abandoned task as an error. That line is noise after
+    "interrupted": the interruption itself is reported.
+    """
+
+    def filter(self, record):
+        exc = record.exc_info[0] if record.exc_info else None
+        return not (record.name == "asyncio" and exc is not None and exc.__name__ == "AllExit")
+
+
 def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     """Progress and results to stdout, warnings and errors to stderr, as text or JSON lines."""
     formatter = _JsonFormatter() if log_format == "json" else _TextFormatter()
@@ -108,6 +122,7 @@ def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(formatter)
     err.setLevel(logging.WARNING)
+    err.addFilter(_NotAbandonedGathers())
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -81,20 +82,27 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert "resuming from" in same.stdout
 
 
-def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path):
-    X = blobs(40_000, 4, seed=7)
+@pytest.mark.parametrize("cluster", [{"type": "threads"}, {"n_workers": 2, "threads_per_worker": 1}],
+                         ids=["threads", "local_cluster"])
+def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path, cluster):
+    # on a LocalCluster, iterations long enough (about 1 s) that Ctrl-C lands while the client waits for results
+    n, d, k, rows = (40_000, 4, 4, 2000) if cluster.get("type") == "threads" else (2_000_000, 8, 8, 100_000)
+    X = blobs(n, d, seed=7)
     np.save(tmp_path / "x.npy", X)
     config = write_config(tmp_path / "c.yaml", {
-        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 2000},
-        "model": {"n_components": 4, "random_state": 1, "tol": 0.0, "max_iter": 40},
-        "cluster": {"type": "threads"},
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": rows},
+        "model": {"n_components": k, "random_state": 1, "tol": 0.0, "max_iter": 40, "init_params": "random"},
+        "cluster": cluster,
         "output": {"model": str(tmp_path / "model.npz"), "checkpoint_every": 10},
     })
     with running(dgmm_command("fit", config)) as proc:
         wait_for_line(proc, "iteration    2")
+        time.sleep(0 if cluster.get("type") == "threads" else 0.5)  # into the next iteration's pass
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "--resume' continues from" in stderr
+    assert stderr.rstrip().endswith("dgmm: error: interrupted"), stderr
+    assert "Task exception was never retrieved" not in stderr and "Traceback" not in stderr  # no asyncio noise
     assert not (tmp_path / "model.npz").exists()
     assert load_checkpoint(str(tmp_path / "model.checkpoint.npz")).n_iter >= 2  # saved on Ctrl-C, not at 10
