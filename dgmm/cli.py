@@ -477,11 +477,14 @@ def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:
 
 
 def _open_data(config: Config):
-    from .io import open_input
+    from .io import InputSelectionError, open_input
 
     inp = config.input
-    X = open_input(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
-                   storage_options=inp.storage_options, chunk_rows=inp.chunk_rows)
+    try:
+        X = open_input(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
+                       storage_options=inp.storage_options, chunk_rows=inp.chunk_rows)
+    except InputSelectionError as exc:  # the data is there, the setting does not fit it: fix the config
+        raise ConfigError(f"{config.source}: {exc.key}: {exc}") from None
     report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features, {X.numblocks[0]} chunks, "
                    f"{X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
            n_chunks=X.numblocks[0], dtype=str(X.dtype))

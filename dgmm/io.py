@@ -45,6 +45,7 @@ from .namespace import to_host
 
 __all__ = [
     "COMPRESSORS",
+    "InputSelectionError",
     "SUCCESS_MARKER",
     "describe_source",
     "format_from_suffix",
@@ -71,6 +72,18 @@ NPY_CHUNK_BYTES = 64 * 2**20
 COMPRESSORS = ("default", "blosc-lz4", "blosc-zstd", "zstd", "none")
 #: Parquet footers read at once when a directory is opened (:func:`open_parquet`).
 FOOTER_READERS = 16
+
+
+class InputSelectionError(ValueError):
+    """The input exists, but what a setting selects in it does not fit: a column, a Zarr component, the format.
+
+    ``key`` names the setting (``'input.columns'``, ``'input.component'`` or
+    ``'input.format'``), so that the ``dgmm`` command reports it as a config error.
+    """
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 def is_url(path: str) -> bool:
@@ -176,7 +189,8 @@ def _detect_format(path: str, storage_options: Mapping | None) -> str:
             return "npy"
         if head[:4] == b"PAR1":
             return "parquet"
-    raise ValueError(f"{path}: cannot tell the format (neither Zarr, Parquet nor .npy); set input.format")
+    raise InputSelectionError(f"{path}: cannot tell the format (neither Zarr, Parquet nor .npy); set input.format",
+                              "input.format")
 
 
 # -- Zarr ---------------------------------------------------------------------
@@ -213,8 +227,8 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
         else:
             listing = ", ".join(repr(a) for a in sorted(arrays)) or "none"
             where = f"{path}/{component}" if component else path
-            raise ValueError(f"{where} is a Zarr group, not an array; set input.component to one of its "
-                             f"arrays ({listing})")
+            raise InputSelectionError(f"{where} is a Zarr group, not an array; set input.component to one of its "
+                                      f"arrays ({listing})", "input.component")
     if node.ndim != 2:
         raise ValueError(f"{path}: the Zarr array has shape {node.shape}; dgmm needs a 2-D array "
                          "(n_samples, n_features)")
@@ -318,16 +332,18 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
         if selected is None:
             selected = [field.name for field in schema if _is_numeric(field.type)]
             if not selected:
-                raise ValueError(f"{path}: no numeric columns (columns: {', '.join(schema.names)})")
+                raise InputSelectionError(f"{path}: no numeric columns (columns: {', '.join(schema.names)})",
+                                          "input.columns")
         file_dtype = np.dtype(np.float32)
         for name in selected:
             index = schema.get_field_index(name)
             if index < 0:
-                raise ValueError(f"{path}: column {name!r} not found in {file} (columns: {', '.join(schema.names)})")
+                raise InputSelectionError(f"{path}: column {name!r} not found in {file} (columns: "
+                                          f"{', '.join(schema.names)})", "input.columns")
             arrow_type = schema.field(index).type
             if not _is_numeric(arrow_type):
-                raise ValueError(f"{path}: column {name!r} has type {arrow_type}, not a number; "
-                                 "choose numeric columns with input.columns")
+                raise InputSelectionError(f"{path}: column {name!r} has type {arrow_type}, not a number; "
+                                          "choose numeric columns with input.columns", "input.columns")
             if not pa.types.is_float32(arrow_type):
                 file_dtype = np.dtype(np.float64)
         dtype = file_dtype if dtype is None else np.promote_types(dtype, file_dtype)

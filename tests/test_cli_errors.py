@@ -69,8 +69,11 @@ def test_bad_data_exits_1_with_a_clear_message_and_no_model(workdir):
     pq.write_table(table, workdir / "t.parquet", row_group_size=64)
     config = base(workdir, input={"path": str(workdir / "t.parquet"), "columns": ["a", "s"]})
     path = write_config(workdir / "c.yaml", config)
-    result = run_dgmm("fit", path)
-    assert result.returncode == 1 and "column 's' has type string, not a number" in result.stderr
+    result = run_dgmm("fit", path)  # the data is fine, the setting is not: a config error naming the key
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"dgmm: error: {path}: input.columns: {workdir / 't.parquet'}: column 's' has type string" in result.stderr
+    missing = run_dgmm("fit", path, "--set", "input.columns=[a, nope]")
+    assert missing.returncode == 2 and "input.columns:" in missing.stderr and "column 'nope' not found" in missing.stderr
     result = run_dgmm("fit", path, "--set", "input.columns=[a, b]")
     assert result.returncode == 1
     assert "Input X contains NaN or infinity: 2 of 300 rows have non-finite values (first at row 17)" in result.stderr
