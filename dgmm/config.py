@@ -406,7 +406,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, comma
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        raw = _safe_load_unique(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     except RecursionError:
@@ -433,6 +433,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         "while constructing a mapping", node.start_mark,
                         f"found the key {key!r} twice (first on line {first.start_mark.line + 1})", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load(text)``, refusing a key given twice in one mapping."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_config(raw: Any, *, source: str = "<config>", overrides: Sequence[str] = (),

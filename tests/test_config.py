@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dgmm.cli import DEMO_CONFIG
-from dgmm.config import ConfigError, _UniqueKeyLoader, apply_overrides, load_config, parse_config
+from dgmm.config import ConfigError, _safe_load_unique, apply_overrides, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REMOTE = {"path": "s3://bucket/x.zarr"}  # not checked for existence
@@ -113,8 +113,8 @@ def test_a_key_given_twice_is_an_error_but_merge_keys_may_be_overridden(tmp_path
     with pytest.raises(ConfigError, match="defaults: unknown key"):  # the merge itself was accepted
         load_config(path)
     path.write_text("x-defaults: &d {n_components: 4, tol: 0.01}\n")
-    assert yaml.load(path.read_text() + "m:\n  <<: *d\n  n_components: 5\n",
-                     Loader=_UniqueKeyLoader)["m"] == {"n_components": 5, "tol": 0.01}
+    assert _safe_load_unique(path.read_text() + "m:\n  <<: *d\n  n_components: 5\n")["m"] == {
+        "n_components": 5, "tol": 0.01}
 
 
 def test_set_overrides_are_parsed_as_yaml_never_evaluated():

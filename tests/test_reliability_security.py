@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import yaml
 
 from dgmm import GaussianMixture, load_model
 from dgmm.checkpoint import CheckpointError, load_checkpoint, read_npz_header
@@ -214,6 +215,12 @@ def test_source_has_no_eval_pickle_or_unsafe_yaml():
                             isinstance(keyword.value, ast.Constant) and keyword.value.value is False):
                         problems.append(f"{path.name}:{node.lineno}: {keyword.arg}=...")
     assert not problems, problems
+    # config files are read by a SafeLoader subclass that only adds the duplicate-key check
+    from dgmm.config import _UniqueKeyLoader, _safe_load_unique
+
+    assert issubclass(_UniqueKeyLoader, yaml.SafeLoader)
+    with pytest.raises(yaml.YAMLError, match="could not determine a constructor"):
+        _safe_load_unique("x: !!python/object/apply:os.getcwd []")
 
 
 HOSTILE = ["__import__('os').mkdir('{m}')", "$(mkdir {m})", "`mkdir {m}`", "{{{{ 7*7 }}}}", "${{HOME}}", "%(m)s",
