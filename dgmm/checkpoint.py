@@ -72,6 +72,25 @@ def _is_running(pid: int) -> bool:
         return True
 
 
+def left_by_dead_writers(directory: str, pattern: str) -> list[str]:
+    """Names in ``directory`` that match ``pattern`` and were written on this host by a process that no longer runs.
+
+    ``pattern`` (a full match) has the groups ``host`` (:func:`_host_tag`) and
+    ``pid``. What other hosts wrote is never listed: their processes cannot be asked.
+    """
+    host = _host_tag()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = re.fullmatch(pattern, name)
+        if match is not None and match["host"] == host and not _is_running(int(match["pid"])):
+            found.append(name)
+    return found
+
+
 def remove_stale_temporaries(path: str) -> list[str]:
     """Remove the temporary files that killed writers of ``path`` left behind; their names.
 
@@ -83,15 +102,8 @@ def remove_stale_temporaries(path: str) -> list[str]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     pattern = re.escape(os.path.basename(path)) + r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[1-9][0-9]*)\.[0-9a-f]{12}\.tmp"
-    host, removed = _host_tag(), []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        match = re.fullmatch(pattern, name)
-        if match is None or match["host"] != host or _is_running(int(match["pid"])):
-            continue
+    removed = []
+    for name in left_by_dead_writers(directory, pattern):
         try:
             os.unlink(os.path.join(directory, name))
         except OSError:  # another writer removed it first, or it is not ours to remove: harmless

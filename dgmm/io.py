@@ -40,7 +40,7 @@ import dask.array as da
 import numpy as np
 
 from ._version import __version__
-from .checkpoint import _host_tag, _is_running
+from .checkpoint import _host_tag, left_by_dead_writers
 from .namespace import to_host
 
 __all__ = [
@@ -600,15 +600,8 @@ def remove_stale_staging(path: str) -> list[str]:
     parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
     pattern = (re.escape(f".{name}.dgmm-staging-") + r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[1-9][0-9]*)\.[0-9a-f]{12}"
                r"(\.old)?")
-    host, removed = _host_tag(), []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for entry in names:
-        match = re.fullmatch(pattern, entry)
-        if match is None or match["host"] != host or _is_running(int(match["pid"])):
-            continue
+    removed = []
+    for entry in left_by_dead_writers(parent, pattern):
         full = os.path.join(parent, entry)
         shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else _unlink_quietly(full)
         removed.append(entry)
