@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 
-from .config import Config, ConfigError, load_config, parse_config
+from .config import Config, ConfigError, check_extra_output, load_config, parse_config
 
 logger = logging.getLogger("dgmm.cli")
 
@@ -715,6 +715,8 @@ def _cmd_select(args) -> int:
     n_components = _parse_components(args.n_components)
     kinds = _parse_covariance_types(args.covariance_types)
     config = load_config(args.config, args.set, command="fit")
+    if args.table:
+        check_extra_output(config, "--table", args.table)
     return run_select(config, n_components, kinds, args.criterion, args.table)
 
 

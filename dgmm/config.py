@@ -510,6 +510,23 @@ def _check_for_command(config: Config, command: str) -> None:
                                            "choose another path")
 
 
+def check_extra_output(config: Config, name: str, path: str) -> None:
+    """Refuse, as a config error, an output given outside the config (``name``, e.g. ``--table``) that would
+    replace the input, the config file, the model or the current directory, or lie inside the input."""
+
+    def fail(key, message):
+        raise ConfigError(f"{config.source}: {key}: {message}")
+
+    if is_url(path):
+        return
+    kept = _kept_paths(config)
+    if not is_url(config.output.model or ""):
+        kept.append((f"the model (output.model: {config.output.model})", _real(config.output.model), False))
+    _check_not_over(fail, name, path, kept)
+    if os.path.isdir(path):
+        fail(name, f"{path} is a directory; name a file")
+
+
 def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
 

@@ -127,3 +127,21 @@ def test_write_table_replaces_only_outputs_dgmm_wrote(lake):
     write_table({"labels": da.arange(4, chunks=2)}, "empty", format="zarr", overwrite=True)  # dgmm's own output
     np.testing.assert_array_equal(zarr.open_group("empty", mode="r")["labels"][:], np.arange(4))
     assert not [p for p in os.listdir(lake) if "staging" in p]  # nothing staged was left behind
+
+
+def test_select_table_may_not_replace_the_input_config_or_model(lake):
+    from dgmm.config import check_extra_output
+
+    parsed = parse_config(config(), command="predict")
+    for path, message in (("in.zarr", "would replace the input"), ("results/model.npz", "would replace the model"),
+                          ("in.zarr/bic.csv", "lies inside the input"), ("results", "would replace the model"),
+                          ("empty", "is a directory")):
+        with pytest.raises(ConfigError, match=f"--table: {re.escape(path)} .*{message}|--table: .*{message}"):
+            check_extra_output(parsed, "--table", path)
+    check_extra_output(parsed, "--table", "results/bic.csv")  # beside the model is fine
+    path = write_config(lake / "c.yaml", {"input": {"path": "in.zarr"}, "model": {"n_components": 2},
+                                          "cluster": {"type": "threads"}, "output": {"model": "best.npz"}})
+    before = tree(lake)
+    result = run_dgmm("select", path, "--n-components", "1:2", "--table", "c.yaml", cwd=lake)
+    assert result.returncode == 2 and "--table: c.yaml would replace the config file" in result.stderr
+    assert tree(lake) == before
