@@ -415,7 +415,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, comma
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (YAML forbids it; PyYAML keeps the last)."""
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping.
+
+    YAML forbids repeated keys; PyYAML keeps the last one silently.
+    """
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
