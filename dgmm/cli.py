@@ -668,6 +668,7 @@ def _parse_covariance_types(text: str) -> list[str]:
 
 def run_select(config: Config, n_components, kinds, criterion: str, table: str | None) -> int:
     """Sweep n_components x covariance types on the config's input; write the best model and a table."""
+    from .io import describe_source
     from .model_io import save_model
     from .selection import select
 
@@ -702,7 +703,10 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
         atomic_write_bytes(table, buffer.getvalue().encode())
         report("table", f"table: {table}", path=table)
     best = sweep.best_estimator
-    metadata = {"source": config.input.path, "selection": sweep.results, "criterion": criterion,
+    metadata = {"source": describe_source(config.input.path, format=config.input.format,
+                                          component=config.input.component, columns=config.input.columns),
+                "n_samples": int(X.shape[0]), "cluster": config.cluster.kind,
+                "selection": sweep.results, "criterion": criterion,
                 "seconds": round(seconds, 3), "config": config.to_dict()}
     save_model(best, config.output.model, metadata=metadata, storage_options=config.output.storage_options)
     report("model", f"best: n_components={best.n_components}, covariance_type={best.covariance_type} "
@@ -753,6 +757,8 @@ def _cmd_info(args) -> int:
     meta = read_model_metadata(args.model)
     fitted, fit = meta.get("fitted", {}), meta.get("fit", {})
     source = fit.get("source") or {}
+    if isinstance(source, str):  # models of dgmm select before it wrote the source as fit does
+        source = {"path": source}
     lines = [
         f"model: {args.model} (dgmm model format {meta['format_version']}, written by dgmm {meta.get('dgmm_version')})",
         f"{meta['n_components']} components, {meta['covariance_type']} covariances, {meta['n_features']} features, "

@@ -34,6 +34,9 @@ def test_select_writes_best_model_and_table(tmp_path):
     assert (best.n_components, best.covariance_type) == (
         reference.best_estimator.n_components, reference.best_estimator.covariance_type)
     assert best.n_components == 3
+    info = run_dgmm("info", tmp_path / "best.npz")  # the model of a sweep reads like any fitted model
+    assert info.returncode == 0, info.stderr
+    assert f"data: {tmp_path / 'x.zarr'} (1500 rows)" in info.stdout and "3 components" in info.stdout
 
 
 def test_select_rejects_bad_grid_and_writes_nothing(tmp_path):
