@@ -314,6 +314,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     @_fit_context(prefer_skip_nested_validation=True)
     def _fit(self, X, sample_weight=None, resume=False):
+        if self.checkpoint is not None and "://" in os.fspath(self.checkpoint):
+            raise ValueError(
+                f"checkpoint must be a local path (checkpoints are written atomically by a rename), got "
+                f"{os.fspath(self.checkpoint)!r}; the model itself can go to a URL with dgmm.save_model"
+            )
         Xv = check_input(self, X, reset=True, ensure_min_samples=2)
         n_samples, n_features = Xv.shape
         sample_weight = check_sample_weight(sample_weight, n_samples, isinstance(Xv, da.Array))

@@ -146,3 +146,11 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
         os.umask(previous)
     assert (tmp_path / "model.npz").stat().st_mode & 0o777 == mode
     assert (tmp_path / "table.csv").stat().st_mode & 0o777 == mode
+
+
+def test_a_url_as_checkpoint_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it used to become the local file ./s3:/bucket/ck.npz
+    X = np.random.default_rng(0).normal(size=(100, 2))
+    with pytest.raises(ValueError, match="checkpoint must be a local path .* got 's3://bucket/ck.npz'"):
+        GaussianMixture(2, checkpoint="s3://bucket/ck.npz").fit(X)
+    assert os.listdir(tmp_path) == []
