@@ -485,32 +485,29 @@ def _check_for_command(config: Config, command: str) -> None:
     local_model = not is_url(output.model)
     kept = _kept_paths(config)
     if command == "fit":
-        if local_model:
-            if os.path.isdir(output.model):
-                fail("output.model", f"{output.model} is a directory; name the model file, e.g. "
-                                     f"{os.path.join(output.model, 'model.npz')}")
-            _check_not_over(fail, "output.model", output.model, kept)
-        if local_model and os.path.exists(output.model) and not output.overwrite:
+        if local_model and os.path.isdir(output.model):
+            fail("output.model", f"{output.model} is a directory; name the model file, e.g. "
+                                 f"{os.path.join(output.model, 'model.npz')}")
+        _check_not_over(fail, "output.model", output.model, kept)
+        if _exists(fail, "output.model", output.model, output.storage_options) and not output.overwrite:
             fail("output.model", f"{output.model} exists; set output.overwrite: true or choose another path")
         return
-    if local_model and not os.path.exists(output.model):
+    if not _exists(fail, "output.model", output.model, output.storage_options):
         fail("output.model", f"{output.model} does not exist; run 'dgmm fit' first")
     if command == "predict":
         if predict is None:
             fail("predict", "a predict section (output, labels, probabilities, log_likelihood) is required")
-        if not is_url(predict.output):
-            model = [(f"the model (output.model: {output.model})", _real(output.model), False)] if local_model else []
-            _check_not_over(fail, "predict.output", predict.output, kept + model)
-            if os.path.exists(predict.output):
-                if not predict.overwrite:
-                    fail("predict.output",
-                         f"{predict.output} exists; set predict.overwrite: true or choose another path")
-                from .io import replace_refusal
+        model = (f"the model (output.model: {output.model})", _location(output.model), False)
+        _check_not_over(fail, "predict.output", predict.output, [*kept, model])
+        if _exists(fail, "predict.output", predict.output, predict.storage_options):
+            if not predict.overwrite:
+                fail("predict.output", f"{predict.output} exists; set predict.overwrite: true or choose another path")
+            from .io import replace_refusal
 
-                refusal = replace_refusal(predict.output)
-                if refusal:
-                    fail("predict.output", f"{refusal}; dgmm replaces only its own outputs: remove it yourself or "
-                                           "choose another path")
+            refusal = replace_refusal(predict.output, storage_options=predict.storage_options)
+            if refusal:
+                fail("predict.output", f"{refusal}; dgmm replaces only its own outputs: remove it yourself or "
+                                       "choose another path")
 
 
 def check_extra_output(config: Config, name: str, path: str) -> None:
@@ -520,13 +517,11 @@ def check_extra_output(config: Config, name: str, path: str) -> None:
     def fail(key, message):
         raise ConfigError(f"{config.source}: {key}: {message}")
 
-    if is_url(path):
-        return
     kept = _kept_paths(config)
-    if not is_url(config.output.model or ""):
-        kept.append((f"the model (output.model: {config.output.model})", _real(config.output.model), False))
+    if config.output.model:
+        kept.append((f"the model (output.model: {config.output.model})", _location(config.output.model), False))
     _check_not_over(fail, name, path, kept)
-    if os.path.isdir(path):
+    if not is_url(path) and os.path.isdir(path):
         fail(name, f"{path} is a directory; name a file")
 
 
@@ -534,31 +529,57 @@ def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def _holds(outer: str, inner: str) -> bool:
-    """True when the real local path ``outer`` is ``inner`` or a directory above it."""
+def _location(path: str) -> tuple[str, str]:
+    """Where ``path`` is, comparably: ('local', its real path) or (protocol, the path after '://', no end slash)."""
+    if is_url(path):
+        protocol, rest = os.fspath(path).split("://", 1)
+        return protocol, rest.rstrip("/")
+    return "local", _real(path)
+
+
+def _holds(outer: tuple[str, str], inner: tuple[str, str]) -> bool:
+    """True when the location ``outer`` is ``inner`` or a directory (or prefix folder) above it."""
+    (kind, a), (other, b) = outer, inner
+    if kind != other:
+        return False
+    if kind != "local":
+        return b == a or b.startswith(a + "/")
     try:
-        return os.path.commonpath([outer, inner]) == outer
+        return os.path.commonpath([a, b]) == a
     except ValueError:  # different drives
         return False
 
 
-def _kept_paths(config: Config) -> list[tuple[str, str, bool]]:
-    """What no output of a command may replace: (description, real path, whether outputs may not go inside it)."""
-    kept = [("the current directory", _real(os.getcwd()), False)]
+def _exists(fail, key: str, path: str, storage_options) -> bool:
+    """Whether something is at ``path`` (a local path, or a URL asked through fsspec); an unreachable store fails."""
+    if not is_url(path):
+        return os.path.exists(path)
+    from .io import _filesystem
+
+    try:
+        fs, root = _filesystem(path, storage_options)
+        return bool(fs.exists(root))
+    except Exception as exc:  # noqa: BLE001 (botocore, aiohttp, ...: the store's own errors, reported as they are)
+        fail(key, f"cannot reach {path} ({type(exc).__name__}: {exc}); check the URL and its storage_options")
+        raise  # not reached: fail raises
+
+
+def _kept_paths(config: Config) -> list[tuple[str, tuple[str, str], bool]]:
+    """What no output of a command may replace: (description, location, whether outputs may not go inside it)."""
+    kept = [("the current directory", _location(os.getcwd()), False)]
     if os.path.isfile(config.source):
-        kept.append((f"the config file {config.source}", _real(config.source), False))
-    if not is_url(config.input.path):
-        kept.append((f"the input (input.path: {config.input.path})", _real(config.input.path), True))
+        kept.append((f"the config file {config.source}", _location(config.source), False))
+    kept.append((f"the input (input.path: {config.input.path})", _location(config.input.path), True))
     return kept
 
 
 def _check_not_over(fail, key: str, path: str, kept) -> None:
-    """Fail when the local output ``path`` is, or holds, something in ``kept``, or lies inside the input."""
-    target = _real(path)
-    for what, real, nothing_inside in kept:
-        if _holds(target, real):
+    """Fail when the output ``path`` is, or holds, something in ``kept``, or lies inside the input."""
+    target = _location(path)
+    for what, where, nothing_inside in kept:
+        if _holds(target, where):
             fail(key, f"{path} would replace {what}; choose another path")
-        if nothing_inside and _holds(real, target):
+        if nothing_inside and _holds(where, target):
             fail(key, f"{path} lies inside {what}; write outputs elsewhere")
 
 

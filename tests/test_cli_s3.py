@@ -106,3 +106,34 @@ def test_fit_parquet_from_s3_and_predict_to_s3(tmp_path, s3):
     frame = pd.concat(frames)
     np.testing.assert_array_equal(frame["label"].to_numpy(), expected.predict(X))
     np.testing.assert_allclose(frame["log_likelihood"].to_numpy(), expected.score_samples(X), rtol=1e-9)
+
+    # what the command refuses on the store before any cluster starts (exit 2, nothing written)
+    listing = sorted(fs.find(BUCKET))
+    again = run_dgmm("fit", config, "--set", "model.n_components=2")
+    assert again.returncode == 2 and again.stdout == ""
+    assert f"output.model: s3://{BUCKET}/models/m.npz exists; set output.overwrite: true" in again.stderr
+    inside = run_dgmm("predict", config, "--set", f"predict.output=s3://{BUCKET}/table/p.parquet")
+    assert inside.returncode == 2 and "lies inside the input" in inside.stderr
+    exists = run_dgmm("predict", config)
+    assert exists.returncode == 2 and "pred.parquet exists; set predict.overwrite: true" in exists.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
+    unreachable = run_dgmm("fit", config, "--set", f"output.model=s3://{BUCKET}/models/n.npz",
+                           "--set", f"output.storage_options={{endpoint_url: '{closed}'}}")
+    assert unreachable.returncode == 2 and unreachable.stdout == ""  # before the fit, not after it
+    assert f"output.model: cannot reach s3://{BUCKET}/models/n.npz (" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+    fs.invalidate_cache()
+    assert sorted(fs.find(BUCKET)) == listing
+
+
+def test_an_unreachable_store_is_one_error_line_not_a_traceback(tmp_path, s3):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = run_dgmm("info", f"s3://{BUCKET}/models/none.npz", env={"AWS_ENDPOINT_URL": closed,
+                                                                     "AWS_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("dgmm: error: ") and "Traceback" not in result.stderr, result.stderr
+    assert "127.0.0.1" in result.stderr  # the store's own message says where it could not connect
