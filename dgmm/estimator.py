@@ -151,7 +151,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         does; larger data is seeded out of core (see ``init_params``).
     callbacks : callable or list of callables, default=None
         Called after every EM iteration with an :class:`IterationInfo`
-        (iteration, lower bound, change, seconds, rows per second, ...).
+        (``n_iter``, ``lower_bound``, ``change``, ``seconds``,
+        ``rows_per_second``, ...).
         A callback may raise to stop the fit; the last checkpoint stays valid.
     checkpoint : str or path-like, default=None
         File to which the full EM state is written atomically every
