@@ -71,6 +71,42 @@ def _graph_keys(delayed: list[Delayed]) -> frozenset:
     return frozenset(keys)
 
 
+def _take(block, rows):
+    return block[rows]
+
+
+def take_rows(blocks: RowBlocks, indices: np.ndarray) -> list[Delayed]:
+    """The rows at sorted, distinct global ``indices``: one Delayed array per block holding some, in order (lazy).
+
+    Built on the blocks' own tasks (:attr:`RowBlocks.blocks`), never on a
+    fresh slice of the array: a distributed scheduler that still holds a key
+    of the passes' graph must not receive the same key with another
+    definition ("Detected different run_spec ... can cause failures and
+    deadlocks"). Each block is read once and only its rows travel.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    ids = np.searchsorted(blocks.row_starts, indices, side="right") - 1
+    take = dask.delayed(_take, pure=True)
+    parts = []
+    for b in np.unique(ids):
+        local = indices[ids == b] - blocks.row_starts[b]
+        contiguous = local[-1] - local[0] == len(local) - 1
+        parts.append(take(blocks.blocks[b], slice(int(local[0]), int(local[-1]) + 1) if contiguous else local))
+    return parts
+
+
+def _nonfinite(block):
+    bad = ~array_module(block).isfinite(block).all(axis=1)
+    count = int(bad.sum())
+    return count, int(bad.argmax()) if count else -1
+
+
+def nonfinite_rows(blocks: RowBlocks) -> list[Delayed]:
+    """(count, first local index or -1) of the rows holding NaN or infinity, per block (lazy)."""
+    find = dask.delayed(_nonfinite, pure=True)
+    return [find(block) for block in blocks.blocks]
+
+
 def tree_reduce(parts: Sequence[Any], combine: Callable, split_every: int | None = None):
     """Reduce delayed ``parts`` with ``combine`` in a tree of fan-in ``split_every`` (lazy)."""
     split_every = int(split_every or DEFAULT_SPLIT_EVERY)

@@ -306,14 +306,14 @@ class DataPasses:
         """The first ``n_rows`` rows as a NumPy array (reads the first chunks only)."""
         if self.numpy is not None:
             return np.asarray(self.numpy[:n_rows])
-        return to_host(self.array[:n_rows].compute())
+        return self._sorted_rows(np.arange(min(n_rows, self.n_samples)))
 
     def tail(self, n_rows: int) -> np.ndarray:
         """The last ``n_rows`` rows as a NumPy array (reads the last chunks only)."""
         start = max(self.n_samples - n_rows, 0)
         if self.numpy is not None:
             return np.asarray(self.numpy[start:])
-        return to_host(self.array[start:].compute())
+        return self._sorted_rows(np.arange(start, self.n_samples))
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Rows at global ``indices`` (any order, repeats allowed) as a NumPy array."""
@@ -321,7 +321,14 @@ class DataPasses:
         if self.numpy is not None:
             return np.asarray(self.numpy[indices])
         unique, inverse = np.unique(indices, return_inverse=True)
-        return to_host(self.array[unique].compute())[inverse.reshape(-1)]
+        return self._sorted_rows(unique)[inverse.reshape(-1)]
+
+    def _sorted_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at sorted distinct global ``indices``, read through the passes' own block tasks."""
+        if len(indices) == 0:
+            return np.empty((0, self.n_features), dtype=self.dtype)
+        parts = dask.compute(*graph.take_rows(self.blocks, indices))
+        return np.concatenate([to_host(part) for part in parts])
 
     def weighted_rows(self, fractions) -> np.ndarray:
         """Rows drawn with probability ∝ weight, one per fraction in [0, 1) (uniformly when unweighted).
@@ -338,9 +345,12 @@ class DataPasses:
         if isinstance(weights, np.ndarray):
             running = np.cumsum(weights)
             return np.minimum(np.searchsorted(running, fractions * running[-1], side="right"), self.n_samples - 1)
-        blocks = list(weights.to_delayed().ravel())
+        if self.blocks is not None and self.blocks.weight_blocks is not None:  # the passes' own weight tasks
+            blocks, starts = self.blocks.weight_blocks, self.blocks.row_starts
+        else:
+            blocks = list(weights.to_delayed().ravel())
+            starts = np.concatenate([[0], np.cumsum(weights.chunks[0])])
         totals = np.cumsum(np.asarray(dask.compute(*[block.sum() for block in blocks]), dtype=np.float64))
-        starts = np.concatenate([[0], np.cumsum(weights.chunks[0])])
         targets = fractions * totals[-1]
         holding = [min(int(np.searchsorted(totals, target, side="right")), len(blocks) - 1) for target in targets]
         needed = sorted(set(holding))  # each block holding a row is read once, all in one compute
@@ -361,7 +371,7 @@ class DataPasses:
         inputs follow exactly the same random stream as sklearn.
         """
         if size >= self.n_samples:
-            return (self.numpy if self.numpy is not None else to_host(self.array.compute())), None
+            return (self.numpy if self.numpy is not None else self._sorted_rows(np.arange(self.n_samples))), None
         rng = np.random.default_rng(random_state.randint(np.iinfo(np.int32).max))
         indices = np.sort(rng.choice(self.n_samples, size=size, replace=False))
         return self.rows(indices), indices
@@ -372,9 +382,10 @@ class DataPasses:
             bad = ~np.isfinite(self.numpy).all(axis=1)
             count = int(bad.sum())
             return count, int(np.argmax(bad)) if count else -1
-        bad = ~da.isfinite(self.array).all(axis=1)
-        count, first = dask.compute(bad.sum(), da.argmax(bad))
-        return int(count), int(first) if count else -1
+        found = dask.compute(*graph.nonfinite_rows(self.blocks))
+        count = sum(n for n, _ in found)
+        first = next((int(start) + j for (n, j), start in zip(found, self.blocks.row_starts) if n), -1)
+        return int(count), first
 
 
 def nonfinite_error(count: int, first: int, n_samples: int) -> ValueError:

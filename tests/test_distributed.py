@@ -48,3 +48,39 @@ def test_default_init_and_lazy_predict_on_cluster(client):
     labels = gm.predict(Xd)
     assert isinstance(labels, da.Array)
     np.testing.assert_array_equal(client.compute(labels).result(), local.predict(X))
+
+
+@pytest.mark.parametrize("init_params", ["k-means++", "kmeans", "random_from_data"])
+def test_initial_reads_reuse_the_passes_tasks(client, tmp_path, init_params):
+    """Rows read for seeding (and the fingerprint's head and tail) go through the passes' own block tasks.
+
+    Slicing the array afresh sent the scheduler the blocks' keys with another definition while it
+    still held them: distributed warned "Detected different run_spec ... can cause failures and
+    deadlocks" before the first EM iteration on a Zarr input.
+    """
+    import logging
+
+    import zarr
+
+    X = make_mixture(n_samples=20_000, n_features=4, seed=23)
+    zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=X.shape, chunks=(1000, 4), dtype="f8")[:] = X
+    weights = np.random.default_rng(0).uniform(0.5, 2.0, size=len(X))
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addHandler(handler)
+    try:
+        fits = [GaussianMixture(9, init_params=init_params, random_state=1, max_iter=5, init_sample_size=500,
+                                checkpoint=str(tmp_path / "ck.npz")).fit(da.from_zarr(str(tmp_path / "x.zarr")),
+                                                                         sample_weight=w)
+                for w in (None, da.from_array(weights, chunks=3000))]
+    finally:
+        scheduler_log.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "run_spec" in r.getMessage()]
+    import dask
+
+    with dask.config.set(scheduler="threads"):  # and the rows read are the same as on threads
+        threaded = GaussianMixture(9, init_params=init_params, random_state=1, max_iter=5,
+                                   init_sample_size=500).fit(da.from_zarr(str(tmp_path / "x.zarr")))
+    np.testing.assert_allclose(fits[0].means_, threaded.means_, rtol=1e-10)
