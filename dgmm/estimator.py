@@ -920,9 +920,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """
         Xv = self._validated(X)
         params = self._chunk_params()
+        dtype = self._output_dtype(Xv)
         if isinstance(Xv, da.Array):
-            return _like_input(X, graph.predict_proba(Xv, params, Xv.dtype, kernel_threads()))
-        return self._map_numpy(Xv, lambda b: np.exp(chunk.log_prob_resp(b, params)[1])).astype(Xv.dtype, copy=False)
+            return _like_input(X, graph.predict_proba(Xv, params, dtype, kernel_threads()))
+        return self._map_numpy(Xv, lambda b: np.exp(chunk.log_prob_resp(b, params)[1])).astype(dtype, copy=False)
+
+    def _output_dtype(self, Xv):
+        """sklearn's dtype for per-row floats: X's and the model's promoted (float32 only when both are)."""
+        return np.result_type(Xv.dtype, self.means_.dtype)
 
     def score_samples(self, X):
         """Log-likelihood of each sample.
@@ -933,10 +938,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """
         Xv = self._validated(X)
         params = self._chunk_params()
+        dtype = self._output_dtype(Xv)
         if isinstance(Xv, da.Array):
-            return _like_input(X, graph.score_samples(Xv, params, Xv.dtype, kernel_threads()))
+            return _like_input(X, graph.score_samples(Xv, params, dtype, kernel_threads()))
         return self._map_numpy(Xv, lambda b: chunk.logsumexp_rows(chunk.weighted_log_prob(b, params))).astype(
-            Xv.dtype, copy=False
+            dtype, copy=False
         )
 
     def score(self, X, y=None, sample_weight=None):

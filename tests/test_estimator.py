@@ -84,6 +84,24 @@ def test_float32_stays_float32_and_close_to_float64():
     assert b.predict_proba(X.astype(np.float32)).dtype == np.float32
 
 
+@pytest.mark.parametrize("model_dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("input_dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_per_row_outputs_have_sklearns_dtype(model_dtype, input_dtype, lazy):
+    """X's and the model's dtypes promoted, as sklearn's float64-means-times-float32-X products give."""
+    from dgmm import to_sklearn
+
+    X = make_mixture(n_samples=400, n_features=3, seed=15)
+    gm = GaussianMixture(3, random_state=0).fit(X.astype(model_dtype))
+    reference = to_sklearn(gm)
+    Xi = X.astype(input_dtype)
+    data = da.from_array(Xi, chunks=(100, 3)) if lazy else Xi
+    for method in ("predict_proba", "score_samples"):
+        ours, theirs = getattr(gm, method)(data), getattr(reference, method)(Xi)
+        assert ours.dtype == theirs.dtype == np.result_type(model_dtype, input_dtype), method
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_lazy_outputs_for_dask_input_with_input_chunks():
     X = make_mixture(n_samples=500, n_features=3, seed=14)
     Xd = da.from_array(X, chunks=(37, 3))
