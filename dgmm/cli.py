@@ -652,6 +652,8 @@ def _parse_components(text: str) -> list[int]:
             values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--n-components: expected 'LO:HI' or a comma-separated list of ints, got {text!r}") from None
+    if ":" in text and not values:
+        raise ConfigError(f"--n-components: the range {text!r} is empty (LO:HI with LO <= HI, both included)")
     if not values or min(values) < 1:
         raise ConfigError(f"--n-components: needs at least one value >= 1, got {text!r}")
     return values

@@ -47,6 +47,8 @@ def test_select_rejects_bad_grid_and_writes_nothing(tmp_path):
     result = run_dgmm("select", config, "--n-components", "0:3")
     assert result.returncode != 0
     assert "--n-components" in result.stderr
+    result = run_dgmm("select", config, "--n-components", "5:2")
+    assert result.returncode == 2 and "the range '5:2' is empty" in result.stderr
     result = run_dgmm("select", config, "--covariance-types", "full,banana")
     assert result.returncode != 0 and "banana" in result.stderr
     assert not (tmp_path / "best.npz").exists()
