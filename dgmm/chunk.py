@@ -376,6 +376,15 @@ def count_nonfinite_rows(X: np.ndarray) -> int:
     return int(X.shape[0] - int(xp.count_nonzero(xp.isfinite(X).all(axis=1))))
 
 
+def nonfinite_summary(X: np.ndarray) -> tuple[int, int]:
+    """(number of rows holding NaN or infinity, index of the first or -1) (NumPy or CuPy)."""
+    count = count_nonfinite_rows(X)
+    if not count:
+        return 0, -1
+    xp = array_module(X)
+    return count, int(xp.flatnonzero(~xp.isfinite(X).all(axis=1))[0])
+
+
 # ---------------------------------------------------------------------------
 # Sufficient statistics
 # ---------------------------------------------------------------------------

@@ -142,8 +142,7 @@ def report(event: str, message: str, **fields) -> None:
 class IterationReporter:
     """An estimator callback printing one line per EM iteration."""
 
-    def __init__(self, resumed_from: int = 0):
-        self.resumed_from = resumed_from
+    def __init__(self):
         self.iteration_seconds: list[float] = []
 
     def __call__(self, info) -> None:
@@ -555,7 +554,6 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
         else:
             report("checkpoint", f"note: replacing the checkpoint {checkpoint} of an earlier fit "
                                  "(dgmm fit --resume would continue it)", checkpoint=checkpoint)
-    progress.resumed_from = resumed_from
     started = datetime.datetime.now(datetime.timezone.utc)
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .io import format_from_suffix, is_url
+from .io import format_from_suffix, is_url, location_holds, path_location
 
 __all__ = [
     "ClusterConfig",
@@ -497,7 +497,7 @@ def _check_for_command(config: Config, command: str) -> None:
     if command == "predict":
         if predict is None:
             fail("predict", "a predict section (output, labels, probabilities, log_likelihood) is required")
-        model = (f"the model (output.model: {output.model})", _location(output.model), False)
+        model = (f"the model (output.model: {output.model})", path_location(output.model), False)
         _check_not_over(fail, "predict.output", predict.output, [*kept, model])
         if _exists(fail, "predict.output", predict.output, predict.storage_options):
             if not predict.overwrite:
@@ -519,35 +519,11 @@ def check_extra_output(config: Config, name: str, path: str) -> None:
 
     kept = _kept_paths(config)
     if config.output.model:
-        kept.append((f"the model (output.model: {config.output.model})", _location(config.output.model), False))
+        model = config.output.model
+        kept.append((f"the model (output.model: {model})", path_location(model), False))
     _check_not_over(fail, name, path, kept)
     if not is_url(path) and os.path.isdir(path):
         fail(name, f"{path} is a directory; name a file")
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
-
-
-def _location(path: str) -> tuple[str, str]:
-    """Where ``path`` is, comparably: ('local', its real path) or (protocol, the path after '://', no end slash)."""
-    if is_url(path):
-        protocol, rest = os.fspath(path).split("://", 1)
-        return protocol, rest.rstrip("/")
-    return "local", _real(path)
-
-
-def _holds(outer: tuple[str, str], inner: tuple[str, str]) -> bool:
-    """True when the location ``outer`` is ``inner`` or a directory (or prefix folder) above it."""
-    (kind, a), (other, b) = outer, inner
-    if kind != other:
-        return False
-    if kind != "local":
-        return b == a or b.startswith(a + "/")
-    try:
-        return os.path.commonpath([a, b]) == a
-    except ValueError:  # different drives
-        return False
 
 
 def _exists(fail, key: str, path: str, storage_options) -> bool:
@@ -566,20 +542,20 @@ def _exists(fail, key: str, path: str, storage_options) -> bool:
 
 def _kept_paths(config: Config) -> list[tuple[str, tuple[str, str], bool]]:
     """What no output of a command may replace: (description, location, whether outputs may not go inside it)."""
-    kept = [("the current directory", _location(os.getcwd()), False)]
+    kept = [("the current directory", path_location(os.getcwd()), False)]
     if os.path.isfile(config.source):
-        kept.append((f"the config file {config.source}", _location(config.source), False))
-    kept.append((f"the input (input.path: {config.input.path})", _location(config.input.path), True))
+        kept.append((f"the config file {config.source}", path_location(config.source), False))
+    kept.append((f"the input (input.path: {config.input.path})", path_location(config.input.path), True))
     return kept
 
 
 def _check_not_over(fail, key: str, path: str, kept) -> None:
     """Fail when the output ``path`` is, or holds, something in ``kept``, or lies inside the input."""
-    target = _location(path)
+    target = path_location(path)
     for what, where, nothing_inside in kept:
-        if _holds(target, where):
+        if location_holds(target, where):
             fail(key, f"{path} would replace {what}; choose another path")
-        if nothing_inside and _holds(where, target):
+        if nothing_inside and location_holds(where, target):
             fail(key, f"{path} lies inside {what}; write outputs elsewhere")
 
 

@@ -95,15 +95,9 @@ def take_rows(blocks: RowBlocks, indices: np.ndarray) -> list[Delayed]:
     return parts
 
 
-def _nonfinite(block):
-    bad = ~array_module(block).isfinite(block).all(axis=1)
-    count = int(bad.sum())
-    return count, int(bad.argmax()) if count else -1
-
-
 def nonfinite_rows(blocks: RowBlocks) -> list[Delayed]:
     """(count, first local index or -1) of the rows holding NaN or infinity, per block (lazy)."""
-    find = dask.delayed(_nonfinite, pure=True)
+    find = dask.delayed(chunk.nonfinite_summary, pure=True)
     return [find(block) for block in blocks.blocks]
 
 
@@ -155,11 +149,10 @@ def e_step_statistics(
 
 def _checked(X, block_info=None):
     """The chunk, or a ValueError naming its non-finite rows by their global index."""
-    bad = chunk.count_nonfinite_rows(X)
+    bad, first = chunk.nonfinite_summary(X)
     if bad:
         start = block_info[0]["array-location"][0][0] if block_info and 0 in block_info else 0
-        xp = array_module(X)
-        first = start + int(xp.flatnonzero(~xp.isfinite(X).all(axis=1))[0])
+        first += start
         raise ValueError(
             f"Input X contains NaN or infinity: {bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} "
             f"have non-finite values (first at row {first}). Remove or impute them before predicting."

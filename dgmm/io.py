@@ -24,6 +24,7 @@ environment or the provider chains of fsspec / s3fs, never from a config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -447,6 +448,27 @@ def _read_npy_rows(fs, file, local, offset, start, stop, shape, dtype, fortran_o
 # ---------------------------------------------------------------------------
 
 
+def path_location(path: str) -> tuple[str, str]:
+    """Where ``path`` is, comparably: ('local', its real path) or (protocol, the path after '://', no end slash)."""
+    if is_url(path):
+        protocol, rest = os.fspath(path).split("://", 1)
+        return protocol, rest.rstrip("/")
+    return "local", os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def location_holds(outer: tuple[str, str], inner: tuple[str, str]) -> bool:
+    """True when the location ``outer`` (:func:`path_location`) is ``inner`` or a directory (prefix folder) above it."""
+    (kind, a), (other, b) = outer, inner
+    if kind != other:
+        return False
+    if kind != "local":
+        return b == a or b.startswith(a + "/")
+    try:
+        return os.path.commonpath([a, b]) == a
+    except ValueError:  # different drives
+        return False
+
+
 def replace_refusal(path: str, *, storage_options: Mapping | None = None) -> str | None:
     """Why an output must not replace what is at ``path``, or None when it may.
 
@@ -457,10 +479,8 @@ def replace_refusal(path: str, *, storage_options: Mapping | None = None) -> str
     those.
     """
     fs, root = _filesystem(path, storage_options)
-    if not is_url(path):
-        real, cwd = os.path.realpath(root), os.path.realpath(os.getcwd())
-        if os.path.commonpath([real, cwd]) == real:
-            return f"{path} is the current directory or holds it"
+    if not is_url(path) and location_holds(path_location(root), path_location(os.getcwd())):
+        return f"{path} is the current directory or holds it"
     if not fs.exists(root):
         return None
     if not fs.isdir(root):
@@ -603,19 +623,16 @@ def remove_stale_staging(path: str) -> list[str]:
     removed = []
     for entry in left_by_dead_writers(parent, pattern):
         full = os.path.join(parent, entry)
-        shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else _unlink_quietly(full)
+        if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(full)
         removed.append(entry)
     if removed:
         logger.info("removed %d staging folder(s) that killed writers of %s left: %s", len(removed), path,
                     ", ".join(removed))
     return removed
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def zarr_compressors(dtype, compressor: str = "default", zarr_format: int = 3) -> tuple:

@@ -345,11 +345,8 @@ class DataPasses:
         if isinstance(weights, np.ndarray):
             running = np.cumsum(weights)
             return np.minimum(np.searchsorted(running, fractions * running[-1], side="right"), self.n_samples - 1)
-        if self.blocks is not None and self.blocks.weight_blocks is not None:  # the passes' own weight tasks
-            blocks, starts = self.blocks.weight_blocks, self.blocks.row_starts
-        else:
-            blocks = list(weights.to_delayed().ravel())
-            starts = np.concatenate([[0], np.cumsum(weights.chunks[0])])
+        # dask weights come with dask X only, so the passes' own weight tasks hold them
+        blocks, starts = self.blocks.weight_blocks, self.blocks.row_starts
         totals = np.cumsum(np.asarray(dask.compute(*[block.sum() for block in blocks]), dtype=np.float64))
         targets = fractions * totals[-1]
         holding = [min(int(np.searchsorted(totals, target, side="right")), len(blocks) - 1) for target in targets]
@@ -379,9 +376,7 @@ class DataPasses:
     def locate_nonfinite(self) -> tuple[int, int]:
         """Count rows with NaN/inf and the index of the first (an extra pass, error path only)."""
         if self.numpy is not None:
-            bad = ~np.isfinite(self.numpy).all(axis=1)
-            count = int(bad.sum())
-            return count, int(np.argmax(bad)) if count else -1
+            return chunk.nonfinite_summary(self.numpy)
         found = dask.compute(*graph.nonfinite_rows(self.blocks))
         count = sum(n for n, _ in found)
         first = next((int(start) + j for (n, j), start in zip(found, self.blocks.row_starts) if n), -1)
