@@ -12,10 +12,13 @@ rows when computed, on whichever worker runs them.
 - **.npy**, memory-mapped (local files) or read by byte ranges (URLs).
 
 Writers compute, chunk by chunk on the workers, into a staging location next
-to the target (``.NAME.dgmm-staging-*``), write a ``_SUCCESS`` marker last and
+to the target (``.NAME.dgmm-staging-*``), write a completion marker last and
 only then commit: a local directory is renamed into place; on object stores
 the staged objects are moved and the marker is written at the target last.
-An interrupted write never leaves an output that looks complete. Zarr outputs
+The marker of a Parquet output is a ``_SUCCESS`` file; that of a Zarr output
+is the ``dgmm`` entry of the group's attributes, whose metadata document
+(``zarr.json``) is written last, so the group holds nothing zarr does not
+know. An interrupted write never leaves an output that looks complete. Zarr outputs
 are compressed with Blosc and byte shuffle by default (:func:`zarr_compressors`).
 
 ``storage_options`` are passed to fsspec; credentials come from the
@@ -65,8 +68,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Written last into every output; an output without it is not complete.
+#: Written last into every Parquet output (and Zarr outputs of dgmm 0.1); an output without it is not complete.
 SUCCESS_MARKER = "_SUCCESS"
+#: A Zarr group's own metadata documents (v3, then v2); a Zarr output's are committed last.
+ZARR_GROUP_METADATA = ("zarr.json", ".zgroup", ".zattrs")
 #: Default target size of an ``.npy`` chunk.
 NPY_CHUNK_BYTES = 64 * 2**20
 #: Names accepted for the compression of dgmm's Zarr outputs (see :func:`zarr_compressors`).
@@ -485,15 +490,33 @@ def replace_refusal(path: str, *, storage_options: Mapping | None = None) -> str
         return None
     if not fs.isdir(root):
         return f"{path} is a file, not an output dgmm wrote"
-    if fs.exists(posixpath.join(root, SUCCESS_MARKER)) or not fs.ls(root):
+    if _committed(fs, root) or not fs.ls(root):
         return None
-    return f"{path} is not an output dgmm wrote (it has no {SUCCESS_MARKER} marker)"
+    return f"{path} is not an output dgmm wrote (it has no dgmm completion marker)"
 
 
 def is_complete(path: str, *, storage_options: Mapping | None = None) -> bool:
-    """True when an output written by dgmm at ``path`` was committed (its ``_SUCCESS`` marker exists)."""
+    """True when an output written by dgmm at ``path`` was committed (its completion marker exists).
+
+    The marker is a ``_SUCCESS`` file (Parquet outputs, and Zarr outputs of
+    dgmm 0.1) or, in a Zarr group, the ``dgmm`` entry of its attributes.
+    """
     fs, root = _filesystem(path, storage_options)
-    return fs.exists(posixpath.join(root, SUCCESS_MARKER))
+    return _committed(fs, root)
+
+
+def _committed(fs, root: str) -> bool:
+    if fs.exists(posixpath.join(root, SUCCESS_MARKER)):
+        return True
+    for name in ("zarr.json", ".zattrs"):
+        try:
+            document = json.loads(fs.cat_file(posixpath.join(root, name)))
+        except (OSError, ValueError):  # absent, unreadable or not JSON: not a dgmm Zarr output
+            continue
+        attributes = document.get("attributes", {}) if name == "zarr.json" else document
+        if isinstance(attributes, dict) and isinstance(attributes.get("dgmm"), dict):
+            return True
+    return False
 
 
 def _regular_rows(array: da.Array, rows: int) -> da.Array:
@@ -588,11 +611,14 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     fs.makedirs(parent, exist_ok=True)
     try:
         if format == "zarr":
-            _write_zarr(arrays, staging_url, storage_options, marker, compressor)
+            group = _write_zarr(arrays, staging_url, storage_options, marker, compressor)
         else:
             _write_parquet(arrays, fs, staging, column_names or {}, n_samples)
         marker["seconds"] = round(time.perf_counter() - started, 3)
-        _commit(fs, staging, root, json.dumps(marker, indent=1), local=not is_url(path), overwrite=overwrite)
+        if format == "zarr":
+            _mark_zarr(group, marker)
+        _commit(fs, staging, root, None if format == "zarr" else json.dumps(marker, indent=1),
+                local=not is_url(path), overwrite=overwrite)
     except BaseException:
         _remove_staging(fs, staging)
         raise
@@ -721,7 +747,6 @@ def _write_zarr(arrays, staging_url, storage_options, marker, compressor) -> Non
     store = staging_url if options is None else zarr.storage.FsspecStore.from_url(
         staging_url, storage_options=options, read_only=False)
     group = zarr.open_group(store=store, mode="w")
-    group.attrs["dgmm"] = {k: v for k, v in marker.items() if k != "arrays"}
     first = next(iter(arrays.values()))
     rows = max(max(first.chunks[0]), 1)
     writes = []
@@ -732,6 +757,12 @@ def _write_zarr(arrays, staging_url, storage_options, marker, compressor) -> Non
                                                                  group.metadata.zarr_format))
         writes.append(da.store(array, target, lock=False, compute=False))
     dask.compute(*writes)
+    return group
+
+
+def _mark_zarr(group, marker: dict) -> None:
+    """The completion marker of a Zarr output: the group's ``dgmm`` attribute, written after every chunk."""
+    group.attrs["dgmm"] = {k: v for k, v in marker.items() if k != "arrays"}
 
 
 def _write_parquet(arrays, fs, staging, column_names, n_samples) -> None:
@@ -777,12 +808,22 @@ def _write_parquet_part(fs, file: str, names: list[list[str]], blocks: list[np.n
     return table.num_rows
 
 
-def _commit(fs, staging: str, root: str, marker: str, *, local: bool, overwrite: bool) -> None:
+def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, overwrite: bool) -> None:
+    """Move a complete staged output into place; ``marker``: the ``_SUCCESS`` file's text, None for Zarr.
+
+    A Zarr output carries its marker in the group's metadata document, which
+    on object stores is copied after every other object.
+    """
     if local:
-        with open(os.path.join(staging, SUCCESS_MARKER), "w", encoding="utf-8") as f:
-            f.write(marker)
-            f.flush()
-            os.fsync(f.fileno())
+        if marker is None:
+            for name in ZARR_GROUP_METADATA:
+                with contextlib.suppress(FileNotFoundError), open(os.path.join(staging, name), "rb+") as f:
+                    os.fsync(f.fileno())
+        else:
+            with open(os.path.join(staging, SUCCESS_MARKER), "w", encoding="utf-8") as f:
+                f.write(marker)
+                f.flush()
+                os.fsync(f.fileno())
         if os.path.exists(root):
             if not overwrite:
                 raise FileExistsError(f"{root} appeared while writing; the new output is left at {staging}")
@@ -797,10 +838,13 @@ def _commit(fs, staging: str, root: str, marker: str, *, local: bool, overwrite:
     if fs.exists(root):
         fs.rm(root, recursive=True)
     fs.invalidate_cache()
-    for source in fs.find(staging):
-        fs.copy(source, posixpath.join(root, posixpath.relpath(source, staging)))
+    sources = [posixpath.relpath(source, staging) for source in fs.find(staging)]
+    last = [name for name in sources if marker is None and name in ZARR_GROUP_METADATA]
+    for name in [name for name in sources if name not in last] + last:
+        fs.copy(posixpath.join(staging, name), posixpath.join(root, name))
     fs.rm(staging, recursive=True)
-    fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
+    if marker is not None:
+        fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
 
 
 def write_predictions(model, X: da.Array, path: str, *, format: str, labels: bool = True,
@@ -820,7 +864,7 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
     Returns
     -------
     dict
-        The ``_SUCCESS`` marker's content.
+        The completion marker's content (the ``_SUCCESS`` file of Parquet, the ``dgmm`` attribute of Zarr).
     """
     arrays, names = {}, {}
     if labels:

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from dgmm.config import ConfigError, parse_config
-from dgmm.io import SUCCESS_MARKER, replace_refusal, write_table
+from dgmm.io import SUCCESS_MARKER, is_complete, replace_refusal, write_table
 from cli_helpers import blobs, run_dgmm, write_config
 
 
@@ -60,7 +60,7 @@ def config(**predict):
         ({"output": "results"}, "predict.output: results would replace the model (output.model: results/model.npz)"),
         ({"output": "in.zarr"}, "predict.output: in.zarr would replace the input (input.path: in.zarr)"),
         ({"output": "in.zarr/p.zarr"}, "predict.output: in.zarr/p.zarr lies inside the input (input.path: in.zarr)"),
-        ({"output": "mine"}, ("predict.output: mine is not an output dgmm wrote (it has no _SUCCESS marker); "
+        ({"output": "mine"}, ("predict.output: mine is not an output dgmm wrote (it has no dgmm completion marker); "
                               "dgmm replaces only its own outputs")),
         ({"output": "results/model.npz"}, "would replace the model"),
         ({"output": "table/p.zarr"}, None),  # a path inside another directory is fine
@@ -123,7 +123,7 @@ def test_write_table_replaces_only_outputs_dgmm_wrote(lake):
         write_table(arrays, "results/model.npz", format="zarr", overwrite=True)
     assert replace_refusal("nothing-here") is None and replace_refusal("empty") is None
     write_table(arrays, "empty", format="zarr", overwrite=True)  # an empty directory holds nothing to lose
-    assert (lake / "empty" / SUCCESS_MARKER).exists()
+    assert is_complete("empty") and not (lake / "empty" / SUCCESS_MARKER).exists()  # Zarr: the marker is in the attributes
     write_table({"labels": da.arange(4, chunks=2)}, "empty", format="zarr", overwrite=True)  # dgmm's own output
     np.testing.assert_array_equal(zarr.open_group("empty", mode="r")["labels"][:], np.arange(4))
     assert not [p for p in os.listdir(lake) if "staging" in p]  # nothing staged was left behind

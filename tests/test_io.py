@@ -191,6 +191,72 @@ def test_irregular_chunks_are_written_to_regular_zarr_chunks(tmp_path):
     assert group["b"].shape == (30, 2)
 
 
+def test_a_zarr_output_holds_only_what_zarr_knows(tmp_path):
+    """Its completion marker is the group's ``dgmm`` attribute: listing members warns of no foreign key."""
+    import warnings
+
+    out = str(tmp_path / "o.zarr")
+    write_table({"labels": da.arange(10, chunks=4), "p": da.ones((10, 2), chunks=4)}, out, format="zarr")
+    assert sorted(os.listdir(out)) == ["labels", "p", "zarr.json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(out, mode="r")
+        assert sorted(group.array_keys()) == ["labels", "p"] and sorted(dict(group.members())) == ["labels", "p"]
+    assert group.attrs["dgmm"]["n_rows"] == 10 and group.attrs["dgmm"]["seconds"] >= 0
+    assert is_complete(out)
+    # an output of an earlier dgmm, with a _SUCCESS file, is still dgmm's and may be replaced
+    zarr.open_group(str(tmp_path / "old.zarr"), mode="w").create_array("labels", shape=(3,), dtype="i8")
+    (tmp_path / "old.zarr" / SUCCESS_MARKER).write_text("{}")
+    assert is_complete(str(tmp_path / "old.zarr"))
+    write_table({"labels": da.arange(5, chunks=5)}, str(tmp_path / "old.zarr"), format="zarr", overwrite=True)
+    assert zarr.open_group(str(tmp_path / "old.zarr"), mode="r")["labels"].shape == (5,)
+    # a Zarr group dgmm did not write (no dgmm attribute) is not replaced
+    zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w").create_array("x", shape=(3,), dtype="i8")
+    assert not is_complete(str(tmp_path / "theirs.zarr"))
+    with pytest.raises(FileExistsError, match="not an output dgmm wrote"):
+        write_table({"labels": da.arange(5, chunks=5)}, str(tmp_path / "theirs.zarr"), format="zarr", overwrite=True)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "parquet"])
+def test_an_object_store_commit_cut_short_never_looks_complete(monkeypatch, fmt):
+    """On object stores the staged objects are copied one by one; the marker goes last.
+
+    The commit is cut after each number of copies in turn (fsspec's in-memory
+    filesystem, the code path of s3:// and gs://): the target must never be
+    complete until every object is there.
+    """
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = fsspec.filesystem("memory")
+    arrays = {"labels": da.arange(12, chunks=4), "p": da.ones((12, 2), chunks=4)}
+    copy = MemoryFileSystem.copy
+    for cut in range(1, 100):
+        url = f"memory://cut{fmt}{cut}/out"
+        calls = []
+
+        def copy_then_die(self, *args, **kwargs):
+            if len(calls) == cut:
+                raise ConnectionError("killed mid-commit")
+            calls.append(args)
+            return copy(self, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryFileSystem, "copy", copy_then_die)
+        try:
+            write_table(arrays, url, format=fmt)
+        except ConnectionError:
+            assert not is_complete(url), f"complete after {cut} copies"
+            continue
+        finally:
+            monkeypatch.setattr(MemoryFileSystem, "copy", copy)
+        break
+    written = [p for p in fs.find(url) if not p.endswith(SUCCESS_MARKER)]
+    assert cut == len(written) >= 3 and is_complete(url)  # every cut point was tried
+    if fmt == "zarr":
+        np.testing.assert_array_equal(zarr.open_group(url, mode="r")["labels"][:], np.arange(12))
+    fs.rm("/", recursive=True)
+
+
 def blosc(array):
     """(cname, clevel, shuffle) of a Zarr array's one Blosc compressor, in either format's codec class."""
     (codec,) = array.compressors
