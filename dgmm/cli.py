@@ -742,9 +742,11 @@ def _cmd_score(args) -> int:
 def _cmd_check(args) -> int:
     import yaml
 
-    config = load_config(args.config, args.set)
-    report("config", f"{config.source}: valid\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
-           config=config.to_dict())
+    command = {"select": "fit"}.get(args.command, args.command)
+    config = load_config(args.config, args.set, command=command)
+    valid = "valid" if command is None else f"valid for 'dgmm {args.command}'"
+    report("config", f"{config.source}: {valid}\n" + yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(),
+           config=config.to_dict(), command=args.command)
     return 0
 
 
@@ -898,6 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", parents=[common, overrides], help="validate a config and print it resolved")
     check.add_argument("config")
+    check.add_argument("--for", dest="command", choices=["fit", "predict", "score", "select"], default=None,
+                       help="also run the checks that command makes before it starts (its outputs may be written, "
+                            "its model exists, ...); without it only the config itself is checked")
     check.set_defaults(func=_cmd_check)
 
     demo = sub.add_parser("demo", parents=[common, overrides],

@@ -145,3 +145,21 @@ def test_select_table_may_not_replace_the_input_config_or_model(lake):
     result = run_dgmm("select", path, "--n-components", "1:2", "--table", "c.yaml", cwd=lake)
     assert result.returncode == 2 and "--table: c.yaml would replace the config file" in result.stderr
     assert tree(lake) == before
+
+
+def test_dgmm_check_for_a_command_runs_that_commands_output_checks(lake):
+    """``dgmm check`` alone validates the config; ``--for predict`` also refuses what ``dgmm predict`` would."""
+    path = write_config(lake / "c.yaml", config(output="mine"))
+    plain = run_dgmm("check", path)
+    assert plain.returncode == 0 and "valid" in plain.stdout, plain.stderr
+    for command in ("predict", "score"):
+        checked = run_dgmm("check", path, "--for", command)
+        if command == "predict":
+            assert checked.returncode == 2 and "predict.output: mine is not an output dgmm wrote" in checked.stderr
+        else:  # score writes nothing; its model exists
+            assert checked.returncode == 0 and "valid for 'dgmm score'" in checked.stdout, checked.stderr
+    fit = run_dgmm("check", path, "--for", "fit")  # the model exists and output.overwrite is not set
+    assert fit.returncode == 2 and "output.model: results/model.npz exists" in fit.stderr
+    select = run_dgmm("check", path, "--for", "select", "--set", "output.overwrite=true")
+    assert select.returncode == 0 and "valid for 'dgmm select'" in select.stdout, select.stderr
+    assert tree(lake / "mine") == {"keep.txt": b"not dgmm's"}
