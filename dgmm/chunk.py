@@ -1046,6 +1046,9 @@ class InitResp(NamedTuple):
     drawn in fixed blocks of RANDOM_BLOCK_ROWS rows seeded by
     ``(seed, block index)``, so they depend on the row index only, never
     on the chunking.
+    kind 'given': the rows of ``resp`` (n_samples, n_components) at the
+    chunk's global row indices (sklearn's own 'random' draws, for data
+    seeded in memory).
     """
 
     kind: str
@@ -1053,6 +1056,7 @@ class InitResp(NamedTuple):
     centers: np.ndarray | None = None
     rows: np.ndarray | None = None
     seed: int = 0
+    resp: np.ndarray | None = None
 
 
 def random_resp(row_start: int, n_rows: int, n_components: int, seed: int) -> np.ndarray:
@@ -1096,6 +1100,8 @@ def initial_resp(X: np.ndarray, row_start: int, spec: InitResp) -> np.ndarray:
         resp[local[inside], np.flatnonzero(inside)] = 1.0
     elif spec.kind == "random":
         resp = random_resp(row_start, n, spec.n_components, spec.seed)
+    elif spec.kind == "given":
+        resp = np.asarray(spec.resp[row_start : row_start + n], dtype=np.float64)
     else:
         raise ValueError(f"unknown initial responsibility kind {spec.kind!r}")
     return resp

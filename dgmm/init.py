@@ -24,8 +24,11 @@ When ``n_samples <= init_sample_size`` (default 100,000) the data is loaded
 once and 'kmeans' and 'k-means++' call scikit-learn's ``KMeans`` and
 ``kmeans_plusplus`` on it, drawing exactly the random numbers sklearn draws,
 so the initial parameters equal sklearn's; one pass then computes the
-statistics of every seeding. Larger data is never loaded: the methods run
-out of core, as passes over the chunks:
+statistics of every seeding. 'random' then draws sklearn's uniform
+responsibilities, ``(n_samples, n_components)`` from the random state
+(without loading the data), and 'random_from_data' sklearn's rows, so every
+method starts where sklearn's does. Larger data is never loaded: the methods
+run out of core, as passes over the chunks:
 
 'kmeans'
     k-means‖ seeding (Bahmani et al., 2012): a first centre drawn uniformly,
@@ -65,7 +68,8 @@ out of core, as passes over the chunks:
 
 'random'
     Uniform random responsibilities drawn in fixed row blocks seeded by
-    ``(seed, block)``: one pass, any size of data.
+    ``(seed, block)``: one pass, any size of data, no array of one value
+    per row and component (sklearn's draws would be one, made in order).
 
 'random_from_data'
     ``n_components`` distinct rows drawn as sklearn draws them.
@@ -748,8 +752,13 @@ def _run_kmeans_plusplus(ctx: InitContext, seedings, covariance_types):
 def _plan_random(ctx: InitContext, n_components: int, random_state, n_init: int) -> Seeding:
     specs = []
     for _ in range(n_init):
-        seed = int(random_state.randint(np.iinfo(np.int32).max))
-        specs.append(InitResp("random", n_components, seed=seed))
+        if ctx.out_of_core:
+            seed = int(random_state.randint(np.iinfo(np.int32).max))
+            specs.append(InitResp("random", n_components, seed=seed))
+        else:  # sklearn's draws: one uniform row of responsibilities per sample, normalised
+            resp = random_state.uniform(size=(ctx.data.n_samples, n_components))
+            resp /= resp.sum(axis=1)[:, np.newaxis]
+            specs.append(InitResp("given", n_components, resp=resp))
     return Seeding(n_components, specs=tuple(specs))
 
 

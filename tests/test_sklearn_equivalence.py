@@ -54,7 +54,7 @@ def test_far_offset_stays_accurate_against_centred_reference(kind):
     assert gm.n_iter_ == ref.n_iter_
 
 
-@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random_from_data"])
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random", "random_from_data"])
 @pytest.mark.parametrize("kind", ["full", "tied"])
 def test_same_initialisation_as_sklearn_on_small_data(init_params, kind):
     X = make_mixture(n_samples=400, n_features=2, seed=7)
@@ -62,6 +62,23 @@ def test_same_initialisation_as_sklearn_on_small_data(init_params, kind):
     sk = SkGaussianMixture(3, **kwargs).fit(X)
     gm = GaussianMixture(3, **kwargs).fit(X)
     assert_same_model(gm, sk, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("as_dask", [False, True], ids=["numpy", "dask"])
+def test_random_init_draws_sklearns_responsibilities(kind, as_dask):
+    """'random' on data seeded in memory: sklearn's uniform draws, so the same EM path, and the
+    shared random state left where sklearn leaves it."""
+    X = make_mixture(n_samples=900, n_features=3, seed=21)
+    ours, theirs = np.random.RandomState(5), np.random.RandomState(5)
+    # tol 1e-5: at 1e-8 both restarts reach one optimum, tied within chunk.TIE_RTOL, and the tie goes to the first
+    kwargs = dict(covariance_type=kind, init_params="random", n_init=2, tol=1e-5, max_iter=500)
+    sk = SkGaussianMixture(3, random_state=theirs, **kwargs).fit(X)
+    data = da.from_array(X, chunks=(128, 3)) if as_dask else X
+    gm = GaussianMixture(3, random_state=ours, **kwargs).fit(data)
+    assert gm.n_iter_ == sk.n_iter_
+    assert_same_model(gm, sk, rtol=1e-10, atol=1e-12)
+    assert ours.randint(2**31) == theirs.randint(2**31)
 
 
 def test_warm_start_continues_like_sklearn(recwarn):
