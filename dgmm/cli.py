@@ -475,24 +475,45 @@ def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _open_data(config: Config):
-    from .io import InputSelectionError, open_input
+def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
+    """The config's input as a lazy dask array, and the names of the Parquet columns read by name (or None).
+
+    ``fitted_columns``: the named columns the model to apply was fitted on.
+    A Parquet input is then read by those names when ``input.columns`` is
+    not set, so a table with more (or reordered) columns still gives the
+    model its own features.
+    """
+    from .io import InputSelectionError, input_format, open_input
 
     inp = config.input
+    columns, by_name = inp.columns, False
     try:
-        X = open_input(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
+        if columns is None and fitted_columns and input_format(
+                inp.path, format=inp.format, storage_options=inp.storage_options) == "parquet":
+            columns, by_name = list(fitted_columns), True
+        X = open_input(inp.path, format=inp.format, component=inp.component, columns=columns,
                        storage_options=inp.storage_options, chunk_rows=inp.chunk_rows)
     except InputSelectionError as exc:  # the data is there, the setting does not fit it: fix the config
+        if by_name:
+            raise ConfigError(f"{config.source}: input.columns: {exc}; the model {config.output.model} was fitted "
+                              f"on the columns {', '.join(fitted_columns)}, which are read by name unless "
+                              "input.columns says otherwise") from None
         raise ConfigError(f"{config.source}: {exc.key}: {exc}") from None
-    report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features, {X.numblocks[0]} chunks, "
-                   f"{X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
-           n_chunks=X.numblocks[0], dtype=str(X.dtype))
+    if columns is not None and input_format(inp.path, format=inp.format, storage_options=inp.storage_options) != "parquet":
+        columns = None  # input.columns applies to Parquet only
+    if inp.columns is not None and fitted_columns and list(inp.columns) != list(fitted_columns):
+        logger.warning("input.columns (%s) are not the columns the model %s was fitted on (%s)",
+                       ", ".join(inp.columns), config.output.model, ", ".join(fitted_columns))
+    named = f", the model's columns {', '.join(columns)}" if by_name else ""
+    report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features{named}, {X.numblocks[0]} "
+                   f"chunks, {X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
+           n_chunks=X.numblocks[0], dtype=str(X.dtype), columns=columns)
     if inp.device == "gpu":
         from .namespace import to_gpu
 
         X = to_gpu(X)
         report("device", "data: chunks move to the GPU as they are read (input.device: gpu)", device="gpu")
-    return X
+    return X, columns
 
 
 def _generate_synthetic(config: Config) -> None:
@@ -523,7 +544,6 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     """Fit the model a validated config describes and write it (and checkpoints)."""
     from . import GaussianMixture
     from .checkpoint import fingerprint_mismatch, load_checkpoint
-    from .io import describe_source
     from .model_io import save_model
 
     out = config.output
@@ -544,7 +564,8 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
                               f"settings (differs in: {', '.join(mismatched)}); restore them, or fit anew without "
                               "--resume")
     _generate_synthetic(config)
-    X = _open_data(config)
+    X, _ = _open_data(config)
+    source = _describe_input(config)  # before the fit: nothing read after it can fail
     resumed_from = 0
     if checkpoint is not None and os.path.exists(checkpoint):
         if state is not None:
@@ -568,8 +589,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     iterations_run = len(progress.iteration_seconds)
     per_iteration = sum(progress.iteration_seconds) / iterations_run if iterations_run else 0.0
     metadata = {
-        "source": describe_source(config.input.path, format=config.input.format, component=config.input.component,
-                                  columns=config.input.columns),
+        "source": source,
         "n_samples": int(X.shape[0]),
         "n_chunks": int(X.numblocks[0]),
         "cluster": config.cluster.kind,
@@ -592,13 +612,43 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     return 0
 
 
-def _load_model_for(config: Config, X):
+def _describe_input(config: Config) -> dict:
+    """The model metadata's ``source``: the input as configured, and the names of the columns read (Parquet)."""
+    from .io import describe_source, input_feature_names
+
+    inp = config.input
+    names = input_feature_names(inp.path, format=inp.format, columns=inp.columns, storage_options=inp.storage_options)
+    return describe_source(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
+                           feature_names=names)
+
+
+def _model_feature_names(meta: dict) -> list[str] | None:
+    """The names of the features a model was fitted on, from its metadata: ``feature_names_in_`` (a fit on a
+    DataFrame), else the columns its ``dgmm fit`` read; None when they had no names."""
+    source = meta.get("fit", {}).get("source")
+    names = meta.get("fitted", {}).get("feature_names") or (source.get("feature_names")
+                                                          if isinstance(source, dict) else None)
+    return [str(name) for name in names] if names else None
+
+
+def _fitted_columns(config: Config) -> list[str] | None:
+    from .model_io import read_model_metadata
+
+    return _model_feature_names(read_model_metadata(config.output.model,
+                                                    storage_options=config.output.storage_options))
+
+
+def _load_model_for(config: Config, X, columns: list[str] | None):
+    """The config's model, to apply to ``X`` (read from the Parquet ``columns``, or unnamed: None)."""
     from .model_io import load_model
 
     model = load_model(config.output.model, storage_options=config.output.storage_options)
     if X.shape[1] != model.n_features_in_:
         raise ValueError(f"{config.input.path} has {X.shape[1]} features, but the model {config.output.model} "
                          f"was fitted on {model.n_features_in_}")
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None and columns is not None and list(columns) == [str(name) for name in names]:
+        del model.feature_names_in_  # the columns were read by these names: nothing left for sklearn to warn of
     return model
 
 
@@ -606,8 +656,8 @@ def run_predict(config: Config) -> int:
     """Write per-row predictions of the config's model for its input."""
     from .io import write_predictions
 
-    X = _open_data(config)
-    model = _load_model_for(config, X)
+    X, columns = _open_data(config, fitted_columns=_fitted_columns(config))
+    model = _load_model_for(config, X, columns)
     p = config.predict
     fmt = p.resolved_format()
     with open_cluster(config.cluster):
@@ -625,8 +675,8 @@ def run_predict(config: Config) -> int:
 
 def run_score(config: Config) -> int:
     """Print the mean log-likelihood, BIC and AIC of the config's model on its input."""
-    X = _open_data(config)
-    model = _load_model_for(config, X)
+    X, columns = _open_data(config, fitted_columns=_fitted_columns(config))
+    model = _load_model_for(config, X, columns)
     with open_cluster(config.cluster):
         t0 = time.perf_counter()
         score = model.score(X)
@@ -668,7 +718,6 @@ def _parse_covariance_types(text: str) -> list[str]:
 
 def run_select(config: Config, n_components, kinds, criterion: str, table: str | None) -> int:
     """Sweep n_components x covariance types on the config's input; write the best model and a table."""
-    from .io import describe_source
     from .model_io import save_model
     from .selection import select
 
@@ -677,7 +726,8 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     params.pop("covariance_type", None)
     params.pop("warm_start", None)
     _generate_synthetic(config)
-    X = _open_data(config)
+    X, _ = _open_data(config)
+    source = _describe_input(config)  # before the fit: nothing read after it can fail
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)
@@ -703,8 +753,7 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
         atomic_write_bytes(table, buffer.getvalue().encode())
         report("table", f"table: {table}", path=table)
     best = sweep.best_estimator
-    metadata = {"source": describe_source(config.input.path, format=config.input.format,
-                                          component=config.input.component, columns=config.input.columns),
+    metadata = {"source": source,
                 "n_samples": int(X.shape[0]), "cluster": config.cluster.kind,
                 "selection": sweep.results, "criterion": criterion,
                 "seconds": round(seconds, 3), "config": config.to_dict()}
@@ -771,6 +820,9 @@ def _cmd_info(args) -> int:
     if source:
         lines.append(f"data: {source.get('path')} ({fit.get('n_samples')} rows) in {fit.get('seconds')} s "
                      f"on {fit.get('cluster')}")
+    names = _model_feature_names(meta)
+    if names:
+        lines.append(f"features: {', '.join(names)}")
     with np.printoptions(precision=3, suppress=True):
         lines.append(f"weights: {model.weights_}")
         lines.append(f"means:\n{model.means_}")
@@ -784,7 +836,7 @@ def _cmd_sample(args) -> int:
 
     from .checkpoint import atomic_write_bytes
     from .io import format_from_suffix, write_table
-    from .model_io import load_model
+    from .model_io import load_model, read_model_metadata
 
     if args.n_samples < 1:
         raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
@@ -792,7 +844,7 @@ def _cmd_sample(args) -> int:
     if args.seed is not None:
         model.random_state = args.seed
     X, y = model.sample(args.n_samples)
-    names = [str(v) for v in getattr(model, "feature_names_in_", [f"x{j}" for j in range(X.shape[1])])]
+    names = _model_feature_names(read_model_metadata(args.model)) or [f"x{j}" for j in range(X.shape[1])]
     out = args.output
     if out is None:
         import io

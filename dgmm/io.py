@@ -53,6 +53,8 @@ __all__ = [
     "SUCCESS_MARKER",
     "describe_source",
     "format_from_suffix",
+    "input_feature_names",
+    "input_format",
     "is_complete",
     "is_url",
     "open_input",
@@ -158,10 +160,41 @@ def open_input(path: str, *, format: str = "auto", component: str | None = None,
 
 
 def describe_source(path: str, *, format: str = "auto", component: str | None = None,
-                    columns: Sequence[str] | None = None) -> dict:
-    """A JSON-serialisable description of an input, for model metadata."""
+                    columns: Sequence[str] | None = None, feature_names: Sequence[str] | None = None) -> dict:
+    """A JSON-serialisable description of an input, for model metadata.
+
+    ``columns`` is the selection as given; ``feature_names`` the names of the
+    columns read (:func:`input_feature_names`), None where the format has none.
+    """
     return {"path": path, "format": format, "component": component,
-            "columns": None if columns is None else list(columns)}
+            "columns": None if columns is None else list(columns),
+            "feature_names": None if feature_names is None else [str(name) for name in feature_names]}
+
+
+def input_format(path: str, *, format: str = "auto", storage_options: Mapping | None = None) -> str:
+    """The format :func:`open_input` reads ``path`` as: ``format``, or for 'auto' the one the path's suffix
+    or contents tell ('zarr', 'parquet' or 'npy')."""
+    return format if format != "auto" else _detect_format(path, storage_options)
+
+
+def input_feature_names(path: str, *, format: str = "auto", columns: Sequence[str] | None = None,
+                        storage_options: Mapping | None = None) -> list[str] | None:
+    """The names of the columns :func:`open_input` reads, or None for Zarr and ``.npy`` inputs (unnamed).
+
+    Parquet: ``columns`` when given, else the numeric columns of the first
+    file's schema (one footer read; :func:`open_parquet` requires every file
+    to have them).
+    """
+    if input_format(path, format=format, storage_options=storage_options) != "parquet":
+        return None
+    if columns is not None:
+        return [str(name) for name in columns]
+    fs, root = _filesystem(path, storage_options)
+    files = list(_parquet_files(fs, root)) if fs.isdir(root) else [root]
+    if not files:
+        return None
+    (meta,) = _parquet_footers(fs, path, files[:1])
+    return _numeric_columns(meta.schema.to_arrow_schema())
 
 
 _SUFFIXES = (((".zarr",), "zarr"), ((".parquet", ".pq"), "parquet"), ((".npy",), "npy"))
@@ -309,6 +342,11 @@ def _is_numeric(arrow_type) -> bool:
     return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type)
 
 
+def _numeric_columns(schema) -> list[str]:
+    """The columns of an Arrow schema that dgmm reads by default: every numeric (or boolean) one, in order."""
+    return [field.name for field in schema if _is_numeric(field.type)]
+
+
 def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_options: Mapping | None = None,
                  chunk_rows: int | None = None) -> da.Array:
     """Open a Parquet file or directory as a lazy float dask array.
@@ -336,7 +374,7 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
     for file, meta in zip(files, _parquet_footers(fs, path, files)):
         schema = meta.schema.to_arrow_schema()
         if selected is None:
-            selected = [field.name for field in schema if _is_numeric(field.type)]
+            selected = _numeric_columns(schema)
             if not selected:
                 raise InputSelectionError(f"{path}: no numeric columns (columns: {', '.join(schema.names)})",
                                           "input.columns")

@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from dgmm import GaussianMixture, load_model
+from dgmm.model_io import read_model_metadata
 from dgmm.io import open_input
 from conftest import assert_same_model
 from cli_helpers import blobs, json_lines, run_dgmm, write_config
@@ -130,6 +131,56 @@ def test_fit_and_predict_from_parquet(tmp_path, parquet_data, predict_format):
     np.testing.assert_allclose(ll, expected.score_samples(X), rtol=1e-9)
     again = run_dgmm("predict", config)
     assert again.returncode == 2 and "predict.output" in again.stderr and "exists" in again.stderr
+
+
+def test_parquet_column_names_travel_with_the_model(tmp_path, parquet_data):
+    """fit records the columns it read; info and sample show them; predict and score read them by name."""
+    path, X = parquet_data
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(path)},  # every numeric column: id, x, y
+        "model": MODEL,
+        "cluster": {"type": "threads"},
+        "output": {"model": str(tmp_path / "model.npz")},
+        "predict": {"output": str(tmp_path / "pred.parquet"), "log_likelihood": True},
+    })
+    assert run_dgmm("fit", config, "--quiet").returncode == 0
+    meta = read_model_metadata(tmp_path / "model.npz")
+    assert meta["fit"]["source"]["feature_names"] == ["id", "x", "y"] and meta["fit"]["source"]["columns"] is None
+    info = run_dgmm("info", tmp_path / "model.npz")
+    assert "features: id, x, y" in info.stdout, info.stdout
+    csv = run_dgmm("sample", tmp_path / "model.npz", "-n", 2)
+    assert csv.stdout.splitlines()[0] == "id,x,y,label", csv.stdout
+    # a newer table: columns reordered, one more numeric column, strings between
+    full = np.column_stack([np.arange(len(X)), X])
+    newer = tmp_path / "newer.parquet"
+    pq.write_table(pa.table({"y": X[:, 1], "score": np.ones(len(X)), "tag": ["b"] * len(X), "x": X[:, 0],
+                             "id": np.arange(len(X))}), newer, row_group_size=1000)
+    model = load_model(tmp_path / "model.npz")
+    predict = run_dgmm("predict", config, "--set", f"input.path={newer}")
+    assert predict.returncode == 0, predict.stderr
+    assert "the model's columns id, x, y" in predict.stdout
+    frame = pd.read_parquet(tmp_path / "pred.parquet")
+    np.testing.assert_array_equal(frame["label"].to_numpy(), model.predict(full))
+    np.testing.assert_allclose(frame["log_likelihood"].to_numpy(), model.score_samples(full), rtol=1e-12)
+    score = run_dgmm("score", config, "--set", f"input.path={newer}", "--log-format", "json")
+    (result,) = [e for e in json_lines(score.stdout) if e["event"] == "score"]
+    np.testing.assert_allclose(result["score"], model.score(full), rtol=1e-12)
+    # a table without one of the model's columns: a config error naming them
+    pq.write_table(pa.table({"x": X[:, 0], "y": X[:, 1]}), tmp_path / "short.parquet")
+    short = run_dgmm("score", config, "--set", f"input.path={tmp_path / 'short.parquet'}")
+    assert short.returncode == 2
+    assert "column 'id' not found" in short.stderr and "was fitted on the columns id, x, y" in short.stderr
+    # a model fitted in Python on a DataFrame: its feature_names_in_ pick the columns, and sklearn has nothing
+    # to warn of ("X does not have valid feature names")
+    from dgmm import save_model
+
+    frame = pd.DataFrame({"y": X[:, 1], "x": X[:, 0]})
+    save_model(GaussianMixture(3, random_state=0).fit(frame), tmp_path / "frame.npz")
+    score = run_dgmm("score", config, "--set", f"input.path={newer}", "--set", f"output.model={tmp_path / 'frame.npz'}",
+                     "--log-format", "json")
+    assert score.returncode == 0 and "warning" not in score.stderr, score.stderr
+    (result,) = [e for e in json_lines(score.stdout) if e["event"] == "score"]
+    np.testing.assert_allclose(result["score"], load_model(tmp_path / "frame.npz").score(frame), rtol=1e-12)
 
 
 def test_sample_and_info_json(tmp_path):
