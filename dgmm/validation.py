@@ -45,8 +45,30 @@ def _to_dask_array(X) -> da.Array:
         return da.from_zarr(X)
     if hasattr(X, "to_dask_array"):
         # Dask DataFrame: partition lengths are needed for row-aligned output.
-        return X.to_dask_array(lengths=True)
+        return _numeric_frame(X).to_dask_array(lengths=True)
     raise TypeError(f"unsupported lazy input type {type(X).__name__}")
+
+
+def _numeric_frame(frame):
+    """A dask DataFrame of numeric columns cast as sklearn's ``check_array`` casts a pandas frame.
+
+    ``to_dask_array`` makes ``object`` arrays of frames with nullable
+    (``Float64``, ``Int64``), pyarrow (``double[pyarrow]``) or mixed float and
+    bool columns. Such frames are cast to the dtype sklearn gives the same
+    pandas frame (missing values become NaN, reported by ``fit``). Frames of
+    one NumPy dtype, and frames with a non-numeric column (refused
+    afterwards), are returned unchanged.
+    """
+    import pandas as pd
+    from sklearn.utils import check_array
+
+    dtypes = list(frame.dtypes)
+    if not all(pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype) for dtype in dtypes):
+        return frame
+    if all(isinstance(dtype, np.dtype) for dtype in dtypes) and len(set(dtypes)) <= 1:
+        return frame
+    target = check_array(frame._meta_nonempty, dtype=[np.float64, np.float32], ensure_all_finite=False).dtype
+    return frame.astype(target)
 
 
 def check_lazy_array(estimator, X, *, reset: bool, ensure_min_samples: int = 1) -> da.Array:

@@ -159,6 +159,27 @@ def test_pandas_dask_dataframe_and_zarr_inputs(tmp_path):
     assert isinstance(gm.predict(zarr.open_array(str(tmp_path / "x.zarr"), mode="r")), da.Array)
 
 
+@pytest.mark.parametrize("dtypes", ["double[pyarrow]", "float[pyarrow]", "Float64", "Int64", "float32", "with bool"])
+def test_dask_dataframes_of_extension_dtypes_are_cast_as_sklearn_casts_pandas(dtypes):
+    """Nullable, pyarrow and float-with-bool frames: to_dask_array gives object arrays; sklearn casts them."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    X = np.round(make_mixture(n_samples=600, n_features=3, seed=17) * 100)
+    df = pd.DataFrame(X, columns=["a", "b", "c"])
+    df = df.assign(d=df["a"] > 0) if dtypes == "with bool" else df.astype(dtypes)
+    sk = SkGaussianMixture(3, random_state=0).fit(df)
+    gm = GaussianMixture(3, random_state=0).fit(dd.from_pandas(df, npartitions=3))
+    assert gm.means_.dtype == sk.means_.dtype
+    np.testing.assert_allclose(gm.means_, sk.means_, rtol=1e-5 if sk.means_.dtype == np.float32 else 1e-10, atol=1e-12)
+    np.testing.assert_array_equal(gm.feature_names_in_, sk.feature_names_in_)
+    labels = gm.predict(dd.from_pandas(df, npartitions=2))
+    np.testing.assert_array_equal(labels.compute(), sk.predict(df))
+    if dtypes in ("Float64", "double[pyarrow]"):  # a missing value is a NaN row, reported as such
+        df.iloc[5, 1] = None
+        with pytest.raises(ValueError, match=r"1 of 600 rows .*first at row 5"):
+            GaussianMixture(3, random_state=0).fit(dd.from_pandas(df, npartitions=3))
+
+
 def test_integer_dask_input_is_cast_to_float64():
     X = np.round(make_mixture(n_samples=300, n_features=2, seed=16) * 10).astype(np.int64)
     a = GaussianMixture(2, random_state=0, reg_covar=1e-3).fit(X)
