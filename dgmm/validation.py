@@ -78,22 +78,24 @@ def check_lazy_array(estimator, X, *, reset: bool, ensure_min_samples: int = 1) 
     integer and boolean inputs are cast to float64 lazily.
     """
     name = type(estimator).__name__
-    # A dask DataFrame's empty pandas meta carries its column names.
-    validate_data(estimator, X._meta if hasattr(X, "columns") else X, reset=reset, skip_check_array=True)
-    Xd = _to_dask_array(X)
-    if Xd.ndim != 2:
-        if Xd.ndim == 1:
+    # The shape first, as sklearn's check_array: before the feature count is compared with a fitted model's.
+    ndim = getattr(X, "ndim", 2)
+    if ndim != 2:
+        if ndim == 1:
             raise ValueError(
-                f"Expected 2D array, got 1D array instead (shape={Xd.shape}).\n"
+                f"Expected 2D array, got 1D array instead (shape={X.shape}).\n"
                 "Reshape your data either using array.reshape(-1, 1) if your data has a "
                 "single feature or array.reshape(1, -1) if it contains a single sample."
             )
-        raise ValueError(f"Found array with dim {Xd.ndim}, while dim <= 2 is required by {name}.")
+        raise ValueError(f"Found array with dim {ndim}, while dim <= 2 is required by {name}.")
+    # A dask DataFrame's empty pandas meta carries its column names.
+    validate_data(estimator, X._meta if hasattr(X, "columns") else X, reset=reset, skip_check_array=True)
+    Xd = _to_dask_array(X)
     kind = Xd.dtype.kind
     if kind not in "biuf":
         raise ValueError(
             f"{name} needs numeric input, but X has dtype {Xd.dtype}; "
-            "select numeric columns or convert them before fitting."
+            "select numeric columns or convert them first."
         )
     if kind != "f" or Xd.dtype not in FLOAT_DTYPES:
         Xd = Xd.astype(np.float64)

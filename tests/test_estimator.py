@@ -276,6 +276,13 @@ def test_bad_shapes_and_dtypes():
         fitted.predict(da.zeros((10, 2), chunks=5))
     with pytest.raises(ValueError, match="X has 2 features, but GaussianMixture is expecting 3 features"):
         fitted.predict(np.zeros((10, 2)))
+    for method in ("predict", "predict_proba", "score_samples", "score"):  # the shape before the feature count
+        for one_d in (da.zeros(10, chunks=5), np.zeros(10)):
+            with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
+                getattr(fitted, method)(one_d)
+    with pytest.raises(ValueError, match="numeric input, but X has dtype <U1; select numeric columns or convert "
+                                         "them first"):
+        fitted.predict(da.from_array(np.array([["a", "b", "c"]] * 3)))
 
 
 def test_bad_parameters_use_sklearn_wording():
