@@ -979,13 +979,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def bic(self, X):
         """Bayesian information criterion for the current model on X (lower is better)."""
+        score = self.score(X)  # validates X first, as sklearn's does
         n_samples = X.shape[0]
-        return float(-2 * self.score(X) * n_samples + self._n_parameters() * math.log(n_samples))
+        return float(-2 * score * n_samples + self._n_parameters() * math.log(n_samples))
 
     def aic(self, X):
         """Akaike information criterion for the current model on X (lower is better)."""
+        score = self.score(X)  # validates X first, as sklearn's does
         n_samples = X.shape[0]
-        return float(-2 * self.score(X) * n_samples + 2 * self._n_parameters())
+        return float(-2 * score * n_samples + 2 * self._n_parameters())
 
     def sample(self, n_samples=1):
         """Generate random samples from the fitted mixture (as sklearn does).

@@ -118,12 +118,20 @@ def check_lazy_array(estimator, X, *, reset: bool, ensure_min_samples: int = 1) 
 
 
 def check_input(estimator, X, *, reset: bool, ensure_min_samples: int = 1):
-    """Validate X: a float NumPy array, or a float dask array for lazy inputs."""
+    """Validate X: a float NumPy array, or a float dask array for lazy inputs.
+
+    With ``reset`` (fitting) as sklearn's ``fit``: any dtype that converts to
+    float. Otherwise (predicting, scoring) as sklearn's ``predict``: numeric
+    input only, so an array of strings is refused with sklearn's message.
+    """
     if is_lazy_input(X):
         return check_lazy_array(estimator, X, reset=reset, ensure_min_samples=ensure_min_samples)
-    return validate_data(
-        estimator, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=ensure_min_samples
-    )
+    if reset:
+        return validate_data(
+            estimator, X, reset=True, dtype=[np.float64, np.float32], ensure_min_samples=ensure_min_samples
+        )
+    Xv = validate_data(estimator, X, reset=False, dtype="numeric", ensure_min_samples=ensure_min_samples)
+    return Xv if Xv.dtype in FLOAT_DTYPES else Xv.astype(np.float64)
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle  # only to check the estimator object itself pickles, as sklearn estimators must
+import re
 import warnings
 
 import dask
@@ -283,6 +284,29 @@ def test_bad_shapes_and_dtypes():
     with pytest.raises(ValueError, match="numeric input, but X has dtype <U1; select numeric columns or convert "
                                          "them first"):
         fitted.predict(da.from_array(np.array([["a", "b", "c"]] * 3)))
+
+
+def test_prediction_input_is_checked_as_sklearns_predict_checks_it():
+    """Numeric input only (strings refused as sklearn refuses them), validated before anything else;
+    integer, boolean and float16 rows scored exactly (against scipy; sklearn 1.9's own values are off)."""
+    from scipy.stats import multivariate_normal
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    X = make_mixture(n_samples=200, n_features=2, seed=18) * 3
+    gm = GaussianMixture(2, random_state=0).fit(X)
+    sk = SkGaussianMixture(2, random_state=0).fit(X)
+    for method in ("predict", "predict_proba", "score_samples", "score", "bic", "aic"):
+        for bad, error in ((X.astype(str), "dtype='numeric' is not compatible with arrays of bytes/strings"),
+                           (1.0, "Expected 2D array, got scalar array instead")):
+            with pytest.raises(ValueError, match=re.escape(error)):
+                getattr(sk, method)(bad)
+            with pytest.raises(ValueError, match=re.escape(error)):
+                getattr(gm, method)(bad)
+    assert GaussianMixture(2, random_state=0).fit(X.astype(str)).n_iter_ == sk.n_iter_  # fit converts, as sklearn's
+    for rows in (X.astype(np.int64), X.astype(bool), X.astype(np.float16)):
+        exact = np.log(sum(w * multivariate_normal(m, c).pdf(rows.astype(np.float64))
+                           for w, m, c in zip(gm.weights_, gm.means_, gm.covariances_)))
+        np.testing.assert_allclose(gm.score_samples(rows), exact, rtol=1e-12, err_msg=str(rows.dtype))
 
 
 def test_bad_parameters_use_sklearn_wording():
