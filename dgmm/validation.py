@@ -45,7 +45,13 @@ def _to_dask_array(X) -> da.Array:
         return da.from_zarr(X)
     if hasattr(X, "to_dask_array"):
         # Dask DataFrame: partition lengths are needed for row-aligned output.
-        return _numeric_frame(X).to_dask_array(lengths=True)
+        frame = _numeric_frame(X)
+        try:
+            return frame.to_dask_array(lengths=True)
+        except ValueError:
+            # dask 2026.8: a column projection of read_parquet fuses partitions, and lengths=True then fails
+            # ("The number of items in 'lengths' does not match the number of partitions").
+            return frame.to_dask_array().compute_chunk_sizes()
     raise TypeError(f"unsupported lazy input type {type(X).__name__}")
 
 

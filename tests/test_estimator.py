@@ -181,6 +181,20 @@ def test_dask_dataframes_of_extension_dtypes_are_cast_as_sklearn_casts_pandas(dt
             GaussianMixture(3, random_state=0).fit(dd.from_pandas(df, npartitions=3))
 
 
+def test_dask_dataframe_read_from_parquet_with_a_column_projection(tmp_path):
+    """dd.read_parquet(columns=...) fuses partitions, and to_dask_array(lengths=True) fails on it (dask 2026.8)."""
+    X = make_mixture(n_samples=1200, n_features=3, seed=19)
+    frame = pd.DataFrame(X, columns=["a", "b", "c"]).assign(tag="t")
+    dd.from_pandas(frame, npartitions=12, sort=False).to_parquet(tmp_path / "t.parquet")
+    ddf = dd.read_parquet(tmp_path / "t.parquet", columns=["a", "b", "c"])
+    reference = GaussianMixture(3, random_state=0).fit(frame[["a", "b", "c"]])
+    gm = GaussianMixture(3, random_state=0).fit(ddf)
+    np.testing.assert_allclose(gm.means_, reference.means_, rtol=1e-10)
+    labels = gm.predict(ddf)
+    assert isinstance(labels, da.Array) and not np.isnan(labels.shape[0])
+    np.testing.assert_array_equal(labels.compute(), reference.predict(ddf.compute()))
+
+
 def test_integer_dask_input_is_cast_to_float64():
     X = np.round(make_mixture(n_samples=300, n_features=2, seed=16) * 10).astype(np.int64)
     a = GaussianMixture(2, random_state=0, reg_covar=1e-3).fit(X)
