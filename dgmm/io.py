@@ -299,9 +299,16 @@ def _read_zarr_block(array, index, asarray=True, lock=None):
 
 
 def _parquet_files(fs, root: str) -> dict[str, dict]:
-    """The data files of a Parquet directory (sorted), with the file details of the one listing that found them."""
+    """The data files of a Parquet directory, with the file details of the one listing that found them.
+
+    In dask's order (``dask.utils.natural_sort_key``: ``part.2`` before
+    ``part.10``), so rows line up with ``dask.dataframe.read_parquet`` of the
+    same directory; zero-padded names (Spark, pyarrow) sort the same either way.
+    """
+    from dask.utils import natural_sort_key
+
     listing = fs.find(root, detail=True)
-    files = [f for f in sorted(listing) if not any(part.startswith(("_", "."))
+    files = [f for f in sorted(listing, key=natural_sort_key) if not any(part.startswith(("_", "."))
                                                    for part in posixpath.relpath(f, root).split("/"))]
     parquet = [f for f in files if f.lower().endswith((".parquet", ".pq"))]
     return {f: listing[f] for f in parquet or [f for f in files if posixpath.splitext(f)[1] == ""]}
@@ -343,8 +350,14 @@ def _is_numeric(arrow_type) -> bool:
 
 
 def _numeric_columns(schema) -> list[str]:
-    """The columns of an Arrow schema that dgmm reads by default: every numeric (or boolean) one, in order."""
-    return [field.name for field in schema if _is_numeric(field.type)]
+    """The columns of an Arrow schema that dgmm reads by default: every numeric (or boolean) one, in order.
+
+    A pandas index written as a column (``__index_level_0__``, dask's
+    ``__null_dask_index__``, a named index), listed in the schema's pandas
+    metadata, is not data: pandas and dask read it back as the index.
+    """
+    index = {name for name in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)}
+    return [field.name for field in schema if _is_numeric(field.type) and field.name not in index]
 
 
 def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_options: Mapping | None = None,

@@ -55,6 +55,23 @@ def test_zarr_array_inside_a_group(tmp_path, X):
         open_input(str(tmp_path / "g.zarr"), component="ids")
 
 
+def test_parquet_parts_are_read_in_dasks_order(tmp_path, X):
+    """dask writes part.0 ... part.11 unpadded; rows line up with dask.dataframe.read_parquet (part.2 before part.10)."""
+    import dask.dataframe as dd
+
+    frame = pd.DataFrame(X, columns=["a", "b", "c"])
+    dd.from_pandas(frame, npartitions=12, sort=False).to_parquet(tmp_path / "t.parquet")
+    assert "part.10.parquet" in os.listdir(tmp_path / "t.parquet")
+    A = open_input(str(tmp_path / "t.parquet"))
+    np.testing.assert_array_equal(A.compute(), X)
+    np.testing.assert_array_equal(A.compute(), dd.read_parquet(tmp_path / "t.parquet").compute().to_numpy())
+    # a pandas index written as a column (dask's __null_dask_index__ above, a named or filtered index) is not data
+    frame.assign(id=np.arange(len(X))).set_index("id").to_parquet(tmp_path / "named.parquet")
+    frame[frame["a"] > 0].to_parquet(tmp_path / "filtered.parquet")
+    assert open_input(str(tmp_path / "named.parquet")).shape == X.shape
+    assert open_input(str(tmp_path / "filtered.parquet")).shape == ((X[:, 0] > 0).sum(), 3)
+
+
 def test_parquet_row_groups_become_chunks_from_the_footer(tmp_path, X):
     table = pa.table({"a": X[:, 0], "b": X[:, 1].astype(np.float32), "name": ["r"] * len(X), "c": X[:, 2],
                       "n": np.arange(len(X))})
