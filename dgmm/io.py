@@ -73,9 +73,11 @@ logger = logging.getLogger(__name__)
 #: Written last into every Parquet output (and Zarr outputs of dgmm 0.1); an output without it is not complete.
 SUCCESS_MARKER = "_SUCCESS"
 #: A Zarr group's own metadata documents (v3, then v2); a Zarr output's are committed last.
-ZARR_GROUP_METADATA = ("zarr.json", ".zgroup", ".zattrs")
+ZARR_GROUP_METADATA = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
 #: Default target size of an ``.npy`` chunk.
 NPY_CHUNK_BYTES = 64 * 2**20
+#: Smallest output chunk written (bytes of its widest array): tiny input chunks are merged up to it.
+MIN_OUTPUT_CHUNK_BYTES = 4 * 2**20
 #: Names accepted for the compression of dgmm's Zarr outputs (see :func:`zarr_compressors`).
 COMPRESSORS = ("default", "blosc-lz4", "blosc-zstd", "zstd", "none")
 #: Parquet footers read at once when a directory is opened (:func:`open_parquet`).
@@ -586,7 +588,8 @@ def _host_chunks(array: da.Array) -> da.Array:
 
 def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
                 column_names: Mapping[str, Sequence[str]] | None = None, storage_options: Mapping | None = None,
-                overwrite: bool = False, attributes: Mapping | None = None, compressor: str = "default") -> dict:
+                overwrite: bool = False, attributes: Mapping | None = None, compressor: str = "default",
+                dimension_names: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Write row-aligned 1-D / 2-D dask arrays to a Zarr group or a Parquet directory, chunk by chunk.
 
     Every chunk is computed and written by the worker that computes it (no
@@ -615,6 +618,16 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         How Zarr arrays are compressed (:func:`zarr_compressors`; the group's
         format is zarr's ``default_zarr_format``). Parquet files keep pyarrow's
         own compression, so for Parquet only 'default' is accepted.
+    dimension_names : mapping, default=None
+        Zarr only: the dimension names of each array (``dimension_names`` in
+        Zarr v3, ``_ARRAY_DIMENSIONS`` in v2, as xarray reads them); default
+        ``('sample',)`` for a 1-D array and ``('sample', NAME + '_column')``
+        for a 2-D one. The group's metadata is consolidated, so
+        ``xarray.open_zarr`` opens the output as a Dataset.
+
+    Rows are written in chunks of the input's rows, except that chunks
+    smaller than :data:`MIN_OUTPUT_CHUNK_BYTES` are merged up to it (an
+    input of tiny chunks would otherwise give as many tiny files).
 
     Returns
     -------
@@ -639,7 +652,7 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     if len(n_rows) != 1:
         raise ValueError(f"arrays to write must have the same number of rows, got {sorted(n_rows)}")
     (n_samples,) = n_rows
-    arrays = {name: _host_chunks(array) for name, array in arrays.items()}
+    arrays = _merge_small_chunks({name: _host_chunks(array) for name, array in arrays.items()})
     fs, root = _filesystem(path, storage_options)
     if fs.exists(root):
         if not overwrite:
@@ -662,7 +675,7 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     fs.makedirs(parent, exist_ok=True)
     try:
         if format == "zarr":
-            group = _write_zarr(arrays, staging_url, storage_options, marker, compressor)
+            group = _write_zarr(arrays, staging_url, storage_options, compressor, dimension_names or {})
         else:
             _write_parquet(arrays, fs, staging, column_names or {}, n_samples)
         marker["seconds"] = round(time.perf_counter() - started, 3)
@@ -791,29 +804,61 @@ def _remove_staging(fs, staging: str) -> None:
     logger.warning("could not remove the staging output %s", staging)
 
 
-def _write_zarr(arrays, staging_url, storage_options, marker, compressor) -> None:
+def _merge_small_chunks(arrays: dict[str, da.Array]) -> dict[str, da.Array]:
+    """``arrays`` with row chunks of at least :data:`MIN_OUTPUT_CHUNK_BYTES` (of the widest), when theirs are smaller."""
+    first = next(iter(arrays.values()))
+    if not first.chunks[0] or not first.shape[0]:
+        return arrays
+    row_bytes = max(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in arrays.values())
+    rows = min(-(-MIN_OUTPUT_CHUNK_BYTES // max(row_bytes, 1)), first.shape[0])
+    if max(first.chunks[0]) >= rows:
+        return arrays
+    return {name: array.rechunk({0: rows}) for name, array in arrays.items()}
+
+
+def _dimension_names(name: str, ndim: int, given: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    names = tuple(given.get(name, ("sample", f"{name}_column")[:ndim]))
+    if len(names) != ndim:
+        raise ValueError(f"dimension_names[{name!r}] has {len(names)} names for a {ndim}-D array")
+    return names
+
+
+def _write_zarr(arrays, staging_url, storage_options, compressor, dimension_names):
     import zarr
 
     options = dict(storage_options or {}) if is_url(staging_url) else None
     store = staging_url if options is None else zarr.storage.FsspecStore.from_url(
         staging_url, storage_options=options, read_only=False)
     group = zarr.open_group(store=store, mode="w")
+    zarr_format = group.metadata.zarr_format
     first = next(iter(arrays.values()))
     rows = max(max(first.chunks[0]), 1)
     writes = []
     for name, array in arrays.items():
         array = _regular_rows(array.rechunk({i: -1 for i in range(1, array.ndim)}), rows)
+        dims = _dimension_names(name, array.ndim, dimension_names)
         target = group.create_array(name, shape=array.shape, chunks=(rows, *array.shape[1:]), dtype=array.dtype,
-                                    compressors=zarr_compressors(array.dtype, compressor,
-                                                                 group.metadata.zarr_format))
+                                    compressors=zarr_compressors(array.dtype, compressor, zarr_format),
+                                    # v2: no fill value, which xarray would read as a missing-value mark (label 0)
+                                    **({"dimension_names": dims} if zarr_format == 3 else {"fill_value": None}))
+        if zarr_format == 2:
+            target.attrs["_ARRAY_DIMENSIONS"] = list(dims)
         writes.append(da.store(array, target, lock=False, compute=False))
     dask.compute(*writes)
     return group
 
 
 def _mark_zarr(group, marker: dict) -> None:
-    """The completion marker of a Zarr output: the group's ``dgmm`` attribute, written after every chunk."""
+    """The completion marker of a Zarr output: the group's ``dgmm`` attribute, written after every chunk,
+    with the members' metadata consolidated into the group's (one read for xarray and zarr)."""
+    import warnings
+
+    import zarr
+
     group.attrs["dgmm"] = {k: v for k, v in marker.items() if k != "arrays"}
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification": zarr and xarray read it
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(group.store, zarr_format=group.metadata.zarr_format)
 
 
 def _write_parquet(arrays, fs, staging, column_names, n_samples) -> None:
@@ -926,4 +971,5 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
     if log_likelihood:
         arrays["log_likelihood"], names["log_likelihood"] = model.score_samples(X), ["log_likelihood"]
     return write_table(arrays, path, format=format, column_names=names, storage_options=storage_options,
-                       overwrite=overwrite, attributes=attributes, compressor=compressor)
+                       overwrite=overwrite, attributes=attributes, compressor=compressor,
+                       dimension_names={"probabilities": ("sample", "component")})

@@ -172,7 +172,8 @@ def test_format_detected_without_suffix(tmp_path, X):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])
-def test_predictions_are_row_aligned_and_committed(tmp_path, X, fmt):
+def test_predictions_are_row_aligned_and_committed(tmp_path, X, fmt, monkeypatch):
+    monkeypatch.setattr("dgmm.io.MIN_OUTPUT_CHUNK_BYTES", 0)  # one output chunk per input chunk
     Xd = da.from_array(X, chunks=(137, 3))
     gm = GaussianMixture(3, random_state=0).fit(Xd)
     out = str(tmp_path / f"pred.{fmt}")
@@ -198,6 +199,49 @@ def test_predictions_are_row_aligned_and_committed(tmp_path, X, fmt):
         write_predictions(gm, Xd, out, format=fmt)
     write_predictions(gm, Xd[:500], out, format=fmt, overwrite=True)
     assert write_table({"a": da.zeros(3)}, str(tmp_path / "small"), format=fmt)["n_rows"] == 3
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_zarr_predictions_open_in_xarray_as_a_dataset(tmp_path, X, zarr_format):
+    """Dimension names (v3 dimension_names, v2 _ARRAY_DIMENSIONS) and consolidated metadata: no warning either."""
+    import warnings
+
+    import xarray as xr
+
+    Xd = da.from_array(X, chunks=(250, 3))
+    gm = GaussianMixture(3, random_state=0).fit(Xd)
+    out = str(tmp_path / "p.zarr")
+    with zarr.config.set({"default_zarr_format": zarr_format}):
+        write_predictions(gm, Xd, out, format="zarr", probabilities=True, log_likelihood=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(out)
+        assert zarr.open_group(out, mode="r").metadata.zarr_format == zarr_format
+    assert dict(ds.sizes) == {"sample": len(X), "component": 3}
+    assert ds["probabilities"].dims == ("sample", "component") and ds["labels"].dims == ("sample",)
+    assert ds.attrs["dgmm"]["n_rows"] == len(X) and is_complete(out)
+    np.testing.assert_array_equal(ds["labels"].values, gm.predict(X))
+    np.testing.assert_allclose(ds["log_likelihood"].values, gm.score_samples(X), rtol=1e-12)
+
+
+def test_small_input_chunks_are_merged_into_output_chunks_of_a_few_mib(tmp_path, X):
+    """7-row input chunks: a few output chunks (files), not one per input chunk."""
+    import dgmm.io
+
+    Xd = da.from_array(np.tile(X, (40, 1)), chunks=(7, 3))  # 40,000 rows in 5,715 chunks
+    gm = GaussianMixture(3, random_state=0).fit(X)
+    for fmt in ("zarr", "parquet"):
+        out = tmp_path / f"p.{fmt}"
+        write_predictions(gm, Xd, str(out), format=fmt, probabilities=True)
+        rows = -(-dgmm.io.MIN_OUTPUT_CHUNK_BYTES // (3 * 8))  # the widest array: 3 float64 probabilities a row
+        if fmt == "zarr":
+            group = zarr.open_group(str(out), mode="r")
+            assert group["labels"].chunks == group["probabilities"].chunks[:1] == (min(rows, 40_000),)
+            labels = group["labels"][:]
+        else:
+            assert len([p for p in os.listdir(out) if p.endswith(".parquet")]) == -(-40_000 // rows)
+            labels = pd.read_parquet(out)["label"].to_numpy()
+        np.testing.assert_array_equal(labels, gm.predict(np.tile(X, (40, 1))))
 
 
 def test_irregular_chunks_are_written_to_regular_zarr_chunks(tmp_path):
@@ -245,6 +289,7 @@ def test_an_object_store_commit_cut_short_never_looks_complete(monkeypatch, fmt)
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
 
+    monkeypatch.setattr("dgmm.io.MIN_OUTPUT_CHUNK_BYTES", 0)  # several parts to cut between
     fs = fsspec.filesystem("memory")
     arrays = {"labels": da.arange(12, chunks=4), "p": da.ones((12, 2), chunks=4)}
     copy = MemoryFileSystem.copy

@@ -28,9 +28,12 @@ from cli_helpers import blobs, dgmm_command, run_dgmm, running, wait_for_line, w
 
 MODEL = {"n_components": 4, "covariance_type": "full", "random_state": 3, "tol": 0.0, "max_iter": 12}
 
-#: Runs ``dgmm ARGS`` with ``TARGET`` in ``MODULE`` replaced by a wrapper that SIGKILLs this process at call ``AT``.
+#: Runs ``dgmm ARGS`` with ``TARGET`` in ``MODULE`` replaced by a wrapper that SIGKILLs this process at call ``AT``
+#: (outputs written one part per input chunk: no merging of small chunks, so there are parts to be killed in).
 KILLER = """
 import importlib, os, signal, sys
+import dgmm.io
+dgmm.io.MIN_OUTPUT_CHUNK_BYTES = 0
 module = importlib.import_module(os.environ["KILL_MODULE"])
 name, at = os.environ["KILL_TARGET"], int(os.environ["KILL_AT"])
 original, calls = getattr(module, name), [0]
