@@ -252,9 +252,20 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     options = dict(storage_options or {})
     store = path if is_url(path) else _local(path)
     kwargs = {"storage_options": options} if is_url(path) else {}
+    def arrays_of(group) -> str:
+        names = sorted(n for n, m in group.members(max_depth=None) if isinstance(m, zarr.Array) and m.ndim == 2)
+        return ", ".join(repr(n) for n in names) or "none"
+
     try:
         node = zarr.open(store=store, mode="r", path=component, **kwargs)
     except (FileNotFoundError, KeyError):  # zarr's NodeNotFoundError is a FileNotFoundError
+        root = None
+        if component:
+            with contextlib.suppress(Exception):
+                root = zarr.open(store=store, mode="r", **kwargs)
+        if isinstance(root, zarr.Group):  # the data is there; the setting names nothing in it
+            raise InputSelectionError(f"{path}: no array {component!r} in the Zarr group; set input.component to "
+                                      f"one of its 2-D arrays ({arrays_of(root)})", "input.component") from None
         where = f"{path} (component {component!r})" if component else path
         raise FileNotFoundError(f"{where}: no Zarr array or group there") from None
     except Exception as exc:
@@ -271,6 +282,11 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
             raise InputSelectionError(f"{where} is a Zarr group, not an array; set input.component to one of its "
                                       f"arrays ({listing})", "input.component")
     if node.ndim != 2:
+        if component:  # the setting picked an array that is not a table
+            root = zarr.open(store=store, mode="r", **kwargs)
+            raise InputSelectionError(f"{path}: the array {component!r} has shape {node.shape}, not (n_samples, "
+                                      f"n_features); set input.component to one of the group's 2-D arrays "
+                                      f"({arrays_of(root)})", "input.component")
         raise ValueError(f"{path}: the Zarr array has shape {node.shape}; dgmm needs a 2-D array "
                          "(n_samples, n_features)")
     name = "from-zarr-" + dask.base.tokenize(node, component, options, node.chunks)

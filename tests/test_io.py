@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from dgmm import GaussianMixture
-from dgmm.io import SUCCESS_MARKER, is_complete, open_input, write_predictions, write_table, zarr_compressors
+from dgmm.io import SUCCESS_MARKER, InputSelectionError, is_complete, open_input, write_predictions, write_table, zarr_compressors
 from conftest import make_mixture
 
 
@@ -49,10 +49,18 @@ def test_zarr_array_inside_a_group(tmp_path, X):
     group.create_array("other", shape=(5, 2), dtype="f8")
     with pytest.raises(ValueError, match=r"is a Zarr group, not an array; set input.component .*'features/table'"):
         open_input(str(tmp_path / "g.zarr"))
-    with pytest.raises(FileNotFoundError, match="no Zarr array or group there"):
+    # a component that names nothing, or an array that is not a table: the setting's fault (exit 2), with the choices
+    with pytest.raises(InputSelectionError, match=r"no array 'nope' in the Zarr group; set input.component to one "
+                                                  r"of its 2-D arrays \('features/table', 'other'\)"):
         open_input(str(tmp_path / "g.zarr"), component="nope")
-    with pytest.raises(ValueError, match=r"shape \(1000,\); dgmm needs a 2-D array"):
+    with pytest.raises(InputSelectionError, match=r"the array 'ids' has shape \(1000,\), not \(n_samples, "
+                                                  r"n_features\); set input.component .*'features/table', 'other'"):
         open_input(str(tmp_path / "g.zarr"), component="ids")
+    with pytest.raises(FileNotFoundError, match="no Zarr array or group there"):
+        open_input(str(tmp_path / "missing.zarr"), component="nope")
+    zarr.open_array(str(tmp_path / "cube.zarr"), mode="w", shape=(4, 3, 2), dtype="f8")
+    with pytest.raises(ValueError, match=r"shape \(4, 3, 2\); dgmm needs a 2-D array"):  # the data's fault
+        open_input(str(tmp_path / "cube.zarr"))
 
 
 def test_parquet_parts_are_read_in_dasks_order(tmp_path, X):
