@@ -29,7 +29,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .io import format_from_suffix, is_url, location_holds, path_location
+from .io import _local, format_from_suffix, is_url, location_holds, path_location
 
 __all__ = [
     "ClusterConfig",
@@ -110,7 +110,7 @@ class InputConfig:
             err("synthetic", "generates a Zarr array; input.path must be a .zarr path")
         if self.synthetic is not None and is_url(self.path):
             err("synthetic", "writes a local Zarr array; input.path must be a local path")
-        if self.synthetic is None and not is_url(self.path) and self.path and not os.path.exists(self.path):
+        if self.synthetic is None and not is_url(self.path) and self.path and not os.path.exists(_local(self.path)):
             err("path", f"{self.path} does not exist")
         if self.device == "gpu" and importlib.util.find_spec("cupy") is None:
             err("device", "gpu needs CuPy in this environment: install dgmm[gpu] (or the cupy-cudaXXx wheel "

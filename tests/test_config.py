@@ -49,6 +49,7 @@ def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
         ({"model": {}}, "x.yaml: input: is required"),
         ({"input": {"format": "zarr"}}, "x.yaml: input.path: is required"),
         ({"input": {"path": "no/such/file.zarr"}}, "x.yaml: input.path: no/such/file.zarr does not exist"),
+        ({"input": {"path": "file:///no/such/file.zarr"}}, "input.path: file:///no/such/file.zarr does not exist"),
         ({"input": {**REMOTE, "columns": ["a"]}}, "input.columns: selects Parquet columns, but the input format is "
                                                   "zarr"),
         ({"input": {**REMOTE, "storage_options": [1]}}, "input.storage_options: must be a mapping"),
@@ -205,3 +206,16 @@ def test_predict_compressor_choices_are_the_writers():
     from dgmm.io import COMPRESSORS
 
     assert typing.get_args(typing.get_type_hints(PredictConfig)["compressor"]) == COMPRESSORS
+
+
+def test_a_file_url_input_is_a_local_path(tmp_path):
+    """``file:///abs/x.zarr`` names the local file: it exists for the config check as it does for the readers."""
+    import numpy as np
+    import zarr
+
+    from dgmm.io import open_input
+
+    zarr.create_array(str(tmp_path / "x.zarr"), data=np.arange(12.0).reshape(6, 2), chunks=(3, 2))
+    url = (tmp_path / "x.zarr").as_uri()
+    config = parse_config({"input": {"path": url}}, source="x.yaml")
+    np.testing.assert_array_equal(open_input(config.input.path).compute(), np.arange(12.0).reshape(6, 2))
