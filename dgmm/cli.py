@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 from .config import Config, ConfigError, check_extra_output, load_config, parse_config
 
@@ -47,6 +48,11 @@ DEMO_CONFIG = {
 }
 
 EXIT_FAILURE, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+#: Log level of a command's result (a score, a model's description, a selection table, a checked config):
+#: printed with ``--quiet`` too, which silences progress only.
+RESULT = logging.INFO + 5
+#: Events that are a command's result.
+RESULT_EVENTS = frozenset({"score", "info", "select", "config"})
 
 
 # ---------------------------------------------------------------------------
@@ -69,7 +75,7 @@ class _JsonFormatter(logging.Formatter):
         entry = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
                 timespec="milliseconds"),
-            "level": record.levelname.lower(),
+            "level": "info" if record.levelno == RESULT else record.levelname.lower(),
             "event": getattr(record, "event", "log"),
             "message": record.getMessage(),
         }
@@ -130,13 +136,19 @@ def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     root.setLevel(logging.WARNING)
     logger.handlers[:] = [out, err]
     logger.propagate = False
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(RESULT if quiet else logging.INFO)
+    warnings.formatwarning = _format_warning
     logging.captureWarnings(True)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, ``Category: message``, without the file and source line of where it was raised."""
+    return f"{category.__name__}: {message}"
+
+
 def report(event: str, message: str, **fields) -> None:
-    """One progress or result line (``event`` and ``fields`` appear in JSON output)."""
-    logger.info(message, extra={"event": event, "fields": fields})
+    """One progress or result line (``event`` and ``fields`` appear in JSON output); results also with --quiet."""
+    logger.log(RESULT if event in RESULT_EVENTS else logging.INFO, message, extra={"event": event, "fields": fields})
 
 
 class IterationReporter:

@@ -198,6 +198,27 @@ def test_sample_and_info_json(tmp_path):
     np.testing.assert_array_equal(frame[["x0", "x1"]].to_numpy(), np.load(tmp_path / "s.npy"))
     csv = run_dgmm("sample", model_path, "-n", 5)
     assert csv.returncode == 0 and csv.stdout.splitlines()[0] == "x0,x1,label" and len(csv.stdout.splitlines()) == 6
+    quiet = run_dgmm("info", model_path, "--quiet")  # --quiet silences progress, not a command's result
+    assert quiet.returncode == 0 and "3 components, full covariances, 2 features" in quiet.stdout
     info = run_dgmm("info", model_path, "--log-format", "json")
     (entry,) = json_lines(info.stdout)
     assert entry["metadata"]["format"] == "dgmm-model" and len(entry["weights"]) == 3
+
+
+def test_quiet_keeps_results_and_warnings_are_one_line(tmp_path):
+    """``score -q`` prints the score; a library warning is 'dgmm: warning: Category: message', no file or source."""
+    X = (blobs(300, 3, seed=4) > 0).astype(np.float64)  # 8 distinct rows: components collapse onto duplicates
+    zarr.create_array(str(tmp_path / "b.zarr"), data=X, chunks=(100, 3))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "b.zarr")}, "model": {"n_components": 6, "random_state": 0},
+        "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "m.npz")},
+    })
+    fit = run_dgmm("fit", config, "--quiet")
+    assert fit.returncode == 0 and fit.stdout == "", fit.stderr
+    lines = fit.stderr.splitlines()
+    assert lines and all(line.startswith("dgmm: warning: DegenerateComponentWarning: Gaussian mixture component")
+                         for line in lines), fit.stderr
+    assert ".py:" not in fit.stderr
+    score = run_dgmm("score", config, "--quiet")
+    assert score.returncode == 0 and score.stdout.startswith("score (mean log-likelihood per row): ")
+    assert "data:" not in score.stdout and "cluster:" not in score.stdout
