@@ -655,9 +655,9 @@ def _load_model_for(config: Config, X, columns: list[str] | None):
     from .model_io import load_model
 
     model = load_model(config.output.model, storage_options=config.output.storage_options)
-    if X.shape[1] != model.n_features_in_:
-        raise ValueError(f"{config.input.path} has {X.shape[1]} features, but the model {config.output.model} "
-                         f"was fitted on {model.n_features_in_}")
+    if X.shape[1] != model.n_features_in_:  # the config pairs a model with data it does not fit
+        raise ConfigError(f"{config.source}: input.path: {config.input.path} has {X.shape[1]} features, but the "
+                          f"model {config.output.model} was fitted on {model.n_features_in_}")
     names = getattr(model, "feature_names_in_", None)
     if names is not None and columns is not None and list(columns) == [str(name) for name in names]:
         del model.feature_names_in_  # the columns were read by these names: nothing left for sklearn to warn of
@@ -851,7 +851,7 @@ def _cmd_sample(args) -> int:
     from .model_io import load_model, read_model_metadata
 
     if args.n_samples < 1:
-        raise ValueError(f"--n-samples must be >= 1, got {args.n_samples}")
+        raise ConfigError(f"--n-samples: must be >= 1, got {args.n_samples}")
     model = load_model(args.model)
     if args.seed is not None:
         model.random_state = args.seed
@@ -868,7 +868,7 @@ def _cmd_sample(args) -> int:
         return 0
     fmt = format_from_suffix(out)
     if os.path.exists(out) and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite or choose another path")
+        raise ConfigError(f"-o: {out} exists; pass --overwrite or choose another path")
     if fmt == "npy":
         import io
 

@@ -88,8 +88,21 @@ def test_predict_with_a_model_of_other_features_is_refused(workdir):
     config = base(workdir, predict={"output": str(workdir / "p.zarr")})
     path = write_config(workdir / "c.yaml", config)
     result = run_dgmm("predict", path, "--model", workdir / "m3.npz")
-    assert result.returncode == 1
-    assert "has 2 features, but the model" in result.stderr and "was fitted on 3" in result.stderr
+    assert result.returncode == 2  # the config pairs a model with data it does not fit
+    assert "input.path:" in result.stderr and "has 2 features, but the model" in result.stderr
+    assert "was fitted on 3" in result.stderr
     assert not (workdir / "p.zarr").exists()
     missing = run_dgmm("predict", path)
     assert missing.returncode == 2 and "output.model:" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_sample_arguments_that_cannot_work_exit_2(workdir):
+    from dgmm import GaussianMixture, save_model
+
+    save_model(GaussianMixture(2, random_state=0).fit(blobs(200, 3)), workdir / "m.npz")
+    (workdir / "s.npy").write_bytes(b"keep")
+    exists = run_dgmm("sample", workdir / "m.npz", "-n", 5, "-o", workdir / "s.npy")
+    assert exists.returncode == 2 and "s.npy exists; pass --overwrite" in exists.stderr
+    assert (workdir / "s.npy").read_bytes() == b"keep"
+    none = run_dgmm("sample", workdir / "m.npz", "-n", 0)
+    assert none.returncode == 2 and "--n-samples: must be >= 1, got 0" in none.stderr and none.stdout == ""
