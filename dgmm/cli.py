@@ -578,6 +578,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     _generate_synthetic(config)
     X, _ = _open_data(config)
     source = _describe_input(config)  # before the fit: nothing read after it can fail
+    _report_columns(config, source)
     resumed_from = 0
     if checkpoint is not None and os.path.exists(checkpoint):
         if state is not None:
@@ -632,6 +633,14 @@ def _describe_input(config: Config) -> dict:
     names = input_feature_names(inp.path, format=inp.format, columns=inp.columns, storage_options=inp.storage_options)
     return describe_source(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
                            feature_names=names)
+
+
+def _report_columns(config: Config, source: dict) -> None:
+    """Name the Parquet columns a fit reads when the config lets dgmm choose them (every numeric one)."""
+    names = source.get("feature_names")
+    if names and config.input.columns is None:
+        report("columns", f"columns: {', '.join(names)} (every numeric column; input.columns chooses others)",
+               columns=names)
 
 
 def _model_feature_names(meta: dict) -> list[str] | None:
@@ -740,6 +749,7 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     _generate_synthetic(config)
     X, _ = _open_data(config)
     source = _describe_input(config)  # before the fit: nothing read after it can fail
+    _report_columns(config, source)
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)

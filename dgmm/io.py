@@ -364,7 +364,8 @@ def _parquet_footers(fs, path: str, files: Sequence[str]) -> list:
 def _is_numeric(arrow_type) -> bool:
     import pyarrow as pa
 
-    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type)
+    return (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or pa.types.is_boolean(arrow_type)
+            or pa.types.is_decimal(arrow_type))
 
 
 def _numeric_columns(schema) -> list[str]:

@@ -143,7 +143,9 @@ def test_parquet_column_names_travel_with_the_model(tmp_path, parquet_data):
         "output": {"model": str(tmp_path / "model.npz")},
         "predict": {"output": str(tmp_path / "pred.parquet"), "log_likelihood": True},
     })
-    assert run_dgmm("fit", config, "--quiet").returncode == 0
+    fit = run_dgmm("fit", config)
+    assert fit.returncode == 0, fit.stderr
+    assert "columns: id, x, y (every numeric column; input.columns chooses others)" in fit.stdout
     meta = read_model_metadata(tmp_path / "model.npz")
     assert meta["fit"]["source"]["feature_names"] == ["id", "x", "y"] and meta["fit"]["source"]["columns"] is None
     info = run_dgmm("info", tmp_path / "model.npz")

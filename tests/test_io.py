@@ -155,6 +155,18 @@ def test_parquet_nulls_become_nan_and_float32_stays(tmp_path):
     assert np.isnan(B[1, 0]) and np.isnan(B[2, 1]) and B.dtype == np.float64
 
 
+def test_parquet_decimal_columns_are_numbers(tmp_path):
+    import decimal
+
+    from dgmm.io import input_feature_names
+
+    prices = pa.array([decimal.Decimal("1.25"), None, decimal.Decimal("-3.50")], pa.decimal128(10, 2))
+    pq.write_table(pa.table({"x": [1.0, 2.0, 3.0], "price": prices, "name": ["a", "b", "c"]}), tmp_path / "d.parquet")
+    A = open_input(str(tmp_path / "d.parquet")).compute()
+    np.testing.assert_array_equal(A, [[1.0, 1.25], [2.0, np.nan], [3.0, -3.5]])
+    assert input_feature_names(str(tmp_path / "d.parquet")) == ["x", "price"]
+
+
 def test_npy_is_memory_mapped_in_chunks(tmp_path, X):
     np.save(tmp_path / "x.npy", X)
     with dask.config.set(scheduler=no_compute):
