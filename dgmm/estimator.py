@@ -43,6 +43,7 @@ from .validation import (
     check_input,
     check_means,
     check_n_samples,
+    check_parameter_memory,
     check_precisions,
     check_sample_weight,
     check_weights,
@@ -329,6 +330,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 f"but got n_components = {self.n_components}, "
                 f"n_samples = {n_samples}"
             )
+        check_parameter_memory(self.n_components, n_features, self.covariance_type, self.n_init, n_samples)
         weights_init, means_init, precisions_init = self._check_init_parameters(n_features)
         self._degenerate_warned = set()
         data = DataPasses(Xv, chunk_size=self.chunk_size, split_every=self.split_every, sample_weight=sample_weight)

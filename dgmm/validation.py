@@ -260,3 +260,37 @@ def _check_weight_values(finite: bool, low: float, total: float) -> None:
         raise ValueError("Negative values in data passed to `sample_weight`")
     if total <= 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
+
+
+#: Copies of the (n_components, n_features, n_features) parameters a fit holds at once, per restart:
+#: covariances, precisions, their Cholesky factors, and the second-moment statistics being merged.
+PARAMETER_COPIES = 4
+
+
+def check_parameter_memory(n_components: int, n_features: int, covariance_type: str, n_init: int,
+                           n_samples: int, available: int | None = None) -> None:
+    """Refuse a fit whose parameters alone cannot fit in memory, before anything is allocated.
+
+    'full' holds ``n_components × n_features²`` floats per copy and 'tied'
+    ``n_features²``; a (features, samples) array read the wrong way round asks
+    for terabytes. ``available``: bytes of memory available (default: psutil's).
+    """
+    per_copy = {"full": n_components * n_features**2, "tied": n_features**2}.get(covariance_type, 0) * 8
+    needed = PARAMETER_COPIES * per_copy * max(n_init, 1)
+    if needed == 0:
+        return
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    if needed <= available:
+        return
+    shape = f"{n_components} × {n_features}²" if covariance_type == "full" else f"{n_features}²"
+    hint = (f" X has more features ({n_features}) than rows ({n_samples}): is it transposed?"
+            if n_features > n_samples else "")
+    raise MemoryError(
+        f"covariance_type={covariance_type!r} with {n_components} components of {n_features} features needs about "
+        f"{needed / 1e9:.1f} GB for its parameters ({PARAMETER_COPIES} copies of {shape} float64 per restart, "
+        f"n_init={n_init}), more than the {available / 1e9:.1f} GB of memory available; use covariance_type='diag' "
+        f"or 'spherical', fewer features or fewer restarts.{hint}"
+    )

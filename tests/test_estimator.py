@@ -461,3 +461,21 @@ def test_partial_fit_first_batch_uses_the_tie_rule():
     state.step(DataPasses(X), 0.6)
     picked = state.parameters.means  # after one step, in the picked candidate's component order
     assert np.linalg.norm(picked[0] - gm.means_[0]) < np.linalg.norm(picked[0] - gm.means_[1])
+
+
+def test_parameters_that_cannot_fit_in_memory_are_refused_before_any_pass():
+    """A (features, samples) array read the wrong way round: 3 rows of 200,000 features want 3.8 TB of covariances."""
+    from dgmm.validation import check_parameter_memory
+
+    reads = []
+    X = da.random.random((3, 200_000), chunks=(3, 200_000)).map_blocks(lambda b: reads.append(1) or b,
+                                                                      meta=np.empty((0, 0)))
+    with pytest.raises(MemoryError, match=r"needs about 3840\.0 GB .* X has more features \(200000\) than rows \(3\): "
+                                          r"is it transposed\?"):
+        GaussianMixture(3).fit(X)
+    assert reads == []
+    GaussianMixture(2, covariance_type="diag", max_iter=1).fit(da.random.random((3, 2000), chunks=(3, 2000)))
+    check_parameter_memory(16, 64, "full", 2, 10, available=4 * 16 * 64**2 * 8 * 2)  # exactly fits
+    with pytest.raises(MemoryError, match="n_init=2"):
+        check_parameter_memory(16, 64, "full", 2, 10, available=4 * 16 * 64**2 * 8 * 2 - 1)
+    check_parameter_memory(16, 10**6, "spherical", 1, 10, available=0)  # no d² parameters
