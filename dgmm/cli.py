@@ -681,17 +681,33 @@ def run_predict(config: Config) -> int:
     model = _load_model_for(config, X, columns)
     p = config.predict
     fmt = p.resolved_format()
+    keep = _kept_columns(config) if p.keep_columns else None
     with open_cluster(config.cluster):
         t0 = time.perf_counter()
         marker = write_predictions(model, X, p.output, format=fmt, labels=p.labels, probabilities=p.probabilities,
                                    log_likelihood=p.log_likelihood, storage_options=p.storage_options,
-                                   overwrite=p.overwrite, compressor=p.compressor,
+                                   overwrite=p.overwrite, compressor=p.compressor, keep=keep,
                                    attributes={"model": config.output.model, "input": config.input.path})
         seconds = time.perf_counter() - t0
     report("predict", f"predictions: {p.output} ({fmt}, {marker['n_rows']:,} rows: "
                       f"{', '.join(marker['arrays'])}) in {seconds:.1f} s",
            path=p.output, format=fmt, n_rows=marker["n_rows"], arrays=list(marker["arrays"]), seconds=seconds)
     return 0
+
+
+def _kept_columns(config: Config) -> dict:
+    """``predict.keep_columns`` of the Parquet input, as lazy arrays row-aligned with the data."""
+    from .io import InputSelectionError, input_format, open_parquet_columns
+
+    inp = config.input
+    fmt = input_format(inp.path, format=inp.format, storage_options=inp.storage_options)
+    if fmt != "parquet":
+        raise ConfigError(f"{config.source}: predict.keep_columns: copies Parquet columns, but {inp.path} is {fmt}")
+    try:
+        return open_parquet_columns(inp.path, config.predict.keep_columns, storage_options=inp.storage_options,
+                                    chunk_rows=inp.chunk_rows, key="predict.keep_columns")
+    except InputSelectionError as exc:
+        raise ConfigError(f"{config.source}: {exc.key}: {exc}") from None
 
 
 def run_score(config: Config) -> int:

@@ -308,8 +308,20 @@ class PredictConfig:
     storage_options: dict = field(default_factory=dict)
     #: Zarr outputs only; see :func:`dgmm.io.zarr_compressors`.
     compressor: Literal["default", "blosc-lz4", "blosc-zstd", "zstd", "none"] = "default"
+    #: Columns of a Parquet input copied to a Parquet output as they are (ids, keys, timestamps), first.
+    keep_columns: list[str] | None = None
 
     def _check(self, err):
+        if self.keep_columns is not None:
+            if not self.keep_columns:
+                err("keep_columns", "must list at least one input column (or be omitted)")
+            if len(set(self.keep_columns)) != len(self.keep_columns):
+                err("keep_columns", f"lists a column twice: {self.keep_columns}")
+            clash = [c for c in self.keep_columns if c in ("label", "log_likelihood") or c.startswith("probability_")]
+            if clash:
+                err("keep_columns", f"{clash[0]!r} is the name of a prediction column; rename it in the input")
+            if self.output and self.resolved_format() == "zarr":
+                err("keep_columns", "copies Parquet columns to a Parquet output; predict.output is Zarr")
         if not self.output:
             err("output", "must name a Zarr or Parquet path, got an empty string")
         elif self.resolved_format() == "auto":
@@ -497,6 +509,9 @@ def _check_for_command(config: Config, command: str) -> None:
     if command == "predict":
         if predict is None:
             fail("predict", "a predict section (output, labels, probabilities, log_likelihood) is required")
+        if predict.keep_columns and config.input.resolved_format() not in ("parquet", "auto"):
+            fail("predict.keep_columns", f"copies Parquet columns, but the input format is "
+                                         f"{config.input.resolved_format()}")
         model = (f"the model (output.model: {output.model})", path_location(output.model), False)
         _check_not_over(fail, "predict.output", predict.output, [*kept, model])
         if _exists(fail, "predict.output", predict.output, predict.storage_options):

@@ -37,6 +37,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 
 import dask
@@ -60,6 +61,7 @@ __all__ = [
     "open_input",
     "open_npy",
     "open_parquet",
+    "open_parquet_columns",
     "open_zarr",
     "remove_stale_staging",
     "replace_refusal",
@@ -391,6 +393,58 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
     ValueError
         For a missing or non-numeric column, files with different columns, or no rows.
     """
+    plan = _parquet_plan(path, columns, storage_options, chunk_rows, numeric=True, key="input.columns")
+    selected, dtype = plan.columns, plan.dtype
+    name = "read-parquet-" + dask.base.tokenize(path, plan.files, selected, dtype, plan.pieces, plan.versions)
+    graph = {(name, i, 0): (_read_parquet_rows, plan.fs, file, groups, tuple(selected), dtype)
+             for i, (file, groups) in enumerate(plan.pieces)}
+    return da.Array(graph, name, (plan.chunks, (len(selected),)), dtype=dtype)
+
+
+def open_parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mapping | None = None,
+                         chunk_rows: int | None = None, key: str = "columns") -> dict[str, da.Array]:
+    """Columns of a Parquet data set as lazy 1-D dask arrays of their own type (ids, strings, timestamps, ...).
+
+    The chunks are those of :func:`open_parquet` on the same ``path`` and
+    ``chunk_rows``, so the arrays line up row by row with the data (and with
+    predictions of it): a key column to join predictions back to the table.
+    Integers with nulls become floats (NaN), strings ``object`` arrays.
+
+    Raises
+    ------
+    InputSelectionError
+        For a column missing from a file (``key`` names the setting in the message).
+    """
+    import pyarrow as pa
+
+    plan = _parquet_plan(path, columns, storage_options, chunk_rows, numeric=False, key=key)
+    out = {}
+    for column, arrow_type in zip(plan.columns, plan.types):
+        try:
+            dtype = np.dtype(object) if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) \
+                else np.dtype(arrow_type.to_pandas_dtype())
+        except (TypeError, NotImplementedError):  # time zones, dictionaries, nested types: Python objects
+            dtype = np.dtype(object)
+        name = "read-parquet-column-" + dask.base.tokenize(path, plan.files, column, plan.pieces, plan.versions)
+        graph = {(name, i): (_read_parquet_column, plan.fs, file, groups, column)
+                 for i, (file, groups) in enumerate(plan.pieces)}
+        out[column] = da.Array(graph, name, (plan.chunks,), dtype=dtype)
+    return out
+
+
+class _ParquetPlan(NamedTuple):
+    fs: object
+    files: list
+    versions: list
+    columns: list        # the columns read
+    types: list          # their Arrow types (in the first file)
+    dtype: object        # the float dtype of the numeric columns (numeric plans)
+    pieces: list         # (file, row groups, rows): one chunk each
+    chunks: tuple        # rows per chunk
+
+
+def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, key: str) -> _ParquetPlan:
+    """Files, columns and row groups (one chunk per piece) of a Parquet data set, from its footers only."""
     import pyarrow as pa
 
     fs, root = _filesystem(path, storage_options)
@@ -401,27 +455,29 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
         raise ValueError(f"{path}: the directory holds no Parquet files")
     files = list(infos)
     selected = None if columns is None else list(columns)
-    plan = []  # (file, [row groups], rows)
+    pieces, types = [], None
     dtype = None
     for file, meta in zip(files, _parquet_footers(fs, path, files)):
         schema = meta.schema.to_arrow_schema()
         if selected is None:
             selected = _numeric_columns(schema)
             if not selected:
-                raise InputSelectionError(f"{path}: no numeric columns (columns: {', '.join(schema.names)})",
-                                          "input.columns")
+                raise InputSelectionError(f"{path}: no numeric columns (columns: {', '.join(schema.names)})", key)
         file_dtype = np.dtype(np.float32)
+        file_types = []
         for name in selected:
             index = schema.get_field_index(name)
             if index < 0:
                 raise InputSelectionError(f"{path}: column {name!r} not found in {file} (columns: "
-                                          f"{', '.join(schema.names)})", "input.columns")
+                                          f"{', '.join(schema.names)})", key)
             arrow_type = schema.field(index).type
-            if not _is_numeric(arrow_type):
+            file_types.append(arrow_type)
+            if numeric and not _is_numeric(arrow_type):
                 raise InputSelectionError(f"{path}: column {name!r} has type {arrow_type}, not a number; "
-                                          "choose numeric columns with input.columns", "input.columns")
+                                          "choose numeric columns with input.columns", key)
             if not pa.types.is_float32(arrow_type):
                 file_dtype = np.dtype(np.float64)
+        types = types or file_types
         dtype = file_dtype if dtype is None else np.promote_types(dtype, file_dtype)
         groups, rows = [], 0
         for i in range(meta.num_row_groups):
@@ -429,20 +485,25 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
             if n == 0:
                 continue
             if groups and (chunk_rows is None or rows + n > chunk_rows):
-                plan.append((file, groups, rows))
+                pieces.append((file, groups, rows))
                 groups, rows = [], 0
             groups.append(i)
             rows += n
         if groups:
-            plan.append((file, groups, rows))
-    if not plan:
+            pieces.append((file, groups, rows))
+    if not pieces:
         raise ValueError(f"{path}: the Parquet data set has no rows")
     versions = [_file_version(infos[file]) for file in files]
-    name = "read-parquet-" + dask.base.tokenize(path, files, selected, dtype, [p[:2] for p in plan], versions)
-    graph = {(name, i, 0): (_read_parquet_rows, fs, file, groups, tuple(selected), dtype)
-             for i, (file, groups, _) in enumerate(plan)}
-    chunks = (tuple(rows for _, _, rows in plan), (len(selected),))
-    return da.Array(graph, name, chunks, dtype=dtype)
+    return _ParquetPlan(fs, files, versions, selected, types, dtype, [p[:2] for p in pieces],
+                        tuple(rows for _, _, rows in pieces))
+
+
+def _read_parquet_column(fs, file: str, row_groups: list[int], column: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    with fs.open(file, "rb") as f:
+        table = pq.ParquetFile(f).read_row_groups(row_groups, columns=[column])
+    return table.column(column).to_numpy(zero_copy_only=False)
 
 
 def _read_parquet_rows(fs, file: str, row_groups: list[int], columns: tuple[str, ...], dtype) -> np.ndarray:
@@ -963,7 +1024,8 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
 def write_predictions(model, X: da.Array, path: str, *, format: str, labels: bool = True,
                       probabilities: bool = False, log_likelihood: bool = False,
                       storage_options: Mapping | None = None, overwrite: bool = False,
-                      attributes: Mapping | None = None, compressor: str = "default") -> dict:
+                      attributes: Mapping | None = None, compressor: str = "default",
+                      keep: Mapping[str, da.Array] | None = None) -> dict:
     """Write a fitted model's per-row predictions for ``X``, row-aligned, chunk by chunk.
 
     Zarr: a group with arrays ``labels`` (n_samples,), ``probabilities``
@@ -972,7 +1034,10 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
     ``label``, ``probability_0`` ... ``probability_{k-1}``, ``log_likelihood``.
     Zarr arrays are compressed as ``compressor`` says (:func:`zarr_compressors`):
     by default, labels with Blosc-zstd and the float arrays with Blosc-LZ4, both
-    with byte shuffle. The other parameters are those of :func:`write_table`.
+    with byte shuffle. ``keep``: 1-D arrays row-aligned with ``X`` written
+    first, under their names (columns of the input to join the predictions
+    back by, from :func:`open_parquet_columns`). The other parameters are
+    those of :func:`write_table`.
 
     Returns
     -------
@@ -980,6 +1045,11 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
         The completion marker's content (the ``_SUCCESS`` file of Parquet, the ``dgmm`` attribute of Zarr).
     """
     arrays, names = {}, {}
+    for column, values in (keep or {}).items():
+        if values.ndim != 1 or values.shape[0] != X.shape[0]:
+            raise ValueError(f"keep[{column!r}] must be a 1-D array of {X.shape[0]} rows, got shape {values.shape}")
+        arrays[column] = values.rechunk((X.chunks[0],))
+        names[column] = [column]
     if labels:
         arrays["labels"], names["labels"] = model.predict(X), ["label"]
     if probabilities:

@@ -224,3 +224,41 @@ def test_quiet_keeps_results_and_warnings_are_one_line(tmp_path):
     score = run_dgmm("score", config, "--quiet")
     assert score.returncode == 0 and score.stdout.startswith("score (mean log-likelihood per row): ")
     assert "data:" not in score.stdout and "cluster:" not in score.stdout
+
+
+def test_predict_keeps_input_columns_to_join_by(tmp_path):
+    """predict.keep_columns copies Parquet columns (strings, int64 ids past 2**53, timestamps) row by row."""
+    import dask.dataframe as dd
+
+    X = blobs(3000, 2, seed=5)
+    n = len(X)
+    frame = pd.DataFrame({"user": [f"u{i}" for i in range(n)], "id": np.arange(n, dtype=np.int64) * 10**13 + 1,
+                          "ts": pd.date_range("2026-01-01", periods=n, freq="min", tz="UTC"),
+                          "a": X[:, 0], "b": X[:, 1]})
+    dd.from_pandas(frame, npartitions=11, sort=False).to_parquet(tmp_path / "t.parquet", write_index=False)
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "t.parquet"), "columns": ["a", "b"]},
+        "model": MODEL, "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "m.npz")},
+        "predict": {"output": str(tmp_path / "p.parquet"), "keep_columns": ["user", "id", "ts"],
+                    "log_likelihood": True},
+    })
+    assert run_dgmm("fit", config, "--quiet").returncode == 0
+    predict = run_dgmm("predict", config)
+    assert predict.returncode == 0, predict.stderr
+    out = pd.read_parquet(tmp_path / "p.parquet")
+    assert list(out.columns) == ["user", "id", "ts", "label", "log_likelihood"]
+    table = dd.read_parquet(tmp_path / "t.parquet").compute().reset_index(drop=True)
+    pd.testing.assert_frame_equal(out[["user", "id", "ts"]], table[["user", "id", "ts"]], check_dtype=False)
+    assert out["id"].dtype == np.int64 and out["id"].iloc[-1] == (n - 1) * 10**13 + 1
+    model = load_model(tmp_path / "m.npz")
+    np.testing.assert_array_equal(out["label"].to_numpy(), model.predict(table[["a", "b"]].to_numpy()))
+    # settings that cannot work are config errors, before anything is written
+    for override, message in [
+        ("predict.keep_columns=[nope]", "predict.keep_columns: " + str(tmp_path / "t.parquet") + ": column 'nope' "
+                                        "not found"),
+        ("predict.keep_columns=[label]", "predict.keep_columns: 'label' is the name of a prediction column"),
+        (f"predict.output={tmp_path / 'p.zarr'}", "predict.keep_columns: copies Parquet columns to a Parquet output"),
+    ]:
+        bad = run_dgmm("predict", config, "--set", override, "--set", "predict.overwrite=true")
+        assert bad.returncode == 2 and message in bad.stderr, (override, bad.stderr)
+    assert not (tmp_path / "p.zarr").exists()
