@@ -687,6 +687,7 @@ def run_predict(config: Config) -> int:
         marker = write_predictions(model, X, p.output, format=fmt, labels=p.labels, probabilities=p.probabilities,
                                    log_likelihood=p.log_likelihood, storage_options=p.storage_options,
                                    overwrite=p.overwrite, compressor=p.compressor, keep=keep,
+                                   nonfinite=p.nonfinite,
                                    attributes={"model": config.output.model, "input": config.input.path})
         seconds = time.perf_counter() - t0
     report("predict", f"predictions: {p.output} ({fmt}, {marker['n_rows']:,} rows: "

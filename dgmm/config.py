@@ -310,6 +310,8 @@ class PredictConfig:
     compressor: Literal["default", "blosc-lz4", "blosc-zstd", "zstd", "none"] = "default"
     #: Columns of a Parquet input copied to a Parquet output as they are (ids, keys, timestamps), first.
     keep_columns: list[str] | None = None
+    #: Rows holding NaN or infinity: 'error' (as sklearn) or 'missing' (label -1, NaN probabilities).
+    nonfinite: Literal["error", "missing"] = "error"
 
     def _check(self, err):
         if self.keep_columns is not None:

@@ -155,7 +155,8 @@ def _checked(X, block_info=None):
         first += start
         raise ValueError(
             f"Input X contains NaN or infinity: {bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} "
-            f"have non-finite values (first at row {first}). Remove or impute them before predicting."
+            f"have non-finite values (first at row {first}). Remove or impute them before predicting, or "
+            "write them as missing (dgmm.io.write_predictions(nonfinite='missing'), predict.nonfinite: missing)."
         )
     return X
 

@@ -1021,11 +1021,25 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
         fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
 
 
+def _nonfinite_rows(block: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(to_host(block)).all(axis=1)
+
+
+def _zero_nonfinite_rows(block):
+    """The block with its rows holding NaN or infinity set to 0 (predicted, then masked as missing)."""
+    bad = ~np.isfinite(block).all(axis=1)
+    if not bad.any():
+        return block
+    block = block.copy()
+    block[bad] = 0
+    return block
+
+
 def write_predictions(model, X: da.Array, path: str, *, format: str, labels: bool = True,
                       probabilities: bool = False, log_likelihood: bool = False,
                       storage_options: Mapping | None = None, overwrite: bool = False,
                       attributes: Mapping | None = None, compressor: str = "default",
-                      keep: Mapping[str, da.Array] | None = None) -> dict:
+                      keep: Mapping[str, da.Array] | None = None, nonfinite: str = "error") -> dict:
     """Write a fitted model's per-row predictions for ``X``, row-aligned, chunk by chunk.
 
     Zarr: a group with arrays ``labels`` (n_samples,), ``probabilities``
@@ -1036,14 +1050,23 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
     by default, labels with Blosc-zstd and the float arrays with Blosc-LZ4, both
     with byte shuffle. ``keep``: 1-D arrays row-aligned with ``X`` written
     first, under their names (columns of the input to join the predictions
-    back by, from :func:`open_parquet_columns`). The other parameters are
-    those of :func:`write_table`.
+    back by, from :func:`open_parquet_columns`). ``nonfinite``: 'error'
+    (default, as sklearn: a row holding NaN or infinity fails the write) or
+    'missing' (such a row gets label -1 and NaN probabilities and
+    log-likelihood; the other rows are predicted as usual). The other
+    parameters are those of :func:`write_table`.
 
     Returns
     -------
     dict
         The completion marker's content (the ``_SUCCESS`` file of Parquet, the ``dgmm`` attribute of Zarr).
     """
+    if nonfinite not in ("error", "missing"):
+        raise ValueError(f"nonfinite must be 'error' or 'missing', got {nonfinite!r}")
+    missing = None
+    if nonfinite == "missing" and X.dtype.kind == "f":
+        missing = X.map_blocks(_nonfinite_rows, drop_axis=1, dtype=bool, meta=np.empty((0,), dtype=bool))
+        X = X.map_blocks(_zero_nonfinite_rows, dtype=X.dtype)
     arrays, names = {}, {}
     for column, values in (keep or {}).items():
         if values.ndim != 1 or values.shape[0] != X.shape[0]:
@@ -1057,6 +1080,11 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
         names["probabilities"] = [f"probability_{j}" for j in range(model.n_components)]
     if log_likelihood:
         arrays["log_likelihood"], names["log_likelihood"] = model.score_samples(X), ["log_likelihood"]
+    if missing is not None:
+        for name in ("labels", "probabilities", "log_likelihood"):
+            if name in arrays:
+                mask = missing if arrays[name].ndim == 1 else missing[:, None]
+                arrays[name] = da.where(mask, -1 if name == "labels" else np.nan, arrays[name])
     return write_table(arrays, path, format=format, column_names=names, storage_options=storage_options,
                        overwrite=overwrite, attributes=attributes, compressor=compressor,
                        dimension_names={"probabilities": ("sample", "component")})

@@ -244,6 +244,34 @@ def test_zarr_predictions_open_in_xarray_as_a_dataset(tmp_path, X, zarr_format):
     np.testing.assert_allclose(ds["log_likelihood"].values, gm.score_samples(X), rtol=1e-12)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "parquet"])
+def test_nonfinite_rows_can_be_written_as_missing(tmp_path, X, fmt):
+    """nonfinite='missing': label -1 and NaN where a row holds NaN or inf, the usual predictions elsewhere."""
+    bad = X.copy()
+    bad[[5, 400, 999], [1, 0, 2]] = [np.nan, np.inf, -np.inf]
+    Xd = da.from_array(bad, chunks=(137, 3))
+    gm = GaussianMixture(3, random_state=0).fit(X)
+    with pytest.raises(ValueError, match=r"first at row (5|400|999)\b.*nonfinite=.missing."):
+        write_predictions(gm, Xd, str(tmp_path / f"e.{fmt}"), format=fmt)
+    assert not os.path.exists(tmp_path / f"e.{fmt}")
+    out = str(tmp_path / f"m.{fmt}")
+    write_predictions(gm, Xd, out, format=fmt, probabilities=True, log_likelihood=True, nonfinite="missing")
+    if fmt == "zarr":
+        group = zarr.open_group(out, mode="r")
+        labels, proba, ll = (group[n][:] for n in ("labels", "probabilities", "log_likelihood"))
+    else:
+        frame = pd.read_parquet(out)
+        labels, proba, ll = (frame["label"].to_numpy(), frame.filter(like="probability").to_numpy(),
+                             frame["log_likelihood"].to_numpy())
+    missing = np.zeros(len(X), dtype=bool)
+    missing[[5, 400, 999]] = True
+    assert labels.dtype == np.int64 and (labels[missing] == -1).all()
+    assert np.isnan(proba[missing]).all() and np.isnan(ll[missing]).all()
+    np.testing.assert_array_equal(labels[~missing], gm.predict(X[~missing]))
+    np.testing.assert_allclose(proba[~missing], gm.predict_proba(X[~missing]), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ll[~missing], gm.score_samples(X[~missing]), rtol=1e-12)
+
+
 def test_small_input_chunks_are_merged_into_output_chunks_of_a_few_mib(tmp_path, X):
     """7-row input chunks: a few output chunks (files), not one per input chunk."""
     import dgmm.io
