@@ -838,13 +838,27 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _storage_options(pairs: list[str]) -> dict:
+    """``--storage-option KEY=VALUE`` flags as fsspec options (VALUE read as a YAML scalar: true, 3, text)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--storage-option: expected KEY=VALUE, got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return options
+
+
 def _cmd_info(args) -> int:
     import numpy as np
 
     from .model_io import load_model, read_model_metadata
 
-    model = load_model(args.model)  # validates the whole file
-    meta = read_model_metadata(args.model)
+    options = _storage_options(args.storage_options)
+    model = load_model(args.model, storage_options=options)  # validates the whole file
+    meta = read_model_metadata(args.model, storage_options=options)
     fitted, fit = meta.get("fitted", {}), meta.get("fit", {})
     source = fit.get("source") or {}
     if isinstance(source, str):  # models of dgmm select before it wrote the source as fit does
@@ -879,11 +893,12 @@ def _cmd_sample(args) -> int:
 
     if args.n_samples < 1:
         raise ConfigError(f"--n-samples: must be >= 1, got {args.n_samples}")
-    model = load_model(args.model)
+    options = _storage_options(args.storage_options)
+    model = load_model(args.model, storage_options=options)
     if args.seed is not None:
         model.random_state = args.seed
     X, y = model.sample(args.n_samples)
-    names = _model_feature_names(read_model_metadata(args.model)) or [f"x{j}" for j in range(X.shape[1])]
+    names = _model_feature_names(read_model_metadata(args.model, storage_options=options)) or [f"x{j}" for j in range(X.shape[1])]
     out = args.output
     if out is None:
         import io
@@ -988,6 +1003,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", parents=[common], help="what a model file holds")
     info.add_argument("model")
     info.set_defaults(func=_cmd_info)
+    for command in (sample, info):
+        command.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                             metavar="KEY=VALUE", help="fsspec option for a model URL (e.g. endpoint_url=http://..., "
+                                                       "anon=true); repeatable. Credentials: the environment")
 
     check = sub.add_parser("check", parents=[common, overrides], help="validate a config and print it resolved")
     check.add_argument("config")

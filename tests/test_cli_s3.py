@@ -94,11 +94,8 @@ def test_fit_parquet_from_s3_and_predict_to_s3(tmp_path, s3):
     assert predict.returncode == 0, predict.stderr
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/pred.parquet"))
-    assert names[0] == "_SUCCESS" and len(names) == 1 + 8
+    assert names == ["_SUCCESS", "part-00000.parquet"]  # the 8 input chunks of 250 rows are small: one part
     assert not [p for p in fs.ls(BUCKET) if "staging" in p]
-    with fs.open(f"{BUCKET}/pred.parquet/part-00000.parquet", "rb") as f:
-        first = pd.read_parquet(f)
-    assert len(first) == 250
     frames = []
     for name in names[1:]:
         with fs.open(f"{BUCKET}/pred.parquet/{name}", "rb") as f:
@@ -106,6 +103,20 @@ def test_fit_parquet_from_s3_and_predict_to_s3(tmp_path, s3):
     frame = pd.concat(frames)
     np.testing.assert_array_equal(frame["label"].to_numpy(), expected.predict(X))
     np.testing.assert_allclose(frame["log_likelihood"].to_numpy(), expected.score_samples(X), rtol=1e-9)
+
+    # the model on the store, with the endpoint as a flag
+    info = run_dgmm("info", f"s3://{BUCKET}/models/m.npz", "--storage-option", f"endpoint_url={s3}")
+    assert info.returncode == 0 and "features: a, b" in info.stdout, info.stderr
+    sample = run_dgmm("sample", f"s3://{BUCKET}/models/m.npz", "-n", 3, "--storage-option", f"endpoint_url={s3}")
+    assert sample.returncode == 0 and sample.stdout.splitlines()[0] == "a,b,label", sample.stderr
+    # a Zarr prediction on the store opens in xarray: its metadata document (consolidated) is committed last
+    import xarray as xr
+
+    zarr_out = run_dgmm("predict", config, "--set", f"predict.output=s3://{BUCKET}/pred.zarr")
+    assert zarr_out.returncode == 0, zarr_out.stderr
+    ds = xr.open_zarr(f"s3://{BUCKET}/pred.zarr", storage_options=options)
+    np.testing.assert_array_equal(ds["labels"].values, expected.predict(X))
+    assert ds.attrs["dgmm"]["n_rows"] == len(X)
 
     # what the command refuses on the store before any cluster starts (exit 2, nothing written)
     listing = sorted(fs.find(BUCKET))
