@@ -341,8 +341,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         n_init = self.n_init if do_init else 1
         self.converged_ = False
         random_state = check_random_state(self.random_state)
-        for init in range(n_init):
-            self._print_verbose_msg_init_beg(init)
+        self._verbose_out = _VerboseOutput(n_init, self.verbose, self.verbose_interval)
 
         with single_threaded_blas():
             self._fit_passes(
@@ -530,14 +529,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             run.lower_bounds.append(np.float64(lower_bound))
             run.n_iter = n_iter
             logger.debug("restart %d iteration %d: lower bound %.10g, change %.3g", i, n_iter, lower_bound, change)
-            if len(runs) == 1:
-                self._print_verbose_msg_iter_end(n_iter, change, seconds)
+            verbose = getattr(self, "_verbose_out", None)
+            if verbose is not None:
+                verbose.iteration(i, n_iter, change, seconds)
             if abs(change) < self.tol:
                 run.converged = True
             else:
                 still_active.append(i)
-            if run.converged or n_iter == self.max_iter:
-                self._print_verbose_msg_init_end(run.lower_bound, run.converged, now - run.start_time)
+            if (run.converged or n_iter == self.max_iter) and verbose is not None:
+                verbose.end(i, run.lower_bound, run.converged, now - run.start_time)
         best = max(active, key=lambda j: runs[j].lower_bound)
         run = runs[best]
         previous = run.lower_bounds[-2] if len(run.lower_bounds) > 1 else -np.inf
@@ -715,28 +715,6 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.covariances_ = run.covariances.astype(dtype)
         self.precisions_cholesky_ = run.precisions_cholesky.astype(dtype)
         self.precisions_ = chunk.precisions_from_cholesky(run.precisions_cholesky, kind).astype(dtype)
-
-    # ------------------------------------------------------------------
-    # Verbose output (as sklearn prints it; only when verbose > 0)
-    # ------------------------------------------------------------------
-
-    def _print_verbose_msg_init_beg(self, n_init):
-        if self.verbose >= 1:
-            print("Initialization %d" % n_init)
-
-    def _print_verbose_msg_iter_end(self, n_iter, diff_ll, seconds):
-        if n_iter % self.verbose_interval == 0:
-            if self.verbose == 1:
-                print("  Iteration %d" % n_iter)
-            elif self.verbose >= 2:
-                print("  Iteration %d\t time lapse %.5fs\t ll change %.5f" % (n_iter, seconds, diff_ll))
-
-    def _print_verbose_msg_init_end(self, lb, converged, seconds):
-        msg = "converged" if converged else "did not converge"
-        if self.verbose == 1:
-            print(f"Initialization {msg}.")
-        elif self.verbose >= 2:
-            print(f"Initialization {msg}. time lapse {seconds:.5f}s\t lower bound {lb:.5f}.")
 
     # ------------------------------------------------------------------
     # Prediction
@@ -1027,3 +1005,52 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             )
         y = np.concatenate([np.full(int(n), j, dtype=np.int64) for j, n in enumerate(n_samples_comp)])
         return np.asarray(X, dtype=np.float64), y
+
+
+class _VerboseOutput:
+    """sklearn's ``verbose`` output: per restart, "Initialization i", its iteration lines, then how it ended.
+
+    sklearn runs restarts one after another; dgmm runs them together, one
+    pass per iteration for all. The lines of the first restart still running
+    are printed as they come; those of later restarts are held until every
+    earlier restart has ended, so the output reads in sklearn's order.
+    """
+
+    def __init__(self, n_init: int, verbose: int, interval: int):
+        self.verbose, self.interval = verbose, interval
+        self.lines = [[f"Initialization {i}"] for i in range(n_init)]
+        self.ended = [False] * n_init
+        self.printed = 0  # restarts whose lines are all out
+        self._flush()
+
+    def iteration(self, i: int, n_iter: int, change: float, seconds: float) -> None:
+        if n_iter % self.interval == 0:
+            if self.verbose == 1:
+                self._add(i, "  Iteration %d" % n_iter)
+            elif self.verbose >= 2:
+                self._add(i, "  Iteration %d\t time lapse %.5fs\t ll change %.5f" % (n_iter, seconds, change))
+
+    def end(self, i: int, lower_bound: float, converged: bool, seconds: float) -> None:
+        msg = "converged" if converged else "did not converge"
+        if self.verbose == 1:
+            self._add(i, f"Initialization {msg}.")
+        elif self.verbose >= 2:
+            self._add(i, f"Initialization {msg}. time lapse {seconds:.5f}s\t lower bound {lower_bound:.5f}.")
+        self.ended[i] = True
+        self._flush()
+
+    def _add(self, i: int, line: str) -> None:
+        self.lines[i].append(line)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.verbose < 1:
+            return
+        while self.printed < len(self.lines):
+            i = self.printed
+            for line in self.lines[i]:
+                print(line)
+            self.lines[i] = []
+            if not self.ended[i]:
+                return
+            self.printed += 1

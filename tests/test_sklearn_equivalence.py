@@ -119,3 +119,27 @@ def test_scores_and_criteria_match_sklearn():
     Xk, yk = sk.sample(50)
     np.testing.assert_allclose(Xs, Xk, rtol=1e-8)
     np.testing.assert_array_equal(ys, yk)
+
+
+@pytest.mark.parametrize("n_init, verbose, interval", [(1, 1, 3), (1, 2, 2), (3, 2, 2), (3, 1, 1)])
+def test_verbose_output_reads_as_sklearns(capsys, n_init, verbose, interval):
+    """The same lines in the same order: restarts that run together are printed one after another, as sklearn's."""
+    import re
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    X = make_mixture(n_samples=900, n_features=3, seed=22)
+    kwargs = dict(n_init=n_init, verbose=verbose, verbose_interval=interval, init_params="random_from_data",
+                  max_iter=7, random_state=0)
+    printed = []
+    for cls in (SkGaussianMixture, GaussianMixture):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            cls(3, **kwargs).fit(X)
+        printed.append(capsys.readouterr().out)
+    number = r"-?\d+\.\d+"
+    skeletons = [re.sub(number, "N", re.sub(r"time lapse \S+s", "time lapse Ts", out)) for out in printed]
+    assert skeletons[1] == skeletons[0] and skeletons[0].count("Initialization ") == 2 * n_init
+    values = [np.array(re.findall(number, re.sub(r"time lapse \S+s", "", out)), dtype=float) for out in printed]
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-6, atol=1e-5)
