@@ -76,8 +76,12 @@ logger = logging.getLogger(__name__)
 SUCCESS_MARKER = "_SUCCESS"
 #: A Zarr group's own metadata documents (v3, then v2); a Zarr output's are committed last.
 ZARR_GROUP_METADATA = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
-#: Default target size of an ``.npy`` chunk.
+#: Default target size of an ``.npy`` chunk: the largest, and the smallest a file is cut into
+#: (files of less than ``NPY_MIN_CHUNKS`` × that are cut into ``NPY_MIN_CHUNKS`` chunks of at least it).
 NPY_CHUNK_BYTES = 64 * 2**20
+NPY_MIN_CHUNK_BYTES = 8 * 2**20
+#: Chunks a mid-sized ``.npy`` file is cut into at least, so that several workers share its passes.
+NPY_MIN_CHUNKS = 16
 #: Smallest output chunk written (bytes of its widest array): tiny input chunks are merged up to it.
 MIN_OUTPUT_CHUNK_BYTES = 4 * 2**20
 #: Names accepted for the compression of dgmm's Zarr outputs (see :func:`zarr_compressors`).
@@ -557,7 +561,8 @@ def open_npy(path: str, *, storage_options: Mapping | None = None, chunk_rows: i
         raise ValueError(f"{path}: truncated .npy file: its header says {n_samples} rows x {n_features} {dtype} "
                          f"({expected} bytes with the header), but the file holds {size} bytes")
     row_bytes = max(dtype.itemsize * n_features, 1)
-    rows = int(chunk_rows or max(1, NPY_CHUNK_BYTES // row_bytes))
+    target = min(NPY_CHUNK_BYTES, max(NPY_MIN_CHUNK_BYTES, n_samples * row_bytes // NPY_MIN_CHUNKS))
+    rows = int(chunk_rows or max(1, target // row_bytes))
     starts = list(range(0, n_samples, rows)) or [0]
     name = "read-npy-" + dask.base.tokenize(path, shape, dtype, rows, fs.info(file).get("mtime"))
     graph = {(name, i, 0): (_read_npy_rows, fs, file, local, offset, start, min(start + rows, n_samples), shape,

@@ -167,6 +167,19 @@ def test_parquet_decimal_columns_are_numbers(tmp_path):
     assert input_feature_names(str(tmp_path / "d.parquet")) == ["x", "price"]
 
 
+def test_npy_default_chunks_cut_a_mid_sized_file_for_several_workers(tmp_path, X, monkeypatch):
+    """64 MiB chunks, but a file under 16 of them is cut into 16 chunks of at least the minimum."""
+    import dgmm.io
+
+    np.save(tmp_path / "x.npy", X)  # 1000 rows of 24 bytes
+    monkeypatch.setattr(dgmm.io, "NPY_MIN_CHUNK_BYTES", 24 * 50)
+    assert open_input(str(tmp_path / "x.npy")).chunks[0] == (62,) * 16 + (8,)  # 24,000 bytes / 16, in whole rows
+    monkeypatch.setattr(dgmm.io, "NPY_MIN_CHUNK_BYTES", 24 * 100)
+    assert open_input(str(tmp_path / "x.npy")).chunks[0] == (100,) * 10  # no chunk under the minimum
+    monkeypatch.setattr(dgmm.io, "NPY_CHUNK_BYTES", 24 * 30)
+    assert max(open_input(str(tmp_path / "x.npy")).chunks[0]) == 30  # nor over the maximum
+
+
 def test_npy_is_memory_mapped_in_chunks(tmp_path, X):
     np.save(tmp_path / "x.npy", X)
     with dask.config.set(scheduler=no_compute):
