@@ -37,8 +37,8 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import dask
 import dask.array as da
