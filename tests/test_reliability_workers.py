@@ -181,9 +181,11 @@ def test_every_worker_killed_once_and_restarted_by_its_nanny(client, data, undis
     assert len(new_pids) == 2
 
 
-def test_worker_killed_while_predictions_are_written(client, data, undisturbed, tmp_path):
+def test_worker_killed_while_predictions_are_written(client, data, undisturbed, tmp_path, monkeypatch):
     """The staged Zarr output is committed complete, with the undisturbed predictions."""
     from dgmm.io import is_complete, write_predictions
+
+    monkeypatch.setattr("dgmm.io.MIN_OUTPUT_CHUNK_BYTES", 0)  # one store task per input chunk: tasks to kill among
 
     victim = max(client.scheduler_info()["workers"])
     killer = KillWorkers(client, [victim], prefix="store-map")
