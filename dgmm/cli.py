@@ -696,16 +696,16 @@ def run_predict(config: Config) -> int:
     return 0
 
 
-def _kept_columns(config: Config) -> dict:
-    """``predict.keep_columns`` of the Parquet input, as lazy arrays row-aligned with the data."""
-    from .io import InputSelectionError, input_format, open_parquet_columns
+def _kept_columns(config: Config):
+    """``predict.keep_columns`` of the Parquet input (:class:`dgmm.io.ParquetColumns`), row-aligned with the data."""
+    from .io import InputSelectionError, input_format, parquet_columns
 
     inp = config.input
     fmt = input_format(inp.path, format=inp.format, storage_options=inp.storage_options)
     if fmt != "parquet":
         raise ConfigError(f"{config.source}: predict.keep_columns: copies Parquet columns, but {inp.path} is {fmt}")
     try:
-        return open_parquet_columns(inp.path, config.predict.keep_columns, storage_options=inp.storage_options,
+        return parquet_columns(inp.path, config.predict.keep_columns, storage_options=inp.storage_options,
                                     chunk_rows=inp.chunk_rows, key="predict.keep_columns")
     except InputSelectionError as exc:
         raise ConfigError(f"{config.source}: {exc.key}: {exc}") from None

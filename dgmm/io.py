@@ -61,7 +61,8 @@ __all__ = [
     "open_input",
     "open_npy",
     "open_parquet",
-    "open_parquet_columns",
+    "ParquetColumns",
+    "parquet_columns",
     "open_zarr",
     "remove_stale_staging",
     "replace_refusal",
@@ -405,35 +406,60 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
     return da.Array(graph, name, (plan.chunks, (len(selected),)), dtype=dtype)
 
 
-def open_parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mapping | None = None,
-                         chunk_rows: int | None = None, key: str = "columns") -> dict[str, da.Array]:
-    """Columns of a Parquet data set as lazy 1-D dask arrays of their own type (ids, strings, timestamps, ...).
+def parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mapping | None = None,
+                    chunk_rows: int | None = None, key: str = "columns") -> ParquetColumns:
+    """Columns of a Parquet data set to copy, as they are, beside per-row outputs (keys to join by).
 
-    The chunks are those of :func:`open_parquet` on the same ``path`` and
-    ``chunk_rows``, so the arrays line up row by row with the data (and with
-    predictions of it): a key column to join predictions back to the table.
-    Integers with nulls become floats (NaN), strings ``object`` arrays.
+    Only the footers are read now. The returned :class:`ParquetColumns`
+    reads any range of rows later, on the worker that writes it, with the
+    columns' Arrow types (unified across files): strings, int64 ids with
+    nulls, time zones, decimals and dictionaries come through unchanged.
 
     Raises
     ------
     InputSelectionError
         For a column missing from a file (``key`` names the setting in the message).
     """
-    import pyarrow as pa
-
     plan = _parquet_plan(path, columns, storage_options, chunk_rows, numeric=False, key=key)
-    out = {}
-    for column, arrow_type in zip(plan.columns, plan.types):
-        try:
-            dtype = np.dtype(object) if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) \
-                else np.dtype(arrow_type.to_pandas_dtype())
-        except (TypeError, NotImplementedError):  # time zones, dictionaries, nested types: Python objects
-            dtype = np.dtype(object)
-        name = "read-parquet-column-" + dask.base.tokenize(path, plan.files, column, plan.pieces, plan.versions)
-        graph = {(name, i): (_read_parquet_column, plan.fs, file, groups, column)
-                 for i, (file, groups) in enumerate(plan.pieces)}
-        out[column] = da.Array(graph, name, (plan.chunks,), dtype=dtype)
-    return out
+    return ParquetColumns(path, plan.fs, plan.schema, [(f, g, n) for (f, g), n in zip(plan.pieces, plan.chunks)],
+                          plan.versions)
+
+
+class ParquetColumns:
+    """Columns of a Parquet data set, read by global row range (:func:`parquet_columns`).
+
+    Attributes
+    ----------
+    schema : pyarrow.Schema
+        The columns and their types.
+    n_rows : int
+    """
+
+    def __init__(self, path, fs, schema, pieces, versions):
+        self.path, self.fs, self.schema, self.pieces, self.versions = path, fs, schema, pieces, versions
+        self.n_rows = sum(n for _, _, n in pieces)
+
+    def __dask_tokenize__(self):
+        return ("dgmm-parquet-columns", self.path, self.schema.names, self.pieces, self.versions)
+
+    def read(self, start: int, stop: int):
+        """Rows ``[start, stop)`` as a ``pyarrow.Table`` of :attr:`schema` (reads the row groups holding them)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts, offset = [], 0
+        for file, groups, rows in self.pieces:
+            lo, hi = max(start, offset), min(stop, offset + rows)
+            if lo < hi:
+                with self.fs.open(file, "rb") as f:
+                    table = pq.ParquetFile(f).read_row_groups(groups, columns=self.schema.names)
+                parts.append(table.slice(lo - offset, hi - lo).cast(self.schema))
+            offset += rows
+            if offset >= stop:
+                break
+        if not parts:
+            return self.schema.empty_table()
+        return pa.concat_tables(parts)
 
 
 class _ParquetPlan(NamedTuple):
@@ -441,7 +467,7 @@ class _ParquetPlan(NamedTuple):
     files: list
     versions: list
     columns: list        # the columns read
-    types: list          # their Arrow types (in the first file)
+    schema: object       # their Arrow schema, unified across files
     dtype: object        # the float dtype of the numeric columns (numeric plans)
     pieces: list         # (file, row groups, rows): one chunk each
     chunks: tuple        # rows per chunk
@@ -459,7 +485,7 @@ def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, 
         raise ValueError(f"{path}: the directory holds no Parquet files")
     files = list(infos)
     selected = None if columns is None else list(columns)
-    pieces, types = [], None
+    pieces, schemas = [], []
     dtype = None
     for file, meta in zip(files, _parquet_footers(fs, path, files)):
         schema = meta.schema.to_arrow_schema()
@@ -481,7 +507,7 @@ def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, 
                                           "choose numeric columns with input.columns", key)
             if not pa.types.is_float32(arrow_type):
                 file_dtype = np.dtype(np.float64)
-        types = types or file_types
+        schemas.append(pa.schema([pa.field(name, t) for name, t in zip(selected, file_types)]))
         dtype = file_dtype if dtype is None else np.promote_types(dtype, file_dtype)
         groups, rows = [], 0
         for i in range(meta.num_row_groups):
@@ -498,16 +524,13 @@ def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, 
     if not pieces:
         raise ValueError(f"{path}: the Parquet data set has no rows")
     versions = [_file_version(infos[file]) for file in files]
-    return _ParquetPlan(fs, files, versions, selected, types, dtype, [p[:2] for p in pieces],
+    try:  # the numeric columns are read as floats whatever their types
+        schema = None if numeric else pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(f"{path}: the files' columns {', '.join(selected)} have types that do not agree ({exc})") \
+            from None
+    return _ParquetPlan(fs, files, versions, selected, schema, dtype, [p[:2] for p in pieces],
                         tuple(rows for _, _, rows in pieces))
-
-
-def _read_parquet_column(fs, file: str, row_groups: list[int], column: str) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    with fs.open(file, "rb") as f:
-        table = pq.ParquetFile(f).read_row_groups(row_groups, columns=[column])
-    return table.column(column).to_numpy(zero_copy_only=False)
 
 
 def _read_parquet_rows(fs, file: str, row_groups: list[int], columns: tuple[str, ...], dtype) -> np.ndarray:
@@ -672,7 +695,8 @@ def _host_chunks(array: da.Array) -> da.Array:
 def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
                 column_names: Mapping[str, Sequence[str]] | None = None, storage_options: Mapping | None = None,
                 overwrite: bool = False, attributes: Mapping | None = None, compressor: str = "default",
-                dimension_names: Mapping[str, Sequence[str]] | None = None) -> dict:
+                dimension_names: Mapping[str, Sequence[str]] | None = None,
+                keep: ParquetColumns | None = None) -> dict:
     """Write row-aligned 1-D / 2-D dask arrays to a Zarr group or a Parquet directory, chunk by chunk.
 
     Every chunk is computed and written by the worker that computes it (no
@@ -707,6 +731,9 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         ``('sample',)`` for a 1-D array and ``('sample', NAME + '_column')``
         for a 2-D one. The group's metadata is consolidated, so
         ``xarray.open_zarr`` opens the output as a Dataset.
+    keep : ParquetColumns, default=None
+        Parquet only: columns of the input copied first into every part, as
+        they are (:func:`parquet_columns`; read by the worker writing the part).
 
     Rows are written in chunks of the input's rows, except that chunks
     smaller than :data:`MIN_OUTPUT_CHUNK_BYTES` are merged up to it (an
@@ -735,6 +762,10 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
     if len(n_rows) != 1:
         raise ValueError(f"arrays to write must have the same number of rows, got {sorted(n_rows)}")
     (n_samples,) = n_rows
+    if keep is not None and format != "parquet":
+        raise ValueError("keep copies Parquet columns to a Parquet output; the format is " + format)
+    if keep is not None and keep.n_rows != n_samples:
+        raise ValueError(f"keep has {keep.n_rows} rows, the arrays {n_samples}")
     arrays = _merge_small_chunks({name: _host_chunks(array) for name, array in arrays.items()})
     fs, root = _filesystem(path, storage_options)
     if fs.exists(root):
@@ -760,7 +791,7 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         if format == "zarr":
             group = _write_zarr(arrays, staging_url, storage_options, compressor, dimension_names or {})
         else:
-            _write_parquet(arrays, fs, staging, column_names or {}, n_samples)
+            _write_parquet(arrays, fs, staging, column_names or {}, n_samples, keep)
         marker["seconds"] = round(time.perf_counter() - started, 3)
         if format == "zarr":
             _mark_zarr(group, marker)
@@ -944,7 +975,7 @@ def _mark_zarr(group, marker: dict) -> None:
         zarr.consolidate_metadata(group.store, zarr_format=group.metadata.zarr_format)
 
 
-def _write_parquet(arrays, fs, staging, column_names, n_samples) -> None:
+def _write_parquet(arrays, fs, staging, column_names, n_samples, keep=None) -> None:
     names, blocks = [], []
     for name, array in arrays.items():
         array = array.rechunk({i: -1 for i in range(1, array.ndim)})
@@ -959,9 +990,12 @@ def _write_parquet(arrays, fs, staging, column_names, n_samples) -> None:
     fs.makedirs(staging, exist_ok=True)
     delayed_blocks = [list(b.to_delayed().ravel()) for b in blocks]
     width = max(5, len(str(len(first.chunks[0]))))
+    starts = np.concatenate([[0], np.cumsum(first.chunks[0])]).astype(int).tolist()
+    shared = None if keep is None else dask.delayed(keep, pure=True)  # one key: shipped once per worker
     writes = [
         dask.delayed(_write_parquet_part, pure=False)(
-            fs, posixpath.join(staging, f"part-{i:0{width}d}.parquet"), names, [d[i] for d in delayed_blocks])
+            fs, posixpath.join(staging, f"part-{i:0{width}d}.parquet"), names, [d[i] for d in delayed_blocks],
+            shared, starts[i], starts[i + 1])
         for i in range(len(first.chunks[0]))
     ]
     written = sum(dask.compute(*writes))
@@ -969,19 +1003,24 @@ def _write_parquet(arrays, fs, staging, column_names, n_samples) -> None:
         raise RuntimeError(f"wrote {written} rows, expected {n_samples}")
 
 
-def _write_parquet_part(fs, file: str, names: list[list[str]], blocks: list[np.ndarray]) -> int:
+def _write_parquet_part(fs, file: str, names: list[list[str]], blocks: list[np.ndarray], keep=None, start=0,
+                        stop=0) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns, fields = [], []
+    if keep is not None:
+        kept = keep.read(start, stop)
+        columns.extend(kept.columns)
+        fields.extend(kept.schema)
     for cols, block in zip(names, blocks):
         block = np.asarray(block)
         if block.ndim == 1:
             block = block[:, None]
         for j, col in enumerate(cols):
             columns.append(pa.array(block[:, j]))
-            fields.append(col)
-    table = pa.Table.from_arrays(columns, names=fields)
+            fields.append(pa.field(col, columns[-1].type))
+    table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
     with fs.open(file, "wb") as f:
         pq.write_table(table, f)
     return table.num_rows
@@ -1044,7 +1083,7 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
                       probabilities: bool = False, log_likelihood: bool = False,
                       storage_options: Mapping | None = None, overwrite: bool = False,
                       attributes: Mapping | None = None, compressor: str = "default",
-                      keep: Mapping[str, da.Array] | None = None, nonfinite: str = "error") -> dict:
+                      keep: ParquetColumns | None = None, nonfinite: str = "error") -> dict:
     """Write a fitted model's per-row predictions for ``X``, row-aligned, chunk by chunk.
 
     Zarr: a group with arrays ``labels`` (n_samples,), ``probabilities``
@@ -1053,9 +1092,9 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
     ``label``, ``probability_0`` ... ``probability_{k-1}``, ``log_likelihood``.
     Zarr arrays are compressed as ``compressor`` says (:func:`zarr_compressors`):
     by default, labels with Blosc-zstd and the float arrays with Blosc-LZ4, both
-    with byte shuffle. ``keep``: 1-D arrays row-aligned with ``X`` written
-    first, under their names (columns of the input to join the predictions
-    back by, from :func:`open_parquet_columns`). ``nonfinite``: 'error'
+    with byte shuffle. ``keep``: columns of a Parquet input written first,
+    as they are (keys to join the predictions back by; :func:`parquet_columns`
+    of the input X was opened from, Parquet outputs only). ``nonfinite``: 'error'
     (default, as sklearn: a row holding NaN or infinity fails the write) or
     'missing' (such a row gets label -1 and NaN probabilities and
     log-likelihood; the other rows are predicted as usual). The other
@@ -1073,11 +1112,6 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
         missing = X.map_blocks(_nonfinite_rows, drop_axis=1, dtype=bool, meta=np.empty((0,), dtype=bool))
         X = X.map_blocks(_zero_nonfinite_rows, dtype=X.dtype)
     arrays, names = {}, {}
-    for column, values in (keep or {}).items():
-        if values.ndim != 1 or values.shape[0] != X.shape[0]:
-            raise ValueError(f"keep[{column!r}] must be a 1-D array of {X.shape[0]} rows, got shape {values.shape}")
-        arrays[column] = values.rechunk((X.chunks[0],))
-        names[column] = [column]
     if labels:
         arrays["labels"], names["labels"] = model.predict(X), ["label"]
     if probabilities:
@@ -1092,4 +1126,4 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
                 arrays[name] = da.where(mask, -1 if name == "labels" else np.nan, arrays[name])
     return write_table(arrays, path, format=format, column_names=names, storage_options=storage_options,
                        overwrite=overwrite, attributes=attributes, compressor=compressor,
-                       dimension_names={"probabilities": ("sample", "component")})
+                       dimension_names={"probabilities": ("sample", "component")}, keep=keep)

@@ -226,30 +226,59 @@ def test_quiet_keeps_results_and_warnings_are_one_line(tmp_path):
     assert "data:" not in score.stdout and "cluster:" not in score.stdout
 
 
-def test_predict_keeps_input_columns_to_join_by(tmp_path):
-    """predict.keep_columns copies Parquet columns (strings, int64 ids past 2**53, timestamps) row by row."""
+def test_predict_keeps_input_columns_to_join_by(tmp_path, monkeypatch):
+    """predict.keep_columns copies Parquet columns as they are, row by row, with their Arrow types.
+
+    Nullable int64 ids past 2**53, time zones, dictionaries, decimals, and a
+    bool column null in the whole first part (its type must not be guessed
+    from the values, or the parts disagree and the output cannot be read).
+    """
+    import decimal
+
     import dask.dataframe as dd
+    from dask.utils import natural_sort_key
 
     X = blobs(3000, 2, seed=5)
     n = len(X)
-    frame = pd.DataFrame({"user": [f"u{i}" for i in range(n)], "id": np.arange(n, dtype=np.int64) * 10**13 + 1,
-                          "ts": pd.date_range("2026-01-01", periods=n, freq="min", tz="UTC"),
+    ids = pd.array([None] + list(range(1, n)), dtype="Int64") * 10**13 + 2**60
+    frame = pd.DataFrame({"user": [f"u{i}" for i in range(n)], "id": ids,
+                          "ts": pd.date_range("2026-01-01", periods=n, freq="min", tz="Europe/Paris"),
+                          "kind": pd.Categorical(["x", "y", "z"] * (n // 3)),
+                          "price": [decimal.Decimal(f"{i}.25") for i in range(n)],
+                          "flag": pd.array([None] * 1500 + [True] * (n - 1500), dtype="boolean"),
                           "a": X[:, 0], "b": X[:, 1]})
     dd.from_pandas(frame, npartitions=11, sort=False).to_parquet(tmp_path / "t.parquet", write_index=False)
+    kept = ["user", "id", "ts", "kind", "price", "flag"]
     config = write_config(tmp_path / "c.yaml", {
         "input": {"path": str(tmp_path / "t.parquet"), "columns": ["a", "b"]},
         "model": MODEL, "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "m.npz")},
-        "predict": {"output": str(tmp_path / "p.parquet"), "keep_columns": ["user", "id", "ts"],
-                    "log_likelihood": True},
+        "predict": {"output": str(tmp_path / "p.parquet"), "keep_columns": kept, "log_likelihood": True},
     })
     assert run_dgmm("fit", config, "--quiet").returncode == 0
-    predict = run_dgmm("predict", config)
-    assert predict.returncode == 0, predict.stderr
-    out = pd.read_parquet(tmp_path / "p.parquet")
-    assert list(out.columns) == ["user", "id", "ts", "label", "log_likelihood"]
+    from dgmm.io import parquet_columns, write_predictions
+
+    for small_parts in (False, True):  # one part, then a part per input chunk (the bool all null in the first)
+        if small_parts:  # in this process: Python's write_predictions, as the CLI calls it
+            monkeypatch.setattr("dgmm.io.MIN_OUTPUT_CHUNK_BYTES", 0)
+            path = str(tmp_path / "t.parquet")
+            write_predictions(load_model(tmp_path / "m.npz"), open_input(path, columns=["a", "b"]),
+                              str(tmp_path / "p.parquet"), format="parquet", log_likelihood=True, overwrite=True,
+                              keep=parquet_columns(path, kept))
+        else:
+            predict = run_dgmm("predict", config)
+            assert predict.returncode == 0, predict.stderr
+        source = pq.read_table(tmp_path / "t.parquet", columns=kept)
+        written = pq.read_table(tmp_path / "p.parquet")  # every part has the input's types, or this fails
+        assert written.schema.names == [*kept, "label", "log_likelihood"]
+        for name in kept:
+            assert written.schema.field(name).type == source.schema.field(name).type, name
+        files = sorted(os.listdir(tmp_path / "t.parquet"), key=natural_sort_key)  # dask's order of the parts
+        expected = pa.concat_tables([pq.read_table(tmp_path / "t.parquet" / f, columns=kept) for f in files])
+        assert written.select(kept).equals(expected.replace_schema_metadata(written.select(kept).schema.metadata))
+        assert len([p for p in os.listdir(tmp_path / "p.parquet") if p.endswith(".parquet")]) == (
+            11 if small_parts else 1)
+    out = written.to_pandas()
     table = dd.read_parquet(tmp_path / "t.parquet").compute().reset_index(drop=True)
-    pd.testing.assert_frame_equal(out[["user", "id", "ts"]], table[["user", "id", "ts"]], check_dtype=False)
-    assert out["id"].dtype == np.int64 and out["id"].iloc[-1] == (n - 1) * 10**13 + 1
     model = load_model(tmp_path / "m.npz")
     np.testing.assert_array_equal(out["label"].to_numpy(), model.predict(table[["a", "b"]].to_numpy()))
     # settings that cannot work are config errors, before anything is written
