@@ -578,6 +578,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     _generate_synthetic(config)
     X, _ = _open_data(config)
     source = _describe_input(config)  # before the fit: nothing read after it can fail
+    _check_parameter_memory(config, X, config.model.n_components, [config.model.covariance_type])
     _report_columns(config, source)
     resumed_from = 0
     if checkpoint is not None and os.path.exists(checkpoint):
@@ -633,6 +634,17 @@ def _describe_input(config: Config) -> dict:
     names = input_feature_names(inp.path, format=inp.format, columns=inp.columns, storage_options=inp.storage_options)
     return describe_source(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
                            feature_names=names)
+
+
+def _check_parameter_memory(config: Config, X, n_components: int, kinds) -> None:
+    """The estimator's memory check, before any cluster starts: the data's shape is known from its metadata."""
+    from .validation import check_parameter_memory
+
+    try:
+        for kind in kinds:
+            check_parameter_memory(n_components, X.shape[1], kind, config.model.n_init, X.shape[0])
+    except MemoryError as exc:
+        raise ConfigError(f"{config.source}: model.covariance_type: {exc}") from None
 
 
 def _report_columns(config: Config, source: dict) -> None:
@@ -766,6 +778,7 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     _generate_synthetic(config)
     X, _ = _open_data(config)
     source = _describe_input(config)  # before the fit: nothing read after it can fail
+    _check_parameter_memory(config, X, max(n_components), kinds)
     _report_columns(config, source)
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
@@ -847,7 +860,10 @@ def _storage_options(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--storage-option: expected KEY=VALUE, got {pair!r}")
-        options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--storage-option: the value of {key.strip()!r} is not valid YAML: {value!r}") from None
     return options
 
 
@@ -1051,7 +1067,7 @@ def main(argv=None) -> int:
     except CheckpointError as exc:
         logger.error("%s", exc, extra={"event": "error", "fields": {"kind": "checkpoint"}})
         return EXIT_FAILURE
-    except (ValueError, OSError, TimeoutError) as exc:
+    except (ValueError, OSError, TimeoutError, MemoryError) as exc:
         logger.error("%s", exc, extra={"event": "error", "fields": {"kind": type(exc).__name__}})
         return EXIT_FAILURE
     except KeyboardInterrupt:

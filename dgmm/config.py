@@ -707,7 +707,8 @@ def _convert(value, annotation, source: str, key: str):
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            fail(f"a list of {_describe(item)}")
+            plural = {str: "strings", int: "ints", float: "numbers", bool: "booleans"}.get(item)
+            fail(f"a list of {plural}" if plural else f"a list, each {_describe(item)}")
         return [_convert(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):

@@ -155,8 +155,9 @@ def _checked(X, block_info=None):
         first += start
         raise ValueError(
             f"Input X contains NaN or infinity: {bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} "
-            f"have non-finite values (first at row {first}). Remove or impute them before predicting, or "
-            "write them as missing (dgmm.io.write_predictions(nonfinite='missing'), predict.nonfinite: missing)."
+            f"have non-finite values (first at row {first}). Remove or impute them; predictions can also "
+            "be written with such rows as missing (predict.nonfinite: missing, write_predictions(nonfinite="
+            "'missing'))."
         )
     return X
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -106,3 +107,29 @@ def test_sample_arguments_that_cannot_work_exit_2(workdir):
     assert (workdir / "s.npy").read_bytes() == b"keep"
     none = run_dgmm("sample", workdir / "m.npz", "-n", 0)
     assert none.returncode == 2 and "--n-samples: must be >= 1, got 0" in none.stderr and none.stdout == ""
+
+
+def test_a_transposed_input_is_refused_before_the_cluster_starts(workdir):
+    """20 rows of 100,000 features, 'full': 640 GB of covariances. One line, exit 2, no cluster, nothing written."""
+    np.save(workdir / "wide.npy", np.zeros((20, 100_000), dtype=np.float32))
+    config = base(workdir, cluster={"n_workers": 1})  # a LocalCluster that must not start
+    path = write_config(workdir / "c.yaml", {**config, "input": {"path": str(workdir / "wide.npy")}})
+    for command in ("fit", "select"):
+        result = run_dgmm(command, path)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert re.search(r"model.covariance_type: covariance_type='(full|tied)' with \d+ components of 100000 "
+                         r"features needs about", line), line
+        assert "is it transposed?" in line and "cluster:" not in result.stdout
+    assert not (workdir / "out").exists()
+
+
+def test_storage_option_values_must_be_yaml(workdir):
+    from dgmm import GaussianMixture, save_model
+
+    save_model(GaussianMixture(2, random_state=0).fit(blobs(200, 3)), workdir / "m.npz")
+    for command in ("info", "sample"):
+        bad = run_dgmm(command, workdir / "m.npz", "--storage-option", "anon=[1")
+        assert bad.returncode == 2 and "--storage-option: the value of 'anon' is not valid YAML" in bad.stderr
+        missing = run_dgmm(command, workdir / "m.npz", "--storage-option", "anon")
+        assert missing.returncode == 2 and "expected KEY=VALUE, got 'anon'" in missing.stderr
