@@ -517,8 +517,9 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
         logger.warning("input.columns (%s) are not the columns the model %s was fitted on (%s)",
                        ", ".join(inp.columns), config.output.model, ", ".join(fitted_columns))
     named = f", the model's columns {', '.join(columns)}" if by_name else ""
-    report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features{named}, {X.numblocks[0]} "
-                   f"chunks, {X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
+    n_chunks = X.numblocks[0]
+    report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features{named}, {n_chunks} "
+                   f"chunk{'s' if n_chunks != 1 else ''}, {X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
            n_chunks=X.numblocks[0], dtype=str(X.dtype), columns=columns)
     if inp.device == "gpu":
         from .namespace import to_gpu
