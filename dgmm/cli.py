@@ -614,6 +614,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
         "resumed_from_iteration": resumed_from or None,
         "config": config.to_dict(),
     }
+    _name_features(gm, source)
     save_model(gm, out.model, metadata=metadata, storage_options=out.storage_options)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)  # the committed model supersedes it
@@ -646,6 +647,16 @@ def _check_parameter_memory(config: Config, X, n_components: int, kinds) -> None
             check_parameter_memory(n_components, X.shape[1], kind, config.model.n_init, X.shape[0])
     except MemoryError as exc:
         raise ConfigError(f"{config.source}: model.covariance_type: {exc}") from None
+
+
+def _name_features(model, source: dict) -> None:
+    """A model fitted on named Parquet columns gets them as ``feature_names_in_``, as a fit on a DataFrame would:
+    loaded in Python it then checks a DataFrame's columns (and warns for unnamed arrays) as sklearn does."""
+    import numpy as np
+
+    names = source.get("feature_names")
+    if names and getattr(model, "feature_names_in_", None) is None:
+        model.feature_names_in_ = np.asarray(names, dtype=object)
 
 
 def _report_columns(config: Config, source: dict) -> None:
@@ -810,6 +821,7 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
                 "n_samples": int(X.shape[0]), "cluster": config.cluster.kind,
                 "selection": sweep.results, "criterion": criterion,
                 "seconds": round(seconds, 3), "config": config.to_dict()}
+    _name_features(best, source)
     save_model(best, config.output.model, metadata=metadata, storage_options=config.output.storage_options)
     report("model", f"best: n_components={best.n_components}, covariance_type={best.covariance_type} "
                     f"({sweep.n_passes} passes over the data in {seconds:.1f} s); model: {config.output.model}",

@@ -148,6 +148,13 @@ def test_parquet_column_names_travel_with_the_model(tmp_path, parquet_data):
     assert "columns: id, x, y (every numeric column; input.columns chooses others)" in fit.stdout
     meta = read_model_metadata(tmp_path / "model.npz")
     assert meta["fit"]["source"]["feature_names"] == ["id", "x", "y"] and meta["fit"]["source"]["columns"] is None
+    # loaded in Python, it knows its feature names as a DataFrame fit does: a reordered frame is refused
+    loaded = load_model(tmp_path / "model.npz")
+    np.testing.assert_array_equal(loaded.feature_names_in_, ["id", "x", "y"])
+    frame = pd.DataFrame({"id": np.arange(len(X)), "x": X[:, 0], "y": X[:, 1]})
+    np.testing.assert_array_equal(loaded.predict(frame), loaded.predict(frame.to_numpy()))
+    with pytest.raises(ValueError, match="feature names"):
+        loaded.predict(frame[["y", "x", "id"]])
     info = run_dgmm("info", tmp_path / "model.npz")
     assert "features: id, x, y" in info.stdout, info.stdout
     csv = run_dgmm("sample", tmp_path / "model.npz", "-n", 2)
