@@ -178,6 +178,8 @@ def test_parquet_column_names_travel_with_the_model(tmp_path, parquet_data):
     pq.write_table(pa.table({"x": X[:, 0], "y": X[:, 1]}), tmp_path / "short.parquet")
     short = run_dgmm("score", config, "--set", f"input.path={tmp_path / 'short.parquet'}")
     assert short.returncode == 2
+    check = run_dgmm("check", config, "--for", "score", "--set", f"input.path={tmp_path / 'short.parquet'}")
+    assert check.returncode == 2 and "was fitted on the columns id, x, y" in check.stderr
     assert "column 'id' not found" in short.stderr and "was fitted on the columns id, x, y" in short.stderr
     # a model fitted in Python on a DataFrame: its feature_names_in_ pick the columns, and sklearn has nothing
     # to warn of ("X does not have valid feature names")
@@ -297,4 +299,6 @@ def test_predict_keeps_input_columns_to_join_by(tmp_path, monkeypatch):
     ]:
         bad = run_dgmm("predict", config, "--set", override, "--set", "predict.overwrite=true")
         assert bad.returncode == 2 and message in bad.stderr, (override, bad.stderr)
+        check = run_dgmm("check", config, "--for", "predict", "--set", override, "--set", "predict.overwrite=true")
+        assert check.returncode == 2 and message in check.stderr, (override, check.stderr)  # found by check too
     assert not (tmp_path / "p.zarr").exists()
