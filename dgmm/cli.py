@@ -969,7 +969,8 @@ def _cmd_sample(args) -> int:
 
         with dask.config.set(scheduler="threads"):
             write_table(arrays, out, format=fmt, column_names={"X": names, "labels": ["label"]},
-                        overwrite=args.overwrite, dimension_names={"X": ("sample", "feature")})
+                        overwrite=args.overwrite, dimension_names={"X": ("sample", "feature")},
+                        attributes={"model": args.model, "feature_names": names})
     else:
         raise ValueError(f"{out}: the output must end in .npy, .zarr or .parquet (or omit -o for CSV on stdout)")
     report("sample", f"samples: {out} ({args.n_samples:,} rows x {X.shape[1]} features)", path=out,

@@ -159,6 +159,10 @@ def test_parquet_column_names_travel_with_the_model(tmp_path, parquet_data):
     assert "features: id, x, y" in info.stdout, info.stdout
     csv = run_dgmm("sample", tmp_path / "model.npz", "-n", 2)
     assert csv.stdout.splitlines()[0] == "id,x,y,label", csv.stdout
+    assert run_dgmm("sample", tmp_path / "model.npz", "-n", 5, "-o", tmp_path / "s.zarr").returncode == 0
+    samples = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert samples["X"].metadata.dimension_names == ("sample", "feature") and samples["X"].shape == (5, 3)
+    assert samples.attrs["dgmm"]["attributes"]["feature_names"] == ["id", "x", "y"]
     # a newer table: columns reordered, one more numeric column, strings between
     full = np.column_stack([np.arange(len(X)), X])
     newer = tmp_path / "newer.parquet"
