@@ -517,6 +517,12 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
         logger.warning("input.columns (%s) are not the columns the model %s was fitted on (%s)",
                        ", ".join(inp.columns), config.output.model, ", ".join(fitted_columns))
     named = f", the model's columns {', '.join(columns)}" if by_name else ""
+    if inp.component is None and input_format(inp.path, format=inp.format,
+                                              storage_options=inp.storage_options) == "zarr":
+        from .io import zarr_component
+
+        picked = zarr_component(inp.path, storage_options=inp.storage_options)
+        named += f", array {picked!r} (the group's one 2-D array)" if picked else ""
     n_chunks = X.numblocks[0]
     report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features{named}, {n_chunks} "
                    f"chunk{'s' if n_chunks != 1 else ''}, {X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],

@@ -68,6 +68,7 @@ __all__ = [
     "replace_refusal",
     "write_predictions",
     "write_table",
+    "zarr_component",
     "zarr_compressors",
 ]
 
@@ -254,11 +255,26 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     FileNotFoundError
         If there is no Zarr node at ``path`` (and ``component``).
     """
+    node, _ = _zarr_array(path, component, storage_options)
+    options = dict(storage_options or {})
+    name = "from-zarr-" + dask.base.tokenize(node, component, options, node.chunks)
+    return da.from_array(node, node.chunks, name=name, getitem=_read_zarr_block)
+
+
+def zarr_component(path: str, *, component: str | None = None, storage_options: Mapping | None = None) -> str | None:
+    """The array of a Zarr store :func:`open_zarr` reads: ``component``, or the one 2-D array of a group it picks
+    when none is given (None for a store that is an array). Reads metadata only."""
+    return _zarr_array(path, component, storage_options)[1]
+
+
+def _zarr_array(path: str, component: str | None, storage_options: Mapping | None):
+    """(the zarr.Array to read, its path in the store or None): ``component``, or a group's one 2-D array."""
     import zarr
 
     options = dict(storage_options or {})
     store = path if is_url(path) else _local(path)
     kwargs = {"storage_options": options} if is_url(path) else {}
+
     def arrays_of(group) -> str:
         names = sorted(n for n, m in group.members(max_depth=None) if isinstance(m, zarr.Array) and m.ndim == 2)
         return ", ".join(repr(n) for n in names) or "none"
@@ -282,7 +298,7 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
         matrices = sorted(name for name, member in arrays.items() if member.ndim == 2)
         if len(matrices) == 1 and component is None:
             logger.info("%s is a group holding one 2-D array, %r: using it", path, matrices[0])
-            node = arrays[matrices[0]]
+            node, component = arrays[matrices[0]], matrices[0]
         else:
             listing = ", ".join(repr(a) for a in sorted(arrays)) or "none"
             where = f"{path}/{component}" if component else path
@@ -296,8 +312,7 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
                                       f"({arrays_of(root)})", "input.component")
         raise ValueError(f"{path}: the Zarr array has shape {node.shape}; dgmm needs a 2-D array "
                          "(n_samples, n_features)")
-    name = "from-zarr-" + dask.base.tokenize(node, component, options, node.chunks)
-    return da.from_array(node, node.chunks, name=name, getitem=_read_zarr_block)
+    return node, component
 
 
 def _read_zarr_block(array, index, asarray=True, lock=None):

@@ -46,6 +46,10 @@ def test_zarr_array_inside_a_group(tmp_path, X):
     assert A.dtype == np.float32 and A.numblocks == (4, 1)
     np.testing.assert_array_equal(A.compute(), X.astype(np.float32))
     assert open_input(str(tmp_path / "g.zarr")).shape == X.shape  # the only 2-D array is used
+    from dgmm.io import zarr_component
+
+    assert zarr_component(str(tmp_path / "g.zarr")) == "features/table"
+    assert zarr_component(str(tmp_path / "g.zarr"), component="features/table") == "features/table"
     group.create_array("other", shape=(5, 2), dtype="f8")
     with pytest.raises(ValueError, match=r"is a Zarr group, not an array; set input.component .*'features/table'"):
         open_input(str(tmp_path / "g.zarr"))
