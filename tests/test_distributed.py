@@ -84,3 +84,33 @@ def test_initial_reads_reuse_the_passes_tasks(client, tmp_path, init_params):
         threaded = GaussianMixture(9, init_params=init_params, random_state=1, max_iter=5,
                                    init_sample_size=500).fit(da.from_zarr(str(tmp_path / "x.zarr")))
     np.testing.assert_allclose(fits[0].means_, threaded.means_, rtol=1e-10)
+
+
+def test_predictions_with_kept_columns_and_missing_rows_are_written_by_the_workers(client, tmp_path, monkeypatch):
+    """keep (read on the workers, part by part) and nonfinite='missing' on worker processes, as on threads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dgmm.io import open_input, parquet_columns, write_predictions
+
+    monkeypatch.setattr("dgmm.io.MIN_OUTPUT_CHUNK_BYTES", 0)  # a part per input chunk: several worker tasks
+    X = make_mixture(n_samples=1200, n_features=2, seed=23)
+    X[7, 1] = np.nan
+    ids = pa.array([None] + [2**60 + i for i in range(1, len(X))], pa.int64())
+    table = pa.table({"id": ids, "a": X[:, 0], "b": X[:, 1]})
+    (tmp_path / "t").mkdir()
+    for i in range(4):
+        pq.write_table(table.slice(300 * i, 300), tmp_path / "t" / f"part.{i}.parquet", row_group_size=100)
+    gm = GaussianMixture(3, random_state=0).fit(X[np.isfinite(X).all(axis=1)])
+    data = open_input(str(tmp_path / "t"), columns=["a", "b"])
+    with get_task_stream(client) as stream:
+        write_predictions(gm, data, str(tmp_path / "p.parquet"), format="parquet", log_likelihood=True,
+                          keep=parquet_columns(str(tmp_path / "t"), ["id"]), nonfinite="missing")
+    assert len({task["worker"] for task in stream.data}) == 2
+    out = pq.read_table(tmp_path / "p.parquet")
+    assert out.schema.field("id").type == pa.int64() and out.column("id").equals(pa.chunked_array([ids]))
+    frame = out.to_pandas()
+    assert frame["label"].iloc[7] == -1 and np.isnan(frame["log_likelihood"].iloc[7])
+    keep = np.ones(len(X), dtype=bool)
+    keep[7] = False
+    np.testing.assert_array_equal(frame["label"].to_numpy()[keep], gm.predict(X[keep]))
