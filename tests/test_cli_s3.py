@@ -72,16 +72,18 @@ def test_fit_parquet_from_s3_and_predict_to_s3(tmp_path, s3):
     X = blobs(1800, 2, seed=10)
     options = {"endpoint_url": s3}
     fs = s3fs.S3FileSystem(endpoint_url=s3, skip_instance_cache=True)
-    table = pa.table({"a": X[:, 0], "b": X[:, 1]})
+    table = pa.table({"id": np.arange(len(X)) + 2**60, "a": X[:, 0], "b": X[:, 1]})
     for i, (start, stop) in enumerate(((0, 1000), (1000, 1800))):
         with fs.open(f"{BUCKET}/table/part-{i}.parquet", "wb") as f:
             pq.write_table(table.slice(start, stop - start), f, row_group_size=250)
     config = write_config(tmp_path / "c.yaml", {
-        "input": {"path": f"s3://{BUCKET}/table", "format": "parquet", "storage_options": options},
+        "input": {"path": f"s3://{BUCKET}/table", "format": "parquet", "columns": ["a", "b"],
+                  "storage_options": options},
         "model": MODEL,
         "cluster": {"type": "threads"},
         "output": {"model": f"s3://{BUCKET}/models/m.npz", "storage_options": options},
-        "predict": {"output": f"s3://{BUCKET}/pred.parquet", "log_likelihood": True, "storage_options": options},
+        "predict": {"output": f"s3://{BUCKET}/pred.parquet", "log_likelihood": True, "storage_options": options,
+                    "keep_columns": ["id"]},
     })
     fit = run_dgmm("fit", config)
     assert fit.returncode == 0, fit.stderr
@@ -102,6 +104,7 @@ def test_fit_parquet_from_s3_and_predict_to_s3(tmp_path, s3):
             frames.append(pd.read_parquet(f))
     frame = pd.concat(frames)
     np.testing.assert_array_equal(frame["label"].to_numpy(), expected.predict(X))
+    np.testing.assert_array_equal(frame["id"].to_numpy(), np.arange(len(X)) + 2**60)  # kept, read from the store
     np.testing.assert_allclose(frame["log_likelihood"].to_numpy(), expected.score_samples(X), rtol=1e-9)
 
     # the model on the store, with the endpoint as a flag
@@ -112,7 +115,8 @@ def test_fit_parquet_from_s3_and_predict_to_s3(tmp_path, s3):
     # a Zarr prediction on the store opens in xarray: its metadata document (consolidated) is committed last
     import xarray as xr
 
-    zarr_out = run_dgmm("predict", config, "--set", f"predict.output=s3://{BUCKET}/pred.zarr")
+    zarr_out = run_dgmm("predict", config, "--set", f"predict.output=s3://{BUCKET}/pred.zarr",
+                        "--set", "predict.keep_columns=null")
     assert zarr_out.returncode == 0, zarr_out.stderr
     ds = xr.open_zarr(f"s3://{BUCKET}/pred.zarr", storage_options=options)
     np.testing.assert_array_equal(ds["labels"].values, expected.predict(X))
