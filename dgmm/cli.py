@@ -355,11 +355,12 @@ def open_cluster(config):
                 cluster = stack.enter_context(LocalCluster(
                     **_local_workers(config), processes=config.processes, memory_limit=config.memory_limit,
                     protocol="tcp://", host=config.host, dashboard_address=config.dashboard_address,
-                    silence_logs=logging.ERROR,
+                    silence_logs=logging.CRITICAL,  # a failed task is reported once, by the command
                 ))
             client = stack.enter_context(Client(cluster))
             n_workers, n_threads = _worker_summary(client)
-            unit = "worker processes" if config.processes else "workers (threads)"
+            unit = ("worker process" if config.processes else "worker (threads)") if n_workers == 1 else \
+                ("worker processes" if config.processes else "workers (threads)")
             per_core = f" ({READ_AHEAD_THREADS_PER_CORE} per core: read-ahead)" if config.read_ahead else ""
             description = f"LocalCluster with {n_workers} {unit}, {n_threads} threads{per_core}"
         elif kind == "address":

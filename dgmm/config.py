@@ -110,8 +110,6 @@ class InputConfig:
             err("synthetic", "generates a Zarr array; input.path must be a .zarr path")
         if self.synthetic is not None and is_url(self.path):
             err("synthetic", "writes a local Zarr array; input.path must be a local path")
-        if self.synthetic is None and not is_url(self.path) and self.path and not os.path.exists(_local(self.path)):
-            err("path", f"{self.path} does not exist")
         if self.device == "gpu" and importlib.util.find_spec("cupy") is None:
             err("device", "gpu needs CuPy in this environment: install dgmm[gpu] (or the cupy-cudaXXx wheel "
                           "of your CUDA), or use device: cpu")
@@ -420,7 +418,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, comma
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     try:
-        raw = _safe_load_unique(text)
+        raw = _safe_load_unique(text, source)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     except RecursionError:
@@ -452,9 +450,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _safe_load_unique(text: str) -> Any:
-    """``yaml.safe_load(text)``, refusing a key given twice in one mapping."""
+def _safe_load_unique(text: str, name: str | None = None) -> Any:
+    """``yaml.safe_load(text)``, refusing a key given twice in one mapping; ``name``: the file, for messages."""
     loader = _UniqueKeyLoader(text)
+    if name is not None:
+        loader.name = name  # PyYAML's marks say "<unicode string>" for text
     try:
         return loader.get_single_data()
     finally:
@@ -489,6 +489,9 @@ def _check_for_command(config: Config, command: str) -> None:
 
     if command not in ("fit", "predict", "score"):
         raise ValueError(f"unknown command {command!r}")
+    inp = config.input
+    if inp.synthetic is None and not is_url(inp.path) and inp.path and not os.path.exists(_local(inp.path)):
+        fail("input.path", f"{inp.path} does not exist")
     if config.cluster.kind == "jobqueue":
         import importlib.util
 

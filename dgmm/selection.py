@@ -67,7 +67,10 @@ class ModelSelection:
         -------
         matplotlib.axes.Axes
         """
-        import matplotlib.pyplot as plt
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("ModelSelection.plot needs matplotlib: pip install 'dgmm[plot]'") from None
 
         criterion = criterion or self.criterion
         if ax is None:

@@ -133,3 +133,20 @@ def test_storage_option_values_must_be_yaml(workdir):
         assert bad.returncode == 2 and "--storage-option: the value of 'anon' is not valid YAML" in bad.stderr
         missing = run_dgmm(command, workdir / "m.npz", "--storage-option", "anon")
         assert missing.returncode == 2 and "expected KEY=VALUE, got 'anon'" in missing.stderr
+
+
+def test_a_failing_task_on_a_local_cluster_is_one_error_line(workdir):
+    """The workers' own "Compute Failed" logs are not printed: the command reports the error once."""
+    from dgmm import GaussianMixture, save_model
+
+    X = blobs(300, 2)
+    save_model(GaussianMixture(2, random_state=0).fit(X), workdir / "m.npz")
+    X[123, 0] = np.nan
+    np.save(workdir / "nan.npy", X)
+    config = base(workdir, input={"path": str(workdir / "nan.npy")}, cluster={"n_workers": 1},
+                  output={"model": str(workdir / "m.npz")}, predict={"output": str(workdir / "p.zarr")})
+    result = run_dgmm("predict", write_config(workdir / "c.yaml", config), "--quiet")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("dgmm: error: Input X contains NaN or infinity") and "first at row 123" in line
+    assert not (workdir / "p.zarr").exists()
