@@ -597,6 +597,8 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
         else:
             report("checkpoint", f"note: replacing the checkpoint {checkpoint} of an earlier fit "
                                  "(dgmm fit --resume would continue it)", checkpoint=checkpoint)
+    elif resume:
+        logger.warning("--resume: no checkpoint at %s; fitting from the start", checkpoint)
     started = datetime.datetime.now(datetime.timezone.utc)
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()

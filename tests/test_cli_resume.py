@@ -80,6 +80,11 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     same = run_dgmm("fit", config, "--resume", "--set", "output.overwrite=true", "--set", "model.max_iter=5")
     assert same.returncode == 0, same.stderr
     assert "resuming from" in same.stdout
+    # nothing to resume (the finished fit removed its checkpoint): said, then a fit from the start
+    assert not (tmp_path / "keep.npz").exists()
+    fresh = run_dgmm("fit", config, "--resume", "--set", "output.overwrite=true")
+    assert fresh.returncode == 0 and "resuming from" not in fresh.stdout
+    assert f"dgmm: warning: --resume: no checkpoint at {tmp_path / 'keep.npz'}; fitting from the start" in fresh.stderr
 
 
 @pytest.mark.parametrize("cluster", [{"type": "threads"}, {"n_workers": 2, "threads_per_worker": 1}],
