@@ -368,21 +368,39 @@ def weighted_log_prob(X: np.ndarray, params: ChunkParams, threads: int = 1) -> n
     return out.T
 
 
+def nonfinite_row_mask(X: np.ndarray) -> np.ndarray:
+    """True for the rows holding NaN or infinity, in X's own library (NumPy or CuPy)."""
+    xp = array_module(X)
+    if X.dtype.kind != "f":
+        return xp.zeros(X.shape[0], dtype=bool)
+    return ~xp.isfinite(X).all(axis=1)
+
+
 def count_nonfinite_rows(X: np.ndarray) -> int:
     """Number of rows holding NaN or infinity (NumPy or CuPy)."""
     if X.dtype.kind != "f":
         return 0
-    xp = array_module(X)
-    return int(X.shape[0] - int(xp.count_nonzero(xp.isfinite(X).all(axis=1))))
+    return int(array_module(X).count_nonzero(nonfinite_row_mask(X)))
 
 
 def nonfinite_summary(X: np.ndarray) -> tuple[int, int]:
     """(number of rows holding NaN or infinity, index of the first or -1) (NumPy or CuPy)."""
-    count = count_nonfinite_rows(X)
-    if not count:
+    if X.dtype.kind != "f":
         return 0, -1
     xp = array_module(X)
-    return count, int(xp.flatnonzero(~xp.isfinite(X).all(axis=1))[0])
+    mask = nonfinite_row_mask(X)
+    count = int(xp.count_nonzero(mask))
+    return (count, int(xp.flatnonzero(mask)[0])) if count else (0, -1)
+
+
+def zero_rows(X: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """X with the rows where ``mask`` (shape (n,) or (n, 1)) is True set to 0; X itself when there are none."""
+    mask = mask.reshape(-1)
+    if not mask.any():
+        return X
+    X = X.copy()
+    X[mask] = 0
+    return X
 
 
 # ---------------------------------------------------------------------------

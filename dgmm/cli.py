@@ -489,22 +489,26 @@ def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:
 
 
 def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
-    """The config's input as a lazy dask array, and the names of the Parquet columns read by name (or None).
+    """The config's input as a lazy dask array, and the names of the Parquet columns it reads (None for Zarr, npy).
 
     ``fitted_columns``: the named columns the model to apply was fitted on.
     A Parquet input is then read by those names when ``input.columns`` is
     not set, so a table with more (or reordered) columns still gives the
     model its own features.
     """
-    from .io import InputSelectionError, input_format, open_input
+    from .io import InputSelectionError, input_feature_names, input_format, open_input, zarr_component
 
     inp = config.input
-    columns, by_name = inp.columns, False
+    columns, by_name, named = None, False, ""
     try:
-        if columns is None and fitted_columns and input_format(
-                inp.path, format=inp.format, storage_options=inp.storage_options) == "parquet":
+        fmt = input_format(inp.path, format=inp.format, storage_options=inp.storage_options)
+        if fmt == "parquet" and inp.columns is None and fitted_columns:
             columns, by_name = list(fitted_columns), True
-        X = open_input(inp.path, format=inp.format, component=inp.component, columns=columns,
+            named = f", the model's columns {', '.join(columns)}"
+        elif fmt == "parquet":  # input.columns, or the numeric columns of the first file's footer
+            columns = input_feature_names(inp.path, format=fmt, columns=inp.columns,
+                                          storage_options=inp.storage_options)
+        X = open_input(inp.path, format=fmt, component=inp.component, columns=columns,
                        storage_options=inp.storage_options, chunk_rows=inp.chunk_rows)
     except InputSelectionError as exc:  # the data is there, the setting does not fit it: fix the config
         if by_name:
@@ -512,22 +516,16 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
                               f"on the columns {', '.join(fitted_columns)}, which are read by name unless "
                               "input.columns says otherwise") from None
         raise ConfigError(f"{config.source}: {exc.key}: {exc}") from None
-    if columns is not None and input_format(inp.path, format=inp.format, storage_options=inp.storage_options) != "parquet":
-        columns = None  # input.columns applies to Parquet only
     if inp.columns is not None and fitted_columns and list(inp.columns) != list(fitted_columns):
         logger.warning("input.columns (%s) are not the columns the model %s was fitted on (%s)",
                        ", ".join(inp.columns), config.output.model, ", ".join(fitted_columns))
-    named = f", the model's columns {', '.join(columns)}" if by_name else ""
-    if inp.component is None and input_format(inp.path, format=inp.format,
-                                              storage_options=inp.storage_options) == "zarr":
-        from .io import zarr_component
-
+    if fmt == "zarr" and inp.component is None:
         picked = zarr_component(inp.path, storage_options=inp.storage_options)
         named += f", array {picked!r} (the group's one 2-D array)" if picked else ""
     n_chunks = X.numblocks[0]
     report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features{named}, {n_chunks} "
-                   f"chunk{'s' if n_chunks != 1 else ''}, {X.dtype})", path=inp.path, n_samples=X.shape[0], n_features=X.shape[1],
-           n_chunks=X.numblocks[0], dtype=str(X.dtype), columns=columns)
+                   f"chunk{'s' if n_chunks != 1 else ''}, {X.dtype})", path=inp.path, n_samples=X.shape[0],
+           n_features=X.shape[1], n_chunks=n_chunks, dtype=str(X.dtype), columns=columns)
     if inp.device == "gpu":
         from .namespace import to_gpu
 
@@ -584,8 +582,8 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
                               f"settings (differs in: {', '.join(mismatched)}); restore them, or fit anew without "
                               "--resume")
     _generate_synthetic(config)
-    X, _ = _open_data(config)
-    source = _describe_input(config)  # before the fit: nothing read after it can fail
+    X, columns = _open_data(config)
+    source = _describe_input(config, columns)
     _check_parameter_memory(config, X, config.model.n_components, [config.model.covariance_type])
     _report_columns(config, source)
     resumed_from = 0
@@ -637,14 +635,13 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     return 0
 
 
-def _describe_input(config: Config) -> dict:
+def _describe_input(config: Config, columns: list[str] | None) -> dict:
     """The model metadata's ``source``: the input as configured, and the names of the columns read (Parquet)."""
-    from .io import describe_source, input_feature_names
+    from .io import describe_source
 
     inp = config.input
-    names = input_feature_names(inp.path, format=inp.format, columns=inp.columns, storage_options=inp.storage_options)
     return describe_source(inp.path, format=inp.format, component=inp.component, columns=inp.columns,
-                           feature_names=names)
+                           feature_names=columns)
 
 
 def _check_parameter_memory(config: Config, X, n_components: int, kinds) -> None:
@@ -797,8 +794,8 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     params.pop("covariance_type", None)
     params.pop("warm_start", None)
     _generate_synthetic(config)
-    X, _ = _open_data(config)
-    source = _describe_input(config)  # before the fit: nothing read after it can fail
+    X, columns = _open_data(config)
+    source = _describe_input(config, columns)
     _check_parameter_memory(config, X, max(n_components), kinds)
     _report_columns(config, source)
     with open_cluster(config.cluster) as client:

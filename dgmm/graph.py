@@ -101,6 +101,18 @@ def nonfinite_rows(blocks: RowBlocks) -> list[Delayed]:
     return [find(block) for block in blocks.blocks]
 
 
+def nonfinite_rows_zeroed(X: da.Array) -> tuple[da.Array, da.Array]:
+    """(X with its rows holding NaN or infinity set to 0, the mask of those rows), lazy, with X's row chunks.
+
+    Each chunk's mask is found once and used for both; rows are copied only
+    in chunks that have such rows.
+    """
+    X = X.rechunk({1: -1})
+    mask = X.map_blocks(chunk.nonfinite_row_mask, drop_axis=1, dtype=bool, meta=meta_from_array(X, 1, bool))
+    zeroed = da.map_blocks(chunk.zero_rows, X, mask[:, None], dtype=X.dtype, meta=X._meta)
+    return zeroed, mask
+
+
 def tree_reduce(parts: Sequence[Any], combine: Callable, split_every: int | None = None):
     """Reduce delayed ``parts`` with ``combine`` in a tree of fan-in ``split_every`` (lazy)."""
     split_every = int(split_every or DEFAULT_SPLIT_EVERY)

@@ -415,10 +415,12 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
     """
     plan = _parquet_plan(path, columns, storage_options, chunk_rows, numeric=True, key="input.columns")
     selected, dtype = plan.columns, plan.dtype
-    name = "read-parquet-" + dask.base.tokenize(path, plan.files, selected, dtype, plan.pieces, plan.versions)
+    where = [(file, groups) for file, groups, _ in plan.pieces]
+    name = "read-parquet-" + dask.base.tokenize(path, plan.files, selected, dtype, where, plan.versions)
     graph = {(name, i, 0): (_read_parquet_rows, plan.fs, file, groups, tuple(selected), dtype)
-             for i, (file, groups) in enumerate(plan.pieces)}
-    return da.Array(graph, name, (plan.chunks, (len(selected),)), dtype=dtype)
+             for i, (file, groups) in enumerate(where)}
+    chunks = tuple(rows for _, _, rows in plan.pieces)
+    return da.Array(graph, name, (chunks, (len(selected),)), dtype=dtype)
 
 
 def parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mapping | None = None,
@@ -436,8 +438,7 @@ def parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mappi
         For a column missing from a file (``key`` names the setting in the message).
     """
     plan = _parquet_plan(path, columns, storage_options, chunk_rows, numeric=False, key=key)
-    return ParquetColumns(path, plan.fs, plan.schema, [(f, g, n) for (f, g), n in zip(plan.pieces, plan.chunks)],
-                          plan.versions)
+    return ParquetColumns(path, plan.fs, plan.schema, plan.pieces, plan.versions)
 
 
 class ParquetColumns:
@@ -485,7 +486,6 @@ class _ParquetPlan(NamedTuple):
     schema: object       # their Arrow schema, unified across files
     dtype: object        # the float dtype of the numeric columns (numeric plans)
     pieces: list         # (file, row groups, rows): one chunk each
-    chunks: tuple        # rows per chunk
 
 
 def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, key: str) -> _ParquetPlan:
@@ -544,8 +544,7 @@ def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, 
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ValueError(f"{path}: the files' columns {', '.join(selected)} have types that do not agree ({exc})") \
             from None
-    return _ParquetPlan(fs, files, versions, selected, schema, dtype, [p[:2] for p in pieces],
-                        tuple(rows for _, _, rows in pieces))
+    return _ParquetPlan(fs, files, versions, selected, schema, dtype, pieces)
 
 
 def _read_parquet_rows(fs, file: str, row_groups: list[int], columns: tuple[str, ...], dtype) -> np.ndarray:
@@ -1080,20 +1079,6 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
         fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
 
 
-def _nonfinite_rows(block: np.ndarray) -> np.ndarray:
-    return ~np.isfinite(to_host(block)).all(axis=1)
-
-
-def _zero_nonfinite_rows(block):
-    """The block with its rows holding NaN or infinity set to 0 (predicted, then masked as missing)."""
-    bad = ~np.isfinite(block).all(axis=1)
-    if not bad.any():
-        return block
-    block = block.copy()
-    block[bad] = 0
-    return block
-
-
 def write_predictions(model, X: da.Array, path: str, *, format: str, labels: bool = True,
                       probabilities: bool = False, log_likelihood: bool = False,
                       storage_options: Mapping | None = None, overwrite: bool = False,
@@ -1124,8 +1109,9 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
         raise ValueError(f"nonfinite must be 'error' or 'missing', got {nonfinite!r}")
     missing = None
     if nonfinite == "missing" and X.dtype.kind == "f":
-        missing = X.map_blocks(_nonfinite_rows, drop_axis=1, dtype=bool, meta=np.empty((0,), dtype=bool))
-        X = X.map_blocks(_zero_nonfinite_rows, dtype=X.dtype)
+        from .graph import nonfinite_rows_zeroed
+
+        X, missing = nonfinite_rows_zeroed(X)
     arrays, names = {}, {}
     if labels:
         arrays["labels"], names["labels"] = model.predict(X), ["label"]
