@@ -238,29 +238,6 @@ def test_predictions_are_row_aligned_and_committed(tmp_path, X, fmt, monkeypatch
     assert write_table({"a": da.zeros(3)}, str(tmp_path / "small"), format=fmt)["n_rows"] == 3
 
 
-@pytest.mark.parametrize("zarr_format", [3, 2])
-def test_zarr_predictions_open_in_xarray_as_a_dataset(tmp_path, X, zarr_format):
-    """Dimension names (v3 dimension_names, v2 _ARRAY_DIMENSIONS) and consolidated metadata: no warning either."""
-    import warnings
-
-    import xarray as xr
-
-    Xd = da.from_array(X, chunks=(250, 3))
-    gm = GaussianMixture(3, random_state=0).fit(Xd)
-    out = str(tmp_path / "p.zarr")
-    with zarr.config.set({"default_zarr_format": zarr_format}):
-        write_predictions(gm, Xd, out, format="zarr", probabilities=True, log_likelihood=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ds = xr.open_zarr(out)
-        assert zarr.open_group(out, mode="r").metadata.zarr_format == zarr_format
-    assert dict(ds.sizes) == {"sample": len(X), "component": 3}
-    assert ds["probabilities"].dims == ("sample", "component") and ds["labels"].dims == ("sample",)
-    assert ds.attrs["dgmm"]["n_rows"] == len(X) and is_complete(out)
-    np.testing.assert_array_equal(ds["labels"].values, gm.predict(X))
-    np.testing.assert_allclose(ds["log_likelihood"].values, gm.score_samples(X), rtol=1e-12)
-
-
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])
 def test_nonfinite_rows_can_be_written_as_missing(tmp_path, X, fmt):
     """nonfinite='missing': label -1 and NaN where a row holds NaN or inf, the usual predictions elsewhere."""
@@ -394,7 +371,15 @@ def blosc(array):
 
 @pytest.mark.parametrize("zarr_format", [3, 2])
 def test_zarr_predictions_use_blosc_with_shuffle_and_round_trip_exactly(tmp_path, X, zarr_format):
-    """Labels: Blosc-zstd 3; probabilities and log-likelihoods: Blosc-LZ4 5; byte shuffle; the values exact."""
+    """Labels: Blosc-zstd 3; probabilities and log-likelihoods: Blosc-LZ4 5; byte shuffle; the values exact.
+
+    The output opens in xarray as a Dataset without a warning: dimension names
+    (v3 dimension_names, v2 _ARRAY_DIMENSIONS) and consolidated metadata.
+    """
+    import warnings
+
+    import xarray as xr
+
     Xd = da.from_array(X, chunks=(137, 3))
     gm = GaussianMixture(3, random_state=0).fit(Xd)
     out = str(tmp_path / "pred.zarr")
@@ -407,6 +392,14 @@ def test_zarr_predictions_use_blosc_with_shuffle_and_round_trip_exactly(tmp_path
     np.testing.assert_array_equal(group["labels"][:], gm.predict(X))
     np.testing.assert_array_equal(group["probabilities"][:], gm.predict_proba(Xd).compute())
     np.testing.assert_array_equal(group["log_likelihood"][:], gm.score_samples(Xd).compute())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(out)
+    assert dict(ds.sizes) == {"sample": len(X), "component": 3}
+    assert ds["probabilities"].dims == ("sample", "component") and ds["labels"].dims == ("sample",)
+    assert ds.attrs["dgmm"]["n_rows"] == len(X) and is_complete(out)
+    np.testing.assert_array_equal(ds["labels"].values, gm.predict(X))
+    np.testing.assert_allclose(ds["log_likelihood"].values, gm.score_samples(X), rtol=1e-12)
 
 
 @pytest.mark.parametrize("zarr_format", [3, 2])
