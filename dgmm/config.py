@@ -356,12 +356,15 @@ class Config:
     def to_dict(self, redact: bool = True) -> dict:
         """The config as plain data (YAML/JSON-serialisable), without ``source``.
 
+        ``cluster.type`` is written resolved (``address`` and ``jobqueue`` when
+        implied by their keys), so the dict parses back to the same config.
         With ``redact``, ``storage_options`` entries whose names suggest a
         credential (key, secret, token, password) are replaced by ``'<redacted>'``,
         so they never reach model metadata or logs.
         """
         data = dataclasses.asdict(self)
         data.pop("source")
+        data["cluster"]["type"] = self.cluster.kind
         return _redact(data) if redact else data
 
 

@@ -188,6 +188,9 @@ def test_example_configs_are_valid(name, tmp_path):
         assert config.cluster.kind == "jobqueue" and config.cluster.jobqueue.system == "slurm"
     if name == "scheduler.yaml":
         assert config.cluster.kind == "address"
+    printed = config.to_dict(redact=False)  # what `dgmm check` prints: the type resolved, parsing back the same
+    assert printed["cluster"]["type"] == config.cluster.kind
+    assert parse_config(yaml.safe_load(yaml.safe_dump(printed)), source=name).to_dict(redact=False) == printed
     text = (CONFIGS / name).read_text().lower()
     assert "secret" not in text.replace("aws_secret_access_key", "") and "password" not in text
 
