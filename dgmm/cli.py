@@ -356,6 +356,9 @@ def open_cluster(config):
                     **_local_workers(config), processes=config.processes, memory_limit=config.memory_limit,
                     protocol="tcp://", host=config.host, dashboard_address=config.dashboard_address,
                     silence_logs=logging.CRITICAL,  # a failed task is reported once, by the command
+                    # Ctrl-C is the command's: worker processes ignore it, so they neither print tracebacks
+                    # nor die before the command closes them (thread workers share this process: no preload)
+                    **({"preload": ["dgmm._worker_signals"]} if config.processes else {}),
                 ))
             client = stack.enter_context(Client(cluster))
             n_workers, n_threads = _worker_summary(client)

@@ -39,13 +39,15 @@ def stop_process(proc, sig=signal.SIGKILL, timeout=60):
 
 
 @contextlib.contextmanager
-def running(command, stderr=subprocess.PIPE, stop=signal.SIGKILL):
+def running(command, stderr=subprocess.PIPE, stop=signal.SIGKILL, new_session=False):
     """Start ``command`` with its stdout (and by default stderr) as text pipes, for a test to signal and read.
 
+    With ``new_session`` it leads a process group of its own (and its children), which a test signals as a
+    terminal's Ctrl-C does: ``os.killpg(proc.pid, signal.SIGINT)``.
     On leaving the block the process is stopped with ``stop`` if it still runs (see :func:`stop_process`) and
     its pipes are closed, so that a failing assertion leaves no process behind.
     """
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=new_session)
     try:
         yield proc
     finally:
