@@ -90,6 +90,33 @@ def test_predictions_on_gpu_input_are_lazy_cupy_and_equal_cpu(tmp_path):
     np.testing.assert_array_equal(group["labels"][:], model.predict(X))
 
 
+def test_nonfinite_rows_marked_missing_on_gpu_equal_cpu(tmp_path):
+    import zarr
+
+    from dgmm.graph import nonfinite_rows_zeroed
+
+    X = make_mixture(60_000, 4, seed=7)
+    X[[5, 30_001, 59_999], [0, 2, 3]] = [np.nan, np.inf, -np.inf]
+    model = GaussianMixture(3, random_state=0).fit(np.delete(X, [5, 30_001, 59_999], axis=0))
+    X_cpu = da.from_array(X, chunks=(20_000, 4))
+    X_gpu = to_gpu(X_cpu)
+    zeroed, mask = nonfinite_rows_zeroed(X_gpu)  # the chunk math stays on the device
+    assert isinstance(zeroed._meta, cupy.ndarray) and isinstance(mask._meta, cupy.ndarray)
+    assert isinstance(mask.compute(), cupy.ndarray)
+    np.testing.assert_array_equal(np.flatnonzero(cupy.asnumpy(mask.compute())), [5, 30_001, 59_999])
+    groups = {}
+    for name, data in (("cpu", X_cpu), ("gpu", X_gpu)):
+        write_predictions(model, data, str(tmp_path / f"{name}.zarr"), format="zarr", probabilities=True,
+                          log_likelihood=True, nonfinite="missing")
+        groups[name] = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="r")
+    labels = groups["gpu"]["labels"][:]
+    np.testing.assert_array_equal(labels, groups["cpu"]["labels"][:])
+    assert (labels[[5, 30_001, 59_999]] == -1).all() and (np.delete(labels, [5, 30_001, 59_999]) >= 0).all()
+    for name in ("probabilities", "log_likelihood"):
+        np.testing.assert_allclose(groups["gpu"][name][:], groups["cpu"][name][:], rtol=1e-9, atol=1e-12,
+                                   equal_nan=True, err_msg=name)
+
+
 def test_gpu_fit_on_the_distributed_scheduler_equals_threads():
     distributed = pytest.importorskip("distributed")
     X = make_mixture(60_000, 4, seed=4).astype(np.float32)
