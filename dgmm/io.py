@@ -86,6 +86,8 @@ NPY_MIN_CHUNK_BYTES = 8 * 2**20
 NPY_MIN_CHUNKS = 16
 #: Smallest output chunk written (bytes of its widest array): tiny input chunks are merged up to it.
 MIN_OUTPUT_CHUNK_BYTES = 4 * 2**20
+#: A Parquet chunk (one row group, which is never split) larger than this as an array gets a warning.
+LARGE_PARQUET_CHUNK_BYTES = 512 * 2**20
 #: Names accepted for the compression of dgmm's Zarr outputs (see :func:`zarr_compressors`).
 COMPRESSORS = ("default", "blosc-lz4", "blosc-zstd", "zstd", "none")
 #: Parquet footers read at once when a directory is opened (:func:`open_parquet`).
@@ -420,7 +422,23 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
     graph = {(name, i, 0): (_read_parquet_rows, plan.fs, file, groups, tuple(selected), dtype)
              for i, (file, groups) in enumerate(where)}
     chunks = tuple(rows for _, _, rows in plan.pieces)
+    _warn_large_row_groups(path, plan)
     return da.Array(graph, name, (chunks, (len(selected),)), dtype=dtype)
+
+
+def _warn_large_row_groups(path, plan: _ParquetPlan) -> None:
+    """Warn when a single row group is a chunk too large to hold per worker thread (row groups are never split)."""
+    row_bytes = len(plan.columns) * np.dtype(plan.dtype).itemsize
+    file, groups, rows = max(plan.pieces, key=lambda piece: piece[2])
+    if len(groups) > 1 or rows * row_bytes <= LARGE_PARQUET_CHUNK_BYTES:
+        return  # input.chunk_rows merged several row groups: the user chose the size
+    from dask.utils import format_bytes
+
+    suggested = max(1, LARGE_PARQUET_CHUNK_BYTES // 4 // row_bytes)
+    logger.warning("%s: row group %d of %s has %s rows (%s as %s), read as one chunk; every worker thread holds "
+                   "a chunk in memory, and Parquet row groups are not split: rewrite the data with smaller row "
+                   "groups (e.g. pyarrow.parquet.write_table(..., row_group_size=%s))", path, groups[0], file,
+                   f"{rows:,}", format_bytes(rows * row_bytes), np.dtype(plan.dtype).name, f"{suggested:,}")
 
 
 def parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mapping | None = None,

@@ -106,6 +106,23 @@ def test_parquet_row_groups_become_chunks_from_the_footer(tmp_path, X):
         open_input(str(tmp_path), format="parquet", columns=["zz"])
 
 
+def test_a_row_group_too_large_for_a_chunk_is_named_with_a_fix(tmp_path, monkeypatch, caplog):
+    import dgmm.io
+
+    monkeypatch.setattr(dgmm.io, "LARGE_PARQUET_CHUNK_BYTES", 10_000)  # 625 rows of 2 float64 columns
+    table = pa.table({"a": np.arange(2000.0), "b": np.ones(2000)})
+    pq.write_table(table, tmp_path / "small.parquet", row_group_size=500)
+    pq.write_table(table, tmp_path / "one.parquet", row_group_size=2000)
+    with caplog.at_level("WARNING", logger="dgmm.io"):
+        assert open_input(str(tmp_path / "small.parquet")).chunks[0] == (500,) * 4
+        assert open_input(str(tmp_path / "small.parquet"), chunk_rows=2000).chunks[0] == (2000,)  # asked for
+        assert not caplog.records
+        assert open_input(str(tmp_path / "one.parquet")).chunks[0] == (2000,)
+    (record,) = caplog.records
+    assert "row group 0 of" in record.message and "has 2,000 rows (31.25 kiB as float64), read as one chunk" \
+        in record.message and "row_group_size=156)" in record.message, record.message
+
+
 def test_parquet_directory_footers_are_read_concurrently_in_file_order(tmp_path, monkeypatch):
     import threading
     import time
