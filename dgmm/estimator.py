@@ -930,7 +930,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         With ``sample_weight``, the weighted average.
         """
-        Xv = self._validated(X)
+        return self._score(self._validated(X), sample_weight)
+
+    def _score(self, Xv, sample_weight=None) -> float:
         lazy = isinstance(Xv, da.Array)
         sample_weight = check_sample_weight(sample_weight, Xv.shape[0], lazy)
         params = self._chunk_params()
@@ -959,15 +961,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def bic(self, X):
         """Bayesian information criterion for the current model on X (lower is better)."""
-        score = self.score(X)  # validates X first, as sklearn's does
-        n_samples = X.shape[0]
-        return float(-2 * score * n_samples + self._n_parameters() * math.log(n_samples))
+        Xv = self._validated(X)  # first, as sklearn's; its row count, known even where X's is not (a dask frame)
+        n_samples = Xv.shape[0]
+        return float(-2 * self._score(Xv) * n_samples + self._n_parameters() * math.log(n_samples))
 
     def aic(self, X):
         """Akaike information criterion for the current model on X (lower is better)."""
-        score = self.score(X)  # validates X first, as sklearn's does
-        n_samples = X.shape[0]
-        return float(-2 * score * n_samples + 2 * self._n_parameters())
+        Xv = self._validated(X)
+        n_samples = Xv.shape[0]
+        return float(-2 * self._score(Xv) * n_samples + 2 * self._n_parameters())
 
     def sample(self, n_samples=1):
         """Generate random samples from the fitted mixture (as sklearn does).

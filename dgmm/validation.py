@@ -55,6 +55,14 @@ def _to_dask_array(X) -> da.Array:
     raise TypeError(f"unsupported lazy input type {type(X).__name__}")
 
 
+def _with_chunk_sizes(X: da.Array) -> da.Array:
+    """X with its unknown row chunk sizes computed (a pass over X), leaving the caller's array as it was.
+
+    (``Array.compute_chunk_sizes`` changes the array it is called on.)
+    """
+    return da.Array(X.dask, X.name, X.chunks, meta=X._meta).compute_chunk_sizes()
+
+
 def _numeric_frame(frame):
     """A dask DataFrame of numeric columns cast as sklearn's ``check_array`` casts a pandas frame.
 
@@ -68,12 +76,14 @@ def _numeric_frame(frame):
     import pandas as pd
     from sklearn.utils import check_array
 
-    dtypes = list(frame.dtypes)
+    series = frame.ndim == 1  # a dask Series (sample_weight): one dtype
+    dtypes = [frame.dtype] if series else list(frame.dtypes)
     if not all(pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype) for dtype in dtypes):
         return frame
     if all(isinstance(dtype, np.dtype) for dtype in dtypes) and len(set(dtypes)) <= 1:
         return frame
-    target = check_array(frame._meta_nonempty, dtype=[np.float64, np.float32], ensure_all_finite=False).dtype
+    meta = frame._meta_nonempty.to_frame() if series else frame._meta_nonempty
+    target = check_array(meta, dtype=[np.float64, np.float32], ensure_all_finite=False).dtype
     return frame.astype(target)
 
 
@@ -106,7 +116,7 @@ def check_lazy_array(estimator, X, *, reset: bool, ensure_min_samples: int = 1) 
     if kind != "f" or Xd.dtype not in FLOAT_DTYPES:
         Xd = Xd.astype(np.float64)
     if any(np.isnan(c) for c in Xd.chunks[0]):
-        Xd = Xd.compute_chunk_sizes()
+        Xd = _with_chunk_sizes(Xd)
     n_samples, n_features = Xd.shape
     if n_samples < ensure_min_samples:
         raise ValueError(
@@ -236,7 +246,7 @@ def check_sample_weight(sample_weight, n_samples: int, lazy: bool):
             raise ValueError(f"sample_weight must be numeric, got dtype {w.dtype}.")
         w = w.astype(np.float64)
         if any(np.isnan(c) for c in w.chunks[0]):
-            w = w.compute_chunk_sizes()
+            w = _with_chunk_sizes(w)
         if w.shape[0] != n_samples:
             raise ValueError(f"sample_weight.shape == ({w.shape[0]},), expected ({n_samples},)!")
         low, total, finite = dask.compute(w.min(), w.sum(), da.isfinite(w).all())

@@ -160,6 +160,27 @@ def test_pandas_dask_dataframe_and_zarr_inputs(tmp_path):
     assert isinstance(gm.predict(zarr.open_array(str(tmp_path / "x.zarr"), mode="r")), da.Array)
 
 
+def test_criteria_and_scores_of_lazy_inputs_whose_row_count_is_unknown():
+    """A dask DataFrame's len is lazy and a filtered array's chunks are NaN: bic/aic count the validated rows."""
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    X = np.round(make_mixture(n_samples=600, n_features=3, seed=18) * 100)
+    frame = pd.DataFrame(X, columns=["a", "b", "c"])
+    sk = SkGaussianMixture(3, random_state=0).fit(X)
+    named, unnamed = GaussianMixture(3, random_state=0).fit(frame), GaussianMixture(3, random_state=0).fit(X)
+    floats = da.from_array(X, chunks=(150, 3))
+    integers = floats.astype(np.int64)
+    inputs = {"dask frame": dd.from_pandas(frame, npartitions=3),
+              "filtered floats": floats[floats[:, 0] > -1e9], "filtered integers": integers[integers[:, 0] > -10**9]}
+    for name, lazy in inputs.items():
+        gm = named if name == "dask frame" else unnamed
+        for method in ("bic", "aic", "score"):
+            np.testing.assert_allclose(getattr(gm, method)(lazy), getattr(sk, method)(X), rtol=1e-10,
+                                       err_msg=f"{method} of {name}")
+        if name != "dask frame":
+            assert np.isnan(lazy.chunks[0][0]), name  # the caller's array is left as it was
+
+
 @pytest.mark.parametrize("dtypes", ["double[pyarrow]", "float[pyarrow]", "Float64", "Int64", "float32", "with bool"])
 def test_dask_dataframes_of_extension_dtypes_are_cast_as_sklearn_casts_pandas(dtypes):
     """Nullable, pyarrow and float-with-bool frames: to_dask_array gives object arrays; sklearn casts them."""

@@ -11,7 +11,7 @@ from conftest import COVARIANCE_TYPES, make_mixture, perturbed_init
 
 
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
-@pytest.mark.parametrize("as_dask", [False, True], ids=["numpy", "dask"])
+@pytest.mark.parametrize("as_dask", [False, True, "frame"], ids=["numpy", "dask", "dask_frame"])
 def test_integer_weights_equal_repeated_rows(kind, as_dask):
     X = make_mixture(n_samples=400, n_features=3, seed=41)
     weights = np.random.default_rng(0).integers(0, 4, size=len(X))
@@ -21,6 +21,13 @@ def test_integer_weights_equal_repeated_rows(kind, as_dask):
     reference = GaussianMixture(3, **kwargs).fit(repeated)
     Xin = da.from_array(X, chunks=(37, 3)) if as_dask else X
     win = da.from_array(weights, chunks=53) if as_dask else weights  # misaligned chunks: realigned to X's
+    if as_dask == "frame":  # a dask frame's column of nullable integers as the weights of its other columns
+        import dask.dataframe as dd
+        import pandas as pd
+
+        frame = dd.from_pandas(pd.DataFrame(X, columns=["a", "b", "c"]).assign(w=pd.array(weights, dtype="Int64")),
+                               npartitions=4)
+        Xin, win = frame[["a", "b", "c"]], frame["w"]
     weighted = GaussianMixture(3, **kwargs).fit(Xin, sample_weight=win)
     for name in ("weights_", "means_", "covariances_"):
         np.testing.assert_allclose(getattr(weighted, name), getattr(reference, name), rtol=1e-8, err_msg=name)
