@@ -9,6 +9,7 @@ bookkeeping, and the chunk kernels' batch evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -63,6 +64,8 @@ class ModelSelection:
     def plot(self, ax=None, criterion=None):
         """Plot the criterion against n_components, one line per covariance type (needs matplotlib).
 
+        The candidate that criterion ranks best is circled.
+
         Returns
         -------
         matplotlib.axes.Axes
@@ -78,7 +81,7 @@ class ModelSelection:
         for kind in dict.fromkeys(row["covariance_type"] for row in self.results):
             rows = [r for r in self.results if r["covariance_type"] == kind]
             ax.plot([r["n_components"] for r in rows], [r[criterion] for r in rows], marker="o", label=kind)
-        best = self.results[self.best_index]
+        best = min(self.results, key=lambda row: row[criterion])  # the best by the criterion drawn
         ax.scatter([best["n_components"]], [best[criterion]], s=160, facecolors="none", edgecolors="k", zorder=3)
         ax.set_xlabel("n_components")
         ax.set_ylabel(criterion.upper())
@@ -122,7 +125,10 @@ def select(
     sample_weight : array-like of shape (n_samples,), default=None
     **params
         Any other :class:`GaussianMixture` parameter (``random_state``,
-        ``n_init``, ``tol``, ``reg_covar``, ``max_iter``, ``chunk_size``, ...).
+        ``n_init``, ``tol``, ``reg_covar``, ``max_iter``, ``chunk_size``, ...),
+        except those that follow one fit (``warm_start``, ``checkpoint``,
+        ``callbacks``). ``verbose=1`` prints a line per candidate as it ends,
+        ``verbose=2`` also one every ``verbose_interval`` sweep iterations.
 
     Returns
     -------
@@ -131,7 +137,8 @@ def select(
     Raises
     ------
     ValueError
-        For an unknown criterion, an empty grid, or invalid data.
+        For an unknown criterion, an empty grid, or invalid data; for a
+        candidate whose covariance cannot be factored, naming the candidate.
 
     Examples
     --------
@@ -147,10 +154,16 @@ def select(
     for key in ("n_components", "covariance_type", "warm_start", "checkpoint"):
         if key in params and params[key] not in (None, False):
             raise ValueError(f"select() sets {key!r} itself; pass the grid as n_components/covariance_types")
+    if params.get("callbacks") is not None:
+        raise ValueError("select() takes no callbacks (they follow one fit); its progress is printed with "
+                         "verbose=1 or 2, and logged by the 'dgmm.selection' logger")
     if isinstance(covariance_types, str):  # one type, not its letters
         covariance_types = (covariance_types,)
     if isinstance(n_components, (int, np.integer)):
         n_components = (n_components,)
+    n_components = list(n_components)
+    for k in n_components:  # sklearn's message for 1.5, '2' or True, before any is rounded
+        GaussianMixture(n_components=k)._validate_params()
     # each candidate once, in the order first given
     grid = list(dict.fromkeys((int(k), str(t)) for t in covariance_types for k in n_components))
     if not grid:
@@ -199,10 +212,14 @@ def select(
         statistics = iter(statistics)
         for i, (gm, given) in enumerate(zip(candidates, inits)):
             initial = (center, next(statistics)) if any(value is None for value in given) else None
-            runs = gm._runs_from_statistics(data, initial, gm.n_init, *given, eps)
+            with _naming(gm):
+                runs = gm._runs_from_statistics(data, initial, gm.n_init, *given, eps)
             candidates[i] = [gm, runs, list(range(len(runs)))]
         init_passes = data.n_passes
         logger.info("select: %d candidates initialised in %d passes", len(candidates), init_passes)
+        output = _SweepOutput(template.verbose, template.verbose_interval)
+        output.line(f"Sweep of {_count(len(candidates), 'candidate')}: initialised in "
+                    f"{_count(init_passes, 'pass', 'passes')} over the data")
 
         max_iter = max(c[0].max_iter for c in candidates)
         iter_time = time.perf_counter()
@@ -216,13 +233,14 @@ def select(
             for c, batch in zip(live, batches):
                 part = stats[offset : offset + len(batch)]
                 offset += len(batch)
-                c[2], _ = c[0]._em_update(data, c[1], c[2], batch, part, n_iter, eps, float32, iter_time)
-            logger.info(
-                "select iteration %d: %d candidates still running (%.2f s)",
-                n_iter,
-                sum(bool(c[2]) for c in candidates),
-                time.perf_counter() - iter_time,
-            )
+                with _naming(c[0]):
+                    c[2], _ = c[0]._em_update(data, c[1], c[2], batch, part, n_iter, eps, float32, iter_time)
+                if not c[2] or n_iter == c[0].max_iter:
+                    output.ended(c[0], c[1], n_iter)
+            running = sum(bool(c[2]) and n_iter < c[0].max_iter for c in candidates)
+            seconds = time.perf_counter() - iter_time
+            logger.info("select iteration %d: %d candidates still running (%.2f s)", n_iter, running, seconds)
+            output.iteration(n_iter, seconds, running, len(candidates))
             iter_time = time.perf_counter()
 
         for gm, runs, _ in candidates:
@@ -249,4 +267,47 @@ def select(
             }
         )
         estimators.append(gm)
-    return ModelSelection(results, estimators, criterion, data.n_passes)
+    selection = ModelSelection(results, estimators, criterion, data.n_passes)
+    best = results[selection.best_index]
+    output.line(f"Best by {criterion.upper()}: n_components={best['n_components']}, covariance_type="
+                f"{best['covariance_type']!r} ({criterion.upper()} {best[criterion]:.5f}); "
+                f"{_count(data.n_passes, 'pass', 'passes')} over the data")
+    return selection
+
+
+@contextlib.contextmanager
+def _naming(gm: GaussianMixture):
+    """A candidate's failure (a covariance that cannot be factored) names the candidate."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"select(): candidate n_components={gm.n_components}, covariance_type="
+                         f"{gm.covariance_type!r}: {exc}") from exc
+
+
+class _SweepOutput:
+    """``verbose`` output of a sweep (printed, as sklearn's estimators print theirs): with 1, a line per
+    candidate as it ends; with 2, also a line every ``verbose_interval`` sweep iterations."""
+
+    def __init__(self, verbose: int, interval: int):
+        self.verbose, self.interval = verbose, interval
+
+    def line(self, text: str) -> None:
+        if self.verbose >= 1:
+            print(text)
+
+    def iteration(self, n_iter: int, seconds: float, running: int, total: int) -> None:
+        if self.verbose >= 2 and n_iter % self.interval == 0:
+            print("  Iteration %d\t time lapse %.5fs\t %d of %d candidates running" % (n_iter, seconds, running, total))
+
+    def ended(self, gm: GaussianMixture, runs, n_iter: int) -> None:
+        if self.verbose < 1:
+            return
+        best = max(runs, key=lambda run: run.lower_bound)
+        state = "converged" if any(run.converged for run in runs) else "did not converge"
+        self.line(f"Candidate n_components={gm.n_components}, covariance_type={gm.covariance_type!r}: {state} "
+                  f"after {_count(n_iter, 'iteration')}, lower bound {best.lower_bound:.5f}")
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"

@@ -72,7 +72,43 @@ def test_plot_and_bad_arguments(tmp_path):
         select(X, covariance_type="full")
     with pytest.raises(ValueError, match="n_samples >= n_components"):
         select(X[:5], n_components=[2, 8])
+    for bad in ([1.5, 2], ["2"]):  # refused as GaussianMixture refuses them, not rounded
+        with pytest.raises(ValueError, match=r"'n_components' parameter of GaussianMixture must be an int"):
+            select(X, n_components=bad)
+    with pytest.raises(ValueError, match="select\\(\\) takes no callbacks"):
+        select(X, n_components=[1, 2], callbacks=print)
+    # a candidate whose covariance cannot be factored is named
+    collapsed = np.vstack([np.random.default_rng(0).normal(size=(300, 2)), np.tile([[10.0, 10.0]], (40, 1))])
+    with pytest.raises(ValueError, match=r"candidate n_components=\d, covariance_type='(full|diag)': Fitting the "
+                                         r"mixture model failed because some components have ill-defined"):
+        select(collapsed, n_components=[1, 2, 3], covariance_types=("full", "diag"), reg_covar=0.0, random_state=0)
+    # the circled candidate is the best by the criterion plotted
+    import matplotlib.pyplot as plt
+
+    for criterion in ("aic", "bic"):
+        ax = sweep.plot(criterion=criterion)
+        best = min(sweep.results, key=lambda row: row[criterion])
+        np.testing.assert_allclose(ax.collections[0].get_offsets()[0], [best["n_components"], best[criterion]])
+        plt.close(ax.figure)
     assert dgmm.select is select
+
+
+def test_verbose_sweep_prints_each_candidate_and_iteration(capsys):
+    X = known_mixture(600, seed=4)
+    sweep = select(X, n_components=[1, 2, 3], covariance_types=("full", "diag"), random_state=0, verbose=2,
+                   verbose_interval=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Sweep of 6 candidates: initialised in ")
+    for row in sweep.results:
+        state = "converged" if row["converged"] else "did not converge"
+        assert (f"Candidate n_components={row['n_components']}, covariance_type='{row['covariance_type']}': {state} "
+                f"after {row['n_iter']} iteration{'s' if row['n_iter'] > 1 else ''}, lower bound "
+                f"{row['lower_bound']:.5f}") in lines
+    longest = max(row["n_iter"] for row in sweep.results)
+    assert sum(line.startswith("  Iteration ") for line in lines) == longest
+    assert lines[-1].startswith(f"Best by BIC: n_components={sweep.results[sweep.best_index]['n_components']}, ")
+    select(X, n_components=[1, 2], random_state=0)  # quiet by default
+    assert capsys.readouterr().out == ""
 
 
 def test_a_single_type_or_k_and_repeated_values_give_each_candidate_once():
