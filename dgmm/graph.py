@@ -41,13 +41,16 @@ class RowBlocks:
     def __init__(self, X: da.Array, sample_weight: da.Array | None = None):
         if X.numblocks[1] != 1:
             raise ValueError("X must have a single chunk along the feature axis")
+        # The arrays are kept: a persisted array's futures live as long as the array, not its blocks' Delayed.
         self.array = X
         self.blocks: list[Delayed] = list(X.to_delayed(optimize_graph=True).ravel())
+        #: The row weights in X's row chunks, or None.
+        self.sample_weight: da.Array | None = None
         #: One Delayed per row block of the row weights (aligned with ``blocks``), or None.
         self.weight_blocks: list[Delayed] | None = None
         if sample_weight is not None:
-            aligned = sample_weight.rechunk((X.chunks[0],))
-            self.weight_blocks = list(aligned.to_delayed(optimize_graph=True).ravel())
+            self.sample_weight = sample_weight.rechunk((X.chunks[0],))
+            self.weight_blocks = list(self.sample_weight.to_delayed(optimize_graph=True).ravel())
         #: Keys of the tasks that produce the blocks and their weights from the source: the
         #: blocks' own and every task upstream of them (the graphs the blocks were cut from).
         self.read_keys: frozenset = _graph_keys(self.blocks + (self.weight_blocks or []))

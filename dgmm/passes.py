@@ -49,6 +49,27 @@ def _distributed_client():
         return None
 
 
+def _sent_once(array: da.Array, weights: da.Array | None):
+    """In-memory data cut into a dask array: sent to a distributed client's workers once, not with every pass.
+
+    ``da.from_array`` embeds the NumPy chunks in the graph, so each pass's
+    graph would carry all the data to the scheduler again. On a distributed
+    client the chunks are persisted once (kept on the workers until the
+    passes are done with them); on any other scheduler they are returned as
+    they are (views of the array in this process).
+    """
+    if _threaded_scheduler_threads() is not None or dask.config.get("scheduler", None) in _ONE_THREAD_SCHEDULERS:
+        return array, weights
+    client = _distributed_client()
+    if client is None:
+        return array, weights
+    import warnings
+
+    with warnings.catch_warnings():  # "Sending large graph of size ...": once, deliberately
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        return client.persist(array), None if weights is None else client.persist(weights)
+
+
 _CONTROLLER = None
 
 
@@ -239,6 +260,8 @@ class DataPasses:
                 self.sample_weight = sample_weight
                 if self.array is not None:
                     weight_array = da.from_array(sample_weight, chunks=(rows,))
+            if self.array is not None:
+                self.array, weight_array = _sent_once(self.array, weight_array)
         self.blocks = graph.RowBlocks(self.array, weight_array) if self.array is not None else None
 
     @property

@@ -114,3 +114,31 @@ def test_predictions_with_kept_columns_and_missing_rows_are_written_by_the_worke
     keep = np.ones(len(X), dtype=bool)
     keep[7] = False
     np.testing.assert_array_equal(frame["label"].to_numpy()[keep], gm.predict(X[keep]))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_numpy_input_is_sent_to_the_workers_once_not_with_every_pass(client, weighted):
+    """da.from_array embeds the chunks in every pass's graph; on a client they are persisted once instead.
+
+    (The weighted case also keeps the persisted weights alive for the fit: their futures are held by
+    the passes' RowBlocks, not only by Delayed blocks cut from them.)
+    """
+    import warnings
+
+    import dask
+
+    X = make_mixture(n_samples=120_000, n_features=4, seed=24)  # 3.8 MB in 12 chunks
+    weights = np.random.default_rng(0).uniform(0.5, 2.0, len(X)) if weighted else None
+    kwargs = dict(n_components=3, random_state=0, tol=0, max_iter=4, chunk_size=10_000, init_sample_size=1000)
+    with dask.config.set(scheduler="threads"):
+        threaded = GaussianMixture(**kwargs).fit(X, sample_weight=weights)
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1MB"}), \
+            warnings.catch_warnings(record=True) as caught, get_task_stream(client) as stream:
+        warnings.simplefilter("always")
+        fitted = GaussianMixture(**kwargs).fit(X, sample_weight=weights)
+    assert not [w for w in caught if "large graph" in str(w.message)], [str(w.message)[:100] for w in caught]
+    assert len({task["worker"] for task in stream.data}) == 2  # computed on the workers
+    assert fitted.n_passes_ >= 4 + 2  # several passes, the data sent once
+    for name in ("weights_", "means_", "covariances_"):
+        np.testing.assert_allclose(getattr(fitted, name), getattr(threaded, name), rtol=1e-10, err_msg=name)
+    np.testing.assert_allclose(fitted.lower_bounds_, threaded.lower_bounds_, rtol=1e-10)
