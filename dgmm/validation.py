@@ -26,17 +26,24 @@ GPU_CHUNK_ELEMENTS = 2**26
 
 
 def is_lazy_input(X) -> bool:
-    """True for inputs dgmm handles as dask arrays: dask arrays/DataFrames, Zarr arrays and CuPy arrays."""
-    if isinstance(X, da.Array) or is_gpu_array(X):
+    """True for inputs dgmm handles as dask arrays: dask arrays/DataFrames, Zarr arrays, CuPy arrays, and
+    xarray DataArrays holding a dask array (``xr.open_zarr(...)["x"]``; one holding NumPy is NumPy input)."""
+    if isinstance(X, da.Array) or is_gpu_array(X) or _dask_backed_xarray(X):
         return True
     module = type(X).__module__ or ""
     return module.startswith("zarr") or module.startswith("dask.dataframe") or module.startswith("dask_expr")
+
+
+def _dask_backed_xarray(X) -> bool:
+    return (type(X).__module__ or "").startswith("xarray") and isinstance(getattr(X, "data", None), da.Array)
 
 
 def _to_dask_array(X) -> da.Array:
     module = type(X).__module__ or ""
     if isinstance(X, da.Array):
         return X
+    if _dask_backed_xarray(X):
+        return X.data
     if is_gpu_array(X):  # GPU-sized chunks of the CuPy array (views: nothing is copied)
         width = int(np.prod(X.shape[1:])) if X.ndim > 1 else 1
         rows = max(1, GPU_CHUNK_ELEMENTS // max(width, 1))

@@ -160,6 +160,26 @@ def test_pandas_dask_dataframe_and_zarr_inputs(tmp_path):
     assert isinstance(gm.predict(zarr.open_array(str(tmp_path / "x.zarr"), mode="r")), da.Array)
 
 
+def test_a_dask_backed_xarray_dataarray_stays_lazy(tmp_path):
+    """xr.open_zarr gives DataArrays of dask arrays: fitted and predicted as dask input, never loaded whole."""
+    import xarray as xr
+
+    X = make_mixture(n_samples=900, n_features=3, seed=20)
+    xr.Dataset({"x": (("row", "feature"), X)}).chunk({"row": 200, "feature": 1}).to_zarr(tmp_path / "x.zarr",
+                                                                                         consolidated=False)
+    lazy = xr.open_zarr(tmp_path / "x.zarr", consolidated=False)["x"]
+    assert isinstance(lazy.data, da.Array)
+    reference = GaussianMixture(3, random_state=0).fit(X)
+    gm = GaussianMixture(3, random_state=0).fit(lazy, sample_weight=xr.DataArray(da.ones(900, chunks=300)))
+    np.testing.assert_allclose(gm.means_, reference.means_, rtol=1e-10)
+    labels = gm.predict(lazy)
+    assert isinstance(labels, da.Array) and labels.chunks[0] == (200,) * 4 + (100,)
+    np.testing.assert_array_equal(labels.compute(), reference.predict(X))
+    assert gm.score(lazy) == pytest.approx(reference.score(X), rel=1e-12)
+    in_memory = gm.predict(xr.DataArray(X))  # a DataArray of NumPy data is NumPy input, as in sklearn
+    assert type(in_memory) is np.ndarray
+
+
 def test_criteria_and_scores_of_lazy_inputs_whose_row_count_is_unknown():
     """A dask DataFrame's len is lazy and a filtered array's chunks are NaN: bic/aic count the validated rows."""
     from sklearn.mixture import GaussianMixture as SkGaussianMixture
