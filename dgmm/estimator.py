@@ -277,14 +277,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            NumPy array, pandas DataFrame, dask array, dask DataFrame or Zarr array.
+            NumPy array, pandas DataFrame, dask array, dask DataFrame, Zarr
+            array, or xarray DataArray of a dask array.
         y : Ignored
         sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative row weights (NumPy or dask array aligned with X's
-            rows). An integer weight w gives the same model as repeating the
-            row w times, a zero weight the same as dropping it. The EM passes
-            and the initial statistics use the weights; the k-means / k-means++
-            seeding itself does not.
+            Non-negative row weights (NumPy or dask array, or a dask DataFrame
+            column, aligned with X's rows). An integer weight w gives the same
+            model as repeating the row w times, a zero weight the same as
+            dropping it. The EM passes, the initial statistics and the
+            seedings all use the weights: a zero-weight row never seeds a
+            component.
         resume : bool, default=False
             Continue from ``checkpoint`` if that file exists (the result equals
             an uninterrupted fit). A checkpoint written for other data or for
@@ -714,7 +716,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.means_ = run.means.astype(dtype)
         self.covariances_ = run.covariances.astype(dtype)
         self.precisions_cholesky_ = run.precisions_cholesky.astype(dtype)
-        self.precisions_ = chunk.precisions_from_cholesky(run.precisions_cholesky, kind).astype(dtype)
+        # from the stored factor (as sklearn, and as load_model does): a saved model loads back exactly
+        self.precisions_ = chunk.precisions_from_cholesky(self.precisions_cholesky_.astype(np.float64), kind).astype(dtype)
 
     # ------------------------------------------------------------------
     # Prediction

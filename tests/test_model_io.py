@@ -27,8 +27,10 @@ def data():
     return make_mixture(n_samples=500, n_features=3, seed=5)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
-def test_round_trip_gives_the_same_fitted_model(tmp_path, data, kind):
+def test_round_trip_gives_the_same_fitted_model(tmp_path, data, kind, dtype):
+    data = data.astype(dtype)
     gm = GaussianMixture(3, covariance_type=kind, random_state=0, max_iter=20).fit(data)
     path = tmp_path / "m.npz"
     assert save_model(gm, path, metadata={"source": {"path": "x.zarr"}, "seconds": 1.5}) == str(path)
