@@ -21,6 +21,7 @@ from numbers import Integral, Real
 import dask
 import dask.array as da
 import numpy as np
+import sklearn
 from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
@@ -391,6 +392,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 "Try different init parameters, or increase max_iter, "
                 "tol, or check for degenerate data.",
                 ConvergenceWarning,
+                stacklevel=_caller_stacklevel(),
             )
         self._set_fitted(best)
         self.n_iter_ = best.n_iter if self.max_iter > 0 else 0
@@ -575,7 +577,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     f"(responsibility sum {mass:.3g} < 1 row); its mean and covariance rest on almost no "
                     "data. Reduce n_components or try another initialisation.",
                     DegenerateComponentWarning,
-                    stacklevel=4,
+                    stacklevel=_caller_stacklevel(),
                 )
         if self.reg_covar <= 0 or kind == "tied":
             return
@@ -593,7 +595,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     f"is down to reg_covar={self.reg_covar:g} in some direction (a singleton or duplicated "
                     "points). Increase reg_covar, reduce n_components, or scale the data.",
                     DegenerateComponentWarning,
-                    stacklevel=4,
+                    stacklevel=_caller_stacklevel(),
                 )
 
     # ------------------------------------------------------------------
@@ -1010,6 +1012,21 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             )
         y = np.concatenate([np.full(int(n), j, dtype=np.int64) for j, n in enumerate(n_samples_comp)])
         return np.asarray(X, dtype=np.float64), y
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SKLEARN_DIR = os.path.dirname(os.path.abspath(sklearn.__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised in dgmm to name the user's line (``gm.fit(X)``, ``select(...)``),
+    not dgmm's or sklearn's wrappers: the first frame outside both packages."""
+    import sys
+
+    frame, level = sys._getframe(1), 1  # the frame calling warnings.warn is level 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _SKLEARN_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _VerboseOutput:

@@ -23,9 +23,10 @@ import warnings
 import dask.array as da
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from dgmm import GaussianMixture
+from dgmm import DegenerateComponentWarning, GaussianMixture
 from conftest import COVARIANCE_TYPES
 
 RNG = np.random.default_rng(123)
@@ -136,6 +137,10 @@ def test_degenerate_component_matches_sklearn(scenario, kind, reg_covar):
             named = [str(w.message) for w in caught if issubclass(w.category, (UserWarning, RuntimeWarning))
                      and re.search(rf"\bcomponent {component}\b", str(w.message))]
             assert named, f"{where}: no warning names component {component}: {[str(w.message) for w in caught]}"
+        # dgmm's warnings point at the line that called fit (here), not inside dgmm or sklearn's wrapper
+        ours = [w for w in caught if issubclass(w.category, DegenerateComponentWarning)
+                or (issubclass(w.category, ConvergenceWarning) and "Best performing" in str(w.message))]
+        assert {w.filename for w in ours} <= {__file__}, [(w.filename, w.lineno) for w in ours]
 
 
 def test_sklearn_raises_where_we_expect_it_to():
