@@ -361,6 +361,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             restored = self._restore_checkpoint()
         if restored is not None:
             runs, start_iter, active = restored
+            for i, run in enumerate(runs):  # restarts that had ended before the checkpoint: how they ended
+                if i not in active:
+                    self._verbose_out.end(i, run.lower_bound, run.converged, 0.0)
         elif do_init:
             runs = self._initialize_runs(data, n_init, random_state, weights_init, means_init, precisions_init, eps)
         else:

@@ -57,6 +57,20 @@ def test_resume_without_checkpoint_starts_fresh_and_callbacks_report(tmp_path):
     assert (tmp_path / "c.npz").exists()
 
 
+def test_verbose_resume_reports_how_every_restart_ended(tmp_path, capsys):
+    """Restarts that ended before the checkpoint get their closing line; the others go on as usual."""
+    X = make_mixture(n_samples=600, n_features=2, seed=32)
+    kwargs = dict(n_init=3, init_params="random", random_state=1, tol=1e-3, max_iter=100, verbose=1,
+                  checkpoint=str(tmp_path / "c.npz"))
+    whole = GaussianMixture(3, **kwargs).fit(X)
+    uninterrupted = capsys.readouterr().out.splitlines()
+    GaussianMixture(3, **kwargs).fit(X, resume=True)  # from the finished fit's last checkpoint
+    resumed = capsys.readouterr().out.splitlines()
+    ends = [line for line in uninterrupted if line.startswith("Initialization ") and "converge" in line]
+    assert len(ends) == 3 and whole.converged_
+    assert resumed == [line for i in range(3) for line in (f"Initialization {i}", ends[i])], resumed
+
+
 def test_checkpoint_from_other_data_or_settings_is_refused(tmp_path):
     X = make_mixture(n_samples=400, n_features=2)
     path = str(tmp_path / "c.npz")
