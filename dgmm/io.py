@@ -274,7 +274,9 @@ def _zarr_array(path: str, component: str | None, storage_options: Mapping | Non
     import zarr
 
     options = dict(storage_options or {})
-    store = path if is_url(path) else _local(path)
+    # A local path is made absolute here: the array (and its store) travel to workers that may run in
+    # other directories, where a relative path names another place or nothing.
+    store = path if is_url(path) else os.path.abspath(_local(path))
     kwargs = {"storage_options": options} if is_url(path) else {}
 
     def arrays_of(group) -> str:
@@ -317,6 +319,39 @@ def _zarr_array(path: str, component: str | None, storage_options: Mapping | Non
     return node, component
 
 
+#: Zarr arrays whose metadata this process has found in their store (see _check_zarr_store_readable).
+_READABLE_ZARR_STORES: set = set()
+
+
+def _check_zarr_store_readable(array) -> None:
+    """Raise FileNotFoundError when this process cannot see ``array``'s store at all (once per process and array).
+
+    A missing chunk reads as the fill value, so a worker that sees no store
+    (input.path not on its file system, another mount, no credentials to
+    list) would otherwise read every block as zeros and fit them without an error.
+    """
+    store_path = getattr(array, "store_path", None)
+    if store_path is None:
+        return
+    key = str(store_path)
+    if key in _READABLE_ZARR_STORES:
+        return
+    import zarr
+
+    try:
+        zarr.open_array(store=store_path, mode="r")
+        found = True
+    except FileNotFoundError:
+        found = False
+    if not found:  # raised outside the except block: zarr's error, as the context, would not unpickle on a client
+        import socket
+
+        raise FileNotFoundError(f"{key}: the Zarr array cannot be read on {socket.gethostname()} (no array "
+                                "metadata there); every worker must see input.path at the same path, on a "
+                                "shared file system or an object store")
+    _READABLE_ZARR_STORES.add(key)
+
+
 def _read_zarr_block(array, index, asarray=True, lock=None):
     """Dask's getter for one block of a Zarr array; an undecodable chunk becomes a ValueError naming it.
 
@@ -325,6 +360,7 @@ def _read_zarr_block(array, index, asarray=True, lock=None):
     """
     from dask.array.core import getter
 
+    _check_zarr_store_readable(array)
     try:
         return getter(array, index, asarray=asarray, lock=lock)
     except (MemoryError, OSError):

@@ -88,6 +88,38 @@ def test_fit_and_predict_through_address(tmp_path, scheduler):
                                rtol=1e-9, atol=1e-12)
 
 
+def test_a_relative_zarr_path_is_read_by_workers_running_elsewhere(tmp_path, scheduler):
+    """The workers run in another directory: a relative input.path named nothing there, and every block read as
+    the fill value (zeros), which fitted without an error. Paths are made absolute before the array travels."""
+    X = blobs(1200, 3, seed=5)
+    zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=X.shape, chunks=(300, 3), dtype="f8")[:] = X
+    model = {"n_components": 3, "random_state": 0, "tol": 1e-6}
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": "x.zarr"}, "model": model, "cluster": {"address": scheduler, "timeout": 20},
+        "output": {"model": "model.npz"},
+    })
+    fit = run_dgmm("fit", config, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    expected = GaussianMixture(**model).fit(X)
+    np.testing.assert_allclose(load_model(tmp_path / "model.npz").means_, expected.means_, rtol=1e-10)
+
+
+def test_workers_that_cannot_see_the_zarr_store_fail_instead_of_reading_zeros(tmp_path, scheduler):
+    import dask
+    from distributed import Client
+
+    from dgmm.io import open_zarr
+
+    X = blobs(1200, 3, seed=6)
+    zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=X.shape, chunks=(300, 3), dtype="f8")[:] = X
+    lazy = open_zarr(str(tmp_path / "x.zarr"))  # metadata read here; then the store is gone for the workers
+    os.rename(tmp_path / "x.zarr", tmp_path / "elsewhere.zarr")
+    with Client(scheduler, timeout=30), dask.config.set(scheduler=None):
+        with pytest.raises(FileNotFoundError, match=r"x\.zarr: the Zarr array cannot be read on .*every worker "
+                                                     r"must see input\.path at the same path"):
+            GaussianMixture(2, random_state=0).fit(lazy)
+
+
 def test_unreachable_scheduler_fails_fast_and_writes_nothing(tmp_path):
     with socket.socket() as s:  # a port on which nothing listens
         s.bind(("127.0.0.1", 0))
