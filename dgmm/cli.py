@@ -1118,6 +1118,12 @@ def main(argv=None) -> int:
             logger.error("%s: %s", type(exc).__name__, str(exc).strip(),
                          extra={"event": "error", "fields": {"kind": type(exc).__name__}})
             return EXIT_FAILURE
+        if _is_cancelled_future(exc):  # e.g. the scheduler died
+            resume = "; 'dgmm fit --resume' continues from the last checkpoint" if args.func is _cmd_fit else ""
+            logger.error("the computation was cancelled: %s (was the scheduler, or the connection to it, lost?)%s",
+                         str(exc).strip().rstrip("."), resume,
+                         extra={"event": "error", "fields": {"kind": "cancelled"}})
+            return EXIT_FAILURE
         if not _is_killed_worker(exc):
             raise  # a bug: keep the traceback
         resume = " ('dgmm fit --resume' continues from the last checkpoint)" if args.func is _cmd_fit else ""
@@ -1135,6 +1141,15 @@ STORAGE_ERROR_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "
 def _is_storage_error(exc: BaseException) -> bool:
     """True when ``exc`` (or a class it derives from) comes from an object-store client library."""
     return any(cls.__module__.split(".")[0] in STORAGE_ERROR_PACKAGES for cls in type(exc).__mro__)
+
+
+def _is_cancelled_future(exc: BaseException) -> bool:
+    """True for distributed's FutureCancelledError (e.g. 'cancelled for reason: scheduler-connection-lost')."""
+    if "distributed" not in sys.modules:
+        return False
+    from distributed.client import FutureCancelledError
+
+    return isinstance(exc, FutureCancelledError)
 
 
 def _is_killed_worker(exc: BaseException) -> bool:

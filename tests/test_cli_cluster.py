@@ -16,7 +16,39 @@ import pytest
 import zarr
 
 from dgmm import GaussianMixture, load_model
-from cli_helpers import blobs, run_dgmm, write_config
+from cli_helpers import blobs, dgmm_command, run_dgmm, running, wait_for_line, write_config
+
+def start_scheduler(root, n_workers=1):
+    """A `dask scheduler` and `n_workers` single-threaded `dask worker` processes on 127.0.0.1: (address, procs)."""
+    scheduler_file = root / "scheduler.json"
+    procs = [subprocess.Popen(dask_command("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                           "--scheduler-file", str(scheduler_file)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)]
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+        assert time.monotonic() < deadline, "the scheduler did not start"
+        time.sleep(0.2)
+    address = json.loads(scheduler_file.read_text())["address"]
+    assert address.startswith("tcp://127.0.0.1:")
+    for i in range(n_workers):
+        procs.append(subprocess.Popen(
+            dask_command("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                         "--name", f"w{i}", "--local-directory", str(root / f"w{i}")),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root))
+    return address, procs
+
+
+def stop_all(procs):
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 
 def dask_command(*args):
     """The `dask` console script of this interpreter's environment."""
@@ -27,36 +59,15 @@ def dask_command(*args):
 def scheduler(tmp_path_factory):
     """A `dask scheduler` and two single-threaded `dask worker` processes, all on 127.0.0.1."""
     root = tmp_path_factory.mktemp("scheduler")
-    scheduler_file = root / "scheduler.json"
-    procs = [subprocess.Popen(dask_command("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                                           "--scheduler-file", str(scheduler_file)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)]
+    address, procs = start_scheduler(root, n_workers=2)
     try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
-            assert time.monotonic() < deadline, "the scheduler did not start"
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
-        assert address.startswith("tcp://127.0.0.1:")
-        for i in range(2):
-            procs.append(subprocess.Popen(
-                dask_command("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-                             "--name", f"w{i}", "--local-directory", str(root / f"w{i}")),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root))
         from distributed import Client
 
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=60)
         yield address
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(procs)
 
 
 def test_fit_and_predict_through_address(tmp_path, scheduler):
@@ -118,6 +129,29 @@ def test_workers_that_cannot_see_the_zarr_store_fail_instead_of_reading_zeros(tm
         with pytest.raises(FileNotFoundError, match=r"x\.zarr: the Zarr array cannot be read on .*every worker "
                                                      r"must see input\.path at the same path"):
             GaussianMixture(2, random_state=0).fit(lazy)
+
+
+def test_a_scheduler_lost_mid_fit_is_one_line_with_the_resume_hint(tmp_path):
+    address, procs = start_scheduler(tmp_path, n_workers=1)
+    try:
+        np.save(tmp_path / "x.npy", blobs(200_000, 4, seed=7))
+        config = write_config(tmp_path / "c.yaml", {
+            "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 10_000},
+            "model": {"n_components": 6, "random_state": 0, "tol": 0.0, "max_iter": 500, "init_params": "random"},
+            "cluster": {"address": address, "timeout": 20},
+            "output": {"model": str(tmp_path / "model.npz")},
+        })
+        with running(dgmm_command("fit", config)) as proc:
+            wait_for_line(proc, "iteration    2")
+            procs[0].kill()  # the scheduler
+            _, stderr = proc.communicate(timeout=120)
+    finally:
+        stop_all(procs)
+    assert proc.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "dgmm: error: the computation was cancelled: " in stderr and "was the scheduler, or the connection to " \
+        "it, lost?); 'dgmm fit --resume' continues from the last checkpoint" in stderr, stderr
+    assert not (tmp_path / "model.npz").exists() and (tmp_path / "model.checkpoint.npz").exists()
 
 
 def test_unreachable_scheduler_fails_fast_and_writes_nothing(tmp_path):
