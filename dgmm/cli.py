@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -1100,7 +1101,8 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
     try:
-        return args.func(args)
+        with _terminate_as_interrupt():
+            return args.func(args)
     except ConfigError as exc:
         logger.error("%s", exc, extra={"event": "error", "fields": {"kind": "config"}})
         return EXIT_CONFIG
@@ -1110,6 +1112,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, TimeoutError, MemoryError) as exc:
         logger.error("%s", exc, extra={"event": "error", "fields": {"kind": type(exc).__name__}})
         return EXIT_FAILURE
+    except Terminated as exc:
+        logger.error("terminated (%s)", exc.signal_name, extra={"event": "error", "fields": {"kind": "terminated"}})
+        return 128 + exc.signum
     except KeyboardInterrupt:
         logger.error("interrupted", extra={"event": "error", "fields": {"kind": "interrupted"}})
         return EXIT_INTERRUPTED
@@ -1141,6 +1146,38 @@ STORAGE_ERROR_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "
 def _is_storage_error(exc: BaseException) -> bool:
     """True when ``exc`` (or a class it derives from) comes from an object-store client library."""
     return any(cls.__module__.split(".")[0] in STORAGE_ERROR_PACKAGES for cls in type(exc).__mro__)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a batch system's kill, walltime, a closed session), handled as Ctrl-C is.
+
+    A KeyboardInterrupt, so every path that handles Ctrl-C applies: the fit
+    writes its checkpoint and the ``--resume`` hint, jobqueue jobs are
+    cancelled and clusters closed; the exit status is 128 + the signal number.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` while a command runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _is_cancelled_future(exc: BaseException) -> bool:

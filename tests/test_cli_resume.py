@@ -88,9 +88,13 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert f"dgmm: warning: --resume: no checkpoint at {tmp_path / 'keep.npz'}; fitting from the start" in fresh.stderr
 
 
-@pytest.mark.parametrize("cluster", [{"type": "threads"}, {"n_workers": 2, "threads_per_worker": 1}],
-                         ids=["threads", "local_cluster"])
-def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path, cluster):
+@pytest.mark.parametrize("cluster, stop", [({"type": "threads"}, "ctrl-c"),
+                                           ({"n_workers": 2, "threads_per_worker": 1}, "ctrl-c"),
+                                           ({"n_workers": 2, "threads_per_worker": 1}, "sigterm")],
+                         ids=["threads", "local_cluster", "local_cluster_sigterm"])
+def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path, cluster, stop):
+    """Ctrl-C (SIGINT to the terminal's process group), or SIGTERM to the command alone (a batch system's kill,
+    a walltime): the checkpoint of the last iteration, the --resume hint, no model, workers closed."""
     # on a LocalCluster, iterations long enough (about 1 s) that Ctrl-C lands while the client waits for results
     n, d, k, rows = (40_000, 4, 4, 2000) if cluster.get("type") == "threads" else (2_000_000, 8, 8, 100_000)
     X = blobs(n, d, seed=7)
@@ -104,11 +108,15 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path, cluster):
     with running(dgmm_command("fit", config), new_session=True) as proc:
         wait_for_line(proc, "iteration    2")
         time.sleep(0 if cluster.get("type") == "threads" else 0.5)  # into the next iteration's pass
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the LocalCluster's worker processes get it too
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's: the LocalCluster's worker processes get it too
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == (130 if stop == "ctrl-c" else 143), stderr
     assert "--resume' continues from" in stderr
-    assert stderr.rstrip().endswith("dgmm: error: interrupted"), stderr
+    last = "dgmm: error: interrupted" if stop == "ctrl-c" else "dgmm: error: terminated (SIGTERM)"
+    assert stderr.rstrip().endswith(last), stderr
     assert "Task exception was never retrieved" not in stderr and "Traceback" not in stderr  # no asyncio noise
     assert "KeyboardInterrupt" not in stderr and "lose already computed" not in stderr  # nor the workers'
     assert not (tmp_path / "model.npz").exists()
