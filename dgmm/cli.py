@@ -566,7 +566,6 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     """Fit the model a validated config describes and write it (and checkpoints)."""
     from . import GaussianMixture
     from .checkpoint import fingerprint_mismatch, load_checkpoint
-    from .model_io import save_model
 
     out = config.output
     checkpoint = out.checkpoint_path
@@ -626,7 +625,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
         "config": config.to_dict(),
     }
     _name_features(gm, source)
-    save_model(gm, out.model, metadata=metadata, storage_options=out.storage_options)
+    _save_model(gm, out.model, metadata, out.storage_options)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)  # the committed model supersedes it
     report("fit", f"fit: {gm.n_iter_} EM iterations in {seconds:.1f} s "
@@ -790,7 +789,6 @@ def _parse_covariance_types(text: str) -> list[str]:
 
 def run_select(config: Config, n_components, kinds, criterion: str, table: str | None) -> int:
     """Sweep n_components x covariance types on the config's input; write the best model and a table."""
-    from .model_io import save_model
     from .selection import select
 
     params = config.model.estimator_params()
@@ -832,7 +830,7 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
                 "selection": sweep.results, "criterion": criterion,
                 "seconds": round(seconds, 3), "config": config.to_dict()}
     _name_features(best, source)
-    save_model(best, config.output.model, metadata=metadata, storage_options=config.output.storage_options)
+    _save_model(best, config.output.model, metadata, config.output.storage_options)
     report("model", f"best: n_components={best.n_components}, covariance_type={best.covariance_type} "
                     f"({sweep.n_passes} passes over the data in {seconds:.1f} s); model: {config.output.model}",
            path=config.output.model, n_components=best.n_components, covariance_type=best.covariance_type)
@@ -856,6 +854,28 @@ def _cmd_fit(args) -> int:
 def _cmd_predict(args) -> int:
     overrides = list(args.set) + ([f"output.model={json.dumps(args.model)}"] if args.model else [])
     return run_predict(load_config(args.config, overrides, command="predict"))
+
+
+def _save_model(model, path: str, metadata: dict, storage_options) -> None:
+    """Save the fitted model; if it cannot be written to ``path``, a copy in the current directory keeps the fit.
+
+    The output checks probe an object store before the fit, but credentials expire and stores fail during
+    long fits: losing hours of computing to a failed upload is worse than a stray file.
+    """
+    from .model_io import save_model
+
+    try:
+        save_model(model, path, metadata=metadata, storage_options=storage_options)
+    except Exception as exc:  # noqa: BLE001 (the store's own errors)
+        rescue = "dgmm-unsaved-model-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + \
+            ".npz"
+        try:
+            save_model(model, rescue, metadata=metadata)
+        except Exception:  # noqa: BLE001
+            rescue = None
+        kept = f"; the model was saved to {os.path.abspath(rescue)} instead" if rescue else ""
+        raise OSError(f"cannot write the model to {path} ({type(exc).__name__}: {str(exc).strip()}){kept}") \
+            from None
 
 
 def _cmd_score(args) -> int:
@@ -944,7 +964,7 @@ def _cmd_sample(args) -> int:
     import numpy as np
 
     from .checkpoint import atomic_write_bytes
-    from .io import format_from_suffix, write_table
+    from .io import format_from_suffix, is_url, write_table
     from .model_io import load_model, read_model_metadata
 
     if args.n_samples < 1:
@@ -965,14 +985,24 @@ def _cmd_sample(args) -> int:
         sys.stdout.write(buffer.getvalue())
         return 0
     fmt = format_from_suffix(out)
-    if os.path.exists(out) and not args.overwrite:
+    if is_url(out):
+        from .io import _filesystem
+
+        fs, root = _filesystem(out, options)
+        exists = fs.exists(root)
+    else:
+        exists = os.path.exists(out)
+    if exists and not args.overwrite:
         raise ConfigError(f"-o: {out} exists; pass --overwrite or choose another path")
     if fmt == "npy":
         import io
 
         buffer = io.BytesIO()
         np.save(buffer, X, allow_pickle=False)
-        atomic_write_bytes(out, buffer.getvalue())
+        if is_url(out):
+            fs.pipe_file(root, buffer.getvalue())  # one PUT: an object store commits it atomically
+        else:
+            atomic_write_bytes(out, buffer.getvalue())
     elif fmt in ("zarr", "parquet"):
         arrays = {"X": da.from_array(X, chunks=(max(len(X), 1), -1)), "labels": da.from_array(y)}
         import dask
@@ -980,7 +1010,7 @@ def _cmd_sample(args) -> int:
         with dask.config.set(scheduler="threads"):
             write_table(arrays, out, format=fmt, column_names={"X": names, "labels": ["label"]},
                         overwrite=args.overwrite, dimension_names={"X": ("sample", "feature")},
-                        attributes={"model": args.model, "feature_names": names})
+                        attributes={"model": args.model, "feature_names": names}, storage_options=options)
     else:
         raise ValueError(f"{out}: the output must end in .npy, .zarr or .parquet (or omit -o for CSV on stdout)")
     report("sample", f"samples: {out} ({args.n_samples:,} rows x {X.shape[1]} features)", path=out,
@@ -1062,8 +1092,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     for command in (sample, info):
         command.add_argument("--storage-option", dest="storage_options", action="append", default=[],
-                             metavar="KEY=VALUE", help="fsspec option for a model URL (e.g. endpoint_url=http://..., "
-                                                       "anon=true); repeatable. Credentials: the environment")
+                             metavar="KEY=VALUE", help="fsspec option for a model URL and for sample's -o URL "
+                                                       "(e.g. endpoint_url=http://..., anon=true); repeatable. "
+                                                       "Credentials: the environment")
 
     check = sub.add_parser("check", parents=[common, overrides], help="validate a config and print it resolved")
     check.add_argument("config")

@@ -21,6 +21,7 @@ import difflib
 import importlib.util
 import math
 import os
+import posixpath
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -509,6 +510,8 @@ def _check_for_command(config: Config, command: str) -> None:
             fail("output.model", f"{output.model} is a directory; name the model file, e.g. "
                                  f"{os.path.join(output.model, 'model.npz')}")
         _check_not_over(fail, "output.model", output.model, kept)
+        if not local_model:
+            _check_url_output(fail, "output.model", output.model, output.storage_options, file=True)
         if _exists(fail, "output.model", output.model, output.storage_options) and not output.overwrite:
             fail("output.model", f"{output.model} exists; set output.overwrite: true or choose another path")
         return
@@ -522,6 +525,8 @@ def _check_for_command(config: Config, command: str) -> None:
                                          f"{config.input.resolved_format()}")
         model = (f"the model (output.model: {output.model})", path_location(output.model), False)
         _check_not_over(fail, "predict.output", predict.output, [*kept, model])
+        if is_url(predict.output):
+            _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False)
         if _exists(fail, "predict.output", predict.output, predict.storage_options):
             if not predict.overwrite:
                 fail("predict.output", f"{predict.output} exists; set predict.overwrite: true or choose another path")
@@ -561,6 +566,35 @@ def _exists(fail, key: str, path: str, storage_options) -> bool:
     except Exception as exc:  # noqa: BLE001 (botocore, aiohttp, ...: the store's own errors, reported as they are)
         fail(key, f"cannot reach {path} ({type(exc).__name__}: {exc}); check the URL and its storage_options")
         raise  # not reached: fail raises
+
+
+def _check_url_output(fail, key: str, path: str, storage_options, *, file: bool) -> None:
+    """Before any work: an object-store output must name a key inside an existing bucket that these
+    credentials may write (a probe object written and removed beside it); a model file must not be a folder."""
+    import uuid
+
+    from .io import _filesystem
+
+    try:
+        fs, root = _filesystem(path, storage_options)
+        root = root.rstrip("/")
+        bucket, _, rest = root.partition("/")
+        if not rest:
+            fail(key, f"{path} names a bucket, not an object in it; e.g. {path.rstrip('/')}/"
+                      f"{'model.npz' if file else 'predictions.zarr'}")
+        if not fs.exists(bucket):
+            fail(key, f"{path}: the bucket {bucket!r} does not exist (dgmm does not create buckets); check the URL")
+        if file and fs.isdir(root):
+            fail(key, f"{path} is a folder of objects; name the model file, e.g. {path.rstrip('/')}/model.npz")
+        probe = f"{posixpath.dirname(root)}/.dgmm-write-probe-{uuid.uuid4().hex[:12]}"
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except ConfigError:
+        raise
+    except PermissionError as exc:
+        fail(key, f"cannot write to {path} ({exc}); check the credentials and their permissions")
+    except Exception as exc:  # noqa: BLE001 (the store's own errors, reported as they are)
+        fail(key, f"cannot write to {path} ({type(exc).__name__}: {exc}); check the URL and its storage_options")
 
 
 def _kept_paths(config: Config) -> list[tuple[str, tuple[str, str], bool]]:

@@ -51,6 +51,7 @@ from .namespace import to_host
 __all__ = [
     "COMPRESSORS",
     "InputSelectionError",
+    "COMMITTING_MARKER",
     "SUCCESS_MARKER",
     "describe_source",
     "format_from_suffix",
@@ -76,6 +77,9 @@ logger = logging.getLogger(__name__)
 
 #: Written last into every Parquet output (and Zarr outputs of dgmm 0.1); an output without it is not complete.
 SUCCESS_MARKER = "_SUCCESS"
+#: On object stores, the object a commit writes first into its target and removes last: a target
+#: holding it is an output dgmm was committing (incomplete, and dgmm's own to replace).
+COMMITTING_MARKER = "_DGMM_COMMITTING"
 #: A Zarr group's own metadata documents (v3, then v2); a Zarr output's are committed last.
 ZARR_GROUP_METADATA = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
 #: Default target size of an ``.npy`` chunk: the largest, and the smallest a file is cut into
@@ -717,8 +721,8 @@ def replace_refusal(path: str, *, storage_options: Mapping | None = None) -> str
         return None
     if not fs.isdir(root):
         return f"{path} is a file, not an output dgmm wrote"
-    if _committed(fs, root) or not fs.ls(root):
-        return None
+    if _committed(fs, root) or not fs.ls(root) or fs.exists(posixpath.join(root, COMMITTING_MARKER)):
+        return None  # dgmm's output, complete or cut short while it was committed to an object store
     return f"{path} is not an output dgmm wrote (it has no dgmm completion marker)"
 
 
@@ -854,7 +858,10 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         "arrays": {k: list(map(int, a.shape)) for k, a in arrays.items()},
         "attributes": dict(attributes or {}),
     }
-    fs.makedirs(parent, exist_ok=True)
+    if is_url(path):
+        _check_bucket(fs, path, root)
+    else:
+        fs.makedirs(parent, exist_ok=True)
     try:
         if format == "zarr":
             group = _write_zarr(arrays, staging_url, storage_options, compressor, dimension_names or {})
@@ -863,10 +870,17 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         marker["seconds"] = round(time.perf_counter() - started, 3)
         if format == "zarr":
             _mark_zarr(group, marker)
+    except BaseException:
+        _remove_staging(fs, staging)
+        raise
+    try:
         _commit(fs, staging, root, None if format == "zarr" else json.dumps(marker, indent=1),
                 local=not is_url(path), overwrite=overwrite)
     except BaseException:
-        _remove_staging(fs, staging)
+        # The staged output is complete: keep it rather than lose both it and what the commit removed.
+        if fs.exists(staging):
+            logger.warning("%s: the output was not committed; the complete new output is left at %s",
+                           path, staging_url)
         raise
     if not is_url(path):
         remove_stale_staging(root)
@@ -1120,17 +1134,49 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
         else:
             os.replace(staging, root)
         return
-    # Object stores have no rename: move the objects, then write the marker at the target last.
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    # Object stores have no rename. The target first gets COMMITTING_MARKER, so that a commit cut short
+    # leaves an output dgmm recognises as its own and incomplete (replaceable, never complete); then the
+    # old output's completion marker goes first and the rest of it after; then the objects are copied,
+    # the completion marker (Zarr: the group's metadata) last; then COMMITTING_MARKER goes.
+    fs.invalidate_cache()
+    committing = posixpath.join(root, COMMITTING_MARKER)
+    interrupted = None  # the staging output of an earlier commit to root that was cut short
+    if fs.exists(committing):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            interrupted = json.loads(fs.cat_file(committing)).get("staging")
+    elif fs.exists(root) and not overwrite:  # someone else's objects appeared while writing: never delete them
+        raise FileExistsError(f"{root} appeared while writing; the new output is left at {staging}")
+    fs.pipe_file(committing, json.dumps({"staging": staging, "pid": os.getpid(), "host": _host_tag()}).encode())
+    old = [path for path in fs.find(root) if posixpath.basename(path) != COMMITTING_MARKER]
+    completion = {posixpath.join(root, name) for name in (SUCCESS_MARKER, *ZARR_GROUP_METADATA)}
+    for group in ([p for p in old if p in completion], [p for p in old if p not in completion]):
+        if group:
+            fs.rm(group)
     fs.invalidate_cache()
     sources = [posixpath.relpath(source, staging) for source in fs.find(staging)]
     last = [name for name in sources if marker is None and name in ZARR_GROUP_METADATA]
     for name in [name for name in sources if name not in last] + last:
         fs.copy(posixpath.join(staging, name), posixpath.join(root, name))
-    fs.rm(staging, recursive=True)
     if marker is not None:
         fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
+    fs.rm(committing)
+    fs.rm(staging, recursive=True)
+    if isinstance(interrupted, str) and interrupted != staging and \
+            posixpath.dirname(interrupted) == posixpath.dirname(staging):
+        with contextlib.suppress(OSError):  # its copy is no longer needed: this output replaced it
+            fs.rm(interrupted, recursive=True)
+
+
+def _check_bucket(fs, path: str, root: str) -> None:
+    """Refuse an object-store output whose bucket does not exist (s3fs's makedirs would create it)."""
+    bucket = root.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except PermissionError:
+        return  # not allowed to look at the bucket itself; writing will say whether it may write
+    if not exists:
+        raise FileNotFoundError(f"{path}: the bucket {bucket!r} does not exist (dgmm does not create buckets); "
+                                "check the URL")
 
 
 def write_predictions(model, X: da.Array, path: str, *, format: str, labels: bool = True,

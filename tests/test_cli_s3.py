@@ -152,3 +152,78 @@ def test_an_unreachable_store_is_one_error_line_not_a_traceback(tmp_path, s3):
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("dgmm: error: ") and "Traceback" not in result.stderr, result.stderr
     assert "127.0.0.1" in result.stderr  # the store's own message says where it could not connect
+
+
+def test_object_store_outputs_are_checked_before_any_work(tmp_path, s3):
+    """A mistyped bucket was created by the writer; a model over a dataset 'folder' clobbered it; a bucket root
+    as the model failed after the whole fit. All are config errors before any cluster starts."""
+    options = {"endpoint_url": s3}
+    fs = s3fs.S3FileSystem(endpoint_url=s3, skip_instance_cache=True)
+    fs.pipe_file(f"{BUCKET}/dataset.parquet/part-0.parquet", b"not really")
+    np.save(tmp_path / "x.npy", blobs(500, 2))
+    GaussianMixture(2, random_state=0).fit(np.load(tmp_path / "x.npy"))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy")}, "model": {"n_components": 2},
+        "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "m.npz"), "storage_options": options},
+        "predict": {"output": f"s3://{BUCKET}/p.zarr", "storage_options": options},
+    })
+    cases = {
+        "s3://no-such-bucket-x/m.npz": "output.model: s3://no-such-bucket-x/m.npz: the bucket 'no-such-bucket-x' "
+                                       "does not exist (dgmm does not create buckets)",
+        f"s3://{BUCKET}/dataset.parquet": f"output.model: s3://{BUCKET}/dataset.parquet is a folder of objects; "
+                                          "name the model file",
+        f"s3://{BUCKET}": f"output.model: s3://{BUCKET} names a bucket, not an object in it",
+    }
+    for model, message in cases.items():
+        for command in (["check", config, "--for", "fit"], ["fit", config]):
+            result = run_dgmm(*command, "--set", f"output.model={model}", "--set", "output.overwrite=true")
+            assert result.returncode == 2 and message in result.stderr, (command, result.stderr)
+    assert fs.cat_file(f"{BUCKET}/dataset.parquet/part-0.parquet") == b"not really"
+    assert run_dgmm("fit", config).returncode == 0
+    for command in ("check", "predict"):
+        args = ["--for", "predict"] if command == "check" else []
+        result = run_dgmm(command, config, *args, "--set", "predict.output=s3://typo-bucket-y/p.zarr")
+        assert result.returncode == 2, result.stderr
+        assert "predict.output: s3://typo-bucket-y/p.zarr: the bucket 'typo-bucket-y' does not exist" in result.stderr
+    fs.invalidate_cache()
+    assert not fs.exists("typo-bucket-y") and not fs.exists("no-such-bucket-x")
+    assert not [p for p in fs.find(BUCKET) if "write-probe" in p]  # the write probes are removed
+
+
+def test_sample_writes_to_an_object_store(tmp_path, s3):
+    import zarr
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3, skip_instance_cache=True)
+    gm = GaussianMixture(2, random_state=0).fit(blobs(400, 3))
+    from dgmm import save_model
+
+    save_model(gm, tmp_path / "m.npz")
+    for name in ("s.npy", "s.zarr"):
+        result = run_dgmm("sample", str(tmp_path / "m.npz"), "-n", "50", "-o", f"s3://{BUCKET}/samples/{name}",
+                          "--storage-option", f"endpoint_url={s3}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "s3:").exists()  # not a local folder named after the URL
+    fs.invalidate_cache()
+    with fs.open(f"{BUCKET}/samples/s.npy", "rb") as f:
+        assert np.load(f).shape == (50, 3)
+    group = zarr.open_group(f"s3://{BUCKET}/samples/s.zarr", mode="r", storage_options={"endpoint_url": s3})
+    assert group["X"].shape == (50, 3) and group["labels"].shape == (50,)
+    again = run_dgmm("sample", str(tmp_path / "m.npz"), "-o", f"s3://{BUCKET}/samples/s.npy",
+                     "--storage-option", f"endpoint_url={s3}")
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+
+
+def test_a_model_the_store_refuses_at_the_end_of_a_fit_is_kept_locally(tmp_path, monkeypatch):
+    from dgmm.cli import _save_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.chdir(tmp_path)
+    gm = GaussianMixture(2, random_state=0).fit(blobs(300, 2))
+    with pytest.raises(OSError, match=r"cannot write the model to s3://b/m\.npz \(.*\); the model was saved to "
+                                      r".*dgmm-unsaved-model-.*\.npz instead"):
+        _save_model(gm, "s3://b/m.npz", {"n_samples": 300}, {"endpoint_url": closed})
+    (rescued,) = tmp_path.glob("dgmm-unsaved-model-*.npz")
+    np.testing.assert_array_equal(load_model(rescued).means_, gm.means_)

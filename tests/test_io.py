@@ -378,6 +378,75 @@ def test_an_object_store_commit_cut_short_never_looks_complete(monkeypatch, fmt)
     fs.rm("/", recursive=True)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "parquet"])
+def test_an_object_store_overwrite_cut_short_loses_nothing_and_is_replaced_by_a_rerun(monkeypatch, fmt):
+    """Replacing an output on an object store deletes the old objects before copying the new ones (no rename).
+
+    A commit cut short at any point must leave an output that is not complete, that dgmm recognises as its
+    own (so that overwrite may replace it: it refused it as "not an output dgmm wrote"), and the complete new
+    output in its staging folder; a rerun replaces it and removes that staging copy.
+    """
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from dgmm.io import COMMITTING_MARKER, replace_refusal
+
+    monkeypatch.setattr("dgmm.io.MIN_OUTPUT_CHUNK_BYTES", 0)
+    fs = fsspec.filesystem("memory")
+    old = {"labels": da.zeros(12, dtype=int, chunks=4)}
+    new = {"labels": da.arange(12, chunks=4)}
+    copy = MemoryFileSystem.copy
+    n_copies = None
+    for cut in range(0, 100):
+        url = f"memory://over{fmt}{cut}/out"
+        write_table(old, url, format=fmt)
+        calls = []
+
+        def copy_then_die(self, *args, **kwargs):
+            if len(calls) == cut:
+                raise ConnectionError("killed mid-commit")
+            calls.append(args)
+            return copy(self, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryFileSystem, "copy", copy_then_die)
+        try:
+            write_table(new, url, format=fmt, overwrite=True)
+            n_copies = cut
+        except ConnectionError:
+            assert not is_complete(url), f"complete after {cut} copies"
+            assert fs.exists(f"over{fmt}{cut}/out/{COMMITTING_MARKER}")
+            assert replace_refusal(url) is None  # dgmm's own, replaceable
+            (staging,) = [p for p in fs.ls(f"over{fmt}{cut}", detail=False) if "dgmm-staging" in p]
+            assert len(fs.find(staging)) >= 3  # the complete new output was kept
+        finally:
+            monkeypatch.setattr(MemoryFileSystem, "copy", copy)
+        if n_copies is not None:
+            break
+        write_table(new, url, format=fmt, overwrite=True)  # the rerun
+        assert is_complete(url) and not fs.exists(f"over{fmt}{cut}/out/{COMMITTING_MARKER}")
+        assert fs.ls(f"over{fmt}{cut}", detail=False) == [f"/over{fmt}{cut}/out"]  # its staging copy removed
+    assert n_copies >= 3 and is_complete(url)  # every cut point was tried
+    labels = (zarr.open_group(url, mode="r")["labels"][:] if fmt == "zarr"
+              else pd.concat([pd.read_parquet(fs.open(p)) for p in sorted(fs.find(url)) if p.endswith(".parquet")])
+              ["labels"].to_numpy())
+    np.testing.assert_array_equal(labels, np.arange(12))
+    # someone else's objects appearing at the target while a write without overwrite runs are never deleted
+    import dgmm.io
+
+    commit = dgmm.io._commit
+
+    def theirs_first(fs_, staging, root, *args, **kwargs):
+        fs_.pipe_file(f"{root}/theirs.csv", b"a,b\n")
+        return commit(fs_, staging, root, *args, **kwargs)
+
+    monkeypatch.setattr(dgmm.io, "_commit", theirs_first)
+    with pytest.raises(FileExistsError, match="appeared while writing; the new output is left at"):
+        write_table(new, f"memory://race{fmt}/out", format=fmt)
+    assert fs.cat_file(f"race{fmt}/out/theirs.csv") == b"a,b\n"
+    assert [p for p in fs.ls(f"race{fmt}", detail=False) if "dgmm-staging" in p]
+    fs.rm("/", recursive=True)
+
+
 def blosc(array):
     """(cname, clevel, shuffle) of a Zarr array's one Blosc compressor, in either format's codec class."""
     (codec,) = array.compressors
