@@ -510,10 +510,10 @@ def _check_for_command(config: Config, command: str) -> None:
             fail("output.model", f"{output.model} is a directory; name the model file, e.g. "
                                  f"{os.path.join(output.model, 'model.npz')}")
         _check_not_over(fail, "output.model", output.model, kept)
-        if not local_model:
-            _check_url_output(fail, "output.model", output.model, output.storage_options, file=True)
         if _exists(fail, "output.model", output.model, output.storage_options) and not output.overwrite:
             fail("output.model", f"{output.model} exists; set output.overwrite: true or choose another path")
+        if not local_model:  # after _exists, which says when the store cannot be reached at all
+            _check_url_output(fail, "output.model", output.model, output.storage_options, file=True)
         return
     if not _exists(fail, "output.model", output.model, output.storage_options):
         fail("output.model", f"{output.model} does not exist; run 'dgmm fit' first")
@@ -525,8 +525,6 @@ def _check_for_command(config: Config, command: str) -> None:
                                          f"{config.input.resolved_format()}")
         model = (f"the model (output.model: {output.model})", path_location(output.model), False)
         _check_not_over(fail, "predict.output", predict.output, [*kept, model])
-        if is_url(predict.output):
-            _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False)
         if _exists(fail, "predict.output", predict.output, predict.storage_options):
             if not predict.overwrite:
                 fail("predict.output", f"{predict.output} exists; set predict.overwrite: true or choose another path")
@@ -536,6 +534,8 @@ def _check_for_command(config: Config, command: str) -> None:
             if refusal:
                 fail("predict.output", f"{refusal}; dgmm replaces only its own outputs: remove it yourself or "
                                        "choose another path")
+        if is_url(predict.output):
+            _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False)
 
 
 def check_extra_output(config: Config, name: str, path: str) -> None:
