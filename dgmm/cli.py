@@ -1150,8 +1150,11 @@ def main(argv=None) -> int:
         logger.error("interrupted", extra={"event": "error", "fields": {"kind": "interrupted"}})
         return EXIT_INTERRUPTED
     except Exception as exc:
-        if _is_storage_error(exc):  # an object store's client library: its message says what went wrong
-            logger.error("%s: %s", type(exc).__name__, str(exc).strip(),
+        from .io import is_storage_error
+
+        if is_storage_error(exc):  # an object store's client library: its message says what went wrong
+            resume = "; 'dgmm fit --resume' continues from the last checkpoint" if args.func is _cmd_fit else ""
+            logger.error("%s: %s%s", type(exc).__name__, str(exc).strip(), resume,
                          extra={"event": "error", "fields": {"kind": type(exc).__name__}})
             return EXIT_FAILURE
         if _is_cancelled_future(exc):  # e.g. the scheduler died
@@ -1167,16 +1170,6 @@ def main(argv=None) -> int:
                      "use smaller chunks or fewer threads per worker%s.", str(exc).strip(), resume,
                      extra={"event": "error", "fields": {"kind": "killed_worker"}})
         return EXIT_FAILURE
-
-
-#: Packages whose exceptions are a storage backend's errors (not dgmm's bugs): reported in one line.
-STORAGE_ERROR_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohttp", "fsspec", "requests",
-                          "urllib3", "google")
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    """True when ``exc`` (or a class it derives from) comes from an object-store client library."""
-    return any(cls.__module__.split(".")[0] in STORAGE_ERROR_PACKAGES for cls in type(exc).__mro__)
 
 
 class Terminated(KeyboardInterrupt):

@@ -115,6 +115,17 @@ def is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+#: Packages whose exceptions are a storage backend's errors (a network, a credential, a missing bucket),
+#: not dgmm's bugs nor the data's: reported as they are, in one line.
+STORAGE_ERROR_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "aiohttp", "fsspec", "requests",
+                          "urllib3", "google")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or a class it derives from) comes from an object-store client library."""
+    return any(cls.__module__.split(".")[0] in STORAGE_ERROR_PACKAGES for cls in type(exc).__mro__)
+
+
 def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
@@ -370,6 +381,8 @@ def _read_zarr_block(array, index, asarray=True, lock=None):
     except (MemoryError, OSError):
         raise  # not the data's fault (OSError: a vanished file, a network error)
     except Exception as exc:
+        if is_storage_error(exc):
+            raise  # the store's client failed (EndpointConnectionError, ...): not a corrupt chunk
         rows = index[0] if isinstance(index, tuple) and index else index
         where = f"rows {rows.start}:{rows.stop}" if isinstance(rows, slice) else f"block {index}"
         store = getattr(array, "store_path", None) or getattr(array, "store", array)

@@ -227,3 +227,32 @@ def test_a_model_the_store_refuses_at_the_end_of_a_fit_is_kept_locally(tmp_path,
         _save_model(gm, "s3://b/m.npz", {"n_samples": 300}, {"endpoint_url": closed})
     (rescued,) = tmp_path.glob("dgmm-unsaved-model-*.npz")
     np.testing.assert_array_equal(load_model(rescued).means_, gm.means_)
+
+
+def test_a_store_lost_while_reading_zarr_is_not_called_a_corrupt_chunk(tmp_path, monkeypatch):
+    """The endpoint going away mid-read raised botocore's EndpointConnectionError, which the Zarr block reader
+    reported as 'a chunk is corrupt or truncated: rewrite the data': advice to destroy good data."""
+    import dask
+    import zarr
+
+    from dgmm.io import is_storage_error, open_zarr
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    try:
+        s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("lost")
+        z = zarr.open_array("s3://lost/x.zarr", mode="w", shape=(100, 2), chunks=(25, 2), dtype="f8",
+                            storage_options=options)
+        z[:] = 1.0
+        X = open_zarr("s3://lost/x.zarr", storage_options=options)
+    finally:
+        server.stop()
+    with dask.config.set(scheduler="sync"), pytest.raises(Exception) as caught:
+        X.sum().compute()
+    assert is_storage_error(caught.value) or isinstance(caught.value, OSError), repr(caught.value)
+    assert "corrupt" not in str(caught.value)
