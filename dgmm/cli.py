@@ -387,13 +387,10 @@ def open_cluster(config):
             jq = config.jobqueue
             report("cluster", f"cluster: submitted {jq.jobs} {jq.system} job(s); waiting for workers "
                               f"(up to {jq.wait_timeout:g} s)", kind=kind, jobs=jq.jobs)
-            try:
-                client.wait_for_workers(1, timeout=jq.wait_timeout)
-            except (TimeoutError, OSError):
-                raise OSError(f"no {jq.system} worker joined within {jq.wait_timeout:g} s; check the queue "
-                              "(cluster.jobqueue.wait_timeout)") from None
+            _wait_for_jobqueue_workers(client, cluster, jq)
             n_workers, n_threads = _worker_summary(client)
-            description = f"{jq.system} jobqueue cluster with {n_workers} workers so far, {n_threads} threads"
+            workers = "worker" if n_workers == 1 else "workers"
+            description = f"{jq.system} jobqueue cluster with {n_workers} {workers} so far, {n_threads} threads"
         report("cluster", f"cluster: {description}, {_dashboard(client)}", kind=kind,
                scheduler=client.scheduler.address, dashboard=client.dashboard_link)
         yield client
@@ -450,8 +447,95 @@ def _jobqueue_cluster(jq, config):
         signal.signal(signal.SIGINT, previous_sigint)
     cls = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}[jq.system]
     cluster = getattr(dask_jobqueue, cls)(**_jobqueue_kwargs(jq, config.read_ahead))
-    cluster.scale(jobs=jq.jobs)
+    try:
+        _submit_jobs(cluster, jq)
+    except BaseException:
+        cluster.close()  # cancels the jobs that were submitted
+        raise
     return cluster
+
+
+def _wait_for_jobqueue_workers(client, cluster, jq, poll: float = 5.0) -> None:
+    """Wait up to ``wait_timeout`` for a first worker; on Slurm, fail as soon as every job has left the queue
+    (they ended without a worker: see their logs), and on timeout say what the queue says of the jobs."""
+    deadline = time.monotonic() + jq.wait_timeout
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=max(0.1, min(poll, deadline - time.monotonic())))
+            return
+        except (TimeoutError, OSError):
+            pass
+        states = _slurm_job_states(cluster) if jq.system == "slurm" else None
+        logs = f" (their output: {jq.log_directory})" if jq.log_directory else " (their output files)"
+        if states is not None and not any(state.split()[0] in SLURM_WAITING_STATES for state in states.values()):
+            listing = "; ".join(f"job {job} {state}" for job, state in states.items()) or "none left in squeue"
+            raise OSError(f"the {jq.system} jobs ended before any worker joined ({listing}); see what they "
+                          f"printed{logs}")
+        if time.monotonic() >= deadline:
+            queue = "; ".join(f"job {job} {state}" for job, state in (states or {}).items())
+            said = f"; the queue says: {queue}" if queue else ""
+            raise OSError(f"no {jq.system} worker joined within {jq.wait_timeout:g} s (cluster.jobqueue.wait_timeout)"
+                          f"{said}; the jobs were cancelled")
+
+
+#: Slurm job states in which a job may still start a worker.
+SLURM_WAITING_STATES = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def _slurm_job_states(cluster) -> dict[str, str] | None:
+    """``{job id: 'STATE (reason)'}`` of the cluster's jobs still in squeue; None when squeue cannot say."""
+    import subprocess
+
+    ids = [job.job_id for job in cluster.workers.values() if getattr(job, "job_id", None)]
+    if not ids:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(ids)], capture_output=True,
+                             text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:  # squeue -j fails when none of the ids is known any more
+        return {} if "Invalid job id" in out.stderr else None
+    states = {}
+    for line in out.stdout.splitlines():
+        job, state, reason = (line.split(None, 2) + ["", ""])[:3]
+        states[job] = f"{state} ({reason})" if reason and reason != "None" else state
+    return states
+
+
+class _SubmissionErrorsReported(logging.Filter):
+    """Drop tornado's 'Exception in callback ... _correct_state_internal' record: :func:`_submit_jobs` reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_correct_state_internal" not in record.getMessage()
+
+
+def _submit_jobs(cluster, jq) -> None:
+    """Submit the jobs and wait for the batch system to accept them, so that a refused submission (a wrong
+    queue or account, a limit) is an error now, with the batch system's words, not a wait of wait_timeout.
+
+    ``cluster.scale`` only schedules the submissions; awaiting the cluster's state correction runs them.
+    """
+    tornado_log = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _SubmissionErrorsReported) for f in tornado_log.filters):
+        tornado_log.addFilter(_SubmissionErrorsReported())
+
+    async def submit():
+        cluster.scale(jobs=jq.jobs)
+        await cluster._correct_state()
+
+    try:
+        cluster.sync(submit)
+    except RuntimeError as exc:  # dask-jobqueue: "Command exited with non-zero exit code ... stderr: ..."
+        for name, job in list(cluster.workers.items()):  # never submitted: nothing to cancel, nothing to close
+            if getattr(job, "job_id", None) is None:
+                cluster.workers.pop(name)
+                cluster.worker_spec.pop(name, None)
+                cluster._created.discard(job)  # (SpecCluster.close asserts every created worker was closed)
+        text = str(exc)
+        detail = text.split("stderr:", 1)[1].strip() if "stderr:" in text else text.strip()
+        raise OSError(f"cluster.jobqueue: the {jq.system} job submission failed: {' '.join(detail.split())}") \
+            from None
 
 
 def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:

@@ -110,7 +110,8 @@ def test_fit_on_slurm_jobs_survives_a_cancelled_job_by_resuming_on_new_jobs(tmp_
         # the driver's own allocation ends too: Slurm sends SIGTERM (then SIGKILL after KillWait)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGTERM, stdout + stderr
+    assert proc.returncode == 128 + signal.SIGTERM, stdout + stderr  # handled as Ctrl-C: jobs cancelled, the hint
+    assert "--resume' continues from" in stderr and stderr.rstrip().endswith("dgmm: error: terminated (SIGTERM)")
     assert not (tmp_path / "out" / "model.npz").exists()
     stopped_at = load_checkpoint(str(checkpoint)).n_iter
     assert 3 <= stopped_at < model["max_iter"]
@@ -141,3 +142,27 @@ def test_ctrl_c_while_waiting_for_slurm_jobs_exits_130(tmp_path, slurm):
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, stdout, stderr)
     assert "interrupted" in stderr
+
+
+def test_jobs_that_cannot_start_a_worker_are_reported_at_once_in_the_batch_systems_words(tmp_path, slurm):
+    """A refused submission waited wait_timeout after asyncio tracebacks; jobs that ended at once, or that can
+    never start, waited it without saying why."""
+    np.save(tmp_path / "x.npy", blobs(1_000, 2))
+    config = _config(tmp_path, tmp_path / "x.npy", {"model": str(tmp_path / "model.npz")},
+                     log_directory=str(tmp_path / "logs"), wait_timeout=600)
+    started = time.monotonic()
+    refused = run_dgmm("fit", config, "--set", "cluster.jobqueue.queue=nosuchpartition")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "dgmm: error: cluster.jobqueue: the slurm job submission failed: sbatch: error: " in refused.stderr
+    assert "nosuchpartition" in refused.stderr and "submitted" not in refused.stdout
+    failed = run_dgmm("fit", config, "--set", 'cluster.jobqueue.job_script_prologue=["exit 3"]')
+    assert failed.returncode == 1, failed.stderr
+    assert "the slurm jobs ended before any worker joined" in failed.stderr
+    assert f"see what they printed (their output: {tmp_path / 'logs'})" in failed.stderr
+    assert time.monotonic() - started < 300  # neither waited wait_timeout (600 s)
+    pending = run_dgmm("fit", config, "--set", "cluster.jobqueue.wait_timeout=8",
+                       "--set", 'cluster.jobqueue.job_extra_directives=["--begin=now+1hour"]')
+    assert pending.returncode == 1, pending.stderr
+    assert "no slurm worker joined within 8 s" in pending.stderr and "PENDING (BeginTime)" in pending.stderr
+    assert not (tmp_path / "model.npz").exists()
+    assert wait_until(lambda: not (_job_ids() - slurm), timeout=60)  # every job was cancelled
