@@ -393,7 +393,55 @@ def open_cluster(config):
             description = f"{jq.system} jobqueue cluster with {n_workers} {workers} so far, {n_threads} threads"
         report("cluster", f"cluster: {description}, {_dashboard(client)}", kind=kind,
                scheduler=client.scheduler.address, dashboard=client.dashboard_link)
+        stack.enter_context(_watch_workers(client, kind))
         yield client
+
+
+#: Seconds between two looks at the cluster's workers (:func:`_watch_workers`).
+WORKER_WATCH_INTERVAL = 3.0
+
+
+@contextlib.contextmanager
+def _watch_workers(client, kind: str):
+    """Say when workers leave or come back while a command runs, and above all when none is left.
+
+    Without workers a distributed computation waits, silently, for one to join: a fit whose jobs all
+    ended (walltime, preemption, scancel) or whose workers were all killed looked hung. A daemon
+    thread asks the scheduler for its workers every few seconds and logs the changes.
+    """
+    stop = threading.Event()
+    advice = {"jobqueue": "jobs that ended are not replaced", "address": "start workers for the scheduler",
+              "local": "the LocalCluster restarts its worker processes"}.get(kind, "")
+
+    def count() -> int | None:
+        try:
+            return len(client.nthreads())
+        except Exception:  # noqa: BLE001 (closing, or the scheduler gone: the computation reports that)
+            return None
+
+    def watch():
+        seen = count()
+        while not stop.wait(WORKER_WATCH_INTERVAL):
+            now = count()
+            if now is None or seen is None or now == seen:
+                seen = now if now is not None else seen
+                continue
+            if now == 0:
+                logger.warning("cluster: no workers left; the computation waits for workers to join (%s; Ctrl-C "
+                               "stops, and 'dgmm fit --resume' continues from the last checkpoint)", advice)
+            elif now < seen:
+                logger.warning("cluster: %d of %d workers left; the others carry on", seen - now, seen)
+            else:
+                report("workers", f"cluster: {now} worker{'' if now == 1 else 's'} now", n_workers=now)
+            seen = now
+
+    thread = threading.Thread(target=watch, name="dgmm-watch-workers", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def _probe_scheduler(address: str, timeout: float) -> None:

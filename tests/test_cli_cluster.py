@@ -30,12 +30,15 @@ def start_scheduler(root, n_workers=1):
         time.sleep(0.2)
     address = json.loads(scheduler_file.read_text())["address"]
     assert address.startswith("tcp://127.0.0.1:")
-    for i in range(n_workers):
-        procs.append(subprocess.Popen(
-            dask_command("worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
-                         "--name", f"w{i}", "--local-directory", str(root / f"w{i}")),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root))
-    return address, procs
+    return address, procs + start_scheduler_workers(root, address, n_workers)
+
+
+def start_scheduler_workers(root, address, n_workers, first=0):
+    """``n_workers`` single-threaded `dask worker` processes for the scheduler at ``address``."""
+    return [subprocess.Popen(dask_command("worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                                          "--no-dashboard", "--name", f"w{i}", "--local-directory", str(root / f"w{i}")),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+            for i in range(first, first + n_workers)]
 
 
 def stop_all(procs):
@@ -152,6 +155,41 @@ def test_a_scheduler_lost_mid_fit_is_one_line_with_the_resume_hint(tmp_path):
     assert "dgmm: error: the computation was cancelled: " in stderr and "was the scheduler, or the connection to " \
         "it, lost?); 'dgmm fit --resume' continues from the last checkpoint" in stderr, stderr
     assert not (tmp_path / "model.npz").exists() and (tmp_path / "model.checkpoint.npz").exists()
+
+
+def test_a_fit_left_without_workers_says_so_and_goes_on_when_one_joins(tmp_path, monkeypatch):
+    """With every worker gone a distributed computation waits, silently: the command said nothing for minutes."""
+    address, procs = start_scheduler(tmp_path, n_workers=1)
+    try:
+        np.save(tmp_path / "x.npy", blobs(100_000, 4, seed=8))
+        config = write_config(tmp_path / "c.yaml", {
+            "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 10_000},
+            "model": {"n_components": 4, "random_state": 0, "tol": 0.0, "max_iter": 150, "init_params": "random"},
+            "cluster": {"address": address, "timeout": 20},
+            "output": {"model": str(tmp_path / "model.npz")},
+        })
+        with running(dgmm_command("fit", config)) as proc:
+            wait_for_line(proc, "iteration    2")
+            procs[1].kill()  # the only `dask worker` (its nanny: the worker process goes with it)
+            procs[1].wait()
+            import queue
+            import threading
+
+            lines: queue.Queue = queue.Queue()  # stderr read by a thread: a silent wait must fail the test, not hang it
+            threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+            deadline, line, stderr = time.monotonic() + 60, "", ""
+            while "cluster: no workers left" not in line:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))  # queue.Empty: no warning came
+                stderr += line
+            assert "start workers for the scheduler" in line and "--resume" in line
+            procs.extend(start_scheduler_workers(tmp_path, address, 1, first=1))
+            stdout = proc.stdout.read()
+            proc.wait(timeout=180)
+    finally:
+        stop_all(procs)
+    assert proc.returncode == 0, stderr
+    assert "cluster: 1 worker now" in stdout and "iteration  150" in stdout, stdout
+    assert load_model(tmp_path / "model.npz").n_iter_ == 150
 
 
 def test_unreachable_scheduler_fails_fast_and_writes_nothing(tmp_path):
