@@ -453,10 +453,26 @@ def _probe_scheduler(address: str, timeout: float) -> None:
     runs on its own event loop in a daemon thread, so it also works under a running loop.
     """
     import asyncio
-    import threading
+    import socket
 
     from distributed.comm import connect
+    from distributed.comm.addressing import parse_address, parse_host_port
     from distributed.security import Security
+
+    scheme, location = parse_address(address)
+    if scheme == "tcp":  # a refused connection or an unknown host is final: say so now, not after the timeout
+        try:
+            host, port = parse_host_port(location)
+            with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
+                pass
+        except ConnectionRefusedError:
+            raise OSError(f"cannot reach the scheduler at {address}: connection refused (is a scheduler running "
+                          "there?); check cluster.address") from None
+        except socket.gaierror as exc:
+            raise OSError(f"cannot reach the scheduler at {address}: unknown host ({exc}); check cluster.address") \
+                from None
+        except (OSError, ValueError):
+            pass  # timeouts, unreachable networks, odd addresses: the probe below reports them
 
     async def probe():
         # (a little longer than connect's own timeout, so that its error, e.g. a refused connection, shows)
