@@ -380,7 +380,8 @@ def open_cluster(config):
                 raise OSError(f"the scheduler at {config.address} has no workers (waited {config.timeout:g} s)") \
                     from None
             n_workers, n_threads = _worker_summary(client)
-            description = f"scheduler {config.address} with {n_workers} workers, {n_threads} threads"
+            description = f"scheduler {config.address} with {n_workers} worker{'' if n_workers == 1 else 's'}, " \
+                          f"{n_threads} thread{'' if n_threads == 1 else 's'}"
         else:
             cluster = stack.enter_context(_jobqueue_cluster(config.jobqueue, config))
             client = stack.enter_context(Client(cluster))

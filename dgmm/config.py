@@ -720,7 +720,11 @@ def _build(cls, raw, source: str, prefix: str):
 
 def _convert(value, annotation, source: str, key: str):
     def fail(expected):
-        raise ConfigError(f"{source}: {key}: must be {expected}, got {_type_name(value)}")
+        hint = ""
+        if key.endswith("walltime") and isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 12:00:00 as a sexagesimal number (43200)
+            hint = f' (YAML reads an unquoted time such as 12:00:00 as a number: quote it, walltime: "12:00:00")'
+        raise ConfigError(f"{source}: {key}: must be {expected}, got {_type_name(value)}{hint}")
 
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):

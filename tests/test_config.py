@@ -64,6 +64,10 @@ def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
          "cluster.jobqueue.system: must be one of 'slurm', 'pbs', 'sge', 'lsf'"),
         ({"input": REMOTE, "cluster": {"jobqueue": {"system": "pbs", "cores": 4, "memory": "8GB", "walltime": "2h"}}},
          "cluster.jobqueue.walltime: must look like 'HH:MM:SS'"),
+        (yaml.safe_load("input: {path: s3://b/x.zarr}\ncluster: {jobqueue: {system: slurm, cores: 1, memory: 1GB, "
+                        "walltime: 12:00:00}}"),  # YAML 1.1: a sexagesimal int
+         'cluster.jobqueue.walltime: must be a string, got int 43200 (YAML reads an unquoted time such as 12:00:00 '
+         'as a number: quote it, walltime: "12:00:00")'),
         ({"input": REMOTE, "cluster": {"jobqueue": {"system": "pbs", "cores": 4, "memory": "8GB", "processes": 8}}},
          "cluster.jobqueue.processes: must be an int in [1, cores=4], got 8"),
         ({"input": REMOTE, "cluster": {"address": "tcp://a:1", "jobqueue": {"system": "pbs", "cores": 1,
