@@ -511,7 +511,7 @@ def _jobqueue_cluster(jq, config):
         # so an interrupted fit reports it, leaves its checkpoint and exits with 130.
         signal.signal(signal.SIGINT, previous_sigint)
     cls = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}[jq.system]
-    cluster = getattr(dask_jobqueue, cls)(**_jobqueue_kwargs(jq, config.read_ahead))
+    cluster = getattr(dask_jobqueue, cls)(**_jobqueue_kwargs(jq, config.read_ahead, config.dashboard_address))
     try:
         _submit_jobs(cluster, jq)
     except BaseException:
@@ -603,18 +603,21 @@ def _submit_jobs(cluster, jq) -> None:
             from None
 
 
-def _jobqueue_kwargs(jq, read_ahead: bool) -> dict:
+def _jobqueue_kwargs(jq, read_ahead: bool, dashboard_address: str | None = "127.0.0.1:0") -> dict:
     """dask-jobqueue cluster arguments for a ``cluster.jobqueue`` section.
 
     With ``read_ahead`` each worker process runs :data:`READ_AHEAD_THREADS_PER_CORE`
     threads per core of its share of ``cores``, while the job still books
     ``cores`` CPUs from the batch system (Slurm ``job_cpu``, LSF ``ncpus``, PBS
     ``resource_spec``; SGE books CPUs only through ``job_extra_directives``).
+    The scheduler listens where the jobs can reach it (``interface``, or every
+    interface); its dashboard, which has no login, on ``cluster.dashboard_address``
+    (this machine only by default: reach it through an SSH tunnel).
     """
     processes = jq.processes or 1
     kwargs = dict(cores=jq.cores, memory=jq.memory, processes=processes,
                   job_extra_directives=jq.job_extra_directives, job_script_prologue=jq.job_script_prologue,
-                  silence_logs="error")
+                  silence_logs="error", scheduler_options={"dashboard_address": dashboard_address})
     for name in ("walltime", "queue", "account", "interface", "local_directory", "log_directory"):
         value = getattr(jq, name)
         if value is not None:

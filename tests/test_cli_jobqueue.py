@@ -91,9 +91,10 @@ def test_jobqueue_workers_read_ahead_and_jobs_book_the_configured_cores(system, 
     from dgmm.config import JobqueueConfig
 
     jq = JobqueueConfig(system=system, cores=4, memory="4GB", processes=2)
-    kwargs = _jobqueue_kwargs(jq, read_ahead)
+    kwargs = _jobqueue_kwargs(jq, read_ahead, dashboard_address=None)
+    assert kwargs["scheduler_options"] == {"dashboard_address": None}
     cls = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}[system]
-    with getattr(dask_jobqueue, cls)(**kwargs, scheduler_options={"dashboard_address": None}) as cluster:
+    with getattr(dask_jobqueue, cls)(**kwargs) as cluster:
         script = cluster.job_script()
     assert f"--nthreads {4 if read_ahead else 2}" in script and "--nworkers 2" in script
     if booked is not None:
