@@ -238,6 +238,14 @@ class ClusterConfig:
             err("read_ahead", f"only applies to the workers dgmm starts (cluster.type 'local' or 'jobqueue'), not "
                               f"{kind!r}; the workers of an existing cluster read ahead when started with --nthreads "
                               "twice their cores (docs/scaling.md, 'Read-ahead on distributed workers')")
+        if kind != "local":  # the LocalCluster's own settings: silently ignored elsewhere, so refused
+            where = {"address": "the existing cluster's workers are its own",
+                     "jobqueue": "set the workers in the jobqueue section (jobs, cores, processes, memory)",
+                     "threads": "dask's threaded scheduler runs in this process"}[kind]
+            for name, default in (("n_workers", None), ("threads_per_worker", None), ("processes", True),
+                                  ("memory_limit", "auto"), ("host", "127.0.0.1")):
+                if getattr(self, name) != default:
+                    err(name, f"only applies to cluster.type 'local' (a LocalCluster), not {kind!r}: {where}")
         if self.n_workers is not None and self.n_workers < 1:
             err("n_workers", f"must be an int >= 1 or null (sized to the machine), got {self.n_workers}")
         if kind == "local" and self.n_workers is not None and self.n_workers > MAX_LOCAL_WORKERS:

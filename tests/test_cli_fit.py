@@ -20,6 +20,10 @@ from cli_helpers import blobs, json_lines, run_dgmm, write_config
 
 MODEL = {"n_components": 3, "covariance_type": "full", "random_state": 0, "tol": 1e-6, "max_iter": 50}
 
+# the LocalCluster's own settings do not apply to the threaded scheduler (a config error)
+THREADS = ("--set", "cluster.type=threads", "--set", "cluster.n_workers=null", "--set",
+           "cluster.threads_per_worker=null")
+
 
 def in_process_fit(X, **overrides):
     return GaussianMixture(**{**MODEL, **overrides}).fit(X)
@@ -53,7 +57,7 @@ def test_fit_predict_score_info_from_zarr_on_a_local_cluster(tmp_path, zarr_data
     assert_same_model(model, expected, atol=1e-12, history=False)
     assert model.n_iter_ == expected.n_iter_
 
-    predict = run_dgmm("predict", config, "--set", "cluster.type=threads")  # (on a cluster: test_cli_cluster)
+    predict = run_dgmm("predict", config, *THREADS)  # (on a cluster: test_cli_cluster)
     assert predict.returncode == 0, predict.stderr
     assert "predictions:" in predict.stdout and "3,000 rows" in predict.stdout
     group = zarr.open_group(str(tmp_path / "out" / "pred.zarr"), mode="r")
@@ -63,14 +67,14 @@ def test_fit_predict_score_info_from_zarr_on_a_local_cluster(tmp_path, zarr_data
     np.testing.assert_allclose(group["log_likelihood"][:], expected.score_samples(X), rtol=1e-9)
     assert [c.cname.value for c in group["labels"].compressors] == ["zstd"]  # Blosc-zstd for labels
     assert [c.cname.value for c in group["probabilities"].compressors] == ["lz4"]  # Blosc-LZ4 for floats
-    plain = run_dgmm("predict", config, "--set", "cluster.type=threads", "--set", "predict.overwrite=true",
+    plain = run_dgmm("predict", config, *THREADS, "--set", "predict.overwrite=true",
                      "--set", "predict.compressor=none", "--quiet")
     assert plain.returncode == 0, plain.stderr
     group = zarr.open_group(str(tmp_path / "out" / "pred.zarr"), mode="r")
     assert group["labels"].compressors == () and group["probabilities"].compressors == ()
     np.testing.assert_array_equal(group["labels"][:], expected.predict(X))
 
-    score = run_dgmm("score", config, "--set", "cluster.type=threads", "--log-format", "json")
+    score = run_dgmm("score", config, *THREADS, "--log-format", "json")
     assert score.returncode == 0, score.stderr
     (line,) = [e for e in json_lines(score.stdout) if e["event"] == "score"]
     assert line["score"] == pytest.approx(expected.score(X), rel=1e-9)

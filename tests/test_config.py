@@ -64,6 +64,15 @@ def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
          "cluster.jobqueue.system: must be one of 'slurm', 'pbs', 'sge', 'lsf'"),
         ({"input": REMOTE, "cluster": {"jobqueue": {"system": "pbs", "cores": 4, "memory": "8GB", "walltime": "2h"}}},
          "cluster.jobqueue.walltime: must look like 'HH:MM:SS'"),
+        ({"input": REMOTE, "cluster": {"address": "tcp://a:1", "n_workers": 4}},
+         "cluster.n_workers: only applies to cluster.type 'local' (a LocalCluster), not 'address': the existing "
+         "cluster's workers are its own"),
+        ({"input": REMOTE, "cluster": {"jobqueue": {"system": "slurm", "cores": 1, "memory": "1GB"},
+                                       "memory_limit": "1GB"}},
+         "cluster.memory_limit: only applies to cluster.type 'local' (a LocalCluster), not 'jobqueue': set the "
+         "workers in the jobqueue section"),
+        ({"input": REMOTE, "cluster": {"type": "threads", "host": "10.0.0.1"}},
+         "cluster.host: only applies to cluster.type 'local'"),
         (yaml.safe_load("input: {path: s3://b/x.zarr}\ncluster: {jobqueue: {system: slurm, cores: 1, memory: 1GB, "
                         "walltime: 12:00:00}}"),  # YAML 1.1: a sexagesimal int
          'cluster.jobqueue.walltime: must be a string, got int 43200 (YAML reads an unquoted time such as 12:00:00 '
