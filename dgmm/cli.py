@@ -672,6 +672,11 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
                               f"on the columns {', '.join(fitted_columns)}, which are read by name unless "
                               "input.columns says otherwise") from None
         raise ConfigError(f"{config.source}: {exc.key}: {exc}") from None
+    except FileNotFoundError as exc:  # a URL (a local input.path was checked with the config)
+        raise ConfigError(f"{config.source}: input.path: {exc}") from None
+    except PermissionError as exc:  # an object store's "Forbidden", "Access Denied": say what was refused
+        raise PermissionError(f"{inp.path}: access denied ({exc}); check the credentials (the environment, "
+                              "~/.aws, the instance's role) and input.storage_options") from None
     if inp.columns is not None and fitted_columns and list(inp.columns) != list(fitted_columns):
         logger.warning("input.columns (%s) are not the columns the model %s was fitted on (%s)",
                        ", ".join(inp.columns), config.output.model, ", ".join(fitted_columns))

@@ -734,6 +734,8 @@ def _convert(value, annotation, source: str, key: str):
             hint = f' (YAML reads an unquoted time such as 12:00:00 as a number: quote it, walltime: "12:00:00")'
         raise ConfigError(f"{source}: {key}: must be {expected}, got {_type_name(value)}{hint}")
 
+    if value is None and key.endswith("storage_options"):
+        return {}  # an empty section (its entries commented out) reads as null in YAML
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         options = typing.get_args(annotation)

@@ -584,8 +584,10 @@ def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, 
         for name in selected:
             index = schema.get_field_index(name)
             if index < 0:
+                hive = f"; {name!r} is a Hive partition key (in the directory names, not in the files), which " \
+                       "dgmm does not read" if f"/{name}=" in file else ""
                 raise InputSelectionError(f"{path}: column {name!r} not found in {file} (columns: "
-                                          f"{', '.join(schema.names)})", key)
+                                          f"{', '.join(schema.names)}){hive}", key)
             arrow_type = schema.field(index).type
             file_types.append(arrow_type)
             if numeric and not _is_numeric(arrow_type):
@@ -1010,7 +1012,8 @@ def _remove_staging(fs, staging: str) -> None:
         except Exception:
             pass
         delay *= 2
-    logger.warning("could not remove the staging output %s", staging)
+    where = staging if type(fs).__name__ == "LocalFileSystem" else fs.unstrip_protocol(staging)
+    logger.warning("could not remove the staging output %s; remove it yourself", where)
 
 
 def _merge_small_chunks(arrays: dict[str, da.Array]) -> dict[str, da.Array]:

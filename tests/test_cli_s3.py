@@ -180,6 +180,9 @@ def test_object_store_outputs_are_checked_before_any_work(tmp_path, s3):
             assert result.returncode == 2 and message in result.stderr, (command, result.stderr)
     assert fs.cat_file(f"{BUCKET}/dataset.parquet/part-0.parquet") == b"not really"
     assert run_dgmm("fit", config).returncode == 0
+    missing = run_dgmm("predict", config, "--set", f"input.path=s3://{BUCKET}/nope.zarr",
+                       "--set", f"input.storage_options={{endpoint_url: '{s3}'}}")
+    assert missing.returncode == 2 and f"input.path: s3://{BUCKET}/nope.zarr" in missing.stderr, missing.stderr
     for command in ("check", "predict"):
         args = ["--for", "predict"] if command == "check" else []
         result = run_dgmm(command, config, *args, "--set", "predict.output=s3://typo-bucket-y/p.zarr")

@@ -214,6 +214,13 @@ def test_demo_config_file_is_what_dgmm_demo_runs():
     assert config.input.synthetic.n_samples == 2_000_000 and not os.path.isabs(config.input.path)
 
 
+def test_an_empty_storage_options_section_is_no_options():
+    """With its one entry commented out, `storage_options:` is null in YAML: no options, not an error."""
+    raw = yaml.safe_load("input:\n  path: s3://b/x.zarr\n  storage_options:\n    # anon: true\n")
+    assert raw["input"]["storage_options"] is None
+    assert parse(raw).input.storage_options == {}
+
+
 def test_credentials_are_redacted_from_the_printed_config():
     config = parse({"input": {**REMOTE, "storage_options": {"key": "AKIA", "secret": "s3cr3t", "anon": False,
                                                              "client_kwargs": {"aws_session_token": "t"}}}})

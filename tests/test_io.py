@@ -77,6 +77,11 @@ def test_parquet_parts_are_read_in_dasks_order(tmp_path, X):
     A = open_input(str(tmp_path / "t.parquet"))
     np.testing.assert_array_equal(A.compute(), X)
     np.testing.assert_array_equal(A.compute(), dd.read_parquet(tmp_path / "t.parquet").compute().to_numpy())
+    # Hive partition keys live in directory names, not in the files: asked for, they are named as such
+    frame.assign(day=np.arange(len(X)) % 2).to_parquet(tmp_path / "hive.parquet", partition_cols=["day"])
+    with pytest.raises(ValueError, match=r"'day' is a Hive partition key \(in the directory names, not in the "
+                                         r"files\), which dgmm does not read"):
+        open_input(str(tmp_path / "hive.parquet"), columns=["a", "day"])
     # a pandas index written as a column (dask's __null_dask_index__ above, a named or filtered index) is not data
     frame.assign(id=np.arange(len(X))).set_index("id").to_parquet(tmp_path / "named.parquet")
     frame[frame["a"] > 0].to_parquet(tmp_path / "filtered.parquet")
