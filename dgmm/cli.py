@@ -176,13 +176,26 @@ class IterationReporter:
 # ---------------------------------------------------------------------------
 
 
-def _dashboard(client) -> str:
-    try:
-        import bokeh  # noqa: F401 - the dashboard needs it
-    except ImportError:
+def _dashboard(client, kind: str = "local") -> str:
+    """Where the scheduler's dashboard is. An existing scheduler (``address``) serves its own, or none:
+    whether bokeh is installed here says nothing about it."""
+    if kind == "address":
+        try:
+            serves = "dashboard" in client.scheduler_info().get("services", {}) and \
+                client.run_on_scheduler(_has_bokeh)  # its HTTP server runs without bokeh, the dashboard not
+        except Exception:  # noqa: BLE001 (a hint only)
+            serves = bool(client.dashboard_link)
+        return f"dashboard {client.dashboard_link}" if serves else "the scheduler serves no dashboard"
+    if not _has_bokeh():
         return "dashboard not available (pip install bokeh)"
     link = client.dashboard_link
     return f"dashboard {link}" if link else "no dashboard"
+
+
+def _has_bokeh() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
 
 
 #: ``input.persist: auto`` keeps the input in memory when its bytes are at most this fraction of
@@ -392,7 +405,7 @@ def open_cluster(config):
             n_workers, n_threads = _worker_summary(client)
             workers = "worker" if n_workers == 1 else "workers"
             description = f"{jq.system} jobqueue cluster with {n_workers} {workers} so far, {n_threads} threads"
-        report("cluster", f"cluster: {description}, {_dashboard(client)}", kind=kind,
+        report("cluster", f"cluster: {description}, {_dashboard(client, kind)}", kind=kind,
                scheduler=client.scheduler.address, dashboard=client.dashboard_link)
         stack.enter_context(_watch_workers(client, kind))
         yield client

@@ -87,7 +87,8 @@ def test_fit_and_predict_through_address(tmp_path, scheduler):
     })
     fit = run_dgmm("fit", config)
     assert fit.returncode == 0, fit.stderr
-    assert f"cluster: scheduler {scheduler} with 2 workers, 2 threads" in fit.stdout
+    # started with --no-dashboard: said so, not "pip install bokeh" (which would change nothing over there)
+    assert f"cluster: scheduler {scheduler} with 2 workers, 2 threads, the scheduler serves no dashboard" in fit.stdout
     expected = GaussianMixture(**model).fit(X)
     fitted = load_model(tmp_path / "model.npz")
     for name in ("weights_", "means_", "covariances_"):
