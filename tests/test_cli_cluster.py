@@ -135,16 +135,22 @@ def test_workers_that_cannot_see_the_zarr_store_fail_instead_of_reading_zeros(tm
             GaussianMixture(2, random_state=0).fit(lazy)
 
 
+def long_fit_config(tmp_path, address, *, n_samples, n_components, max_iter) -> str:
+    """A fit on the scheduler at ``address`` that runs ``max_iter`` iterations (tol 0), to stop or disturb."""
+    np.save(tmp_path / "x.npy", blobs(n_samples, 4, seed=7))
+    return write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 10_000},
+        "model": {"n_components": n_components, "random_state": 0, "tol": 0.0, "max_iter": max_iter,
+                  "init_params": "random"},
+        "cluster": {"address": address, "timeout": 20},
+        "output": {"model": str(tmp_path / "model.npz")},
+    })
+
+
 def test_a_scheduler_lost_mid_fit_is_one_line_with_the_resume_hint(tmp_path):
     address, procs = start_scheduler(tmp_path, n_workers=1)
     try:
-        np.save(tmp_path / "x.npy", blobs(200_000, 4, seed=7))
-        config = write_config(tmp_path / "c.yaml", {
-            "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 10_000},
-            "model": {"n_components": 6, "random_state": 0, "tol": 0.0, "max_iter": 500, "init_params": "random"},
-            "cluster": {"address": address, "timeout": 20},
-            "output": {"model": str(tmp_path / "model.npz")},
-        })
+        config = long_fit_config(tmp_path, address, n_samples=200_000, n_components=6, max_iter=500)
         with running(dgmm_command("fit", config)) as proc:
             wait_for_line(proc, "iteration    2")
             procs[0].kill()  # the scheduler
@@ -162,13 +168,7 @@ def test_a_fit_left_without_workers_says_so_and_goes_on_when_one_joins(tmp_path,
     """With every worker gone a distributed computation waits, silently: the command said nothing for minutes."""
     address, procs = start_scheduler(tmp_path, n_workers=1)
     try:
-        np.save(tmp_path / "x.npy", blobs(100_000, 4, seed=8))
-        config = write_config(tmp_path / "c.yaml", {
-            "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 10_000},
-            "model": {"n_components": 4, "random_state": 0, "tol": 0.0, "max_iter": 150, "init_params": "random"},
-            "cluster": {"address": address, "timeout": 20},
-            "output": {"model": str(tmp_path / "model.npz")},
-        })
+        config = long_fit_config(tmp_path, address, n_samples=100_000, n_components=4, max_iter=150)
         with running(dgmm_command("fit", config)) as proc:
             wait_for_line(proc, "iteration    2")
             procs[1].kill()  # the only `dask worker` (its nanny: the worker process goes with it)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import dask
@@ -342,6 +343,26 @@ def test_a_zarr_output_holds_only_what_zarr_knows(tmp_path):
         write_table({"labels": da.arange(5, chunks=5)}, str(tmp_path / "theirs.zarr"), format="zarr", overwrite=True)
 
 
+@contextlib.contextmanager
+def copies_failing_after(monkeypatch, cut: int):
+    """fsspec's in-memory filesystem whose ``copy`` (an object store's server-side copy) fails after ``cut`` copies."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    copy, calls = MemoryFileSystem.copy, []
+
+    def copy_then_die(self, *args, **kwargs):
+        if len(calls) == cut:
+            raise ConnectionError("killed mid-commit")
+        calls.append(args)
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "copy", copy_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(MemoryFileSystem, "copy", copy)
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])
 def test_an_object_store_commit_cut_short_never_looks_complete(monkeypatch, fmt):
     """On object stores the staged objects are copied one by one; the marker goes last.
@@ -351,30 +372,18 @@ def test_an_object_store_commit_cut_short_never_looks_complete(monkeypatch, fmt)
     complete until every object is there.
     """
     import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
 
     monkeypatch.setattr("dgmm.io.MIN_OUTPUT_CHUNK_BYTES", 0)  # several parts to cut between
     fs = fsspec.filesystem("memory")
     arrays = {"labels": da.arange(12, chunks=4), "p": da.ones((12, 2), chunks=4)}
-    copy = MemoryFileSystem.copy
     for cut in range(1, 100):
         url = f"memory://cut{fmt}{cut}/out"
-        calls = []
-
-        def copy_then_die(self, *args, **kwargs):
-            if len(calls) == cut:
-                raise ConnectionError("killed mid-commit")
-            calls.append(args)
-            return copy(self, *args, **kwargs)
-
-        monkeypatch.setattr(MemoryFileSystem, "copy", copy_then_die)
         try:
-            write_table(arrays, url, format=fmt)
+            with copies_failing_after(monkeypatch, cut):
+                write_table(arrays, url, format=fmt)
         except ConnectionError:
             assert not is_complete(url), f"complete after {cut} copies"
             continue
-        finally:
-            monkeypatch.setattr(MemoryFileSystem, "copy", copy)
         break
     written = [p for p in fs.find(url) if not p.endswith(SUCCESS_MARKER)]
     assert cut == len(written) >= 3 and is_complete(url)  # every cut point was tried
@@ -392,7 +401,6 @@ def test_an_object_store_overwrite_cut_short_loses_nothing_and_is_replaced_by_a_
     output in its staging folder; a rerun replaces it and removes that staging copy.
     """
     import fsspec
-    from fsspec.implementations.memory import MemoryFileSystem
 
     from dgmm.io import COMMITTING_MARKER, replace_refusal
 
@@ -400,22 +408,13 @@ def test_an_object_store_overwrite_cut_short_loses_nothing_and_is_replaced_by_a_
     fs = fsspec.filesystem("memory")
     old = {"labels": da.zeros(12, dtype=int, chunks=4)}
     new = {"labels": da.arange(12, chunks=4)}
-    copy = MemoryFileSystem.copy
     n_copies = None
     for cut in range(0, 100):
         url = f"memory://over{fmt}{cut}/out"
         write_table(old, url, format=fmt)
-        calls = []
-
-        def copy_then_die(self, *args, **kwargs):
-            if len(calls) == cut:
-                raise ConnectionError("killed mid-commit")
-            calls.append(args)
-            return copy(self, *args, **kwargs)
-
-        monkeypatch.setattr(MemoryFileSystem, "copy", copy_then_die)
         try:
-            write_table(new, url, format=fmt, overwrite=True)
+            with copies_failing_after(monkeypatch, cut):
+                write_table(new, url, format=fmt, overwrite=True)
             n_copies = cut
         except ConnectionError:
             assert not is_complete(url), f"complete after {cut} copies"
@@ -423,8 +422,6 @@ def test_an_object_store_overwrite_cut_short_loses_nothing_and_is_replaced_by_a_
             assert replace_refusal(url) is None  # dgmm's own, replaceable
             (staging,) = [p for p in fs.ls(f"over{fmt}{cut}", detail=False) if "dgmm-staging" in p]
             assert len(fs.find(staging)) >= 3  # the complete new output was kept
-        finally:
-            monkeypatch.setattr(MemoryFileSystem, "copy", copy)
         if n_copies is not None:
             break
         write_table(new, url, format=fmt, overwrite=True)  # the rerun
