@@ -366,7 +366,9 @@ class Config:
         """The config as plain data (YAML/JSON-serialisable), without ``source``.
 
         ``cluster.type`` is written resolved (``address`` and ``jobqueue`` when
-        implied by their keys), so the dict parses back to the same config.
+        implied by their keys), and ``output.checkpoint`` as the file checkpoints
+        go to (beside the model unless set; null when disabled), so the dict
+        parses back to the same config.
         With ``redact``, ``storage_options`` entries whose names suggest a
         credential (key, secret, token, password) are replaced by ``'<redacted>'``,
         so they never reach model metadata or logs.
@@ -374,6 +376,7 @@ class Config:
         data = dataclasses.asdict(self)
         data.pop("source")
         data["cluster"]["type"] = self.cluster.kind
+        data["output"]["checkpoint"] = self.output.checkpoint_path  # beside the model unless set or disabled
         return _redact(data) if redact else data
 
 

@@ -203,6 +203,7 @@ def test_example_configs_are_valid(name, tmp_path):
         assert config.cluster.kind == "address"
     printed = config.to_dict(redact=False)  # what `dgmm check` prints: the type resolved, parsing back the same
     assert printed["cluster"]["type"] == config.cluster.kind
+    assert printed["output"]["checkpoint"] == config.output.checkpoint_path  # where checkpoints go, not null
     assert parse_config(yaml.safe_load(yaml.safe_dump(printed)), source=name).to_dict(redact=False) == printed
     text = (CONFIGS / name).read_text().lower()
     assert "secret" not in text.replace("aws_secret_access_key", "") and "password" not in text
