@@ -31,6 +31,7 @@ import threading
 import time
 import warnings
 
+from ._worker_preload import UnclosedSessionFilter
 from .config import Config, ConfigError, check_extra_output, load_config, parse_config
 
 logger = logging.getLogger("dgmm.cli")
@@ -130,6 +131,7 @@ def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     err.setFormatter(formatter)
     err.setLevel(logging.WARNING)
     err.addFilter(_NotAbandonedGathers())
+    err.addFilter(UnclosedSessionFilter())  # aiohttp at exit, about s3fs sessions nobody closes: harmless
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -372,7 +374,7 @@ def open_cluster(config):
                     silence_logs=logging.CRITICAL,  # a failed task is reported once, by the command
                     # Ctrl-C is the command's: worker processes ignore it, so they neither print tracebacks
                     # nor die before the command closes them (thread workers share this process: no preload)
-                    **({"preload": ["dgmm._worker_signals"]} if config.processes else {}),
+                    **({"preload": ["dgmm._worker_preload"]} if config.processes else {}),
                 ))
             client = stack.enter_context(Client(cluster))
             n_workers, n_threads = _worker_summary(client)
