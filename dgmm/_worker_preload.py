@@ -1,11 +1,13 @@
 """Worker preload of the ``dgmm`` command's LocalCluster worker processes (``LocalCluster(preload=[__name__])``,
 restarted workers too).
 
-- **Ctrl-C is the driver's.** A terminal's Ctrl-C reaches every process of its foreground group, the
-  worker processes a LocalCluster spawns included. Each then died printing a ``KeyboardInterrupt``
-  traceback, and the scheduler warned about lost tasks, before the command had reported the
-  interrupt and closed the cluster itself. The workers ignore SIGINT; the driver still gets it,
-  stops the fit, and shuts the workers down.
+- **Ctrl-C, SIGTERM and SIGHUP are the driver's.** A terminal's Ctrl-C (and the SIGHUP of a closed
+  terminal, and Slurm's SIGTERM to every process of a job) reaches every process of the group, the
+  worker processes a LocalCluster spawns included. Each then died printing a traceback, and the
+  scheduler warned about lost tasks and restarted them, before the command had reported the
+  interrupt and closed the cluster itself. The workers ignore these signals; the driver still gets
+  them, stops the fit, and shuts the workers down (the nanny asks a worker to stop through a queue,
+  and kills it with SIGKILL if it must: never with these signals).
 - **No "Unclosed client session" noise.** s3fs's aiohttp sessions, opened by Zarr stores on the
   workers, are never closed before the worker process exits, and aiohttp then logged two lines per
   worker to stderr at the end of every command on an ``s3://`` Zarr input (:class:`UnclosedSessionFilter`).
@@ -35,8 +37,14 @@ def quiet_unclosed_sessions() -> None:
         log.addFilter(UnclosedSessionFilter())
 
 
+#: The signals the command's worker processes leave to the command.
+DRIVER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def dask_setup(worker) -> None:  # noqa: ARG001 - distributed's preload signature
-    """Ignore SIGINT in this worker process (only its main thread may change signal handlers); quiet aiohttp."""
+    """Ignore :data:`DRIVER_SIGNALS` in this worker process (only its main thread may change signal
+    handlers); quiet aiohttp."""
     quiet_unclosed_sessions()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in DRIVER_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)

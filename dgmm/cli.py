@@ -121,6 +121,14 @@ class _NotAbandonedGathers(logging.Filter):
         return not (record.name == "asyncio" and exc is not None and exc.__name__ == "AllExit")
 
 
+class _NotEmpty(logging.Filter):
+    """Drops records with no message (distributed's client logs ``logger.exception("")`` when it loses its
+    scheduler; the command reports that loss itself, in one line)."""
+
+    def filter(self, record):
+        return bool(str(record.getMessage()).strip())
+
+
 def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     """Progress and results to stdout, warnings and errors to stderr, as text or JSON lines."""
     formatter = _JsonFormatter() if log_format == "json" else _TextFormatter()
@@ -131,6 +139,7 @@ def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     err.setFormatter(formatter)
     err.setLevel(logging.WARNING)
     err.addFilter(_NotAbandonedGathers())
+    err.addFilter(_NotEmpty())
     err.addFilter(UnclosedSessionFilter())  # aiohttp at exit, about s3fs sessions nobody closes: harmless
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -367,7 +376,7 @@ def open_cluster(config):
             # inproc://, takes no host and then serves the scheduler's and workers' HTTP endpoints on
             # every interface.
             # Worker processes keep glibc's own malloc thresholds (LOCAL_WORKER_ENVIRON).
-            with dask.config.set(LOCAL_WORKER_ENVIRON):
+            with dask.config.set(LOCAL_WORKER_ENVIRON), _sighup_ignored_by_children():
                 cluster = stack.enter_context(LocalCluster(
                     **_local_workers(config), processes=config.processes, memory_limit=config.memory_limit,
                     protocol="tcp://", host=config.host, dashboard_address=config.dashboard_address,
@@ -411,6 +420,21 @@ def open_cluster(config):
                scheduler=client.scheduler.address, dashboard=client.dashboard_link)
         stack.enter_context(_watch_workers(client, kind))
         yield client
+
+
+@contextlib.contextmanager
+def _sighup_ignored_by_children():
+    """SIGHUP ignored while the LocalCluster starts its processes, which inherit that (an ignored signal stays
+    ignored across exec): multiprocessing's resource tracker ignores SIGINT and SIGTERM but not SIGHUP, and a
+    closed terminal killed it, with a dozen KeyError tracebacks. The command's own handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 #: Seconds between two looks at the cluster's workers (:func:`_watch_workers`).
@@ -1161,6 +1185,9 @@ def _cmd_sample(args) -> int:
         from .io import _filesystem
 
         fs, root = _filesystem(out, options)
+        if not fs.exists(root.split("/", 1)[0]):
+            raise ConfigError(f"-o: {out}: the bucket {root.split('/', 1)[0]!r} does not exist (dgmm does not "
+                              "create buckets); check the URL")
         exists = fs.exists(root)
     else:
         exists = os.path.exists(out)
@@ -1332,7 +1359,7 @@ def main(argv=None) -> int:
         if _is_cancelled_future(exc):  # e.g. the scheduler died
             resume = "; 'dgmm fit --resume' continues from the last checkpoint" if args.func is _cmd_fit else ""
             logger.error("the computation was cancelled: %s (was the scheduler, or the connection to it, lost?)%s",
-                         str(exc).strip().rstrip("."), resume,
+                         " ".join(str(exc).split()).rstrip("."), resume,
                          extra={"event": "error", "fields": {"kind": "cancelled"}})
             return EXIT_FAILURE
         if not _is_killed_worker(exc):

@@ -546,7 +546,9 @@ def _check_for_command(config: Config, command: str) -> None:
                 fail("predict.output", f"{refusal}; dgmm replaces only its own outputs: remove it yourself or "
                                        "choose another path")
         if is_url(predict.output):
-            _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False)
+            suffix = {"zarr": ".zarr", "parquet": ".parquet"}.get(predict.resolved_format(), "")
+            _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False,
+                              suffix=suffix)
 
 
 def check_extra_output(config: Config, name: str, path: str) -> None:
@@ -579,7 +581,7 @@ def _exists(fail, key: str, path: str, storage_options) -> bool:
         raise  # not reached: fail raises
 
 
-def _check_url_output(fail, key: str, path: str, storage_options, *, file: bool) -> None:
+def _check_url_output(fail, key: str, path: str, storage_options, *, file: bool, suffix: str = "") -> None:
     """Before any work: an object-store output must name a key inside an existing bucket that these
     credentials may write (a probe object written and removed beside it); a model file must not be a folder."""
     import uuid
@@ -591,15 +593,19 @@ def _check_url_output(fail, key: str, path: str, storage_options, *, file: bool)
         root = root.rstrip("/")
         bucket, _, rest = root.partition("/")
         if not rest:
-            fail(key, f"{path} names a bucket, not an object in it; e.g. {path.rstrip('/')}/"
-                      f"{'model.npz' if file else 'predictions.zarr'}")
+            example = "model.npz" if file else "predictions" + (suffix or ".zarr")
+            fail(key, f"{path} names a bucket, not an object in it; e.g. {path.rstrip('/')}/{example}")
         if not fs.exists(bucket):
             fail(key, f"{path}: the bucket {bucket!r} does not exist (dgmm does not create buckets); check the URL")
         if file and fs.isdir(root):
             fail(key, f"{path} is a folder of objects; name the model file, e.g. {path.rstrip('/')}/model.npz")
         probe = f"{posixpath.dirname(root)}/.dgmm-write-probe-{uuid.uuid4().hex[:12]}"
         fs.pipe_file(probe, b"")
-        fs.rm(probe)
+        try:
+            fs.rm(probe)
+        except PermissionError as exc:  # dgmm's commits delete what they staged: writing alone is not enough
+            fail(key, f"may write to {path} but not delete there ({exc}); dgmm removes its staged copies and the "
+                      f"outputs it replaces: allow deleting, and remove the probe object {probe}")
     except ConfigError:
         raise
     except PermissionError as exc:

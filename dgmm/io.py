@@ -1153,16 +1153,28 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
     # Object stores have no rename. The target first gets COMMITTING_MARKER, so that a commit cut short
     # leaves an output dgmm recognises as its own and incomplete (replaceable, never complete); then the
     # old output's completion marker goes first and the rest of it after; then the objects are copied,
-    # the completion marker (Zarr: the group's metadata) last; then COMMITTING_MARKER goes.
+    # the completion marker (Zarr: the group's metadata) last; then the staging copies, and last of all
+    # COMMITTING_MARKER. The marker names this commit's staging output and those of earlier commits cut
+    # short (removed once this one is complete), and says who commits: a live commit of another process
+    # is never interleaved with.
     fs.invalidate_cache()
     committing = posixpath.join(root, COMMITTING_MARKER)
-    interrupted = None  # the staging output of an earlier commit to root that was cut short
-    if fs.exists(committing):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            interrupted = json.loads(fs.cat_file(committing)).get("staging")
-    elif fs.exists(root) and not overwrite:  # someone else's objects appeared while writing: never delete them
+    if fs.exists(root) and not overwrite:  # someone else's objects appeared while writing: never delete them
         raise FileExistsError(f"{root} appeared while writing; the new output is left at {staging}")
-    fs.pipe_file(committing, json.dumps({"staging": staging, "pid": os.getpid(), "host": _host_tag()}).encode())
+    leftovers: list[str] = []
+    if fs.exists(committing):
+        previous = _read_commit_record(fs, committing)
+        if _commit_is_live(previous):
+            raise FileExistsError(f"{root}: another dgmm write (host {previous.get('host')}, process "
+                                  f"{previous.get('pid')}) is committing its output there now; the new output is "
+                                  f"left at {staging}")
+        leftovers = [p for p in [*previous.get("leftovers", []), previous.get("staging")]
+                     if isinstance(p, str) and p != staging and posixpath.dirname(p) == posixpath.dirname(staging)]
+    record = {"staging": staging, "leftovers": leftovers, "host": _host_tag(), "pid": os.getpid(), "time": time.time()}
+    fs.pipe_file(committing, json.dumps(record).encode())
+    if _read_commit_record(fs, committing).get("staging") != staging:  # another writer's marker won the race
+        raise FileExistsError(f"{root}: another dgmm write started committing its output there at the same "
+                              f"time; the new output is left at {staging}")
     old = [path for path in fs.find(root) if posixpath.basename(path) != COMMITTING_MARKER]
     completion = {posixpath.join(root, name) for name in (SUCCESS_MARKER, *ZARR_GROUP_METADATA)}
     for group in ([p for p in old if p in completion], [p for p in old if p not in completion]):
@@ -1171,16 +1183,47 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
     fs.invalidate_cache()
     sources = [posixpath.relpath(source, staging) for source in fs.find(staging)]
     last = [name for name in sources if marker is None and name in ZARR_GROUP_METADATA]
+    refreshed = time.monotonic()
     for name in [name for name in sources if name not in last] + last:
         fs.copy(posixpath.join(staging, name), posixpath.join(root, name))
+        if time.monotonic() - refreshed > COMMIT_LEASE_SECONDS / 5:  # still alive: keep the lease
+            record["time"], refreshed = time.time(), time.monotonic()
+            fs.pipe_file(committing, json.dumps(record).encode())
     if marker is not None:
         fs.pipe_file(posixpath.join(root, SUCCESS_MARKER), marker.encode())
+    for copy in [staging, *leftovers]:  # the copies are no longer needed: this output replaced them
+        with contextlib.suppress(OSError):
+            fs.rm(copy, recursive=True)
     fs.rm(committing)
-    fs.rm(staging, recursive=True)
-    if isinstance(interrupted, str) and interrupted != staging and \
-            posixpath.dirname(interrupted) == posixpath.dirname(staging):
-        with contextlib.suppress(OSError):  # its copy is no longer needed: this output replaced it
-            fs.rm(interrupted, recursive=True)
+
+
+#: A commit marker of another host not refreshed for this long belongs to a commit that was cut short.
+COMMIT_LEASE_SECONDS = 300.0
+
+
+def _read_commit_record(fs, committing: str) -> dict:
+    try:
+        record = json.loads(fs.cat_file(committing))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _commit_is_live(record: dict) -> bool:
+    """Whether the commit that wrote ``record`` may still be running: its process is alive (this host), or
+    (another host) it refreshed the record within :data:`COMMIT_LEASE_SECONDS`."""
+    pid, host, written = record.get("pid"), record.get("host"), record.get("time")
+    if host == _host_tag() and isinstance(pid, int):
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # another user's live process
+        return True
+    return isinstance(written, (int, float)) and time.time() - written < COMMIT_LEASE_SECONDS
 
 
 def _check_bucket(fs, path: str, root: str) -> None:

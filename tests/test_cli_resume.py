@@ -88,13 +88,16 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert f"dgmm: warning: --resume: no checkpoint at {tmp_path / 'keep.npz'}; fitting from the start" in fresh.stderr
 
 
-@pytest.mark.parametrize("cluster, stop", [({"type": "threads"}, "ctrl-c"),
-                                           ({"n_workers": 2, "threads_per_worker": 1}, "ctrl-c"),
-                                           ({"n_workers": 2, "threads_per_worker": 1}, "sigterm")],
-                         ids=["threads", "local_cluster", "local_cluster_sigterm"])
+LOCAL = {"n_workers": 2, "threads_per_worker": 1}
+
+
+@pytest.mark.parametrize("cluster, stop", [({"type": "threads"}, "SIGINT"), (LOCAL, "SIGINT"), (LOCAL, "SIGTERM"),
+                                           (LOCAL, "SIGHUP")],
+                         ids=["threads", "local_cluster", "local_cluster_sigterm", "local_cluster_sighup"])
 def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path, cluster, stop):
-    """Ctrl-C (SIGINT to the terminal's process group), or SIGTERM to the command alone (a batch system's kill,
-    a walltime): the checkpoint of the last iteration, the --resume hint, no model, workers closed."""
+    """Ctrl-C (SIGINT to the terminal's process group), SIGTERM to every process of the group (Slurm ending a
+    job, a walltime) or SIGHUP (a closed terminal): the checkpoint of the last iteration, the --resume hint, no
+    model, workers closed, and nothing from the worker processes or multiprocessing's resource tracker."""
     # on a LocalCluster, iterations long enough (about 1 s) that Ctrl-C lands while the client waits for results
     n, d, k, rows = (40_000, 4, 4, 2000) if cluster.get("type") == "threads" else (2_000_000, 8, 8, 100_000)
     X = blobs(n, d, seed=7)
@@ -108,15 +111,13 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path, cluster, st
     with running(dgmm_command("fit", config), new_session=True) as proc:
         wait_for_line(proc, "iteration    2")
         time.sleep(0 if cluster.get("type") == "threads" else 0.5)  # into the next iteration's pass
-        if stop == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's: the LocalCluster's worker processes get it too
-        else:
-            proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, getattr(signal, stop))  # the LocalCluster's worker processes get it too
         _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == (130 if stop == "ctrl-c" else 143), stderr
+    assert proc.returncode == (130 if stop == "SIGINT" else 128 + getattr(signal, stop)), stderr
     assert "--resume' continues from" in stderr
-    last = "dgmm: error: interrupted" if stop == "ctrl-c" else "dgmm: error: terminated (SIGTERM)"
+    last = "dgmm: error: interrupted" if stop == "SIGINT" else f"dgmm: error: terminated ({stop})"
     assert stderr.rstrip().endswith(last), stderr
+    assert "Restarting worker" not in stderr and "resource_tracker" not in stderr, stderr
     assert "Task exception was never retrieved" not in stderr and "Traceback" not in stderr  # no asyncio noise
     assert "KeyboardInterrupt" not in stderr and "lose already computed" not in stderr  # nor the workers'
     assert not (tmp_path / "model.npz").exists()

@@ -173,7 +173,8 @@ def test_object_store_outputs_are_checked_before_any_work(tmp_path, s3):
                                        "does not exist (dgmm does not create buckets)",
         f"s3://{BUCKET}/dataset.parquet": f"output.model: s3://{BUCKET}/dataset.parquet is a folder of objects; "
                                           "name the model file",
-        f"s3://{BUCKET}": f"output.model: s3://{BUCKET} names a bucket, not an object in it",
+        f"s3://{BUCKET}": f"output.model: s3://{BUCKET} names a bucket, not an object in it; e.g. "
+                          f"s3://{BUCKET}/model.npz",
     }
     for model, message in cases.items():
         for command in (["check", config, "--for", "fit"], ["fit", config]):
@@ -215,6 +216,12 @@ def test_sample_writes_to_an_object_store(tmp_path, s3):
     again = run_dgmm("sample", str(tmp_path / "m.npz"), "-o", f"s3://{BUCKET}/samples/s.npy",
                      "--storage-option", f"endpoint_url={s3}")
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr
+    for name in ("s.npy", "s.zarr"):  # a mistyped bucket: a usage error naming it, for every format
+        typo = run_dgmm("sample", str(tmp_path / "m.npz"), "-o", f"s3://no-such-bucket-z/{name}",
+                        "--storage-option", f"endpoint_url={s3}")
+        assert typo.returncode == 2 and f"-o: s3://no-such-bucket-z/{name}: the bucket 'no-such-bucket-z' does not " \
+            "exist" in typo.stderr, typo.stderr
+    assert not fs.exists("no-such-bucket-z")
 
 
 def test_a_model_the_store_refuses_at_the_end_of_a_fit_is_kept_locally(tmp_path, monkeypatch):

@@ -449,6 +449,64 @@ def test_an_object_store_overwrite_cut_short_loses_nothing_and_is_replaced_by_a_
     fs.rm("/", recursive=True)
 
 
+def test_an_object_store_commit_never_interleaves_with_a_live_one():
+    """Two writers replacing one object-store output: the second used to take the first's marker for a cut-short
+    commit, delete what it had copied and its staging folder, and leave a mixed output with a valid _SUCCESS."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import fsspec
+
+    from dgmm.checkpoint import _host_tag
+    from dgmm.io import COMMIT_LEASE_SECONDS, COMMITTING_MARKER
+
+    fs = fsspec.filesystem("memory")
+    old, new = {"labels": da.zeros(12, dtype=int, chunks=4)}, {"labels": da.arange(12, chunks=4)}
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        cases = [  # who wrote the marker found at the target, and whether that commit may still run
+            ({"host": _host_tag(), "pid": alive.pid, "time": 0}, True),  # this host, a live process
+            ({"host": _host_tag(), "pid": dead.pid, "time": time.time()}, False),  # this host, an ended one
+            ({"host": "elsewhere", "pid": 1, "time": time.time()}, True),  # another host, refreshed just now
+            ({"host": "elsewhere", "pid": 1, "time": time.time() - 2 * COMMIT_LEASE_SECONDS}, False),  # long ago
+        ]
+        for i, (record, live) in enumerate(cases):
+            url, root, theirs = f"memory://live{i}/out", f"/live{i}/out", f"/live{i}/.out.dgmm-staging-elsewhere.1.a"
+            write_table(old, url, format="parquet")
+            fs.pipe_file(f"{theirs}/part-0.parquet", b"theirs")
+            fs.pipe_file(f"{root}/{COMMITTING_MARKER}", json.dumps({**record, "staging": theirs}).encode())
+            if live:
+                with pytest.raises(FileExistsError, match="another dgmm write .* is committing its output there now; "
+                                                          "the new output is left at"):
+                    write_table(new, url, format="parquet", overwrite=True)
+                assert fs.exists(f"{theirs}/part-0.parquet") and fs.exists(f"{root}/{SUCCESS_MARKER}"), i  # untouched
+            else:
+                write_table(new, url, format="parquet", overwrite=True)
+                assert is_complete(url) and not fs.exists(f"{root}/{COMMITTING_MARKER}"), i
+                assert fs.ls(f"/live{i}", detail=False) == [root], i  # the cut-short commit's staging copy removed
+        # without overwrite, a target that appeared while writing is refused, whatever commit is in flight there
+        import dgmm.io
+
+        commit = dgmm.io._commit
+
+        def marker_first(fs_, staging, root, *args, **kwargs):
+            fs_.pipe_file(f"{root}/{COMMITTING_MARKER}", json.dumps(cases[0][0]).encode())
+            return commit(fs_, staging, root, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dgmm.io, "_commit", marker_first)
+            with pytest.raises(FileExistsError, match="appeared while writing"):
+                write_table(new, "memory://race/out", format="parquet")
+    finally:
+        alive.kill()
+        alive.wait()
+        fs.rm("/", recursive=True)
+
+
 def blosc(array):
     """(cname, clevel, shuffle) of a Zarr array's one Blosc compressor, in either format's codec class."""
     (codec,) = array.compressors
