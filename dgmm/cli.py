@@ -121,6 +121,23 @@ class _NotAbandonedGathers(logging.Filter):
         return not (record.name == "asyncio" and exc is not None and exc.__name__ == "AllExit")
 
 
+class _ShortLostTasks(logging.Filter):
+    """Shortens distributed's "Removing worker ... caused the cluster to lose ... task(s) ...: {key, key, ...}"
+    (kilobytes of task keys on one line) to the number of tasks; the command says itself that a worker left."""
+
+    def filter(self, record):
+        if record.name.startswith("distributed") and "caused the cluster to lose" in str(record.msg):
+            import re
+
+            message = record.getMessage()
+            keys = re.search(r": (\{.*\}) \(stimulus_id", message, flags=re.S)
+            if keys:
+                count = keys.group(1).count("(") or keys.group(1).count(",") + 1
+                record.msg = message[: keys.start()] + f": {count} task(s)"
+                record.args = ()
+        return True
+
+
 class _NotEmpty(logging.Filter):
     """Drops records with no message (distributed's client logs ``logger.exception("")`` when it loses its
     scheduler; the command reports that loss itself, in one line)."""
@@ -140,6 +157,7 @@ def configure_logging(quiet: bool = False, log_format: str = "text") -> None:
     err.setLevel(logging.WARNING)
     err.addFilter(_NotAbandonedGathers())
     err.addFilter(_NotEmpty())
+    err.addFilter(_ShortLostTasks())
     err.addFilter(UnclosedSessionFilter())  # aiohttp at exit, about s3fs sessions nobody closes: harmless
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -242,6 +242,8 @@ def test_workers_dying_on_every_attempt_end_the_command_with_a_clear_message(tmp
     assert "may be running out of memory: raise cluster.memory_limit" in error and "--resume' continues" in error
     assert not (tmp_path / "model.npz").exists()
     # (a worker restarting while the cluster shuts down may still log its own heartbeat traceback)
+    lost = [line for line in result.stderr.splitlines() if "caused the cluster to lose" in line]
+    assert lost and all(line.endswith("task(s)") and len(line) < 300 for line in lost), lost  # not kB of keys
 
 
 def test_input_kept_in_worker_memory_survives_a_killed_worker(client, data, undisturbed):
