@@ -1177,8 +1177,7 @@ def _cmd_sample(args) -> int:
     import dask.array as da
     import numpy as np
 
-    from .checkpoint import atomic_write_bytes
-    from .io import format_from_suffix, is_url, write_table
+    from .io import _filesystem, format_from_suffix, is_url, missing_bucket, write_bytes, write_table
     from .model_io import load_model, read_model_metadata
 
     if args.n_samples < 1:
@@ -1199,27 +1198,19 @@ def _cmd_sample(args) -> int:
         sys.stdout.write(buffer.getvalue())
         return 0
     fmt = format_from_suffix(out)
-    if is_url(out):
-        from .io import _filesystem
-
-        fs, root = _filesystem(out, options)
-        if not fs.exists(root.split("/", 1)[0]):
-            raise ConfigError(f"-o: {out}: the bucket {root.split('/', 1)[0]!r} does not exist (dgmm does not "
-                              "create buckets); check the URL")
-        exists = fs.exists(root)
-    else:
-        exists = os.path.exists(out)
-    if exists and not args.overwrite:
+    fs, root = _filesystem(out, options)
+    bucket = missing_bucket(fs, root) if is_url(out) else None
+    if bucket is not None:
+        raise ConfigError(f"-o: {out}: the bucket {bucket!r} does not exist (dgmm does not create buckets); "
+                          "check the URL")
+    if fs.exists(root) and not args.overwrite:
         raise ConfigError(f"-o: {out} exists; pass --overwrite or choose another path")
     if fmt == "npy":
         import io
 
         buffer = io.BytesIO()
         np.save(buffer, X, allow_pickle=False)
-        if is_url(out):
-            fs.pipe_file(root, buffer.getvalue())  # one PUT: an object store commits it atomically
-        else:
-            atomic_write_bytes(out, buffer.getvalue())
+        write_bytes(out, buffer.getvalue(), options)
     elif fmt in ("zarr", "parquet"):
         arrays = {"X": da.from_array(X, chunks=(max(len(X), 1), -1)), "labels": da.from_array(y)}
         import dask
@@ -1348,6 +1339,7 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     from .checkpoint import CheckpointError
 
+    resume = "'dgmm fit --resume' continues from the last checkpoint" if args.func is _cmd_fit else ""
     try:
         with _terminate_as_interrupt():
             return args.func(args)
@@ -1370,21 +1362,18 @@ def main(argv=None) -> int:
         from .io import is_storage_error
 
         if is_storage_error(exc):  # an object store's client library: its message says what went wrong
-            resume = "; 'dgmm fit --resume' continues from the last checkpoint" if args.func is _cmd_fit else ""
-            logger.error("%s: %s%s", type(exc).__name__, str(exc).strip(), resume,
+            logger.error("%s: %s%s", type(exc).__name__, str(exc).strip(), resume and f"; {resume}",
                          extra={"event": "error", "fields": {"kind": type(exc).__name__}})
             return EXIT_FAILURE
         if _is_cancelled_future(exc):  # e.g. the scheduler died
-            resume = "; 'dgmm fit --resume' continues from the last checkpoint" if args.func is _cmd_fit else ""
             logger.error("the computation was cancelled: %s (was the scheduler, or the connection to it, lost?)%s",
-                         " ".join(str(exc).split()).rstrip("."), resume,
+                         " ".join(str(exc).split()).rstrip("."), resume and f"; {resume}",
                          extra={"event": "error", "fields": {"kind": "cancelled"}})
             return EXIT_FAILURE
         if not _is_killed_worker(exc):
             raise  # a bug: keep the traceback
-        resume = " ('dgmm fit --resume' continues from the last checkpoint)" if args.func is _cmd_fit else ""
         logger.error("%s Workers dying again and again may be running out of memory: raise cluster.memory_limit, "
-                     "use smaller chunks or fewer threads per worker%s.", str(exc).strip(), resume,
+                     "use smaller chunks or fewer threads per worker%s.", str(exc).strip(), resume and f" ({resume})",
                      extra={"event": "error", "fields": {"kind": "killed_worker"}})
         return EXIT_FAILURE
 

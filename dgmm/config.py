@@ -586,16 +586,16 @@ def _check_url_output(fail, key: str, path: str, storage_options, *, file: bool,
     credentials may write (a probe object written and removed beside it); a model file must not be a folder."""
     import uuid
 
-    from .io import _filesystem
+    from .io import _filesystem, missing_bucket
 
     try:
         fs, root = _filesystem(path, storage_options)
         root = root.rstrip("/")
-        bucket, _, rest = root.partition("/")
-        if not rest:
+        if "/" not in root:
             example = "model.npz" if file else "predictions" + (suffix or ".zarr")
             fail(key, f"{path} names a bucket, not an object in it; e.g. {path.rstrip('/')}/{example}")
-        if not fs.exists(bucket):
+        bucket = missing_bucket(fs, root)
+        if bucket is not None:
             fail(key, f"{path}: the bucket {bucket!r} does not exist (dgmm does not create buckets); check the URL")
         if file and fs.isdir(root):
             fail(key, f"{path} is a folder of objects; name the model file, e.g. {path.rstrip('/')}/model.npz")
@@ -740,7 +740,7 @@ def _convert(value, annotation, source: str, key: str):
         hint = ""
         if key.endswith("walltime") and isinstance(value, int) and not isinstance(value, bool):
             # YAML 1.1 reads an unquoted 12:00:00 as a sexagesimal number (43200)
-            hint = f' (YAML reads an unquoted time such as 12:00:00 as a number: quote it, walltime: "12:00:00")'
+            hint = ' (YAML reads an unquoted time such as 12:00:00 as a number: quote it, walltime: "12:00:00")'
         raise ConfigError(f"{source}: {key}: must be {expected}, got {_type_name(value)}{hint}")
 
     if value is None and key.endswith("storage_options"):

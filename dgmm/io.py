@@ -45,7 +45,7 @@ import dask.array as da
 import numpy as np
 
 from ._version import __version__
-from .checkpoint import _host_tag, left_by_dead_writers
+from .checkpoint import _host_tag, _is_running, atomic_write_bytes, left_by_dead_writers
 from .namespace import to_host
 
 __all__ = [
@@ -124,6 +124,26 @@ STORAGE_ERROR_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "
 def is_storage_error(exc: BaseException) -> bool:
     """True when ``exc`` (or a class it derives from) comes from an object-store client library."""
     return any(cls.__module__.split(".")[0] in STORAGE_ERROR_PACKAGES for cls in type(exc).__mro__)
+
+
+def write_bytes(path: str, payload: bytes, storage_options: Mapping | None = None) -> None:
+    """Write ``payload`` to a file atomically: a local file through a renamed temporary file
+    (:func:`dgmm.checkpoint.atomic_write_bytes`), an object-store URL in one PUT."""
+    if is_url(path):
+        fs, root = _filesystem(path, storage_options)
+        fs.pipe_file(root, payload)
+    else:
+        atomic_write_bytes(path, payload)
+
+
+def missing_bucket(fs, root: str) -> str | None:
+    """The bucket of an object-store ``root`` when it does not exist, else None (also when listing buckets is
+    not allowed: writing will say whether it may write). fsspec's ``makedirs`` would create it."""
+    bucket = root.split("/", 1)[0]
+    try:
+        return None if fs.exists(bucket) else bucket
+    except PermissionError:
+        return None
 
 
 def _local(path: str) -> str:
@@ -1214,26 +1234,14 @@ def _commit_is_live(record: dict) -> bool:
     (another host) it refreshed the record within :data:`COMMIT_LEASE_SECONDS`."""
     pid, host, written = record.get("pid"), record.get("host"), record.get("time")
     if host == _host_tag() and isinstance(pid, int):
-        if pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # another user's live process
-        return True
+        return pid != os.getpid() and _is_running(pid)  # this process's own commit was cut short: not live
     return isinstance(written, (int, float)) and time.time() - written < COMMIT_LEASE_SECONDS
 
 
 def _check_bucket(fs, path: str, root: str) -> None:
     """Refuse an object-store output whose bucket does not exist (s3fs's makedirs would create it)."""
-    bucket = root.split("/", 1)[0]
-    try:
-        exists = fs.exists(bucket)
-    except PermissionError:
-        return  # not allowed to look at the bucket itself; writing will say whether it may write
-    if not exists:
+    bucket = missing_bucket(fs, root)
+    if bucket is not None:
         raise FileNotFoundError(f"{path}: the bucket {bucket!r} does not exist (dgmm does not create buckets); "
                                 "check the URL")
 

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .checkpoint import atomic_write_bytes, check_parameter_values, parameter_shapes, read_npz_header, read_npz_meta
+from .checkpoint import check_parameter_values, parameter_shapes, read_npz_header, read_npz_meta
 from .chunk import COVARIANCE_TYPES
-from .io import is_url
+from .io import is_url, write_bytes
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFormatError", "from_sklearn", "load_model", "read_model_metadata",
            "save_model", "to_sklearn"]
@@ -133,14 +133,7 @@ def save_model(model, path: str | os.PathLike, *, metadata: dict | None = None,
     arrays = {name: np.asarray(getattr(model, name + "_")) for name in _ARRAYS}
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(json.dumps(meta, default=str)), **arrays)  # metadata never costs a fit
-    payload = buffer.getvalue()
-    if is_url(path):
-        import fsspec
-
-        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        fs.pipe_file(fs_path, payload)  # one PUT: an object store commits it atomically
-    else:
-        atomic_write_bytes(path, payload)
+    write_bytes(path, buffer.getvalue(), storage_options)  # atomically: a renamed file, or one PUT
     return path
 
 
