@@ -41,7 +41,7 @@ def quiet_unclosed_sessions() -> None:
 DRIVER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def dask_setup(worker) -> None:  # noqa: ARG001 - distributed's preload signature
+def dask_setup(worker) -> None:  # (distributed's preload signature)
     """Ignore :data:`DRIVER_SIGNALS` in this worker process (only its main thread may change signal
     handlers); quiet aiohttp."""
     quiet_unclosed_sessions()

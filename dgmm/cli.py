@@ -130,7 +130,7 @@ class _ShortLostTasks(logging.Filter):
             import re
 
             message = record.getMessage()
-            keys = re.search(r": (\{.*\}) \(stimulus_id", message, flags=re.S)
+            keys = re.search(r": (\{.*\}) \(stimulus_id", message, flags=re.DOTALL)
             if keys:
                 count = keys.group(1).count("(") or keys.group(1).count(",") + 1
                 record.msg = message[: keys.start()] + f": {count} task(s)"
