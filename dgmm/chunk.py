@@ -214,7 +214,13 @@ def compute_precision_cholesky(covariances: np.ndarray, covariance_type: str, fl
         Covariances in the covariance type's shape.
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     float32_note : bool, default=False
-        Add sklearn's float32 hint to the error message.
+        The model is float32: add sklearn's float32 hint to the error message,
+        and also require the float32-rounded covariances (the fitted
+        ``covariances_``) to be positive definite, as sklearn's float32
+        Cholesky does. The statistics of float32 'full' chunks carry float32
+        rounding, which can make an exactly singular covariance (collinear
+        features with ``reg_covar=0``) barely positive definite in float64
+        and singular again once stored.
 
     Returns
     -------
@@ -237,11 +243,13 @@ def compute_precision_cholesky(covariances: np.ndarray, covariance_type: str, fl
         for k in range(stack.shape[0]):
             try:
                 cov_chol = linalg.cholesky(stack[k], lower=True)
+                if float32_note:
+                    linalg.cholesky(stack[k].astype(np.float32), lower=True)
             except linalg.LinAlgError:
                 raise ValueError(message) from None
             out[k] = linalg.solve_triangular(cov_chol, eye, lower=True).T
         return out[0] if covariance_type == "tied" else out
-    if np.any(covariances <= 0.0):
+    if np.any(covariances <= 0.0) or (float32_note and np.any(covariances.astype(np.float32) <= 0.0)):
         raise ValueError(message)
     return 1.0 / np.sqrt(covariances)
 

@@ -175,3 +175,27 @@ def test_input_whose_squares_overflow_gets_an_error_that_says_so(kind):
         warnings.simplefilter("ignore")
         small = GaussianMixture(3, covariance_type=kind, random_state=0).fit(X * 1e-10)
     assert np.all(np.isfinite(small.covariances_))
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_float32_collinear_features_without_reg_covar_fail_as_in_sklearn(kind):
+    """Exactly collinear float32 features and reg_covar=0: the covariance is singular. sklearn's float32
+    Cholesky fails ('... passing float64 data instead of float32') for full and tied. dgmm's float32
+    'full' chunk statistics carry float32 rounding, which made the float64 covariance barely positive
+    definite: the fit ran 100 non-monotone iterations and returned a singular float32 ``covariances_``
+    with precisions near 1e13. diag and spherical have positive variances and fit in both."""
+    X = np.c_[np.arange(40.0), 2 * np.arange(40.0)].astype(np.float32)
+    params = dict(n_components=1, covariance_type=kind, reg_covar=0.0)
+    sk, sk_error = sklearn_outcome(X, params)
+    for data in (X, da.from_array(X, chunks=(15, 2))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if sk_error is not None:
+                assert kind in ("full", "tied")
+                with pytest.raises(ValueError, match=re.escape(str(sk_error))):
+                    GaussianMixture(**params).fit(data)
+                continue
+            gm = GaussianMixture(**params).fit(data)
+        assert gm.covariances_.dtype == np.float32
+        np.testing.assert_allclose(gm.covariances_, sk.covariances_, rtol=1e-5)
+        np.testing.assert_allclose(gm.lower_bound_, sk.lower_bound_, rtol=1e-5)
