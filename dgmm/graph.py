@@ -168,11 +168,13 @@ def _checked(X, block_info=None):
     if bad:
         start = block_info[0]["array-location"][0][0] if block_info and 0 in block_info else 0
         first += start
+        rows = f"row {start} has" if X.shape[0] == 1 else (
+            f"{bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} {'has' if bad == 1 else 'have'}")
+        where = "" if X.shape[0] == 1 else f" (first at row {first})"
         raise ValueError(
-            f"Input X contains NaN or infinity: {bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} "
-            f"have non-finite values (first at row {first}). Remove or impute them; predictions can also "
-            "be written with such rows as missing (predict.nonfinite: missing, write_predictions(nonfinite="
-            "'missing'))."
+            f"Input X contains NaN or infinity: {rows} non-finite values{where}. Remove or impute them, "
+            "or write predictions with such rows as missing: dgmm.io.write_predictions(..., nonfinite="
+            "'missing'), or predict.nonfinite: missing in a dgmm config."
         )
     return X
 

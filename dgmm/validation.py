@@ -227,7 +227,9 @@ def check_precisions(precisions, covariance_type, n_components, n_features):
 
 
 def check_n_samples(n_samples: int) -> int:
-    if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+    if not isinstance(n_samples, numbers.Integral) or isinstance(n_samples, bool):
+        raise TypeError(f"n_samples must be an int, got {n_samples!r} ({type(n_samples).__name__})")
+    if n_samples < 1:
         raise ValueError(
             "Invalid value for 'n_samples': %s . The sampling requires at least one sample." % (n_samples,)
         )

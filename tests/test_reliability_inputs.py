@@ -276,7 +276,7 @@ def test_predict_on_rows_with_nan_writes_nothing(fitted_setup, dgmm_cli):
     data[2100, 2] = np.nan
     np.save(tmp_path / "x.npy", data)
     status, _, stderr = dgmm_cli("predict", write_config(tmp_path / "c.yaml", config))
-    assert status == 1 and "Input X contains NaN or infinity: 1 of the 1000 rows 2000-2999 have non-finite values (first at row 2100)" in stderr
+    assert status == 1 and "Input X contains NaN or infinity: 1 of the 1000 rows 2000-2999 has non-finite values (first at row 2100)" in stderr
     assert [f for f in os.listdir(tmp_path) if "pred" in f] == []  # neither the output nor its staging
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -119,6 +121,32 @@ def test_scores_and_criteria_match_sklearn():
     Xk, yk = sk.sample(50)
     np.testing.assert_allclose(Xs, Xk, rtol=1e-8)
     np.testing.assert_array_equal(ys, yk)
+
+
+def test_sample_refuses_counts_that_are_not_positive_ints():
+    """sklearn's ValueError below one sample (naming the count asked for, where sklearn names
+    n_components); a count that is not an int is a TypeError saying so (it read "Invalid value
+    for 'n_samples': 3 ." for the string '3')."""
+    gm = GaussianMixture(3, random_state=0).fit(make_mixture(n_samples=300, n_features=2, seed=1))
+    for n in (0, -1):
+        with pytest.raises(ValueError, match=rf"Invalid value for 'n_samples': {n} \. The sampling requires at least"):
+            gm.sample(n)
+    for n in ("3", 2.5, True, None):
+        with pytest.raises(TypeError, match=rf"n_samples must be an int, got {re.escape(repr(n))}"):
+            gm.sample(n)
+    assert gm.sample(np.int64(4))[0].shape == (4, 2)
+
+
+def test_nonfinite_row_in_lazy_predictions_is_named_in_one_sentence():
+    """A one-row chunk reads 'row 5 has', not '1 of the 1 rows 5-5 have'."""
+    X = make_mixture(n_samples=300, n_features=2, seed=1)
+    gm = GaussianMixture(2, random_state=0).fit(X)
+    X[5, 1] = np.nan
+    with pytest.raises(ValueError, match=r"Input X contains NaN or infinity: row 5 has non-finite values\. Remove "):
+        gm.predict(da.from_array(X, chunks=1)).compute()
+    with pytest.raises(ValueError, match=r"contains NaN or infinity: 1 of the 10 rows 0-9 has non-finite values "
+                                         r"\(first at row 5\)\. Remove or impute them, or write predictions"):
+        gm.score_samples(da.from_array(X, chunks=10)).compute()
 
 
 @pytest.mark.parametrize("n_init, verbose, interval", [(1, 1, 3), (1, 2, 2), (3, 2, 2), (3, 1, 1)])
