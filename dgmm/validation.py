@@ -115,6 +115,8 @@ def check_lazy_array(estimator, X, *, reset: bool, ensure_min_samples: int = 1) 
     validate_data(estimator, X._meta if hasattr(X, "columns") else X, reset=reset, skip_check_array=True)
     Xd = _to_dask_array(X)
     kind = Xd.dtype.kind
+    if kind == "c":  # sklearn's words (without the array it prints)
+        raise ValueError(f"Complex data not supported: X has dtype {Xd.dtype}.")
     if kind not in "biuf":
         raise ValueError(
             f"{name} needs numeric input, but X has dtype {Xd.dtype}; "

@@ -184,7 +184,7 @@ FIT_CASES = {
     "truncated-zarr-chunk": (truncated_zarr_chunk, "cannot decode rows 1000:2000 of the Zarr array"),
     "garbage-zarr-chunk": (garbage_zarr_chunk, "cannot decode rows 2000:3000 of the Zarr array"),
     "corrupt-zarr-metadata": (corrupt_zarr_metadata, "cannot open as Zarr (JSONDecodeError"),
-    "complex-values": (complex_zarr, "needs numeric input, but X has dtype complex128"),
+    "complex-values": (complex_zarr, "Complex data not supported: X has dtype complex128."),
     "truncated-npy": (truncated_npy, "truncated .npy file: its header says 3000 rows x 3 float64"),
     "truncated-parquet": (truncated_parquet_footer, "is not a readable Parquet file"),
 }

@@ -137,6 +137,16 @@ def test_sample_refuses_counts_that_are_not_positive_ints():
     assert gm.sample(np.int64(4))[0].shape == (4, 2)
 
 
+def test_complex_dask_input_gets_sklearns_message():
+    X = make_mixture(n_samples=200, n_features=2, seed=1).astype(np.complex128)
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        SkGaussianMixture(2).fit(X)
+    for method in ("fit", "score"):
+        gm = GaussianMixture(2).fit(X.real) if method == "score" else GaussianMixture(2)
+        with pytest.raises(ValueError, match=r"^Complex data not supported: X has dtype complex128\.$"):
+            getattr(gm, method)(da.from_array(X, chunks=50))
+
+
 def test_nonfinite_row_in_lazy_predictions_is_named_in_one_sentence():
     """A one-row chunk reads 'row 5 has', not '1 of the 1 rows 5-5 have'."""
     X = make_mixture(n_samples=300, n_features=2, seed=1)
