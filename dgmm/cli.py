@@ -3,11 +3,12 @@
 ::
 
     dgmm fit CONFIG.yaml [--set KEY=VALUE ...] [--resume]   fit, write the model (and checkpoints)
+    dgmm select CONFIG.yaml [--n-components 1:10 ...]        sweep candidates, write the best by BIC/AIC
     dgmm predict CONFIG.yaml [--set ...]                      per-row labels / probabilities / log-likelihoods
     dgmm score CONFIG.yaml [--set ...]                        mean log-likelihood, BIC and AIC of the input
     dgmm sample MODEL -n N [-o OUT]                           draw rows from a fitted model
     dgmm info MODEL                                           what a model file holds
-    dgmm check CONFIG.yaml [--set ...]                        validate a config and print it resolved
+    dgmm check CONFIG.yaml [--set ...] [--for COMMAND]        validate a config and print it resolved
     dgmm demo                                                 synthetic Zarr data (if missing), fitted locally
 
 Every command takes ``--quiet`` and ``--log-format {text,json}``. Configs are
@@ -1280,29 +1281,30 @@ def build_parser() -> argparse.ArgumentParser:
     select_cmd.add_argument("--table", help="also write the results table to this CSV file")
     select_cmd.set_defaults(func=_cmd_select)
 
-    for name, func, text in (("predict", _cmd_predict, "write per-row labels, probabilities, log-likelihoods"),
-                             ("score", _cmd_score, "mean log-likelihood, BIC and AIC of the input")):
+    for name, func, text, needs in (
+            ("predict", _cmd_predict, "write per-row labels, probabilities, log-likelihoods",
+             "input, output.model and a predict section"),
+            ("score", _cmd_score, "mean log-likelihood, BIC and AIC of the input", "input and output.model")):
         cmd = sub.add_parser(name, parents=[common, overrides], help=text)
-        cmd.add_argument("config", help="YAML config: input, output.model (and a predict section)")
+        cmd.add_argument("config", help=f"YAML config: {needs}")
         cmd.add_argument("--model", help="model file (default: output.model of the config)")
         cmd.set_defaults(func=func)
 
     sample = sub.add_parser("sample", parents=[common], help="draw rows from a fitted model")
     sample.add_argument("model", help="model file written by 'dgmm fit'")
-    sample.add_argument("--n-samples", "-n", type=int, default=1000)
+    sample.add_argument("--n-samples", "-n", type=int, default=1000, help="rows to draw (default: %(default)s)")
     sample.add_argument("--output", "-o", help=".npy, .zarr or .parquet (default: CSV on stdout)")
     sample.add_argument("--seed", type=int, default=None, help="random seed (default: the model's random_state)")
-    sample.add_argument("--overwrite", action="store_true")
+    sample.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     sample.set_defaults(func=_cmd_sample)
 
     info = sub.add_parser("info", parents=[common], help="what a model file holds")
     info.add_argument("model")
     info.set_defaults(func=_cmd_info)
-    for command in (sample, info):
+    for command, urls in ((sample, "a model URL and an --output URL"), (info, "a model URL")):
         command.add_argument("--storage-option", dest="storage_options", action="append", default=[],
-                             metavar="KEY=VALUE", help="fsspec option for a model URL and for sample's -o URL "
-                                                       "(e.g. endpoint_url=http://..., anon=true); repeatable. "
-                                                       "Credentials: the environment")
+                             metavar="KEY=VALUE", help=f"fsspec option for {urls} (e.g. endpoint_url=http://..., "
+                                                       "anon=true); repeatable. Credentials: the environment")
 
     check = sub.add_parser("check", parents=[common, overrides], help="validate a config and print it resolved")
     check.add_argument("config")
@@ -1352,6 +1354,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError, TimeoutError, MemoryError) as exc:
         logger.error("%s", exc, extra={"event": "error", "fields": {"kind": type(exc).__name__}})
         return EXIT_FAILURE
+    except ImportError as exc:
+        if "pip install 'dgmm[" not in str(exc):
+            raise  # a bug: keep the traceback
+        logger.error("%s", exc, extra={"event": "error", "fields": {"kind": "missing_extra"}})
+        return EXIT_CONFIG
     except Terminated as exc:
         logger.error("terminated (%s)", exc.signal_name, extra={"event": "error", "fields": {"kind": "terminated"}})
         return 128 + exc.signum

@@ -512,6 +512,15 @@ def _check_for_command(config: Config, command: str) -> None:
 
         if importlib.util.find_spec("dask_jobqueue") is None:
             fail("cluster.jobqueue", "needs dask-jobqueue, which is not installed: pip install 'dgmm[hpc]'")
+    from .io import require_pyarrow
+
+    try:
+        require_pyarrow("reading Parquet")
+    except ImportError as missing:  # look at the input's contents only then
+        if _input_is_parquet(inp):
+            fail("input.path", f"{inp.path}: {missing}")
+        if command == "predict" and predict is not None and predict.resolved_format() == "parquet":
+            fail("predict.output", str(missing).replace("reading", "writing", 1))
     if output.model is None:
         fail("output.model", f"is required by 'dgmm {command}' (the model file, e.g. results/model.npz)")
     local_model = not is_url(output.model)
@@ -549,6 +558,19 @@ def _check_for_command(config: Config, command: str) -> None:
             suffix = {"zarr": ".zarr", "parquet": ".parquet"}.get(predict.resolved_format(), "")
             _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False,
                               suffix=suffix)
+
+
+def _input_is_parquet(inp: InputConfig) -> bool:
+    """Whether the input is Parquet by its format setting, its suffix or (a local path) its contents."""
+    fmt = inp.resolved_format()
+    if fmt != "auto" or inp.synthetic is not None or is_url(inp.path) or not inp.path:
+        return fmt == "parquet"
+    from .io import input_format
+
+    try:
+        return input_format(inp.path) == "parquet"
+    except (OSError, ValueError):  # the reader reports it
+        return False
 
 
 def check_extra_output(config: Config, name: str, path: str) -> None:

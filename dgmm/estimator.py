@@ -127,8 +127,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         The method used to initialize the responsibilities. On data of at
         most ``init_sample_size`` rows, 'kmeans' and 'k-means++' run sklearn's
         ``KMeans`` / ``kmeans_plusplus`` in memory and reproduce sklearn's
-        initialisation exactly. Larger data is seeded out of core over all
-        rows: 'kmeans' by k-means‖ then Lloyd passes (usually 5 or 6 passes),
+        initialisation exactly (float32: same seeds, see the README's "Where
+        the numbers differ from sklearn's"). Larger data is seeded out of core over all
+        rows: 'kmeans' by k-means‖ then Lloyd passes (usually 4 or 5 passes, at most 8),
         'k-means++' greedily with one pass per component, plus one. All
         restarts share every pass; see :mod:`dgmm.init`.
     weights_init : array-like of shape (n_components,), default=None
@@ -309,6 +310,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def fit_predict(self, X, y=None, sample_weight=None):
         """Fit, then predict the most probable component of every row of X.
+
+        Parameters
+        ----------
+        X, y, sample_weight
+            As for :meth:`fit`.
 
         Returns
         -------
@@ -904,7 +910,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         Returns
         -------
-        resp : ndarray of shape (n_samples, n_components), or a lazy dask array.
+        resp : ndarray of shape (n_samples, n_components), or a lazy dask array for lazy
+            input (a CuPy array for a CuPy array).
         """
         Xv = self._validated(X)
         params = self._chunk_params()
@@ -922,7 +929,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         Returns
         -------
-        log_prob : ndarray of shape (n_samples,), or a lazy dask array.
+        log_prob : ndarray of shape (n_samples,), or a lazy dask array for lazy input
+            (a CuPy array for a CuPy array).
         """
         Xv = self._validated(X)
         params = self._chunk_params()

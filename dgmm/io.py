@@ -196,7 +196,7 @@ def open_input(path: str, *, format: str = "auto", component: str | None = None,
     FileNotFoundError
         If nothing is there.
     """
-    fmt = format if format != "auto" else _detect_format(path, storage_options)
+    fmt = input_format(path, format=format, storage_options=storage_options)
     if fmt == "zarr":
         return open_zarr(path, component=component, storage_options=storage_options)
     if fmt == "parquet":
@@ -220,8 +220,25 @@ def describe_source(path: str, *, format: str = "auto", component: str | None = 
 
 def input_format(path: str, *, format: str = "auto", storage_options: Mapping | None = None) -> str:
     """The format :func:`open_input` reads ``path`` as: ``format``, or for 'auto' the one the path's suffix
-    or contents tell ('zarr', 'parquet' or 'npy')."""
-    return format if format != "auto" else _detect_format(path, storage_options)
+    or contents tell ('zarr', 'parquet' or 'npy').
+
+    Raises :class:`InputSelectionError` (key ``input.format``) when a given
+    ``format`` is not what the path holds (Zarr metadata, Parquet or ``.npy``
+    magic bytes), so the error names the setting, not a reader's complaint.
+    """
+    if format == "auto":
+        return _detect_format(path, storage_options)
+    if format in _FORMAT_NAMES:
+        fs, root = _filesystem(path, storage_options)
+        found = _format_by_contents(fs, root, expect=format)
+        if found is None and format == "npy" and fs.isdir(root):
+            raise InputSelectionError(f"{path} is a directory, not a .npy file; set input.format to what it "
+                                      "holds, or 'auto'", "input.format")
+        if found is not None and found != format:
+            raise InputSelectionError(
+                f"{path} holds {_FORMAT_NAMES[found]} data, not {_FORMAT_NAMES[format]}; set input.format to "
+                f"{found!r} or 'auto'", "input.format")
+    return format
 
 
 def input_feature_names(path: str, *, format: str = "auto", columns: Sequence[str] | None = None,
@@ -256,6 +273,28 @@ def format_from_suffix(path: str) -> str | None:
     return None
 
 
+_FORMAT_NAMES = {"zarr": "Zarr", "parquet": "Parquet", "npy": ".npy"}
+
+
+def _format_by_contents(fs, root: str, expect: str | None = None) -> str | None:
+    """'zarr', 'parquet' or 'npy' by what ``root`` holds (metadata files, magic bytes), None if unknown or absent.
+
+    ``expect='parquet'`` skips listing a directory that holds no Zarr metadata
+    (the reader lists it anyway): only a contradiction is looked for.
+    """
+    if not fs.exists(root):
+        return None
+    if fs.isdir(root):
+        if any(fs.exists(posixpath.join(root, name)) for name in ("zarr.json", ".zarray", ".zgroup")):
+            return "zarr"
+        return "parquet" if expect != "parquet" and _parquet_files(fs, root) else None
+    with fs.open(root, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        return "npy"
+    return "parquet" if head[:4] == b"PAR1" else None
+
+
 def _detect_format(path: str, storage_options: Mapping | None) -> str:
     fmt = format_from_suffix(path)
     if fmt is not None:
@@ -263,18 +302,9 @@ def _detect_format(path: str, storage_options: Mapping | None) -> str:
     fs, root = _filesystem(path, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"{path}: no such file or directory")
-    if fs.isdir(root):
-        if any(fs.exists(posixpath.join(root, name)) for name in ("zarr.json", ".zarray", ".zgroup")):
-            return "zarr"
-        if _parquet_files(fs, root):
-            return "parquet"
-    else:
-        with fs.open(root, "rb") as f:
-            head = f.read(6)
-        if head == b"\x93NUMPY":
-            return "npy"
-        if head[:4] == b"PAR1":
-            return "parquet"
+    fmt = _format_by_contents(fs, root)
+    if fmt is not None:
+        return fmt
     raise InputSelectionError(f"{path}: cannot tell the format (neither Zarr, Parquet nor .npy); set input.format",
                               "input.format")
 
@@ -488,6 +518,7 @@ def open_parquet(path: str, *, columns: Sequence[str] | None = None, storage_opt
     ValueError
         For a missing or non-numeric column, files with different columns, or no rows.
     """
+    require_pyarrow("reading Parquet")
     plan = _parquet_plan(path, columns, storage_options, chunk_rows, numeric=True, key="input.columns")
     selected, dtype = plan.columns, plan.dtype
     where = [(file, groups) for file, groups, _ in plan.pieces]
@@ -512,6 +543,14 @@ def _warn_large_row_groups(path, plan: _ParquetPlan) -> None:
                    "a chunk in memory, and Parquet row groups are not split: rewrite the data with smaller row "
                    "groups (e.g. pyarrow.parquet.write_table(..., row_group_size=%s))", path, groups[0], file,
                    f"{rows:,}", format_bytes(rows * row_bytes), np.dtype(plan.dtype).name, f"{suggested:,}")
+
+
+def require_pyarrow(what: str) -> None:
+    """Raise ImportError with the extra to install when pyarrow (``dgmm[parquet]``) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        raise ImportError(f"{what} needs pyarrow, which is not installed: pip install 'dgmm[parquet]'")
 
 
 def parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mapping | None = None,
@@ -863,6 +902,8 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         raise ValueError(f"unknown compressor {compressor!r}: use one of {', '.join(COMPRESSORS)}")
     if format == "parquet" and compressor != "default":
         raise ValueError(f"compressor {compressor!r} applies to Zarr outputs; Parquet keeps pyarrow's compression")
+    if format == "parquet":
+        require_pyarrow("writing Parquet")
     if not arrays:
         raise ValueError("nothing to write")
     n_rows = {int(a.shape[0]) for a in arrays.values()}

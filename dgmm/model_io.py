@@ -166,7 +166,7 @@ def read_model_metadata(path: str | os.PathLike, *, storage_options: dict | None
 
     Raises
     ------
-    ModelFormatError
+    dgmm.model_io.ModelFormatError
         If the file is not a dgmm model or was written by a newer format version.
     """
     meta, _ = _open_model(os.fspath(path), storage_options)
@@ -224,7 +224,7 @@ def load_model(path: str | os.PathLike, *, storage_options: dict | None = None):
 
     Raises
     ------
-    ModelFormatError
+    dgmm.model_io.ModelFormatError
         If the file is corrupt, inconsistent, or from a newer format version.
     FileNotFoundError
         If there is no such file.

@@ -151,9 +151,13 @@ def select(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    for key in ("n_components", "covariance_type", "warm_start", "checkpoint"):
-        if key in params and params[key] not in (None, False):
+    for key in ("n_components", "covariance_type"):
+        if key in params and params[key] is not None:
             raise ValueError(f"select() sets {key!r} itself; pass the grid as n_components/covariance_types")
+    for key in ("warm_start", "checkpoint"):
+        if key in params and params[key] not in (None, False):
+            raise ValueError(f"select() takes no {key} (it follows one fit); a sweep starts every candidate "
+                             "afresh")
     if params.get("callbacks") is not None:
         raise ValueError("select() takes no callbacks (they follow one fit); its progress is printed with "
                          "verbose=1 or 2, and logged by the 'dgmm.selection' logger")

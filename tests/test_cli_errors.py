@@ -38,6 +38,9 @@ def base(workdir, **sections):
                                                              "'covariance_type'?)"),
         (lambda c: c["input"].update(path="missing.zarr"), [], "input.path: missing.zarr does not exist"),
         (lambda c: None, ["model.max_iter=-1"], "model.max_iter: must be an int >= 0, got -1"),
+        # the reader's own complaint ("Parquet magic bytes not found", exit 1) used to come first
+        (lambda c: c["input"].update(format="parquet"), [], "x.npy holds .npy data, not Parquet; set "
+                                                            "input.format to 'npy' or 'auto'"),
     ],
 )  # (every other config error is checked in-process by test_config.py)
 def test_bad_configs_exit_2_name_the_key_and_write_nothing(workdir, edit, overrides, message):
@@ -150,3 +153,37 @@ def test_a_failing_task_on_a_local_cluster_is_one_error_line(workdir):
     (line,) = result.stderr.splitlines()
     assert line.startswith("dgmm: error: Input X contains NaN or infinity") and "first at row 123" in line
     assert not (workdir / "p.zarr").exists()
+
+
+def run_dgmm_without_pyarrow(*args, cwd):
+    """``dgmm ARGS`` in a process where pyarrow cannot be imported (as after ``pip install dgmm``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pyarrow'] = None\n"  # import pyarrow raises, find_spec says None
+            "from dgmm.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_parquet_without_the_parquet_extra_is_a_clear_error_before_any_work(workdir):
+    """A plain install has no pyarrow: fit, predict and sample with Parquet ended in a
+    ModuleNotFoundError traceback (fit after `dgmm check` had said the config was fine)."""
+    X = blobs(300, 2)
+    pq.write_table(pa.table({"a": X[:, 0], "b": X[:, 1]}), workdir / "t.parquet")
+    os.rename(workdir / "t.parquet", workdir / "table")  # found by its contents, not a suffix
+    config = write_config(workdir / "p.yaml", base(workdir, input={"path": str(workdir / "table")}))
+    hint = "needs pyarrow, which is not installed: pip install 'dgmm[parquet]'"
+    for command in (("fit", config), ("check", config, "--for", "fit"), ("select", config)):
+        result = run_dgmm_without_pyarrow(*command, cwd=workdir)
+        assert result.returncode == 2, result.stderr
+        assert f"dgmm: error: {config}: input.path: {workdir / 'table'}: reading Parquet {hint}" in result.stderr
+        assert "Traceback" not in result.stderr
+    config = write_config(workdir / "n.yaml", base(workdir, predict={"output": str(workdir / "pred.parquet")}))
+    assert run_dgmm("fit", config).returncode == 0
+    before = listing(workdir)
+    result = run_dgmm_without_pyarrow("predict", config, cwd=workdir)
+    assert result.returncode == 2 and f"predict.output: writing Parquet {hint}" in result.stderr, result.stderr
+    result = run_dgmm_without_pyarrow("sample", workdir / "out" / "model.npz", "-o", workdir / "s.parquet", cwd=workdir)
+    assert result.returncode == 2 and f"dgmm: error: writing Parquet {hint}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and listing(workdir) == before

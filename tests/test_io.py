@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import dask
 import dask.array as da
@@ -229,6 +230,29 @@ def test_format_detected_without_suffix(tmp_path, X):
     (tmp_path / "junk").write_text("hello")
     with pytest.raises(ValueError, match="cannot tell the format"):
         open_input(str(tmp_path / "junk"))
+
+
+def test_a_given_format_that_is_not_what_the_path_holds_names_input_format(tmp_path, X):
+    """Each reader's own complaint ("Parquet magic bytes not found", "[Errno 21] Is a directory")
+    used to be the error; now it names the setting and what the path holds."""
+    np.save(tmp_path / "x.npy", X)
+    zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=X.shape, dtype="f8")[:] = X
+    pd.DataFrame(X, columns=["a", "b", "c"]).to_parquet(tmp_path / "x.parquet")
+    names = {"zarr": "Zarr", "parquet": "Parquet", "npy": ".npy"}
+    for held in names:
+        path = str(tmp_path / f"x.{held}")
+        for given in names:
+            if given == held:
+                assert open_input(path, format=given).shape == X.shape
+                continue
+            with pytest.raises(InputSelectionError, match=rf"holds {re.escape(names[held])} data, not "
+                                                           rf"{re.escape(names[given])}; set input.format to "
+                                                           rf"'{held}' or 'auto'") as caught:
+                open_input(path, format=given)
+            assert caught.value.key == "input.format"
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputSelectionError, match="plain is a directory, not a .npy file"):
+        open_input(str(tmp_path / "plain"), format="npy")
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])

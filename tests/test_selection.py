@@ -77,6 +77,9 @@ def test_plot_and_bad_arguments(tmp_path):
             select(X, n_components=bad)
     with pytest.raises(ValueError, match="select\\(\\) takes no callbacks"):
         select(X, n_components=[1, 2], callbacks=print)
+    for key, value in (("checkpoint", "x.npz"), ("warm_start", True)):  # it read "select() sets 'checkpoint' itself"
+        with pytest.raises(ValueError, match=rf"^select\(\) takes no {key} \(it follows one fit\)"):
+            select(X, n_components=[1, 2], **{key: value})
     # a candidate whose covariance cannot be factored is named
     collapsed = np.vstack([np.random.default_rng(0).normal(size=(300, 2)), np.tile([[10.0, 10.0]], (40, 1))])
     with pytest.raises(ValueError, match=r"candidate n_components=\d, covariance_type='(full|diag)': Fitting the "
