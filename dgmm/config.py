@@ -102,6 +102,9 @@ class InputConfig:
             err("chunk_rows", f"must be an int >= 1, got {self.chunk_rows}")
         if self.columns is not None and not self.columns:
             err("columns", "must list at least one column (or be omitted to use every numeric column)")
+        if self.columns is not None and len(set(self.columns)) != len(self.columns):
+            twice = next(c for c in self.columns if self.columns.count(c) > 1)
+            err("columns", f"lists the column {twice!r} twice (a feature counted twice)")
         fmt = self.resolved_format()
         if self.columns is not None and fmt not in ("parquet", "auto"):
             err("columns", f"selects Parquet columns, but the input format is {fmt}")

@@ -171,7 +171,7 @@ def open_input(path: str, *, format: str = "auto", component: str | None = None,
     path : str
         Local path or fsspec URL (``s3://bucket/table.zarr``, ...).
     format : {'auto', 'zarr', 'parquet', 'npy'}, default='auto'
-        'auto' goes by the suffix (``.zarr``, ``.parquet``/``.pq``, ``.npy``),
+        'auto' goes by the suffix (``.zarr``, ``.parquet``/``.parq``/``.pq``, ``.npy``),
         then by what the location holds (Zarr metadata, Parquet files).
     component : str, default=None
         Zarr only: the array inside a group.
@@ -231,6 +231,8 @@ def input_format(path: str, *, format: str = "auto", storage_options: Mapping | 
     if format in _FORMAT_NAMES:
         fs, root = _filesystem(path, storage_options)
         found = _format_by_contents(fs, root, expect=format)
+        if found == "zip":
+            raise _zip_error(path)
         if found is None and format == "npy" and fs.isdir(root):
             raise InputSelectionError(f"{path} is a directory, not a .npy file; set input.format to what it "
                                       "holds, or 'auto'", "input.format")
@@ -261,11 +263,12 @@ def input_feature_names(path: str, *, format: str = "auto", columns: Sequence[st
     return _numeric_columns(meta.schema.to_arrow_schema())
 
 
-_SUFFIXES = (((".zarr",), "zarr"), ((".parquet", ".pq"), "parquet"), ((".npy",), "npy"))
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")  # dask's and Spark's
+_SUFFIXES = (((".zarr",), "zarr"), (PARQUET_SUFFIXES, "parquet"), ((".npy",), "npy"))
 
 
 def format_from_suffix(path: str) -> str | None:
-    """The format a path's suffix names: 'zarr', 'parquet' (.parquet or .pq), 'npy', or None for another suffix."""
+    """The format a path's suffix names: 'zarr', 'parquet' (.parquet, .parq or .pq), 'npy', or None for another suffix."""
     stem = path.rstrip("/").lower()
     for suffixes, fmt in _SUFFIXES:
         if stem.endswith(suffixes):
@@ -292,7 +295,18 @@ def _format_by_contents(fs, root: str, expect: str | None = None) -> str | None:
         head = f.read(6)
     if head == b"\x93NUMPY":
         return "npy"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
     return "parquet" if head[:4] == b"PAR1" else None
+
+
+def _zip_error(path: str) -> InputSelectionError:
+    """A zip file given as the input: a .npz archive, or (perhaps) a zipped Zarr store."""
+    if path.lower().endswith(".npz"):
+        return InputSelectionError(f"{path} is a .npz archive, which dgmm does not read: save the array with "
+                                   "numpy.save (a .npy file) or to Zarr", "input.path")
+    return InputSelectionError(f"{path} is a zip file; a zipped Zarr store opens through fsspec's zip "
+                               "filesystem: input.path: zip://::file:///absolute/path/to/store.zip", "input.path")
 
 
 def _detect_format(path: str, storage_options: Mapping | None) -> str:
@@ -303,6 +317,8 @@ def _detect_format(path: str, storage_options: Mapping | None) -> str:
     if not fs.exists(root):
         raise FileNotFoundError(f"{path}: no such file or directory")
     fmt = _format_by_contents(fs, root)
+    if fmt == "zip":
+        raise _zip_error(path)
     if fmt is not None:
         return fmt
     raise InputSelectionError(f"{path}: cannot tell the format (neither Zarr, Parquet nor .npy); set input.format",
@@ -455,7 +471,7 @@ def _parquet_files(fs, root: str) -> dict[str, dict]:
     listing = fs.find(root, detail=True)
     files = [f for f in sorted(listing, key=natural_sort_key) if not any(part.startswith(("_", "."))
                                                    for part in posixpath.relpath(f, root).split("/"))]
-    parquet = [f for f in files if f.lower().endswith((".parquet", ".pq"))]
+    parquet = [f for f in files if f.lower().endswith(PARQUET_SUFFIXES)]
     return {f: listing[f] for f in parquet or [f for f in files if posixpath.splitext(f)[1] == ""]}
 
 
@@ -633,6 +649,8 @@ def _parquet_plan(path, columns, storage_options, chunk_rows, *, numeric: bool, 
     pieces, schemas = [], []
     dtype = None
     for file, meta in zip(files, _parquet_footers(fs, path, files)):
+        if meta.num_rows == 0:  # no rows to read: its schema (pandas writes an empty frame with none) is moot
+            continue
         schema = meta.schema.to_arrow_schema()
         if selected is None:
             selected = _numeric_columns(schema)
@@ -689,7 +707,9 @@ def _read_parquet_rows(fs, file: str, row_groups: list[int], columns: tuple[str,
     target = pa.float32() if dtype == np.float32 else pa.float64()
     out = np.empty((table.num_rows, len(columns)), dtype=dtype)
     for j, name in enumerate(columns):
-        column = pc.cast(table.column(name), target)  # nulls become NaN below (and are reported by fit)
+        # unsafe: int64 beyond 2**53 rounds as NumPy's astype does (and as pandas input is fitted);
+        # nulls become NaN (fit reports them)
+        column = pc.cast(table.column(name), target, safe=False)
         out[:, j] = column.to_numpy(zero_copy_only=False)
     return out
 

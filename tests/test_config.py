@@ -33,6 +33,8 @@ def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
     "raw, message",
     [
         ({"input": REMOTE, "model": {"n_components": 0}}, "x.yaml: model.n_components: must be an int >= 1, got 0"),
+        ({"input": {"path": "s3://b/t.parquet", "columns": ["x0", "x1", "x0"]}},
+         "x.yaml: input.columns: lists the column 'x0' twice"),
         ({"input": REMOTE, "model": {"n_component": 3}}, "x.yaml: model.n_component: unknown key (did you mean "
                                                          "'n_components'?)"),
         ({"input": REMOTE, "modle": {}}, "x.yaml: modle: unknown key (did you mean 'model'?)"),

@@ -174,6 +174,27 @@ def test_parquet_directory_footers_are_read_concurrently_in_file_order(tmp_path,
         open_input(str(tmp_path), format="parquet")
 
 
+def test_parquet_layouts_of_upstream_tools_are_read_row_for_row(tmp_path, X):
+    """Layouts upstream tools write: .parq files (dask's suffix) beside .parquet ones (the .parq rows
+    were dropped silently), a 0-row file without columns (pandas' empty frame; it was "column not
+    found"), and int64 values beyond 2**53 (rounded as NumPy's astype rounds them, as pandas input is
+    fitted; it was pyarrow's ArrowInvalid)."""
+    frame = pd.DataFrame(X, columns=["a", "b", "c"])
+    frame["a"] = np.arange(len(X), dtype=np.int64) * 3_000_000_000_000_001 - 2**62  # beyond 2**53
+    (tmp_path / "lake").mkdir()
+    frame.iloc[:100].to_parquet(tmp_path / "lake" / "part.0.parquet")
+    pd.DataFrame().to_parquet(tmp_path / "lake" / "part.1.parquet")
+    frame.iloc[100:].to_parquet(tmp_path / "lake" / "part.2.parq")
+    expected = frame.to_numpy(dtype=np.float64)
+    A = open_input(str(tmp_path / "lake"))
+    assert A.shape == X.shape
+    np.testing.assert_array_equal(A.compute(), expected)
+    np.testing.assert_array_equal(A.compute()[:, 0], frame["a"].to_numpy().astype(np.float64))
+    (tmp_path / "parq").mkdir()
+    frame.to_parquet(tmp_path / "parq" / "only.parq")  # a directory of .parq files only: found by auto
+    np.testing.assert_array_equal(open_input(str(tmp_path / "parq")).compute(), expected)
+
+
 def test_parquet_nulls_become_nan_and_float32_stays(tmp_path):
     pq.write_table(pa.table({"x": pa.array([1.0, None, 3.0], pa.float32()), "y": pa.array([1, 2, None])}),
                    tmp_path / "t.parquet")
@@ -253,6 +274,20 @@ def test_a_given_format_that_is_not_what_the_path_holds_names_input_format(tmp_p
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputSelectionError, match="plain is a directory, not a .npy file"):
         open_input(str(tmp_path / "plain"), format="npy")
+    # zip files: a .npz archive is named as such; a zipped Zarr store gets the URL that opens it
+    np.savez(tmp_path / "a.npz", X=X)
+    store = zarr.storage.ZipStore(tmp_path / "z.zip", mode="w")
+    zarr.create_array(store, shape=X.shape, dtype="f8", chunks=(100, 3))[:] = X
+    store.close()
+    for fmt in ("auto", "npy"):
+        with pytest.raises(InputSelectionError, match=r"a.npz is a .npz archive, which dgmm does not read: save the "
+                                                      r"array with numpy.save"):
+            open_input(str(tmp_path / "a.npz"), format=fmt)
+    for fmt in ("auto", "zarr"):
+        with pytest.raises(InputSelectionError, match=r"z.zip is a zip file; a zipped Zarr store opens through "
+                                                      r"fsspec's zip filesystem: input.path: zip://::file:///"):
+            open_input(str(tmp_path / "z.zip"), format=fmt)
+    np.testing.assert_array_equal(open_input(f"zip://::file://{tmp_path / 'z.zip'}").compute(), X)
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])
