@@ -930,6 +930,14 @@ def run_predict(config: Config) -> int:
     p = config.predict
     fmt = p.resolved_format()
     keep = _kept_columns(config) if p.keep_columns else None
+    if columns is not None and keep is None:  # a Parquet input without key columns: rows join by position only
+        from .io import parquet_order_differs
+
+        order = parquet_order_differs(config.input.path, config.input.storage_options)
+        if order:
+            logger.warning("%s: rows are predicted in dask's file order (%s before %s), which pandas.read_parquet "
+                           "and pyarrow do not follow: join the predictions to the input by a key column "
+                           "(predict.keep_columns), not by row position", config.input.path, *order)
     with open_cluster(config.cluster):
         t0 = time.perf_counter()
         marker = write_predictions(model, X, p.output, format=fmt, labels=p.labels, probabilities=p.probabilities,

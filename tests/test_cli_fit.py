@@ -298,6 +298,13 @@ def test_predict_keeps_input_columns_to_join_by(tmp_path, monkeypatch):
     table = dd.read_parquet(tmp_path / "t.parquet").compute().reset_index(drop=True)
     model = load_model(tmp_path / "m.npz")
     np.testing.assert_array_equal(out["label"].to_numpy(), model.predict(table[["a", "b"]].to_numpy()))
+    # without key columns, rows join by position only, and pandas orders part.10 before part.2: a warning
+    assert "dask's file order" not in predict.stderr
+    positional = run_dgmm("predict", config, "--set", "predict.keep_columns=null", "--set", "predict.overwrite=true")
+    assert positional.returncode == 0, positional.stderr
+    assert (f"dgmm: warning: {tmp_path / 't.parquet'}: rows are predicted in dask's file order (part.2.parquet "
+            "before part.10.parquet), which pandas.read_parquet and pyarrow do not follow: join the predictions to "
+            "the input by a key column (predict.keep_columns)") in positional.stderr
     # settings that cannot work are config errors, before anything is written
     for override, message in [
         ("predict.keep_columns=[nope]", "predict.keep_columns: " + str(tmp_path / "t.parquet") + ": column 'nope' "

@@ -195,6 +195,52 @@ def test_parquet_layouts_of_upstream_tools_are_read_row_for_row(tmp_path, X):
     np.testing.assert_array_equal(open_input(str(tmp_path / "parq")).compute(), expected)
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_cf_encoded_zarr_is_decoded_as_xarray_decodes_it(tmp_path, zarr_format):
+    """xarray's packed encoding (int16 with scale_factor, add_offset and a _FillValue for NaN) was read
+    as the raw integers: a model 1000x too large, with the sentinel -32768 fitted as data."""
+    xr = pytest.importorskip("xarray")
+    X = make_mixture(n_samples=1000, n_features=3, seed=2)
+    X[[10, 20], 0] = np.nan
+    path = str(tmp_path / "packed.zarr")
+    xr.Dataset({"f": (("s", "v"), X)}).to_zarr(path, mode="w", zarr_format=zarr_format, encoding={
+        "f": {"dtype": "int16", "scale_factor": 0.001, "add_offset": 1.0, "_FillValue": -32768}})
+    expected = xr.open_zarr(path)["f"].values
+    assert np.isnan(expected[[10, 20], 0]).all() and np.nanmax(np.abs(expected - X)) < 0.001
+    A = open_input(path)  # the group's one 2-D array
+    assert A.dtype == np.float64
+    np.testing.assert_array_equal(A.compute(), expected)
+    with pytest.raises(ValueError, match=r"2 of 1000 rows have non-finite values \(first at row 10\)"):
+        GaussianMixture(2).fit(A)
+    # arrays without CF attributes are read as stored: an int array's fill value 0 is a value
+    plain = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(6, 2), dtype="i2", fill_value=0,
+                              zarr_format=zarr_format)
+    plain[:] = np.arange(12).reshape(6, 2)
+    np.testing.assert_array_equal(open_input(str(tmp_path / "plain.zarr")).compute(), np.arange(12).reshape(6, 2))
+
+
+def test_tiny_zarr_chunks_are_read_several_to_a_task(tmp_path, monkeypatch):
+    """10-row chunks were a task each: an iteration 16x slower than in 1,000-row chunks. Merged chunks
+    stay under MERGED_ZARR_CHUNK_BYTES and the array keeps MIN_ZARR_TASKS tasks (64) for the workers."""
+    monkeypatch.setattr("dgmm.io.MIN_ZARR_CHUNK_BYTES", 16 * 2**10)  # the defaults (1 and 8 MiB), scaled down
+    monkeypatch.setattr("dgmm.io.MERGED_ZARR_CHUNK_BYTES", 64 * 2**10)
+    X = make_mixture(n_samples=5_007, n_features=4, seed=3)
+    tiny = zarr.create_array(str(tmp_path / "tiny.zarr"), shape=X.shape, chunks=(10, 2), dtype="f8")
+    tiny[:] = X  # 501 chunks of 10 rows x 4 columns (320 B)
+    A = open_input(str(tmp_path / "tiny.zarr"))
+    assert A.chunks == ((70,) * 71 + (37,), (2, 2))  # 7 chunks a task keeps 72 tasks
+    np.testing.assert_array_equal(A.compute(), X)
+    monkeypatch.setattr("dgmm.io.MERGED_ZARR_CHUNK_BYTES", 1024)
+    assert open_input(str(tmp_path / "tiny.zarr")).chunks[0][0] == 30  # 3 chunks: 960 B of at most 1 KiB
+    few = zarr.create_array(str(tmp_path / "few.zarr"), shape=X.shape, chunks=(100, 4), dtype="f8")
+    few[:] = X  # 51 small chunks: fewer than 64 tasks already
+    assert open_input(str(tmp_path / "few.zarr")).chunks[0] == (100,) * 50 + (7,)
+    monkeypatch.setattr("dgmm.io.MIN_ZARR_CHUNK_BYTES", 256)
+    big = zarr.create_array(str(tmp_path / "big.zarr"), shape=X.shape, chunks=(10, 4), dtype="f8")
+    big[:] = X  # 320 B chunks over the (lowered) minimum are kept
+    assert open_input(str(tmp_path / "big.zarr")).chunks[0][0] == 10
+
+
 def test_parquet_nulls_become_nan_and_float32_stays(tmp_path):
     pq.write_table(pa.table({"x": pa.array([1.0, None, 3.0], pa.float32()), "y": pa.array([1, 2, None])}),
                    tmp_path / "t.parquet")
