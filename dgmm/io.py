@@ -1048,6 +1048,9 @@ def write_table(arrays: Mapping[str, da.Array], path: str, *, format: str,
         _check_bucket(fs, path, root)
     else:
         fs.makedirs(parent, exist_ok=True)
+        # before the write too: a write that failed (a full disk) may have left chunks its tasks wrote
+        # after the staging was removed, and the next attempt must not fail for the space they hold
+        remove_stale_staging(root)
     try:
         if format == "zarr":
             group = _write_zarr(arrays, staging_url, storage_options, compressor, dimension_names or {})
@@ -1082,7 +1085,7 @@ def remove_stale_staging(path: str) -> list[str]:
     """Remove what killed writers of the local output ``path`` left beside it; the names removed.
 
     A ``dgmm predict`` killed while writing leaves its hidden staging directory
-    (as large as the output) beside the target. After each successful write the
+    (as large as the output) beside the target. Before and after each write the
     staging directories of the same target that were written on this host by a
     process that no longer runs are removed, with the ``.old`` copy of a
     replaced output whose writer was killed after the swap. Writers still at

@@ -735,3 +735,17 @@ def test_a_write_sweeps_only_the_staging_that_dead_writers_on_this_host_left(tmp
     write_table({"labels": da.arange(6, chunks=3)}, str(tmp_path / "out.zarr"), format="zarr")
     left = set(os.listdir(tmp_path))
     assert left == {"out.zarr", *(name for name, kept in names.items() if kept)}
+    # swept before writing too: a write that fails again (a disk still full) no longer keeps what the
+    # earlier failed attempt's tasks left after its own clean-up
+    stale = tmp_path / f".out.zarr.dgmm-staging-{host}.{dead_pid}.fedcba987654"
+    stale.mkdir()
+    (stale / "labels").mkdir()
+
+    def fail(block):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        write_table({"labels": da.arange(6, chunks=3).map_blocks(fail, dtype=np.int64)}, str(tmp_path / "out.zarr"),
+                    format="zarr", overwrite=True)
+    assert not stale.exists()
+    assert set(os.listdir(tmp_path)) == left  # the failed write's own staging removed, the output kept
