@@ -10,6 +10,7 @@ writer leaves behind is removed by the next successful write of the same file.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -123,8 +124,20 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
     (:func:`remove_stale_temporaries`).
     """
     path = os.fspath(path)
+    try:
+        _write_through_temporary(path, payload)
+    except OSError as exc:  # name the file the user asked for, not the temporary one (a full disk, a read-only
+        # mount, a file where a directory is needed); the errno keeps the exception's class
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+    remove_stale_temporaries(path)
+
+
+def _write_through_temporary(path: str, payload: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except FileExistsError:  # a file where a directory of the path should be: say that, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
     tmp = os.path.join(directory, _temporary_name(path))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -139,7 +152,6 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    remove_stale_temporaries(path)
 
 
 def save_checkpoint(path: str, state: CheckpointState, dgmm_version: str) -> None:

@@ -529,6 +529,11 @@ def _check_for_command(config: Config, command: str) -> None:
     local_model = not is_url(output.model)
     kept = _kept_paths(config)
     if command == "fit":
+        if local_model:
+            _check_local_output_place(fail, "output.model", output.model)
+        if output.checkpoint_path is not None:
+            _check_local_output_place(fail, "output.checkpoint" if output.checkpoint else "output.model",
+                                      output.checkpoint_path)
         if local_model and os.path.isdir(output.model):
             fail("output.model", f"{output.model} is a directory; name the model file, e.g. "
                                  f"{os.path.join(output.model, 'model.npz')}")
@@ -557,10 +562,26 @@ def _check_for_command(config: Config, command: str) -> None:
             if refusal:
                 fail("predict.output", f"{refusal}; dgmm replaces only its own outputs: remove it yourself or "
                                        "choose another path")
+        if not is_url(predict.output):
+            _check_local_output_place(fail, "predict.output", predict.output)
         if is_url(predict.output):
             suffix = {"zarr": ".zarr", "parquet": ".parquet"}.get(predict.resolved_format(), "")
             _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False,
                               suffix=suffix)
+
+
+def _check_local_output_place(fail, key: str, path: str) -> None:
+    """Fail unless the directory that will hold the local output ``path`` can be created and written in:
+    its nearest existing ancestor must be a directory this process may write in (a read-only mount,
+    a file where a folder is needed, or permissions fail here, not after the fit)."""
+    place = os.path.dirname(os.path.abspath(_local(path)))
+    while not os.path.exists(place) and os.path.dirname(place) != place:
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        fail(key, f"cannot write {path}: {place} is a file, not a directory")
+    if not os.access(place, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+        fail(key, f"cannot write {path}: {place} is {'on a read-only file system' if read_only else 'not writable'}")
 
 
 def _input_is_parquet(inp: InputConfig) -> bool:

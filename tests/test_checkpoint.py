@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -168,3 +169,19 @@ def test_a_url_as_checkpoint_is_refused_before_anything_is_written(tmp_path, mon
     with pytest.raises(ValueError, match="checkpoint must be a local path .* got 's3://bucket/ck.npz'"):
         GaussianMixture(2, checkpoint="s3://bucket/ck.npz").fit(X)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_atomic_write_names_the_file_asked_for(tmp_path):
+    """Not the temporary file (a read-only mount: '...m.npz.HOST.PID.TOKEN.tmp'), nor "[Errno 17] File exists"
+    for a file where a directory of the path should be."""
+    from dgmm.checkpoint import atomic_write_bytes
+
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "sub" / "model.npz"
+    with pytest.raises(NotADirectoryError, match=rf"cannot write {re.escape(str(target))}: Not a directory"):
+        atomic_write_bytes(target, b"payload")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "model.npz").mkdir()  # os.replace of a file onto a directory fails
+    with pytest.raises(IsADirectoryError, match=rf"cannot write {re.escape(str(tmp_path / 'locked' / 'model.npz'))}: "):
+        atomic_write_bytes(tmp_path / "locked" / "model.npz", b"payload")
+    assert os.listdir(tmp_path / "locked") == ["model.npz"]  # no temporary file left

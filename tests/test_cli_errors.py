@@ -38,6 +38,12 @@ def base(workdir, **sections):
                                                              "'covariance_type'?)"),
         (lambda c: c["input"].update(path="missing.zarr"), [], "input.path: missing.zarr does not exist"),
         (lambda c: None, ["model.max_iter=-1"], "model.max_iter: must be an int >= 0, got -1"),
+        # outputs whose folder cannot be made: failed after the cluster started (fit: at the first
+        # checkpoint), exit 1, with "[Errno 17] File exists" or the temporary file's name
+        (lambda c: c["output"].update(model=c["input"]["path"] + "/sub/model.npz"), [],
+         "x.npy is a file, not a directory"),
+        (lambda c: c["output"].update(checkpoint=c["input"]["path"] + "/ck.npz"), [],
+         "output.checkpoint: cannot write "),
         # the reader's own complaint ("Parquet magic bytes not found", exit 1) used to come first
         (lambda c: c["input"].update(format="parquet"), [], "x.npy holds .npy data, not Parquet; set "
                                                             "input.format to 'npy' or 'auto'"),
