@@ -206,9 +206,11 @@ class IterationReporter:
 # ---------------------------------------------------------------------------
 
 
-def _dashboard(client, kind: str = "local") -> str:
+def _dashboard(client, kind: str = "local", wanted: bool = True) -> str:
     """Where the scheduler's dashboard is. An existing scheduler (``address``) serves its own, or none:
-    whether bokeh is installed here says nothing about it."""
+    whether bokeh is installed here says nothing about it. ``wanted``: cluster.dashboard_address is set."""
+    if not wanted and kind != "address":
+        return "no dashboard (cluster.dashboard_address: null)"
     if kind == "address":
         try:
             serves = "dashboard" in client.scheduler_info().get("services", {}) and \
@@ -399,6 +401,10 @@ def open_cluster(config):
                 cluster = stack.enter_context(LocalCluster(
                     **_local_workers(config), processes=config.processes, memory_limit=config.memory_limit,
                     protocol="tcp://", host=config.host, dashboard_address=config.dashboard_address,
+                    # without a dashboard the scheduler still serves /health and /metrics, by default on port
+                    # 8787 (a clash with another cluster's dashboard): any free port of the cluster's host
+                    **({} if config.dashboard_address
+                       else {"scheduler_kwargs": {"dashboard_address": f"{config.host}:0"}}),
                     silence_logs=logging.CRITICAL,  # a failed task is reported once, by the command
                     # Ctrl-C is the command's: worker processes ignore it, so they neither print tracebacks
                     # nor die before the command closes them (thread workers share this process: no preload)
@@ -435,8 +441,9 @@ def open_cluster(config):
             n_workers, n_threads = _worker_summary(client)
             workers = "worker" if n_workers == 1 else "workers"
             description = f"{jq.system} jobqueue cluster with {n_workers} {workers} so far, {n_threads} threads"
-        report("cluster", f"cluster: {description}, {_dashboard(client, kind)}", kind=kind,
-               scheduler=client.scheduler.address, dashboard=client.dashboard_link)
+        wanted = bool(config.dashboard_address)
+        report("cluster", f"cluster: {description}, {_dashboard(client, kind, wanted)}", kind=kind,
+               scheduler=client.scheduler.address, dashboard=client.dashboard_link if wanted else None)
         stack.enter_context(_watch_workers(client, kind))
         yield client
 
@@ -816,16 +823,29 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     elif resume:
         logger.warning("--resume: no checkpoint at %s; fitting from the start", checkpoint)
     started = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        seconds = _fit_on_cluster(gm, X, config, resume)
+        _save_fitted(gm, X, config, source, started, seconds, progress, resumed_from)
+    except KeyboardInterrupt:
+        if checkpoint is not None and os.path.exists(checkpoint):  # none yet while initialising
+            logger.warning("interrupted; 'dgmm fit %s --resume' continues from %s", config.source, checkpoint)
+        raise
+    return 0
+
+
+def _fit_on_cluster(gm, X, config: Config, resume: bool) -> float:
+    """``gm.fit(X)`` on the config's cluster; the seconds it took."""
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)
-        try:
-            gm.fit(X, resume=resume)
-        except KeyboardInterrupt:
-            if checkpoint is not None:
-                logger.warning("interrupted; 'dgmm fit %s --resume' continues from %s", config.source, checkpoint)
-            raise
-        seconds = time.perf_counter() - t0
+        gm.fit(X, resume=resume)
+        return time.perf_counter() - t0
+
+
+def _save_fitted(gm, X, config: Config, source, started, seconds: float, progress, resumed_from) -> None:
+    """Write the fitted model with its metadata, drop the checkpoint it supersedes, report the fit."""
+    out = config.output
+    checkpoint = out.checkpoint_path
     iterations_run = len(progress.iteration_seconds)
     per_iteration = sum(progress.iteration_seconds) / iterations_run if iterations_run else 0.0
     metadata = {
@@ -843,14 +863,14 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     _save_model(gm, out.model, metadata, out.storage_options)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)  # the committed model supersedes it
-    report("fit", f"fit: {gm.n_iter_} EM iterations in {seconds:.1f} s "
+    this_run = f" ({iterations_run} in this run)" if resumed_from else ""
+    report("fit", f"fit: {gm.n_iter_} EM iterations{this_run} in {seconds:.1f} s "
                   f"({per_iteration:.2f} s per iteration), converged={gm.converged_}",
            n_iter=gm.n_iter_, seconds=seconds, seconds_per_iteration=per_iteration, converged=gm.converged_)
     report("lower_bound", f"lower bound (mean log-likelihood per row): {gm.lower_bound_:.6f}",
            lower_bound=float(gm.lower_bound_))
     report("model", f"model: {out.model}", path=out.model)
     _print_parameters(gm)
-    return 0
 
 
 def _describe_input(config: Config, columns: list[str] | None) -> dict:

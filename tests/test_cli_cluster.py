@@ -236,3 +236,23 @@ def test_local_cluster_workers_keep_glibc_malloc_thresholds(monkeypatch):
     assert list(trim.values()) == [None]
     assert list(omp.values()) == ["1"]  # distributed's other settings for worker processes stay
     assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+
+
+def test_no_dashboard_means_no_fixed_port_and_says_so(caplog):
+    """dashboard_address: null still gave the scheduler's HTTP server (/health, /metrics) distributed's port
+    8787 ("Port 8787 is already in use" beside another cluster), and the line read "dashboard not available
+    (pip install bokeh)" or named a /status page that answers 404."""
+    import logging
+    import urllib.request
+
+    from dgmm.cli import open_cluster
+    from dgmm.config import ClusterConfig
+
+    with caplog.at_level(logging.INFO, logger="dgmm"), \
+            open_cluster(ClusterConfig(n_workers=1, threads_per_worker=1, processes=False,
+                                       dashboard_address=None)) as client:
+        port = client.scheduler_info()["services"]["dashboard"]
+        assert port != 8787
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).status == 200
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cluster:")]
+    assert lines and lines[0].endswith("no dashboard (cluster.dashboard_address: null)"), lines

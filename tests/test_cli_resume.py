@@ -122,3 +122,45 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_no_model(tmp_path, cluster, st
     assert "KeyboardInterrupt" not in stderr and "lose already computed" not in stderr  # nor the workers'
     assert not (tmp_path / "model.npz").exists()
     assert load_checkpoint(str(tmp_path / "model.checkpoint.npz")).n_iter >= 2  # saved on Ctrl-C, not at 10
+
+
+#: ``dgmm ARGS`` with a Ctrl-C (KeyboardInterrupt) raised when ``TARGET`` of ``MODULE`` is called.
+INTERRUPTER = """
+import importlib, os, sys
+module = importlib.import_module(os.environ["STOP_MODULE"])
+owner, name = (module, os.environ["STOP_TARGET"])
+if "." in name:
+    cls, name = name.split(".")
+    owner = getattr(module, cls)
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+setattr(owner, name, interrupt)
+from dgmm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("module, target, checkpoint", [
+    ("dgmm.estimator", "GaussianMixture._initialize_runs", False),  # no iteration yet: nothing to resume
+    ("dgmm.cli", "_save_model", True),  # every iteration done: --resume finishes at once
+])
+def test_the_resume_hint_is_given_when_there_is_a_checkpoint_to_resume(tmp_path, module, target, checkpoint):
+    """The hint came with a Ctrl-C while initialising (when --resume only warns "no checkpoint") and not
+    with one while the model was written (when the checkpoint exists)."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", blobs(3000, 2, seed=1))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy")}, "model": {"n_components": 2, "max_iter": 3, "tol": 0.0},
+        "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "model.npz")}})
+    env = dict(os.environ, STOP_MODULE=module, STOP_TARGET=target)
+    stopped = subprocess.run([sys.executable, "-c", INTERRUPTER, "fit", str(config)], env=env, capture_output=True,
+                             text=True, timeout=300, check=False)
+    assert stopped.returncode == 130 and stopped.stderr.rstrip().endswith("dgmm: error: interrupted"), stopped.stderr
+    assert (tmp_path / "model.checkpoint.npz").exists() == checkpoint
+    assert (f"interrupted; 'dgmm fit {config} --resume' continues from {tmp_path / 'model.checkpoint.npz'}"
+            in stopped.stderr) == checkpoint, stopped.stderr
+    if checkpoint:  # and it does
+        resumed = run_dgmm("fit", config, "--resume")
+        assert resumed.returncode == 0 and "fit: 3 EM iterations (0 in this run)" in resumed.stdout, resumed.stdout
