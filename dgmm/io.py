@@ -352,6 +352,7 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
         If there is no Zarr node at ``path`` (and ``component``).
     """
     node, _ = _zarr_array(path, component, storage_options)
+    _warn_missing_chunks(path, node)
     options = dict(storage_options or {})
     chunks = _zarr_task_chunks(node)
     name = "from-zarr-" + dask.base.tokenize(node, component, options, chunks)
@@ -365,6 +366,31 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     if node.dtype == np.float32 and decoding["scale_factor"] is None and decoding["add_offset"] is None:
         dtype = np.dtype(np.float32)
     return array.map_blocks(_cf_decode_block, dtype=dtype, **decoding)
+
+
+#: Zarr arrays of at most this many chunks are checked for missing chunks (one listing of the array's keys).
+MISSING_CHUNKS_CHECKED_UP_TO = 200_000
+
+
+def _warn_missing_chunks(path: str, node) -> None:
+    """Warn when chunks of ``node`` are not in its store: Zarr reads them as the fill value.
+
+    Zarr writes no chunk that holds only the fill value, so a gap can be deliberate;
+    but it is also what an interrupted copy or upload leaves, whose rows would be
+    fitted as that value without any error.
+    """
+    if node.nchunks > MISSING_CHUNKS_CHECKED_UP_TO:
+        return
+    try:
+        missing = node.nchunks - node.nchunks_initialized
+    except Exception:  # noqa: BLE001 (a hint only: a store that cannot list)
+        logger.debug("could not count the stored chunks of %s", path, exc_info=True)
+        return
+    if missing:
+        logger.warning("%s: %d of %d chunks are not in the store and are read as the fill value %r; an interrupted "
+                       "copy or upload leaves such gaps, whose rows would be fitted as that value (Zarr also omits "
+                       "chunks that hold only the fill value: then the gap is deliberate)", path, missing,
+                       node.nchunks, node.fill_value.item() if hasattr(node.fill_value, "item") else node.fill_value)
 
 
 def _zarr_task_chunks(node) -> tuple:

@@ -219,6 +219,25 @@ def test_cf_encoded_zarr_is_decoded_as_xarray_decodes_it(tmp_path, zarr_format):
     np.testing.assert_array_equal(open_input(str(tmp_path / "plain.zarr")).compute(), np.arange(12).reshape(6, 2))
 
 
+def test_missing_zarr_chunks_are_named_in_a_warning(tmp_path, X, caplog):
+    """A chunk missing from the store reads as the fill value: an interrupted copy was fitted as zeros
+    (a component at the origin holding the lost rows) with no more than a degenerate-component warning."""
+    import logging
+
+    z = zarr.create_array(str(tmp_path / "x.zarr"), shape=X.shape, chunks=(100, 3), dtype="f8")
+    z[:] = X
+    with caplog.at_level(logging.WARNING, logger="dgmm"):
+        open_input(str(tmp_path / "x.zarr"))
+    assert "chunks are not in the store" not in caplog.text
+    os.remove(tmp_path / "x.zarr" / "c" / "2" / "0")
+    os.remove(tmp_path / "x.zarr" / "c" / "4" / "0")
+    with caplog.at_level(logging.WARNING, logger="dgmm"):
+        A = open_input(str(tmp_path / "x.zarr"))
+    assert (f"x.zarr: 2 of {A.numblocks[0]} chunks are not in the store and are read as the fill value 0.0; an "
+            "interrupted copy or upload leaves such gaps") in caplog.text
+    assert (A[200:300].compute() == 0).all()
+
+
 def test_tiny_zarr_chunks_are_read_several_to_a_task(tmp_path, monkeypatch):
     """10-row chunks were a task each: an iteration 16x slower than in 1,000-row chunks. Merged chunks
     stay under MERGED_ZARR_CHUNK_BYTES and the array keeps MIN_ZARR_TASKS tasks (64) for the workers."""
