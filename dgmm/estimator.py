@@ -58,6 +58,12 @@ def _like_input(X, result):
     return result.compute() if is_gpu_array(X) else result
 
 
+#: A lower bound that falls by more than this, relative to 1 + |previous|, between two EM iterations
+#: gets a warning: EM does not lower it beyond rounding and reg_covar's small effect, but a pass over
+#: other rows (an input rewritten or replaced during the fit) does.
+LOWER_BOUND_DROP = 1e-3
+
+
 class DegenerateComponentWarning(UserWarning):
     """A mixture component lost its mass or its covariance collapsed during EM (the fit goes on)."""
 
@@ -537,6 +543,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         for i, (weights, means, covariances, prec_chol, lower_bound) in zip(active, updates):
             run = runs[i]
             change = lower_bound - run.lower_bound
+            if change < -LOWER_BOUND_DROP * (1.0 + abs(run.lower_bound)):
+                warnings.warn(
+                    f"EM iteration {n_iter}: the lower bound fell from {run.lower_bound:.8g} to {lower_bound:.8g}. "
+                    "An EM step does not lower it: the rows read in this pass differ from the last pass's "
+                    "(was the input changed or replaced during the fit?).",
+                    RuntimeWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
             run.weights, run.means, run.covariances, run.precisions_cholesky = weights, means, covariances, prec_chol
             run.lower_bound = lower_bound
             run.lower_bounds.append(np.float64(lower_bound))

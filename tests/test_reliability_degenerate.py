@@ -199,3 +199,27 @@ def test_float32_collinear_features_without_reg_covar_fail_as_in_sklearn(kind):
         assert gm.covariances_.dtype == np.float32
         np.testing.assert_allclose(gm.covariances_, sk.covariances_, rtol=1e-5)
         np.testing.assert_allclose(gm.lower_bound_, sk.lower_bound_, rtol=1e-5)
+
+
+def test_input_rewritten_during_a_fit_is_named_when_the_lower_bound_falls():
+    """A Zarr array replaced at iteration 10 went on silently (the lower bound fell from -14.6 to -46.2, then
+    "converged", exit 0). Here the rows behind a dask array are rewritten in place after iteration 3."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(size=(3000, 2)), rng.normal(size=(3000, 2)) + 6.0])
+    params = dict(n_components=2, random_state=0, tol=0.0, max_iter=8, init_params="random")
+    with warnings.catch_warnings():  # the fit as it is: no such warning on any iteration
+        warnings.simplefilter("error", RuntimeWarning)
+        GaussianMixture(**params).fit(da.from_array(X.copy(), chunks=(1000, 2)))
+    rows = X.copy()
+
+    def rewrite(info):
+        if info.n_iter == 3:
+            rows[:] = rng.normal(size=rows.shape) * 30.0
+
+    def read(block_id=None):  # a store whose contents change: each pass reads the rows as they are then
+        return rows[1000 * block_id[0]:1000 * (block_id[0] + 1)].copy()
+
+    lazy = da.map_blocks(read, chunks=((1000,) * 6, (2,)), dtype=np.float64)
+    with pytest.warns(RuntimeWarning, match=r"EM iteration 4: the lower bound fell from -[0-9.]+ to -[0-9.]+\. An EM "
+                                            r"step does not lower it: the rows read in this pass differ"):
+        GaussianMixture(**params, callbacks=rewrite).fit(lazy)
