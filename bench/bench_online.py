@@ -17,31 +17,9 @@ import argparse
 import numpy as np
 
 from dgmm import GaussianMixture
+from dgmm.datasets import correlated_mixture as draw
 
-WEIGHTS = np.array([0.4, 0.3, 0.2, 0.1])
-N_COMPONENTS, N_FEATURES = 4, 3
-
-
-def true_parameters():
-    rng = np.random.default_rng(0)
-    means = rng.normal(scale=4.0, size=(N_COMPONENTS, N_FEATURES))
-    covariances = []
-    for _ in range(N_COMPONENTS):
-        A = rng.normal(size=(N_FEATURES, N_FEATURES))
-        covariances.append(A @ A.T + 0.3 * np.eye(N_FEATURES))
-    return means, np.array(covariances)
-
-
-MEANS, COVARIANCES = true_parameters()
-
-
-def draw(n_samples, rng):
-    labels = rng.choice(N_COMPONENTS, size=n_samples, p=WEIGHTS)
-    X = np.empty((n_samples, N_FEATURES))
-    for k in range(N_COMPONENTS):
-        rows = labels == k
-        X[rows] = rng.multivariate_normal(MEANS[k], COVARIANCES[k], size=int(rows.sum()))
-    return X
+N_COMPONENTS = 4
 
 
 def main():

@@ -17,6 +17,25 @@ def blob_parameters(n_components: int, n_features: int, seed: int = 0, spread: f
     return weights, means, scales
 
 
+def correlated_mixture(n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of a fixed mixture with correlated components: weights 0.4, 0.3, 0.2, 0.1; four
+    full-covariance components in 3-D, two of them overlapping (the stream of the online-EM tests
+    and ``bench/bench_online.py``)."""
+    weights = np.array([0.4, 0.3, 0.2, 0.1])
+    params = np.random.default_rng(0)
+    means = params.normal(scale=4.0, size=(4, 3))
+    covariances = []
+    for _ in range(4):
+        A = params.normal(size=(3, 3))
+        covariances.append(A @ A.T + 0.3 * np.eye(3))
+    labels = rng.choice(4, size=n_samples, p=weights)
+    X = np.empty((n_samples, 3))
+    for k in range(4):
+        rows = labels == k
+        X[rows] = rng.multivariate_normal(means[k], covariances[k], size=int(rows.sum()))
+    return X
+
+
 def _blob_chunk(block_id, rows, n_features, weights, means, scales, seed, dtype):
     rng = np.random.default_rng([seed, block_id])
     labels = rng.choice(len(weights), size=rows, p=weights)

@@ -7,35 +7,17 @@ import numpy as np
 import pytest
 
 from dgmm import GaussianMixture, chunk
+from dgmm.datasets import correlated_mixture
 from dgmm.online import blend_statistics, check_learning_decay, reshift_statistics, step_size
 from conftest import COVARIANCE_TYPES, make_mixture
 
-# A known mixture: four full-covariance components in 3-D, two of them overlapping.
-TRUE_WEIGHTS = np.array([0.4, 0.3, 0.2, 0.1])
 N_COMPONENTS, N_FEATURES = 4, 3
-
-
-def _true_parameters():
-    rng = np.random.default_rng(0)
-    means = rng.normal(scale=4.0, size=(N_COMPONENTS, N_FEATURES))
-    covariances = []
-    for _ in range(N_COMPONENTS):
-        A = rng.normal(size=(N_FEATURES, N_FEATURES))
-        covariances.append(A @ A.T + 0.3 * np.eye(N_FEATURES))
-    return means, np.array(covariances)
-
-
-TRUE_MEANS, TRUE_COVARIANCES = _true_parameters()
+TRUE_MEANS = np.random.default_rng(0).normal(scale=4.0, size=(N_COMPONENTS, N_FEATURES))  # correlated_mixture's
 
 
 def draw(n_samples, rng):
-    """Rows from the known mixture."""
-    labels = rng.choice(N_COMPONENTS, size=n_samples, p=TRUE_WEIGHTS)
-    X = np.empty((n_samples, N_FEATURES))
-    for k in range(N_COMPONENTS):
-        rows = labels == k
-        X[rows] = rng.multivariate_normal(TRUE_MEANS[k], TRUE_COVARIANCES[k], size=int(rows.sum()))
-    return X
+    """Rows from a known mixture: four full-covariance components in 3-D, two of them overlapping."""
+    return correlated_mixture(n_samples, rng)
 
 
 @pytest.fixture(scope="module")
