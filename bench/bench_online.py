@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--streams", default="200x2000,40x20000", help="batches x rows, comma-separated")
     args = parser.parse_args()
     held_out = draw(50_000, np.random.default_rng(1))
-    print("| stream | " + " | ".join(["full", "tied", "diag", "spherical"]) + " |")
+    print("| stream | full | tied | diag | spherical |")
     print("|---|---|---|---|---|")
     for spec in args.streams.split(","):
         n_batches, rows = (int(v) for v in spec.split("x"))

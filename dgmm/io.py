@@ -383,7 +383,7 @@ def _warn_missing_chunks(path: str, node) -> None:
         return
     try:
         missing = node.nchunks - node.nchunks_initialized
-    except Exception:  # noqa: BLE001 (a hint only: a store that cannot list)
+    except Exception:  # a hint only: a store that cannot list
         logger.debug("could not count the stored chunks of %s", path, exc_info=True)
         return
     if missing:

@@ -45,8 +45,8 @@ def base(workdir, **sections):
         (lambda c: c["output"].update(checkpoint=c["input"]["path"] + "/ck.npz"), [],
          "output.checkpoint: cannot write "),
         # the reader's own complaint ("Parquet magic bytes not found", exit 1) used to come first
-        (lambda c: c["input"].update(format="parquet"), [], "x.npy holds .npy data, not Parquet; set "
-                                                            "input.format to 'npy' or 'auto'"),
+        (lambda c: c["input"].update(format="parquet"), [],
+         "x.npy holds .npy data, not Parquet; set input.format to 'npy' or 'auto'"),
     ],
 )  # (every other config error is checked in-process by test_config.py)
 def test_bad_configs_exit_2_name_the_key_and_write_nothing(workdir, edit, overrides, message):

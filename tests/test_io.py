@@ -325,14 +325,14 @@ def test_a_given_format_that_is_not_what_the_path_holds_names_input_format(tmp_p
     zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=X.shape, dtype="f8")[:] = X
     pd.DataFrame(X, columns=["a", "b", "c"]).to_parquet(tmp_path / "x.parquet")
     names = {"zarr": "Zarr", "parquet": "Parquet", "npy": ".npy"}
-    for held in names:
+    for held, held_name in names.items():
         path = str(tmp_path / f"x.{held}")
-        for given in names:
+        for given, given_name in names.items():
             if given == held:
                 assert open_input(path, format=given).shape == X.shape
                 continue
-            with pytest.raises(InputSelectionError, match=rf"holds {re.escape(names[held])} data, not "
-                                                           rf"{re.escape(names[given])}; set input.format to "
+            with pytest.raises(InputSelectionError, match=rf"holds {re.escape(held_name)} data, not "
+                                                           rf"{re.escape(given_name)}; set input.format to "
                                                            rf"'{held}' or 'auto'") as caught:
                 open_input(path, format=given)
             assert caught.value.key == "input.format"
