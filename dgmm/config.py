@@ -580,7 +580,7 @@ def _check_local_output_place(fail, key: str, path: str) -> None:
     if not os.path.isdir(place):
         fail(key, f"cannot write {path}: {place} is a file, not a directory")
     if not os.access(place, os.W_OK | os.X_OK):
-        read_only = bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(place).f_flag & os.ST_RDONLY)
         fail(key, f"cannot write {path}: {place} is {'on a read-only file system' if read_only else 'not writable'}")
 
 

@@ -368,8 +368,10 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     return array.map_blocks(_cf_decode_block, dtype=dtype, **decoding)
 
 
-#: Zarr arrays of at most this many chunks are checked for missing chunks (one listing of the array's keys).
+#: Zarr arrays of at most this many chunks are checked for missing chunks (one listing of the array's keys;
+#: on an object store a listing request returns 1,000 keys, hence the lower bound there).
 MISSING_CHUNKS_CHECKED_UP_TO = 200_000
+MISSING_CHUNKS_CHECKED_UP_TO_REMOTE = 20_000
 
 
 def _warn_missing_chunks(path: str, node) -> None:
@@ -379,7 +381,7 @@ def _warn_missing_chunks(path: str, node) -> None:
     but it is also what an interrupted copy or upload leaves, whose rows would be
     fitted as that value without any error.
     """
-    if node.nchunks > MISSING_CHUNKS_CHECKED_UP_TO:
+    if node.nchunks > (MISSING_CHUNKS_CHECKED_UP_TO_REMOTE if is_url(path) else MISSING_CHUNKS_CHECKED_UP_TO):
         return
     try:
         missing = node.nchunks - node.nchunks_initialized
