@@ -449,18 +449,25 @@ def open_cluster(config):
 
 
 @contextlib.contextmanager
+def _signal_handlers(signals, handler):
+    """``handler`` for ``signals`` while the block runs, the previous handlers after (main thread only:
+    Python sets handlers nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _sighup_ignored_by_children():
     """SIGHUP ignored while the LocalCluster starts its processes, which inherit that (an ignored signal stays
     ignored across exec): multiprocessing's resource tracker ignores SIGINT and SIGTERM but not SIGHUP, and a
     closed terminal killed it, with a dozen KeyError tracebacks. The command's own handler is put back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGHUP, previous)
+    return _signal_handlers((signal.SIGHUP,), signal.SIG_IGN)
 
 
 #: Seconds between two looks at the cluster's workers (:func:`_watch_workers`).
@@ -717,7 +724,7 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
     not set, so a table with more (or reordered) columns still gives the
     model its own features.
     """
-    from .io import InputSelectionError, input_feature_names, input_format, open_input, zarr_component
+    from .io import InputSelectionError, input_format, open_as, parquet_feature_names, zarr_component
 
     inp = config.input
     columns, by_name, named = None, False, ""
@@ -727,10 +734,9 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
             columns, by_name = list(fitted_columns), True
             named = f", the model's columns {', '.join(columns)}"
         elif fmt == "parquet":  # input.columns, or the numeric columns of the first file's footer
-            columns = input_feature_names(inp.path, format=fmt, columns=inp.columns,
-                                          storage_options=inp.storage_options)
-        X = open_input(inp.path, format=fmt, component=inp.component, columns=columns,
-                       storage_options=inp.storage_options, chunk_rows=inp.chunk_rows)
+            columns = parquet_feature_names(inp.path, columns=inp.columns, storage_options=inp.storage_options)
+        X = open_as(fmt, inp.path, component=inp.component, columns=columns, storage_options=inp.storage_options,
+                    chunk_rows=inp.chunk_rows)
     except InputSelectionError as exc:  # the data is there, the setting does not fit it: fix the config
         if by_name:
             raise ConfigError(f"{config.source}: input.columns: {exc}; the model {config.output.model} was fitted "
@@ -1368,6 +1374,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     from .checkpoint import CheckpointError
+    from .io import MissingExtraError
 
     resume = "'dgmm fit --resume' continues from the last checkpoint" if args.func is _cmd_fit else ""
     try:
@@ -1382,9 +1389,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, TimeoutError, MemoryError) as exc:
         logger.error("%s", exc, extra={"event": "error", "fields": {"kind": type(exc).__name__}})
         return EXIT_FAILURE
-    except ImportError as exc:
-        if "pip install 'dgmm[" not in str(exc):
-            raise  # a bug: keep the traceback
+    except MissingExtraError as exc:
         logger.error("%s", exc, extra={"event": "error", "fields": {"kind": "missing_extra"}})
         return EXIT_CONFIG
     except Terminated as exc:
@@ -1427,22 +1432,13 @@ class Terminated(KeyboardInterrupt):
         self.signal_name = signal.Signals(signum).name
 
 
-@contextlib.contextmanager
 def _terminate_as_interrupt():
     """Turn SIGTERM and SIGHUP into :class:`Terminated` while a command runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         raise Terminated(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    return _signal_handlers((signal.SIGTERM, signal.SIGHUP), handler)
 
 
 def _is_cancelled_future(exc: BaseException) -> bool:

@@ -515,15 +515,13 @@ def _check_for_command(config: Config, command: str) -> None:
 
         if importlib.util.find_spec("dask_jobqueue") is None:
             fail("cluster.jobqueue", "needs dask-jobqueue, which is not installed: pip install 'dgmm[hpc]'")
-    from .io import require_pyarrow
+    from .io import has_pyarrow, pyarrow_missing
 
-    try:
-        require_pyarrow("reading Parquet")
-    except ImportError as missing:  # look at the input's contents only then
+    if not has_pyarrow():  # look at the input's contents only then
         if _input_is_parquet(inp):
-            fail("input.path", f"{inp.path}: {missing}")
+            fail("input.path", f"{inp.path}: {pyarrow_missing('reading Parquet')}")
         if command == "predict" and predict is not None and predict.resolved_format() == "parquet":
-            fail("predict.output", str(missing).replace("reading", "writing", 1))
+            fail("predict.output", pyarrow_missing("writing Parquet"))
     if output.model is None:
         fail("output.model", f"is required by 'dgmm {command}' (the model file, e.g. results/model.npz)")
     local_model = not is_url(output.model)

@@ -58,12 +58,15 @@ __all__ = [
     "input_feature_names",
     "input_format",
     "is_complete",
+    "MissingExtraError",
     "is_url",
+    "open_as",
     "open_input",
     "open_npy",
     "open_parquet",
     "ParquetColumns",
     "parquet_columns",
+    "parquet_feature_names",
     "open_zarr",
     "remove_stale_staging",
     "replace_refusal",
@@ -205,6 +208,13 @@ def open_input(path: str, *, format: str = "auto", component: str | None = None,
         If nothing is there.
     """
     fmt = input_format(path, format=format, storage_options=storage_options)
+    return open_as(fmt, path, component=component, columns=columns, storage_options=storage_options,
+                   chunk_rows=chunk_rows)
+
+
+def open_as(fmt: str, path: str, *, component: str | None = None, columns: Sequence[str] | None = None,
+            storage_options: Mapping | None = None, chunk_rows: int | None = None) -> da.Array:
+    """:func:`open_input` for a format :func:`input_format` has already resolved (and checked): no second look."""
     if fmt == "zarr":
         return open_zarr(path, component=component, storage_options=storage_options)
     if fmt == "parquet":
@@ -261,6 +271,12 @@ def input_feature_names(path: str, *, format: str = "auto", columns: Sequence[st
     """
     if input_format(path, format=format, storage_options=storage_options) != "parquet":
         return None
+    return parquet_feature_names(path, columns=columns, storage_options=storage_options)
+
+
+def parquet_feature_names(path: str, *, columns: Sequence[str] | None = None,
+                          storage_options: Mapping | None = None) -> list[str] | None:
+    """:func:`input_feature_names` of a path known to be Parquet (no format check)."""
     if columns is not None:
         return [str(name) for name in columns]
     fs, root = _filesystem(path, storage_options)
@@ -364,8 +380,8 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
                 ", ".join(f"{k}={v!r}" for k, v in decoding.items() if v is not None and v != []))
     dtype = np.dtype(np.float64)
     if node.dtype == np.float32 and decoding["scale_factor"] is None and decoding["add_offset"] is None:
-        dtype = np.dtype(np.float32)
-    return array.map_blocks(_cf_decode_block, dtype=dtype, **decoding)
+        dtype = np.dtype(np.float32)  # only masked: float32 stays, as in xarray
+    return array.map_blocks(_cf_decode_block, dtype=dtype, out_dtype=dtype, **decoding)
 
 
 #: Zarr arrays of at most this many chunks are checked for missing chunks (one listing of the array's keys;
@@ -392,7 +408,12 @@ def _warn_missing_chunks(path: str, node) -> None:
         logger.warning("%s: %d of %d chunks are not in the store and are read as the fill value %r; an interrupted "
                        "copy or upload leaves such gaps, whose rows would be fitted as that value (Zarr also omits "
                        "chunks that hold only the fill value: then the gap is deliberate)", path, missing,
-                       node.nchunks, node.fill_value.item() if hasattr(node.fill_value, "item") else node.fill_value)
+                       node.nchunks, _python_scalar(node.fill_value))
+
+
+def _python_scalar(value):
+    """A NumPy scalar (a Zarr fill value) as the Python number it holds."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _zarr_task_chunks(node) -> tuple:
@@ -423,7 +444,7 @@ def _cf_decoding(node) -> dict | None:
             fills.extend(np.atleast_1d(value).tolist())
     if ("_FillValue" not in attrs and "_ARRAY_DIMENSIONS" in attrs and node.metadata.zarr_format == 2
             and node.fill_value is not None):
-        fills.append(node.fill_value.item() if hasattr(node.fill_value, "item") else node.fill_value)
+        fills.append(_python_scalar(node.fill_value))
     unsigned = str(attrs.get("_Unsigned", "")).lower() == "true" and node.dtype.kind == "i"
     fills = [f for f in fills if not (isinstance(f, float) and np.isnan(f))]  # NaN stays NaN as it is
     if scale is None and offset is None and not fills and not unsigned:
@@ -431,13 +452,12 @@ def _cf_decoding(node) -> dict | None:
     return {"scale_factor": scale, "add_offset": offset, "fill_values": fills, "unsigned": unsigned}
 
 
-def _cf_decode_block(block, scale_factor=None, add_offset=None, fill_values=(), unsigned=False):
+def _cf_decode_block(block, out_dtype, scale_factor=None, add_offset=None, fill_values=(), unsigned=False):
     """One block decoded as xarray decodes it: fill values to NaN, then ``raw * scale_factor + add_offset``."""
     if unsigned:
         block = block.view(block.dtype.str.replace("i", "u"))
     missing = np.isin(block, fill_values) if len(fill_values) else None
-    dtype = np.float32 if block.dtype == np.float32 and scale_factor is None and add_offset is None else np.float64
-    out = block.astype(dtype)
+    out = block.astype(out_dtype)
     if scale_factor is not None:
         out *= scale_factor
     if add_offset is not None:
@@ -679,12 +699,26 @@ def _warn_large_row_groups(path, plan: _ParquetPlan) -> None:
                    f"{rows:,}", format_bytes(rows * row_bytes), np.dtype(plan.dtype).name, f"{suggested:,}")
 
 
-def require_pyarrow(what: str) -> None:
-    """Raise ImportError with the extra to install when pyarrow (``dgmm[parquet]``) is missing."""
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the ``dgmm[...]`` extra to install."""
+
+
+def has_pyarrow() -> bool:
+    """Whether pyarrow (the ``parquet`` extra) can be imported."""
     import importlib.util
 
-    if importlib.util.find_spec("pyarrow") is None:
-        raise ImportError(f"{what} needs pyarrow, which is not installed: pip install 'dgmm[parquet]'")
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def pyarrow_missing(what: str) -> str:
+    """The message for ``what`` (e.g. 'reading Parquet') without pyarrow."""
+    return f"{what} needs pyarrow, which is not installed: pip install 'dgmm[parquet]'"
+
+
+def require_pyarrow(what: str) -> None:
+    """Raise :class:`MissingExtraError` when pyarrow (``dgmm[parquet]``) is missing."""
+    if not has_pyarrow():
+        raise MissingExtraError(pyarrow_missing(what))
 
 
 def parquet_columns(path: str, columns: Sequence[str], *, storage_options: Mapping | None = None,
