@@ -45,6 +45,8 @@ class CheckpointState:
     n_iter: int
     active: list
     runs: list  # list of dicts: arrays + lower_bound, lower_bounds, n_iter, converged
+    #: The last pass's row sums (:func:`data_sum_record`), which the first resumed pass must match.
+    data_sum: dict | None = None
 
 
 def _host_tag() -> str:
@@ -173,6 +175,8 @@ def save_checkpoint(path: str, state: CheckpointState, dgmm_version: str) -> Non
             for run in state.runs
         ],
     }
+    if state.data_sum is not None:
+        meta["data_sum"] = state.data_sum
     arrays = {"meta": np.array(json.dumps(meta))}
     for i, run in enumerate(state.runs):
         for name in _RUN_ARRAYS:
@@ -358,10 +362,76 @@ def _read_state(meta: dict, archive: zipfile.ZipFile, path: str) -> CheckpointSt
             arrays[name] = read_npz_array(archive, member)
         check_parameter_values(arrays, kind, lambda message, i=i: bad(f"restart {i}: {message}"))
         runs.append({**run_meta, **arrays})
-    return CheckpointState(fingerprint=fingerprint, n_iter=n_iter, active=list(active), runs=runs)
+    data_sum = meta.get("data_sum")
+    if data_sum is not None and not _valid_data_sum(data_sum, n_features):
+        raise bad("'data_sum' must hold 'center', 'sum' and 'std' lists of n_features numbers and a 'weight' >= 0")
+    return CheckpointState(fingerprint=fingerprint, n_iter=n_iter, active=list(active), runs=runs, data_sum=data_sum)
 
 
 def fingerprint_mismatch(saved: dict, current: dict) -> list[str]:
     """Names of fingerprint entries that differ between a checkpoint and the current fit."""
     keys = sorted(set(saved) | set(current))
     return [k for k in keys if saved.get(k) != current.get(k)]
+
+
+# ---------------------------------------------------------------------------
+# The data check of a resumed fit
+# ---------------------------------------------------------------------------
+
+
+def data_sum_record(center, row_sum, weight, std) -> dict:
+    """What a checkpoint keeps of the pass that led to it: Σ w (x - center) per feature, Σ w, and a scale.
+
+    ``center`` is the centre the pass's statistics are relative to, ``row_sum``
+    their ``sy``, ``weight`` the total row weight and ``std`` each feature's
+    standard deviation under the fitted mixture (the scale of the tolerance).
+    JSON floats round-trip float64 exactly.
+    """
+    return {
+        "center": [float(v) for v in np.asarray(center, dtype=np.float64)],
+        "sum": [float(v) for v in np.asarray(row_sum, dtype=np.float64)],
+        "weight": float(weight),
+        "std": [float(v) for v in np.asarray(std, dtype=np.float64)],
+    }
+
+
+def _valid_data_sum(record, n_features: int) -> bool:
+    if not isinstance(record, dict) or not _is_number(record.get("weight")) or not record["weight"] >= 0:
+        return False
+    return all(
+        isinstance(record.get(key), list) and len(record[key]) == n_features and all(_is_number(v) for v in record[key])
+        for key in ("center", "sum", "std")
+    )
+
+
+def data_sum_mismatch(saved: dict, center, row_sum, weight, rtol: float) -> tuple[int, int, float]:
+    """Whether a pass read the rows that a checkpoint's pass read, from their sums per feature.
+
+    Σ w (x - c) of the same rows relative to two centres differ by exactly
+    Σ w · (c' - c), so the two passes agree up to rounding however the rows are
+    chunked, ordered or distributed. A feature differs when the gap exceeds
+    ``rtol`` times Σ w · (its standard deviation + the centre's move), plus the
+    rounding of the centres themselves.
+
+    Returns
+    -------
+    n_differing : int
+        Features whose sums differ (0: the rows agree); -1 when the total weight differs.
+    feature : int
+        The feature that differs most (relative to its tolerance).
+    difference : float
+        Its mean difference per unit of weight, in the feature's units.
+    """
+    saved_center = np.asarray(saved["center"], dtype=np.float64)
+    center = np.asarray(center, dtype=np.float64)
+    shift = center - saved_center
+    weight = float(weight)
+    if abs(weight - saved["weight"]) > rtol * max(weight, saved["weight"]):
+        return -1, 0, weight - saved["weight"]
+    difference = np.asarray(row_sum, dtype=np.float64) - np.asarray(saved["sum"], dtype=np.float64) + weight * shift
+    scale = np.asarray(saved["std"], dtype=np.float64) + np.abs(shift)
+    offset = np.maximum(np.abs(center), np.abs(saved_center))
+    tolerance = weight * (rtol * scale + 64 * np.finfo(np.float64).eps * offset) + np.finfo(np.float64).tiny
+    ratio = np.abs(difference) / tolerance
+    worst = int(np.argmax(ratio))
+    return int(np.count_nonzero(ratio > 1.0)), worst, float(difference[worst] / max(weight, np.finfo(np.float64).tiny))

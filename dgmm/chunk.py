@@ -1273,6 +1273,25 @@ def parameters_from_statistics(
     return weights, means, covariances
 
 
+def mixture_feature_std(weights, means, covariances, covariance_type: str) -> np.ndarray:
+    """Standard deviation of each feature under the mixture (the law of total variance), float64."""
+    weights = np.asarray(weights, dtype=np.float64)
+    weights = weights / max(weights.sum(), np.finfo(np.float64).tiny)
+    means = np.asarray(means, dtype=np.float64)
+    covariances = np.asarray(covariances, dtype=np.float64)
+    n_components, n_features = means.shape
+    if covariance_type == "full":
+        within = np.diagonal(covariances, axis1=1, axis2=2)
+    elif covariance_type == "tied":
+        within = np.broadcast_to(np.diagonal(covariances), (n_components, n_features))
+    elif covariance_type == "diag":
+        within = covariances
+    else:
+        within = np.broadcast_to(covariances[:, None], (n_components, n_features))
+    mean = weights @ means
+    return np.sqrt(np.maximum(weights @ (within + (means - mean) ** 2), 0.0))
+
+
 def chunk_params(weights, means, precisions_cholesky, covariance_type, center=None, input_dtype=None) -> ChunkParams:
     """Build the kernel's :class:`ChunkParams` (float64) from fitted parameters.
 

@@ -33,6 +33,8 @@ from ._version import __version__
 from .checkpoint import (
     CheckpointError,
     CheckpointState,
+    data_sum_mismatch,
+    data_sum_record,
     fingerprint_mismatch,
     load_checkpoint,
     save_checkpoint,
@@ -62,6 +64,9 @@ def _like_input(X, result):
 #: gets a warning: EM does not lower it beyond rounding and reg_covar's small effect, but a pass over
 #: other rows (an input rewritten or replaced during the fit) does.
 LOWER_BOUND_DROP = 1e-3
+#: How closely a resumed fit's first pass must reproduce the row sums of the pass before its checkpoint,
+#: relative to n_samples x each feature's spread (float32 'full' chunks sum their products in float32).
+RESUMED_DATA_RTOL = {"float64": 1e-10, "float32": 1e-5}
 
 
 class DegenerateComponentWarning(UserWarning):
@@ -366,6 +371,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _fit_passes(self, data, random_state, n_init, do_init, weights_init, means_init, precisions_init, eps, resume):
         self._fingerprint = None
+        self._data_sum = self._resumed_data_sum = None
         restored = None
         if self.checkpoint is not None:
             self._fingerprint = self._make_fingerprint(data, weights_init, means_init, precisions_init)
@@ -529,6 +535,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """M-steps of the active restarts from one pass's statistics; convergence bookkeeping."""
         kind = self.covariance_type
         self._check_finite(stats_list[0], data)
+        if self._resumed_data_sum is not None:
+            self._check_resumed_data(batch[0].center, stats_list[0])
         updates = []
         for params, stats in zip(batch, stats_list):
             weights, means, covariances = chunk.parameters_from_statistics(
@@ -539,6 +547,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             updates.append((weights, means, covariances, prec_chol, stats.log_likelihood / stats.n_samples))
         now = time.perf_counter()
         seconds = now - iter_time
+        if self.checkpoint is not None:
+            weights, means, covariances = updates[0][:3]
+            std = chunk.mixture_feature_std(weights, means, covariances, kind)
+            self._data_sum = data_sum_record(batch[0].center, stats_list[0].sy, stats_list[0].n_samples, std)
         still_active = []
         for i, (weights, means, covariances, prec_chol, lower_bound) in zip(active, updates):
             run = runs[i]
@@ -680,11 +692,31 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         total = float(total.compute() if hasattr(total, "compute") else total)
         return hashlib.sha256(head.tobytes() + tail.tobytes() + np.float64(total).tobytes()).hexdigest()
 
+    def _check_resumed_data(self, center, stats):
+        """Refuse a resumed fit whose first pass read other rows than the checkpoint's last pass."""
+        saved, self._resumed_data_sum = self._resumed_data_sum, None
+        rtol = RESUMED_DATA_RTOL[np.dtype(self._dtype).name]
+        n_differing, feature, difference = data_sum_mismatch(saved, center, stats.sy, stats.n_samples, rtol)
+        if n_differing == 0:
+            return
+        what = (
+            f"the total sample weight differs by {difference:.6g}"
+            if n_differing < 0
+            else f"the rows' sums differ in {n_differing} of {len(saved['sum'])} features "
+            f"(feature {feature}: by {difference:.6g} per row)"
+        )
+        raise CheckpointError(
+            f"checkpoint {os.fspath(self.checkpoint)} was written for other data: {what} from the pass "
+            "before the checkpoint, although the first and last rows match. The input changed since the "
+            "checkpoint was written; remove the checkpoint, or restore the input"
+        )
+
     def _save_checkpoint(self, runs, n_iter, active):
         state = CheckpointState(
             fingerprint=self._fingerprint,
             n_iter=n_iter,
             active=list(active),
+            data_sum=self._data_sum,
             runs=[
                 {
                     "weights": r.weights,
@@ -731,6 +763,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     converged=bool(saved["converged"]),
                 )
             )
+        self._resumed_data_sum = state.data_sum
         logger.info("resuming from %s after iteration %d", path, state.n_iter)
         return runs, state.n_iter + 1, state.active
 

@@ -199,7 +199,7 @@ def select(
                 setattr(gm, attribute, getattr(template, attribute))
         gm._dtype = dtype
         gm._degenerate_warned = set()
-        gm._fingerprint = None
+        gm._fingerprint = gm._data_sum = gm._resumed_data_sum = None
         gm.converged_ = False  # as fit() starts (max_iter=0 keeps the initial parameters, not converged)
         given = gm._check_init_parameters(n_features)
         if any(value is None for value in given):

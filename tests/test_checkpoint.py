@@ -84,6 +84,48 @@ def test_checkpoint_from_other_data_or_settings_is_refused(tmp_path):
     GaussianMixture(3, random_state=0, max_iter=50, checkpoint=path).fit(X, resume=True)
 
 
+@pytest.mark.parametrize("kind", ["full", "diag"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_resume_on_rows_changed_away_from_the_ends_is_refused(tmp_path, kind, dtype):
+    """The fingerprint hashes the first and last rows; the first resumed pass compares every row's sum."""
+    X = make_mixture(n_samples=3000, n_features=3, seed=33).astype(dtype)
+    path = str(tmp_path / "c.npz")
+    kwargs = dict(covariance_type=kind, random_state=0, tol=0.0, checkpoint=path)
+    with pytest.raises(KeyboardInterrupt):
+        GaussianMixture(3, max_iter=10, callbacks=[StopAfter(3)], **kwargs).fit(da.from_array(X, chunks=(401, 3)))
+    saved = os.path.getmtime(path), load_checkpoint(path).n_iter
+    changed = X.copy()
+    changed[1500, 2] += 20 * X[:, 2].std()  # one value, far from the first and last 256 rows
+    with pytest.raises(CheckpointError, match=r"written for other data: the rows' sums differ in 1 of 3 features "
+                                              r"\(feature 2: by [0-9.e-]+ per row\)"):
+        GaussianMixture(3, max_iter=10, **kwargs).fit(da.from_array(changed, chunks=(401, 3)), resume=True)
+    assert (os.path.getmtime(path), load_checkpoint(path).n_iter) == saved  # the checkpoint is kept as it was
+    # the same rows in other chunks (and so summed in another order) resume, to the uninterrupted model
+    whole = GaussianMixture(3, max_iter=10, **{**kwargs, "checkpoint": None}).fit(X)
+    resumed = GaussianMixture(3, max_iter=10, **kwargs).fit(da.from_array(X, chunks=(1000, 3)), resume=True)
+    float64 = dtype == np.float64
+    assert_same_model(resumed, whole, rtol=1e-10 if float64 else 1e-3, atol=0.0 if float64 else 1e-6)
+
+
+def test_a_checkpoint_without_row_sums_still_resumes(tmp_path):
+    """Checkpoints of earlier versions have no 'data_sum': they resume with the fingerprint's check alone."""
+    X = make_mixture(n_samples=600, n_features=2, seed=34)
+    path = str(tmp_path / "c.npz")
+    kwargs = dict(random_state=0, tol=0.0, max_iter=8, checkpoint=path)
+    whole = GaussianMixture(3, **{**kwargs, "checkpoint": None}).fit(X)
+    with pytest.raises(KeyboardInterrupt):
+        GaussianMixture(3, callbacks=[StopAfter(4)], **kwargs).fit(X)
+    assert load_checkpoint(path).data_sum["weight"] == 600
+    rewrite(path, edit_meta=lambda meta: meta.pop("data_sum"))
+    assert load_checkpoint(path).data_sum is None
+    assert_same_model(GaussianMixture(3, **kwargs).fit(X, resume=True), whole, rtol=1e-10)
+    with pytest.raises(KeyboardInterrupt):
+        GaussianMixture(3, callbacks=[StopAfter(4)], **kwargs).fit(X)
+    rewrite(path, edit_meta=lambda meta: meta["data_sum"].update(sum=[1.0]))
+    with pytest.raises(CheckpointError, match="inconsistent checkpoint: 'data_sum' must hold"):
+        GaussianMixture(3, **kwargs).fit(X, resume=True)
+
+
 def test_corrupt_or_newer_checkpoints_give_clear_errors(tmp_path):
     X = make_mixture(n_samples=300, n_features=2)
     path = tmp_path / "c.npz"

@@ -88,6 +88,36 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     assert f"dgmm: warning: --resume: no checkpoint at {tmp_path / 'keep.npz'}; fitting from the start" in fresh.stderr
 
 
+def test_resume_refuses_a_checkpoint_of_rows_changed_since(tmp_path):
+    """Rows changed away from the first and last 256 (a partition rewritten): refused after the first pass,
+    exit 1, with the checkpoint and no model left; the restored input resumes."""
+    X = blobs(3000, 2, seed=9)
+    np.save(tmp_path / "x.npy", X)
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 500},
+        "model": {"n_components": 2, "random_state": 0, "max_iter": 6, "tol": 0.0},
+        "cluster": {"type": "threads"},
+        "output": {"model": str(tmp_path / "m.npz"), "checkpoint": str(tmp_path / "keep.npz")},
+    })
+    from dgmm import GaussianMixture
+
+    GaussianMixture(2, random_state=0, max_iter=3, tol=0.0, checkpoint=str(tmp_path / "keep.npz")).fit(X)
+    changed = X.copy()
+    changed[1000:1500] = X[1000:1500][::-1] + [0.0, 0.5]
+    np.save(tmp_path / "x.npy", changed)
+    refused = run_dgmm("fit", config, "--resume")
+    assert refused.returncode == 1, refused.stderr
+    assert (f"dgmm: error: checkpoint {tmp_path / 'keep.npz'} was written for other data: the rows' sums differ "
+            "in 1 of 2 features (feature 1: by ") in refused.stderr
+    assert "The input changed since the checkpoint was written" in refused.stderr
+    assert load_checkpoint(str(tmp_path / "keep.npz")).n_iter == 3 and not (tmp_path / "m.npz").exists()
+    np.save(tmp_path / "x.npy", X)
+    resumed = run_dgmm("fit", config, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    whole = GaussianMixture(2, random_state=0, max_iter=6, tol=0.0).fit(X)
+    assert_same_model(load_model(tmp_path / "m.npz"), whole, rtol=1e-10, history=False)
+
+
 LOCAL = {"n_workers": 2, "threads_per_worker": 1}
 
 
