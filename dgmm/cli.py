@@ -187,9 +187,12 @@ class IterationReporter:
 
     def __init__(self):
         self.iteration_seconds: list[float] = []
+        self.last_iteration = 0
+        self.last_progress = time.monotonic()
 
     def __call__(self, info) -> None:
         self.iteration_seconds.append(info.seconds)
+        self.last_iteration, self.last_progress = info.n_iter, time.monotonic()
         change = f"{info.change: .3e}" if math.isfinite(info.change) else f"{'-':>10}"
         report(
             "iteration",
@@ -199,6 +202,77 @@ class IterationReporter:
             n_iter=info.n_iter, lower_bound=info.lower_bound, change=info.change, seconds=info.seconds,
             rows_per_second=info.rows_per_second, n_active=info.n_active, converged=info.converged,
         )
+
+
+class StallWatch:
+    """Warn when a fit on a cluster goes without an EM iteration for long, naming the workers gone silent.
+
+    A worker that is stopped (SIGSTOP, a suspended VM), swapping or cut off
+    keeps its tasks until the scheduler drops it, after
+    ``distributed.scheduler.worker-ttl`` (5 minutes by default) without a
+    heartbeat; the fit then goes on, with its tasks rerun elsewhere. Until
+    then nothing is printed: this thread says what the fit is waiting for.
+    It warns after ``seconds`` (or 3 times the slowest iteration so far, if
+    longer) without an iteration, then each time the wait has doubled.
+    """
+
+    def __init__(self, client, seconds: float, progress: IterationReporter, same_clock: bool):
+        self.client, self.seconds, self.progress, self.same_clock = client, seconds, progress, same_clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="dgmm-stall-watch", daemon=True)
+
+    def __enter__(self):
+        self.progress.last_progress = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        warned_at, stamp = 0.0, None
+        while not self._stop.wait(max(0.5, min(self.seconds / 4, 15.0))):
+            progress = self.progress
+            if stamp != progress.last_progress:
+                warned_at, stamp = 0.0, progress.last_progress
+            waited = time.monotonic() - stamp
+            threshold = max(self.seconds, 3 * max(progress.iteration_seconds, default=0.0), 2 * warned_at)
+            if waited < threshold:
+                continue
+            warned_at = waited
+            try:
+                message = self._message(waited)
+            except Exception:  # noqa: BLE001 (the scheduler did not answer: that is the news)
+                message = f"{self._waiting(waited)}; the scheduler does not answer either"
+            logger.warning("%s", message, extra={"event": "stall", "fields": {"seconds": round(waited, 1)}})
+
+    def _waiting(self, waited: float) -> str:
+        n_iter = self.progress.last_iteration
+        where = f"in EM iteration {n_iter + 1}" if n_iter else "in the initialisation"
+        return f"no progress for {waited:.0f} s ({where})"
+
+    def _message(self, waited: float) -> str:
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        seen = {address: float(w.get("last_seen", 0.0)) for address, w in workers.items()}
+        # the scheduler's clock: this process's for the clusters dgmm starts, else its most recent heartbeat
+        now = time.time() if self.same_clock or not seen else max(seen.values())
+        quiet = min(30.0, self.seconds)
+        silent = sorted((now - t, address) for address, t in seen.items() if now - t > quiet)
+        if not silent:
+            slowest = max(self.progress.iteration_seconds, default=0.0)
+            before = f" (the slowest iteration so far took {slowest:.1f} s)" if slowest else ""
+            return f"{self._waiting(waited)}{before}; all {len(seen)} workers answer the scheduler"
+        names = ", ".join(f"{address} ({age:.0f} s)" for age, address in reversed(silent))
+        if self.same_clock:
+            import dask
+
+            ttl = f"distributed.scheduler.worker-ttl ({dask.config.get('distributed.scheduler.worker-ttl')})"
+        else:
+            ttl = "the scheduler's distributed.scheduler.worker-ttl (5 minutes unless set)"
+        return (f"{self._waiting(waited)}: the scheduler has not heard from {len(silent)} of {len(seen)} workers "
+                f"for a while: {names}. A worker that is stopped, swapping or cut off keeps its tasks until the "
+                f"scheduler drops it after {ttl} without a heartbeat; its tasks then run elsewhere")
 
 
 # ---------------------------------------------------------------------------
@@ -830,7 +904,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
         logger.warning("--resume: no checkpoint at %s; fitting from the start", checkpoint)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
-        seconds = _fit_on_cluster(gm, X, config, resume)
+        seconds = _fit_on_cluster(gm, X, config, resume, progress)
         _save_fitted(gm, X, config, source, started, seconds, progress, resumed_from)
     except KeyboardInterrupt:
         if checkpoint is not None and os.path.exists(checkpoint):  # none yet while initialising
@@ -839,12 +913,15 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     return 0
 
 
-def _fit_on_cluster(gm, X, config: Config, resume: bool) -> float:
+def _fit_on_cluster(gm, X, config: Config, resume: bool, progress: IterationReporter) -> float:
     """``gm.fit(X)`` on the config's cluster; the seconds it took."""
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)
-        gm.fit(X, resume=resume)
+        seconds = config.cluster.stall_warning
+        with StallWatch(client, seconds, progress, config.cluster.kind != "address") \
+                if client is not None and seconds else contextlib.nullcontext():
+            gm.fit(X, resume=resume)
         return time.perf_counter() - t0
 
 

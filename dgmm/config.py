@@ -220,6 +220,7 @@ class ClusterConfig:
     dashboard_address: str | None = "127.0.0.1:0"
     address: str | None = None
     timeout: float = 30.0
+    stall_warning: float | None = 120.0
     jobqueue: JobqueueConfig | None = None
 
     def _check(self, err):
@@ -261,6 +262,8 @@ class ClusterConfig:
             err("memory_limit", f"must be 'auto', null or a size such as '4GB', got {self.memory_limit!r}")
         if not self.timeout > 0:
             err("timeout", f"must be a number of seconds > 0, got {self.timeout}")
+        if self.stall_warning is not None and not self.stall_warning > 0:
+            err("stall_warning", f"must be a number of seconds > 0, or null for no warning, got {self.stall_warning}")
 
     @property
     def kind(self) -> str:

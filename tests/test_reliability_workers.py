@@ -268,3 +268,38 @@ def test_input_kept_in_worker_memory_survives_a_killed_worker(client, data, undi
     assert killed == [2]
     assert_same(gm, undisturbed)
     wait_for_restarts(client, {victim: pids[victim]}, n_workers=2)
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_is_named_while_the_fit_waits_and_the_fit_then_completes(tmp_path, monkeypatch):
+    """SIGSTOP on a worker process (a suspended VM, a swapping node): nothing finishes until the scheduler drops
+    it after worker-ttl; meanwhile `dgmm fit` says which worker it waits for (cluster.stall_warning), then ends."""
+    import psutil
+
+    from cli_helpers import blobs, dgmm_command, running, wait_for_line, write_config
+
+    np.save(tmp_path / "x.npy", blobs(400_000, 4, seed=3))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 20_000},
+        "model": {"n_components": 3, "random_state": 0, "max_iter": 8, "tol": 0.0},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1, "stall_warning": 3},
+        "output": {"model": str(tmp_path / "model.npz")}})
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "15s")
+    with running(dgmm_command("fit", config), new_session=True) as proc:
+        wait_for_line(proc, "iteration    2")
+        # the LocalCluster's nannies run in the command's process; each spawned one worker process
+        children = psutil.Process(proc.pid).children()
+        workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in children]
+        workers[0].suspend()
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        finally:
+            if workers[0].is_running():
+                workers[0].resume()
+    assert proc.returncode == 0, stderr
+    (warning,) = [line for line in stderr.splitlines() if "no progress for" in line][:1]
+    assert warning.startswith("dgmm: warning: no progress for ") and "(in EM iteration " in warning, warning
+    assert "the scheduler has not heard from 1 of 2 workers for a while: tcp://127.0.0.1:" in warning, warning
+    assert "distributed.scheduler.worker-ttl (15s) without a heartbeat" in warning, warning
+    assert "iteration    8" in stdout and (tmp_path / "model.npz").exists()
