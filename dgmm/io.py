@@ -28,12 +28,14 @@ environment or the provider chains of fsspec / s3fs, never from a config.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import posixpath
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -1360,6 +1362,33 @@ def _write_parquet_part(fs, file: str, names: list[list[str]], blocks: list[np.n
     return table.num_rows
 
 
+def rename_exchange(source: str, target: str) -> bool:
+    """Swap two existing paths of one filesystem atomically; False where the system cannot (nothing changed).
+
+    Linux's ``renameat2(..., RENAME_EXCHANGE)`` (3.15+, glibc 2.28+): at no moment
+    is ``target`` missing, as it is between the two renames of a plain swap.
+    Filesystems without it (some network and FUSE filesystems), other systems
+    and other errors leave both paths as they were and return False.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange_flag = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_exchange_flag) == 0
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, overwrite: bool) -> None:
     """Move a complete staged output into place; ``marker``: the ``_SUCCESS`` file's text, None for Zarr.
 
@@ -1379,9 +1408,12 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
         if os.path.exists(root):
             if not overwrite:
                 raise FileExistsError(f"{root} appeared while writing; the new output is left at {staging}")
-            old = f"{staging}.old"
-            os.replace(root, old)
-            os.replace(staging, root)
+            if rename_exchange(staging, root):  # one step: root is the old output, then the new one
+                old = staging
+            else:  # a moment without root, which remove_stale_staging knows how to finish
+                old = f"{staging}.old"
+                os.replace(root, old)
+                os.replace(staging, root)
             shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
         else:
             os.replace(staging, root)

@@ -386,6 +386,38 @@ def test_predictions_are_row_aligned_and_committed(tmp_path, X, fmt, monkeypatch
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])
+def test_an_overwrite_swaps_the_outputs_in_one_step(tmp_path, monkeypatch, fmt):
+    """Linux swaps the new output for the old one with one renameat2(RENAME_EXCHANGE): the path never goes
+    missing, as it did between two renames (a reader, or a kill -9 there, saw no output at all)."""
+    from dgmm.io import rename_exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "inside").write_text("dir")
+    b.write_text("file")
+    assert rename_exchange(str(a), str(b)) and a.read_text() == "file" and (b / "inside").read_text() == "dir"
+    assert not rename_exchange(str(a), str(tmp_path / "missing")) and a.read_text() == "file"
+    out = str(tmp_path / f"out.{fmt}")
+    write_table({"labels": da.arange(7, chunks=3)}, out, format=fmt)
+
+    replace = os.replace
+
+    def no_plain_rename(source, target, **kwargs):
+        if os.fspath(target) == out or os.fspath(source) == out:
+            raise AssertionError(f"os.replace({source}, {target}): the swap took two steps")
+        return replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "replace", no_plain_rename)
+    write_table({"labels": da.arange(5, chunks=3) * 10}, out, format=fmt, overwrite=True)
+    monkeypatch.undo()
+    if fmt == "zarr":
+        np.testing.assert_array_equal(zarr.open_group(out, mode="r")["labels"][:], np.arange(5) * 10)
+    else:
+        np.testing.assert_array_equal(pd.read_parquet(out)["labels"].to_numpy(), np.arange(5) * 10)
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", f"out.{fmt}"]  # no staging, no old copy
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "parquet"])
 def test_nonfinite_rows_can_be_written_as_missing(tmp_path, X, fmt):
     """nonfinite='missing': label -1 and NaN where a row holds NaN or inf, the usual predictions elsewhere."""
     bad = X.copy()
