@@ -72,7 +72,9 @@ run out of core, as passes over the chunks:
     per row and component (sklearn's draws would be one, made in order).
 
 'random_from_data'
-    ``n_components`` distinct rows drawn as sklearn draws them.
+    ``n_components`` distinct rows drawn as sklearn draws them; with
+    ``sample_weight``, drawn among the rows of positive weight (one pass over
+    the weights counts them), so a zero-weight row never seeds a component.
 
 The centre of the statistics is the data mean found by the first k-means‖
 pass for out-of-core 'kmeans', and otherwise the mean of the in-memory data
@@ -764,15 +766,56 @@ def _plan_random(ctx: InitContext, n_components: int, random_state, n_init: int)
 
 def _plan_random_from_data(ctx: InitContext, n_components: int, random_state, n_init: int) -> Seeding:
     n = ctx.data.n_samples
+    positive = None if ctx.data.sample_weight is None else _PositiveRows(ctx.data.sample_weight)
+    if positive is not None and positive.count < n_components:
+        raise ValueError(
+            f"init_params='random_from_data' seeds each of the n_components={n_components} components at a row "
+            f"of positive sample_weight, but only {positive.count} rows have one"
+        )
     specs = []
     for _ in range(n_init):
+        m = n if positive is None else positive.count  # drawn among the rows that may seed: w > 0
         if n <= 10_000_000:
-            indices = random_state.choice(n, size=n_components, replace=False)
+            indices = random_state.choice(m, size=n_components, replace=False)
         else:
             rng = np.random.default_rng(random_state.randint(np.iinfo(np.int32).max))
-            indices = rng.choice(n, size=n_components, replace=False)
+            indices = rng.choice(m, size=n_components, replace=False)
+        if positive is not None:
+            indices = positive.rows(indices)
         specs.append(InitResp("rows", n_components, rows=np.asarray(indices, dtype=np.int64)))
     return Seeding(n_components, specs=tuple(specs))
+
+
+class _PositiveRows:
+    """The rows of positive weight, numbered in row order, without a list of them all.
+
+    One pass over the weights counts them per chunk; :meth:`rows` then reads
+    only the chunks holding the asked-for ranks. With every weight positive the
+    ranks are the rows, so unweighted and positively weighted data draw alike.
+    """
+
+    def __init__(self, sample_weight):
+        import dask
+        import dask.array as da
+
+        self._weights = sample_weight if isinstance(sample_weight, da.Array) else da.from_array(
+            np.asarray(sample_weight), chunks=max(len(sample_weight), 1))
+        counts = self._weights.map_blocks(lambda w: np.array([np.count_nonzero(w > 0)]), chunks=(1,), dtype=np.int64)
+        (counts,) = dask.compute(counts)
+        self._ends = np.cumsum(counts)
+        self._starts = np.cumsum((0,) + self._weights.chunks[0])
+        self.count = int(self._ends[-1]) if len(self._ends) else 0
+
+    def rows(self, ranks) -> np.ndarray:
+        import dask
+
+        ranks = np.asarray(ranks, dtype=np.int64)
+        blocks = np.searchsorted(self._ends, ranks, side="right")
+        wanted = sorted(set(blocks.tolist()))
+        found = dask.compute(*(self._weights.blocks[b] for b in wanted))
+        positive = {b: self._starts[b] + np.flatnonzero(np.asarray(w) > 0) for b, w in zip(wanted, found)}
+        before = np.concatenate(([0], self._ends))
+        return np.array([positive[b][r - before[b]] for b, r in zip(blocks, ranks)], dtype=np.int64)
 
 
 #: init_params name -> Initializer(plan, run)

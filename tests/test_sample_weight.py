@@ -78,7 +78,7 @@ def test_weighted_out_of_core_initialisation_takes_no_extra_pass(init_params):
             np.testing.assert_allclose(getattr(ones, name), getattr(plain, name), rtol=1e-8, err_msg=name)
 
 
-@pytest.mark.parametrize("init_params", ["kmeans", "k-means++"])
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random_from_data"])
 @pytest.mark.parametrize("as_dask", [False, True], ids=["numpy", "dask"])
 def test_zero_weight_rows_never_seed_a_component(init_params, as_dask):
     """Far outliers of weight zero: no initial mean lands among them, in or out of core."""
@@ -95,3 +95,9 @@ def test_zero_weight_rows_never_seed_a_component(init_params, as_dask):
             ).fit(Xin, sample_weight=win)
             assert np.all(np.abs(gm.means_) < 100), (init_sample_size, seed, gm.means_)
             assert np.all(gm.weights_ > 1e-6)  # no component seeded on a zero-weight row
+    if init_params == "random_from_data":  # drawn among the rows of positive weight; too few of them is an error
+        few = np.zeros(len(X))
+        few[[5, 700]] = 1.0
+        with pytest.raises(ValueError, match="n_components=3 components at a row of positive sample_weight, but "
+                                             "only 2 rows have one"):
+            GaussianMixture(3, init_params=init_params).fit(Xin, sample_weight=da.from_array(few) if as_dask else few)
