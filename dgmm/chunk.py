@@ -1113,12 +1113,19 @@ def nearest_center_labels(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return dist.argmin(axis=1)
 
 
-def initial_resp(X: np.ndarray, row_start: int, spec: InitResp) -> np.ndarray:
-    """Initial responsibilities (n_samples, n_components) of one chunk."""
+def initial_resp(X: np.ndarray, row_start: int, spec: InitResp, center: np.ndarray | None = None) -> np.ndarray:
+    """Initial responsibilities (n_samples, n_components) of one chunk.
+
+    ``X`` holds rows relative to ``center`` (None: absolute rows); 'nearest'
+    compares them with the centres relative to it, as distances far from
+    the origin (‖x‖² ≈ 1e18 for timestamps) lose every digit that tells
+    neighbouring centres apart.
+    """
     n = X.shape[0]
     resp = np.zeros((n, spec.n_components))
     if spec.kind == "nearest":
-        labels = nearest_center_labels(X, spec.centers)
+        centers = np.asarray(spec.centers, dtype=np.float64)
+        labels = nearest_center_labels(X, centers if center is None else centers - center)
         resp[np.arange(n), labels] = 1.0
     elif spec.kind == "rows":
         local = np.asarray(spec.rows) - row_start
@@ -1152,12 +1159,10 @@ def init_statistics(
             shifts = np.zeros((spec.n_components, X.shape[1]))
             total = None
             for start in range(0, max(X.shape[0], 1), rows):
-                block = X[start : start + rows]
-                resp = initial_resp(block, row_start + start, spec)
+                y = center_rows(X[start : start + rows], center)
+                resp = initial_resp(y, row_start + start, spec, center)
                 weight = None if sample_weight is None else sample_weight[start : start + rows]
-                part = statistics_from_resp(
-                    center_rows(block, center), resp, shifts, covariance_type, sample_weight=weight
-                )
+                part = statistics_from_resp(y, resp, shifts, covariance_type, sample_weight=weight)
                 total = part if total is None else merge_statistics(total, part)
             out.append(total._replace(n_nonfinite=n_nonfinite))
     return tuple(out)

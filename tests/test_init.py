@@ -735,3 +735,16 @@ def test_nonfinite_rows_are_reported_after_the_first_pass(init_params):
     X[[17, 400]] = np.nan
     with pytest.raises(ValueError, match=r"2 of 800 rows have non-finite values \(first at row 17\)"):
         GaussianMixture(3, init_params=init_params, init_sample_size=100).fit(da.from_array(X, chunks=(97, 2)))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e9])
+def test_in_memory_kmeans_labels_rows_far_from_the_origin_as_sklearn(offset):
+    """Rows near 1e9 (timestamps): the nearest-centre labels of the seeding statistics are taken relative to the
+    data's centre; on the raw rows ‖x‖² ≈ 2e18 rounded away the distances and labelled half the rows wrongly."""
+    rng = np.random.default_rng(5)
+    X = np.concatenate([rng.normal(-3, 1, (3000, 2)), rng.normal(3, 0.5, (3000, 2))]) + offset
+    ours = GaussianMixture(2, random_state=0, max_iter=0).fit(X)
+    theirs = SkGaussianMixture(2, random_state=0, max_iter=0).fit(X)
+    np.testing.assert_allclose(ours.means_ - offset, theirs.means_ - offset, atol=1e-4)
+    np.testing.assert_allclose(ours.covariances_, GaussianMixture(2, random_state=0, max_iter=0).fit(
+        X - offset).covariances_, rtol=1e-6)
