@@ -875,11 +875,22 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         >>> gm.n_iter_
         20
         """
-        from .online import MixtureParameters, OnlineEM, check_learning_decay
+        from .online import check_learning_decay
 
         learning_decay = check_learning_decay(learning_decay)
         first = not hasattr(self, "means_")
         Xv = check_input(self, X, reset=first, ensure_min_samples=2 if first else 1)
+        try:
+            return self._partial_fit_step(Xv, first, sample_weight, learning_decay)
+        except BaseException:
+            if first:  # as unfitted as before the call (predict says NotFittedError, not AttributeError)
+                for name in ("n_features_in_", "feature_names_in_"):
+                    self.__dict__.pop(name, None)
+            raise
+
+    def _partial_fit_step(self, Xv, first, sample_weight, learning_decay):
+        from .online import MixtureParameters, OnlineEM
+
         n_samples, n_features = Xv.shape
         if first and n_samples < self.n_components:
             raise ValueError(
@@ -890,9 +901,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         sample_weight = check_sample_weight(sample_weight, n_samples, not isinstance(Xv, np.ndarray))
         data = DataPasses(Xv, chunk_size=self.chunk_size, split_every=self.split_every, sample_weight=sample_weight)
         state, state_means = getattr(self, "_online", (None, None))
+        new_stream = first or state is None or state_means is not self.means_
+        if not first:
+            self._check_partial_fit_settings(None if new_stream else state, n_features)
+            if not new_stream:
+                state.reg_covar = float(self.reg_covar)  # set_params(reg_covar=...) applies from this step
         start = time.perf_counter()
         with single_threaded_blas():
-            if first or state is None or state_means is not self.means_:
+            if new_stream:
                 # A new stream: from the first batch, or from parameters set by fit / load_model.
                 self._dtype = np.dtype(Xv.dtype if first else self.means_.dtype)
                 eps = float(np.finfo(self._dtype).eps)
@@ -908,10 +924,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     candidates = [MixtureParameters(*(np.asarray(getattr(self, n), dtype=np.float64) for n in names))]
                 float32 = self._dtype == np.float32
                 state = OnlineEM(candidates, self.covariance_type, float(self.reg_covar), eps, float32)
-                self.lower_bounds_ = []
             mean_log_likelihood = state.step(data, learning_decay)
         seconds = time.perf_counter() - start
         self._set_fitted(_Run(*state.parameters))
+        if new_stream:  # only now: a step that raised leaves the model, and its history, as they were
+            self.lower_bounds_ = []
         previous = self.lower_bounds_[-1] if self.lower_bounds_ else -np.inf
         self.lower_bounds_.append(np.float64(mean_log_likelihood))
         self.lower_bound_ = np.float64(mean_log_likelihood)
@@ -935,6 +952,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         for callback in self._callback_list():
             callback(info)
         return self
+
+    def _check_partial_fit_settings(self, state, n_features):
+        """A stream continues one model: n_components and covariance_type changed by set_params are refused."""
+        expected = chunk.covariance_shape(self.covariance_type, self.n_components, n_features)
+        fitted_kind = self.covariance_type if state is None else state.covariance_type
+        if np.shape(self.covariances_) != expected or fitted_kind != self.covariance_type:
+            fitted = np.shape(self.weights_)[0]
+            kind = f"{fitted_kind!r} covariances" if state is not None else \
+                f"covariances of shape {np.shape(self.covariances_)}"
+            raise ValueError(
+                f"partial_fit continues the fitted model ({fitted} components, {kind!s}), but the estimator's "
+                f"parameters are now n_components={self.n_components}, covariance_type={self.covariance_type!r}; "
+                "call fit to start a new model with them, or restore them"
+            )
 
     def _predict_validated(self, Xv):
         params = self._chunk_params()

@@ -170,6 +170,40 @@ def test_first_batch_needs_n_components_rows():
         GaussianMixture(5).partial_fit(np.random.default_rng(0).normal(size=(4, 2)))
 
 
+def test_a_failed_step_keeps_the_history_and_a_failed_first_step_leaves_the_estimator_unfitted(stream):
+    from sklearn.exceptions import NotFittedError
+
+    collapsed = np.ones((20, N_FEATURES))  # one point: a singular covariance with reg_covar=0
+    gm = GaussianMixture(N_COMPONENTS, random_state=0, reg_covar=0.0).fit(np.concatenate(stream[:4]))
+    history = list(gm.lower_bounds_)
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        gm.partial_fit(collapsed)
+    assert gm.lower_bounds_ == history and len(history) > 1
+    fresh = GaussianMixture(2, random_state=0, reg_covar=0.0)
+    with pytest.raises(ValueError):
+        fresh.partial_fit(collapsed)
+    assert not hasattr(fresh, "n_features_in_")
+    with pytest.raises(NotFittedError):
+        fresh.predict(stream[0])
+
+
+def test_set_params_between_steps(stream):
+    """reg_covar applies from the next step; another n_components or covariance_type is refused (use fit)."""
+    gm = GaussianMixture(N_COMPONENTS, random_state=0).partial_fit(stream[0])
+    gm.partial_fit(stream[1])
+    gm.set_params(reg_covar=10.0).partial_fit(stream[2])
+    assert np.all(np.diagonal(gm.covariances_, axis1=1, axis2=2) > 10.0) and gm.n_iter_ == 3
+    for change in ({"covariance_type": "diag"}, {"n_components": N_COMPONENTS + 1}):
+        with pytest.raises(ValueError, match=r"partial_fit continues the fitted model \(4 components, 'full' "
+                                             r"covariances\), but the estimator's parameters are now"):
+            GaussianMixture(N_COMPONENTS, random_state=0).partial_fit(stream[0]).set_params(**change).partial_fit(
+                stream[1])
+    fitted = GaussianMixture(N_COMPONENTS, random_state=0).fit(stream[0])
+    with pytest.raises(ValueError, match=r"\(4 components, covariances of shape \(4, 3, 3\)\), .*"
+                                         "covariance_type='spherical'"):
+        fitted.set_params(covariance_type="spherical").partial_fit(stream[1])
+
+
 def test_partial_fit_after_fit_continues_from_the_fitted_model(stream):
     gm = GaussianMixture(N_COMPONENTS, random_state=0).fit(np.concatenate(stream[:10]))
     before = gm.score(stream[50])
