@@ -229,6 +229,20 @@ def read_npz_meta(archive: zipfile.ZipFile):
     return json.loads(str(read_npz_array(archive, "meta")[()]))
 
 
+def is_checkpoint_file(path: str) -> bool:
+    """Whether ``path`` is a file that :func:`save_checkpoint` wrote (its metadata says so; arrays unread).
+
+    What replaces a checkpoint, and removes it once a fit ends, must never take
+    another file for one: a model, an input or a config named as the checkpoint.
+    """
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as archive:
+            meta = read_npz_meta(archive)
+    except Exception:  # noqa: BLE001 (not a zip, no 'meta', not JSON, unreadable: not a checkpoint)
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -1138,7 +1138,22 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
                      f"{row['aic']:>16.3f} {row['n_iter']:>5} {row['converged']}{mark}")
     report("select", "\n".join(lines), results=sweep.results, best=sweep.results[sweep.best_index],
            n_passes=sweep.n_passes, seconds=seconds)
-    if table:
+    best = sweep.best_estimator
+    # the config that fits the chosen model alone (dgmm fit with it), and the grid it was chosen from
+    fitted_config = config.to_dict()
+    fitted_config["model"].update(n_components=int(best.n_components), covariance_type=best.covariance_type)
+    fitted_config["output"].update(checkpoint=None, checkpoint_every=0)
+    metadata = {"source": source,
+                "n_samples": int(X.shape[0]), "cluster": config.cluster.kind,
+                "selection": sweep.results, "criterion": criterion,
+                "grid": {"n_components": [int(k) for k in n_components], "covariance_types": list(kinds)},
+                "seconds": round(seconds, 3), "config": fitted_config}
+    _name_features(best, source)
+    _save_model(best, config.output.model, metadata, config.output.storage_options)
+    report("model", f"best: n_components={best.n_components}, covariance_type={best.covariance_type} "
+                    f"({sweep.n_passes} passes over the data in {seconds:.1f} s); model: {config.output.model}",
+           path=config.output.model, n_components=best.n_components, covariance_type=best.covariance_type)
+    if table:  # after the model: a table that cannot be written does not lose the sweep
         import csv
         import io as _io
 
@@ -1150,16 +1165,6 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
         writer.writerows(sweep.results)
         atomic_write_bytes(table, buffer.getvalue().encode())
         report("table", f"table: {table}", path=table)
-    best = sweep.best_estimator
-    metadata = {"source": source,
-                "n_samples": int(X.shape[0]), "cluster": config.cluster.kind,
-                "selection": sweep.results, "criterion": criterion,
-                "seconds": round(seconds, 3), "config": config.to_dict()}
-    _name_features(best, source)
-    _save_model(best, config.output.model, metadata, config.output.storage_options)
-    report("model", f"best: n_components={best.n_components}, covariance_type={best.covariance_type} "
-                    f"({sweep.n_passes} passes over the data in {seconds:.1f} s); model: {config.output.model}",
-           path=config.output.model, n_components=best.n_components, covariance_type=best.covariance_type)
     return 0
 
 

@@ -539,6 +539,7 @@ def _check_for_command(config: Config, command: str) -> None:
             fail("output.model", f"{output.model} is a directory; name the model file, e.g. "
                                  f"{os.path.join(output.model, 'model.npz')}")
         _check_not_over(fail, "output.model", output.model, kept)
+        _check_checkpoint_place(fail, output, kept)
         if _exists(fail, "output.model", output.model, output.storage_options) and not output.overwrite:
             fail("output.model", f"{output.model} exists; set output.overwrite: true or choose another path")
         if not local_model:  # after _exists, which says when the store cannot be reached at all
@@ -569,6 +570,25 @@ def _check_for_command(config: Config, command: str) -> None:
             suffix = {"zarr": ".zarr", "parquet": ".parquet"}.get(predict.resolved_format(), "")
             _check_url_output(fail, "predict.output", predict.output, predict.storage_options, file=False,
                               suffix=suffix)
+
+
+def _check_checkpoint_place(fail, output: OutputConfig, kept) -> None:
+    """The checkpoint file is replaced every few iterations and removed when the fit ends: it must not be
+    the model, the input or the config, a directory, or a file that is not a dgmm checkpoint."""
+    path = output.checkpoint_path
+    if path is None:
+        return
+    key = "output.checkpoint" if output.checkpoint else "output.model"
+    model = (f"the model (output.model: {output.model})", path_location(output.model), False)
+    _check_not_over(fail, key, path, [*kept, model])
+    if os.path.isdir(path):
+        fail(key, f"the checkpoint {path} is a directory; name the checkpoint file, e.g. "
+                  f"{os.path.join(path, 'fit.checkpoint.npz')}")
+    from .checkpoint import is_checkpoint_file
+
+    if os.path.exists(path) and not is_checkpoint_file(path):
+        fail(key, f"the checkpoint {path} exists and is not a dgmm checkpoint (dgmm replaces its checkpoint "
+                  "while fitting and removes it at the end); move that file or choose another path")
 
 
 def _check_local_output_place(fail, key: str, path: str) -> None:
@@ -610,8 +630,13 @@ def check_extra_output(config: Config, name: str, path: str) -> None:
         model = config.output.model
         kept.append((f"the model (output.model: {model})", path_location(model), False))
     _check_not_over(fail, name, path, kept)
-    if not is_url(path) and os.path.isdir(path):
+    if is_url(path):
+        fail(name, f"must be a local path, got {path}")
+    if os.path.isdir(path):
         fail(name, f"{path} is a directory; name a file")
+    if os.path.exists(path) and not config.output.overwrite:
+        fail(name, f"{path} exists; set output.overwrite: true (--set output.overwrite=true) or choose another path")
+    _check_local_output_place(fail, name, path)
 
 
 def _exists(fail, key: str, path: str, storage_options) -> bool:

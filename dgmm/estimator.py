@@ -36,6 +36,7 @@ from .checkpoint import (
     data_sum_mismatch,
     data_sum_record,
     fingerprint_mismatch,
+    is_checkpoint_file,
     load_checkpoint,
     save_checkpoint,
 )
@@ -374,6 +375,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self._data_sum = self._resumed_data_sum = None
         restored = None
         if self.checkpoint is not None:
+            path = os.fspath(self.checkpoint)
+            # (resuming reads it, and says what is wrong with it)
+            if os.path.isdir(path) or (not resume and os.path.exists(path) and not is_checkpoint_file(path)):
+                raise ValueError(
+                    f"checkpoint {path} is {'a directory' if os.path.isdir(path) else 'a file but not a dgmm checkpoint'}"
+                    "; name a new file, or a checkpoint of an earlier fit (it is replaced every checkpoint_every "
+                    "iterations)"
+                )
             self._fingerprint = self._make_fingerprint(data, weights_init, means_init, precisions_init)
         if resume:
             restored = self._restore_checkpoint()

@@ -134,7 +134,11 @@ def test_corrupt_or_newer_checkpoints_give_clear_errors(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable dgmm checkpoint"):
         GaussianMixture(3, random_state=0, checkpoint=str(path)).fit(X, resume=True)
+    # nor is it written over by a new fit: nothing says that it is a checkpoint (writes are atomic)
+    with pytest.raises(ValueError, match="is a file but not a dgmm checkpoint"):
+        GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
     # a newer format version
+    path.unlink()
     GaussianMixture(3, random_state=0, max_iter=2, checkpoint=str(path)).fit(X)
     rewrite(path, edit_meta=lambda meta: meta.update(format_version=99))
     with pytest.raises(CheckpointError, match="newer dgmm"):

@@ -163,3 +163,71 @@ def test_dgmm_check_for_a_command_runs_that_commands_output_checks(lake):
     select = run_dgmm("check", path, "--for", "select", "--set", "output.overwrite=true")
     assert select.returncode == 0 and "valid for 'dgmm select'" in select.stdout, select.stderr
     assert tree(lake / "mine") == {"keep.txt": b"not dgmm's"}
+
+
+@pytest.mark.parametrize(
+    "checkpoint, message",
+    [
+        ("results/model.npz", "output.checkpoint: results/model.npz would replace the model (output.model: "
+                              "results/best.npz)"),
+        ("in.zarr", "output.checkpoint: in.zarr would replace the input (input.path: in.zarr)"),
+        ("c.yaml", "output.checkpoint: c.yaml would replace the config file c.yaml"),
+        ("empty", "output.checkpoint: the checkpoint empty is a directory; name the checkpoint file, e.g. "
+                  "empty/fit.checkpoint.npz"),
+        ("mine/keep.txt", "output.checkpoint: the checkpoint mine/keep.txt exists and is not a dgmm checkpoint"),
+    ],
+)
+def test_a_checkpoint_path_over_the_model_input_config_or_another_file_is_a_config_error(lake, checkpoint, message):
+    """The checkpoint is replaced while fitting and removed at the end: named as the model, the input or the config
+    file, `dgmm fit` used to write over it, then delete it, and exit 0."""
+    raw = {"input": {"path": "in.zarr"}, "model": {"n_components": 2, "max_iter": 2}, "cluster": {"type": "threads"},
+           "output": {"model": "results/best.npz", "checkpoint": checkpoint}}
+    if checkpoint == "results/model.npz":
+        raw["output"]["model"] = "results/model.npz"
+        raw["output"]["overwrite"] = True
+        message = message.replace("results/best.npz", "results/model.npz")
+    write_config(lake / "c.yaml", raw)
+    before = tree(lake)
+    result = run_dgmm("fit", "c.yaml", cwd=lake)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert f"dgmm: error: c.yaml: {message}" in result.stderr
+    assert tree(lake) == before
+
+
+def test_a_checkpoint_of_an_earlier_fit_may_be_replaced_and_python_fits_refuse_other_files(lake):
+    from dgmm import GaussianMixture
+
+    X = blobs(300, 2)
+    GaussianMixture(2, max_iter=2, checkpoint="results/fit.ckpt").fit(X)  # any name: the contents say what it is
+    raw = {"input": {"path": "in.zarr"}, "output": {"model": "results/new.npz", "checkpoint": "results/fit.ckpt"}}
+    assert parse_config(raw, command="fit").output.checkpoint == "results/fit.ckpt"
+    with pytest.raises(ValueError, match="checkpoint results/model.npz is a file but not a dgmm checkpoint"):
+        GaussianMixture(2, checkpoint="results/model.npz").fit(X)
+    with pytest.raises(ValueError, match="checkpoint empty is a directory"):
+        GaussianMixture(2, checkpoint="empty").fit(X)
+    assert tree(lake / "mine") == {"keep.txt": b"not dgmm's"} and os.listdir(lake / "empty") == []
+
+
+def test_select_table_is_replaced_only_with_overwrite_and_written_after_the_model(lake):
+    from dgmm.model_io import read_model_metadata
+
+    (lake / "notes.csv").write_text("precious")
+    path = write_config(lake / "c.yaml", {"input": {"path": "in.zarr"}, "model": {"n_components": 1},
+                                          "cluster": {"type": "threads"}, "output": {"model": "best.npz"}})
+    args = ("select", path, "--n-components", "1:2", "--covariance-types", "diag,full")
+    refused = run_dgmm(*args, "--table", "notes.csv", cwd=lake)
+    assert refused.returncode == 2 and (f"--table: notes.csv exists; set output.overwrite: true "
+                                        "(--set output.overwrite=true) or choose another path") in refused.stderr
+    assert (lake / "notes.csv").read_text() == "precious" and not (lake / "best.npz").exists()
+    unwritable = run_dgmm(*args, "--table", "results/model.npz/bic.csv", cwd=lake)
+    assert unwritable.returncode == 2 and "is a file, not a directory" in unwritable.stderr
+    done = run_dgmm(*args, "--table", "notes.csv", "--set", "output.overwrite=true", cwd=lake)
+    assert done.returncode == 0, done.stderr
+    assert (lake / "notes.csv").read_text().startswith("n_components,covariance_type")
+    # the stored config fits the chosen model (not the config's n_components: 1 / 'full'), without a checkpoint
+    meta = read_model_metadata(lake / "best.npz")
+    fitted = meta["fit"]["config"]
+    assert (fitted["model"]["n_components"], fitted["model"]["covariance_type"]) == \
+        (meta["n_components"], meta["covariance_type"]) != (1, "full")
+    assert fitted["output"]["checkpoint"] is None and fitted["output"]["checkpoint_every"] == 0
+    assert meta["fit"]["grid"] == {"n_components": [1, 2], "covariance_types": ["diag", "full"]}
