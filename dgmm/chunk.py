@@ -49,6 +49,11 @@ FLOAT32_NOTE = (
     " The numerical accuracy can also be improved by passing float64"
     " data instead of float32."
 )
+#: Added when a float32 model's covariances are finite in float64 but not once stored in float32.
+FLOAT32_OVERFLOW_NOTE = (
+    " Some covariances exceed the largest float32 value (3.4e38) that the model's float32"
+    " attributes can hold; scale the input data, or pass float64 data."
+)
 #: Added when a covariance is not finite: the input is finite (checked), so its squares overflowed.
 OVERFLOW_NOTE = (
     " Some covariances are not finite: the input's values are too large for float64"
@@ -235,6 +240,11 @@ def compute_precision_cholesky(covariances: np.ndarray, covariance_type: str, fl
     message = PRECISION_ERROR_MESSAGE + (FLOAT32_NOTE if float32_note else "")
     if not np.all(np.isfinite(covariances)):
         raise ValueError(message + OVERFLOW_NOTE)
+    if float32_note:
+        with np.errstate(over="ignore"):
+            overflows = not np.all(np.isfinite(np.asarray(covariances).astype(np.float32)))
+        if overflows:  # finite in float64, beyond float32 (3.4e38) once stored in the model's dtype
+            raise ValueError(PRECISION_ERROR_MESSAGE + FLOAT32_OVERFLOW_NOTE)
     if covariance_type in ("full", "tied"):
         stack = covariances[None] if covariance_type == "tied" else covariances
         n_features = stack.shape[-1]

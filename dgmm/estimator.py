@@ -498,6 +498,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         kind = self.covariance_type
         float32 = self._dtype == np.float32
         if self.max_iter == 0:
+            verbose = getattr(self, "_verbose_out", None)
+            if verbose is not None:
+                verbose.no_iterations()
             return
         active = list(range(len(runs))) if active is None else list(active)
         callbacks = self._callback_list()
@@ -552,7 +555,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 stats, params.center, params.means, self.reg_covar, kind, eps=eps
             )
             prec_chol = chunk.compute_precision_cholesky(covariances, kind, float32)
-            self._warn_degenerate(stats.nk, covariances, n_iter)
+            self._warn_degenerate(stats.nk, covariances, n_iter, stats.n_samples / max(data.n_samples, 1))
             updates.append((weights, means, covariances, prec_chol, stats.log_likelihood / stats.n_samples))
         now = time.perf_counter()
         seconds = now - iter_time
@@ -564,7 +567,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         for i, (weights, means, covariances, prec_chol, lower_bound) in zip(active, updates):
             run = runs[i]
             change = lower_bound - run.lower_bound
-            if change < -LOWER_BOUND_DROP * (1.0 + abs(run.lower_bound)):
+            # (a warm start's first bound follows the previous fit's, maybe on other data: nothing to compare)
+            if run.lower_bounds and change < -LOWER_BOUND_DROP * (1.0 + abs(run.lower_bound)):
                 warnings.warn(
                     f"EM iteration {n_iter}: the lower bound fell from {run.lower_bound:.8g} to {lower_bound:.8g}. "
                     "An EM step does not lower it: the rows read in this pass differ from the last pass's "
@@ -609,16 +613,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         )
         return still_active, info
 
-    def _warn_degenerate(self, nk, covariances, n_iter):
-        """Warn once per component that lost its mass or whose covariance collapsed to reg_covar."""
+    def _warn_degenerate(self, nk, covariances, n_iter, row_weight=1.0):
+        """Warn once per component that lost its mass or whose covariance collapsed to reg_covar.
+
+        ``row_weight``: the mean sample weight of a row (1 unweighted), the unit of "one row" of mass.
+        """
         warned = self.__dict__.setdefault("_degenerate_warned", set())
         kind = self.covariance_type
+        one_row = "1 row" if row_weight == 1.0 else f"one row's mean weight {row_weight:.3g}"
         for k, mass in enumerate(np.asarray(nk)):
-            if mass < 1.0 and ("mass", k) not in warned:
+            if mass < row_weight and ("mass", k) not in warned:
                 warned.add(("mass", k))
                 warnings.warn(
                     f"Gaussian mixture component {k} has lost its mass at iteration {n_iter} "
-                    f"(responsibility sum {mass:.3g} < 1 row); its mean and covariance rest on almost no "
+                    f"(responsibility sum {mass:.3g} < {one_row}); its mean and covariance rest on almost no "
                     "data. Reduce n_components or try another initialisation.",
                     DegenerateComponentWarning,
                     stacklevel=_caller_stacklevel(),
@@ -1157,6 +1165,11 @@ class _VerboseOutput:
         elif self.verbose >= 2:
             self._add(i, f"Initialization {msg}. time lapse {seconds:.5f}s\t lower bound {lower_bound:.5f}.")
         self.ended[i] = True
+        self._flush()
+
+    def no_iterations(self) -> None:
+        """``max_iter=0``: as sklearn, each restart's "Initialization i" line alone."""
+        self.ended = [True] * len(self.ended)
         self._flush()
 
     def _add(self, i: int, line: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from sklearn.utils import check_random_state
 
+from . import chunk
 from .estimator import GaussianMixture
 from .init import InitRequest, initial_statistics
 from .passes import DataPasses, single_threaded_blas
@@ -307,8 +308,8 @@ class _SweepOutput:
     def ended(self, gm: GaussianMixture, runs, n_iter: int) -> None:
         if self.verbose < 1:
             return
-        best = max(runs, key=lambda run: run.lower_bound)
-        state = "converged" if any(run.converged for run in runs) else "did not converge"
+        best = runs[chunk.best_restart([run.lower_bound for run in runs])]  # the restart the candidate keeps
+        state = "converged" if best.converged else "did not converge"
         self.line(f"Candidate n_components={gm.n_components}, covariance_type={gm.covariance_type!r}: {state} "
                   f"after {_count(n_iter, 'iteration')}, lower bound {best.lower_bound:.5f}")
 

@@ -153,6 +153,21 @@ def test_sklearn_raises_where_we_expect_it_to():
 
 
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_float32_covariances_beyond_float32_get_an_error_that_says_so(kind):
+    """float32 data near 1e20: the float64 covariances (1e40) are finite, the model's float32 ones are not. 'diag'
+    fitted "successfully" with inf covariances_ (and sample() gave inf); 'full' failed with scipy's bare message."""
+    rng = np.random.default_rng(0)
+    X = (np.concatenate([rng.normal(-3, 1, (300, 2)), rng.normal(3, 1, (300, 2))]) * 1e20).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # sklearn's in-memory k-means overflows in float32 too
+        with pytest.raises(ValueError, match=r"increase reg_covar.* Some covariances exceed the largest float32 "
+                                             r"value \(3\.4e38\).*scale the input data, or pass float64 data"):
+            GaussianMixture(2, covariance_type=kind, random_state=0).fit(X)
+    fitted = GaussianMixture(2, covariance_type=kind, random_state=0).fit(X.astype(np.float64))
+    assert np.all(np.isfinite(fitted.covariances_)) and fitted.covariances_.max() > 1e38
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
 def test_input_whose_squares_overflow_gets_an_error_that_says_so(kind):
     """Finite input above ~1e154. sklearn fails inside scipy for full and tied ("array must not
     contain infs or NaNs", about an input that has none) and returns NaN covariances for diag and
@@ -223,3 +238,21 @@ def test_input_rewritten_during_a_fit_is_named_when_the_lower_bound_falls():
     with pytest.warns(RuntimeWarning, match=r"EM iteration 4: the lower bound fell from -[0-9.]+ to -[0-9.]+\. An EM "
                                             r"step does not lower it: the rows read in this pass differ"):
         GaussianMixture(**params, callbacks=rewrite).fit(lazy)
+
+
+def test_no_false_alarms_for_a_warm_start_on_new_data_or_normalised_weights():
+    """A warm start's first lower bound follows the previous fit's, on other data: no "input changed" warning.
+    Weights that sum to 1 (probabilities): a component of half the mass has not "lost its mass" (< 1 row)."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(-3, 1, (300, 2)), rng.normal(3, 1, (300, 2))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = GaussianMixture(2, random_state=0, warm_start=True).fit(X)
+        gm.fit(X * 3)  # the lower bound falls from about -3.5 to about -5.7: another data set, as warm_start allows
+        weighted = GaussianMixture(2, random_state=0).fit(X, sample_weight=np.full(len(X), 1 / len(X)))
+    np.testing.assert_allclose(weighted.means_, GaussianMixture(2, random_state=0).fit(X).means_, rtol=1e-10)
+    far = np.full(len(X), 1 / len(X))
+    with pytest.warns(DegenerateComponentWarning, match=r"component 2 has lost its mass at iteration 1 \(responsibility "
+                                                        r"sum [0-9.e-]+ < one row's mean weight 0\.00167\)"):
+        GaussianMixture(3, random_state=0, means_init=[[-3, -3], [3, 3], [90, 90]], max_iter=1).fit(
+            X, sample_weight=far)

@@ -114,6 +114,22 @@ def test_verbose_sweep_prints_each_candidate_and_iteration(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_verbose_says_how_the_kept_restart_ended(capsys):
+    """A candidate whose kept restart (the largest lower bound) did not converge is not "converged", even when
+    another of its restarts did."""
+    import warnings
+
+    rng = np.random.default_rng(5)
+    X = np.concatenate([rng.normal(-3, 1, (300, 2)), rng.normal(3, 1, (300, 2)), rng.normal(0, 3, (300, 2))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sweep = select(X, n_components=[3], covariance_types=["full"], random_state=5, n_init=4, max_iter=8,
+                       init_params="random", verbose=1)
+    assert sweep.results[0]["converged"] is False
+    assert "Candidate n_components=3, covariance_type='full': did not converge after 8 iterations" in \
+        capsys.readouterr().out
+
+
 def test_a_single_type_or_k_and_repeated_values_give_each_candidate_once():
     X = known_mixture(300, seed=3)
     one = select(X, n_components=2, covariance_types="full", random_state=0)  # not 'f', 'u', 'l', 'l'

@@ -159,6 +159,17 @@ def test_nonfinite_row_in_lazy_predictions_is_named_in_one_sentence():
         gm.score_samples(da.from_array(X, chunks=10)).compute()
 
 
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_verbose_output_without_iterations_reads_as_sklearns(capsys, verbose):
+    """max_iter=0: each restart's "Initialization i" line (dgmm printed the first one only)."""
+    X = make_mixture(n_samples=300, n_features=2, seed=23)
+    for cls in (SkGaussianMixture, GaussianMixture):
+        cls(2, n_init=3, max_iter=0, verbose=verbose, random_state=0).fit(X)
+    sklearn_out, dgmm_out = capsys.readouterr().out.split("Initialization 0\n")[1:]
+    assert "Initialization 0\n" + dgmm_out == "Initialization 0\n" + sklearn_out == \
+        "Initialization 0\nInitialization 1\nInitialization 2\n"
+
+
 @pytest.mark.parametrize("n_init, verbose, interval", [(1, 1, 3), (1, 2, 2), (3, 2, 2), (3, 1, 1)])
 def test_verbose_output_reads_as_sklearns(capsys, n_init, verbose, interval):
     """The same lines in the same order: restarts that run together are printed one after another, as sklearn's."""
