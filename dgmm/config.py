@@ -495,11 +495,26 @@ def parse_config(raw: Any, *, source: str = "<config>", overrides: Sequence[str]
     _check_size(raw, source)
     raw = apply_overrides(raw, overrides, source=source)
     _check_size(raw, source)
-    config = _build(Config, raw, source, "")
-    config = dataclasses.replace(config, source=source)
+    config = _local_paths(dataclasses.replace(_build(Config, raw, source, ""), source=source))
     if command is not None:
         _check_for_command(config, command)
     return config
+
+
+def _local_paths(config: Config) -> Config:
+    """``file://`` outputs (and a generated input) as the local paths they name: local writes and checks take
+    paths, and a ``file:///x`` passed to them was written under ./file:/x."""
+
+    def local(path):
+        return _local(path) if isinstance(path, str) else path
+
+    output = dataclasses.replace(config.output, model=local(config.output.model),
+                                 checkpoint=local(config.output.checkpoint))
+    predict = None if config.predict is None else dataclasses.replace(config.predict, output=local(config.predict.output))
+    inp = config.input
+    if inp.synthetic is not None:
+        inp = dataclasses.replace(inp, path=local(inp.path))
+    return dataclasses.replace(config, input=inp, output=output, predict=predict)
 
 
 def _check_for_command(config: Config, command: str) -> None:

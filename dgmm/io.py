@@ -145,7 +145,7 @@ def write_bytes(path: str, payload: bytes, storage_options: Mapping | None = Non
         fs, root = _filesystem(path, storage_options)
         fs.pipe_file(root, payload)
     else:
-        atomic_write_bytes(path, payload)
+        atomic_write_bytes(_local(path), payload)
 
 
 def missing_bucket(fs, root: str) -> str | None:

@@ -28,7 +28,7 @@ import numpy as np
 from ._version import __version__
 from .checkpoint import check_parameter_values, parameter_shapes, read_npz_header, read_npz_meta
 from .chunk import COVARIANCE_TYPES
-from .io import is_url, write_bytes
+from .io import _local, is_url, write_bytes
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelFormatError", "from_sklearn", "load_model", "read_model_metadata",
            "save_model", "to_sklearn"]
@@ -148,7 +148,7 @@ def _read_bytes(path: str, storage_options: dict | None) -> bytes:
 
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
             return f.read()
-    with open(path, "rb") as f:
+    with open(_local(path), "rb") as f:
         return f.read()
 
 

@@ -317,3 +317,22 @@ def test_predict_keeps_input_columns_to_join_by(tmp_path, monkeypatch):
         check = run_dgmm("check", config, "--for", "predict", "--set", override, "--set", "predict.overwrite=true")
         assert check.returncode == 2 and message in check.stderr, (override, check.stderr)  # found by check too
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_file_urls_name_local_outputs_and_a_generated_input(tmp_path):
+    """`output.model: file:///abs/m.npz` was written under ./file:/abs/m.npz (and its checkpoint, named after it,
+    refused as a URL after the data was read); a synthetic `file://` input failed after `dgmm check` passed it."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": f"file://{tmp_path / 'syn.zarr'}",
+                  "synthetic": {"n_samples": 3000, "n_features": 2, "n_components": 2, "chunk_rows": 1000}},
+        "model": {"n_components": 2, "random_state": 0, "max_iter": 3},
+        "cluster": {"type": "threads"},
+        "output": {"model": f"file://{tmp_path / 'out' / 'm.npz'}"}})
+    result = run_dgmm("fit", config, cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "m.npz").is_file() and (tmp_path / "syn.zarr").is_dir()
+    assert os.listdir(work) == [] and sorted(os.listdir(tmp_path / "out")) == ["m.npz"]  # checkpoint removed
+    info = run_dgmm("info", f"file://{tmp_path / 'out' / 'm.npz'}", cwd=work)
+    assert info.returncode == 0 and "2 components, full covariances, 2 features" in info.stdout, info.stderr
