@@ -285,8 +285,16 @@ def parquet_feature_names(path: str, *, columns: Sequence[str] | None = None,
     files = list(_parquet_files(fs, root)) if fs.isdir(root) else [root]
     if not files:
         return None
-    (meta,) = _parquet_footers(fs, path, files[:1])
-    return _numeric_columns(meta.schema.to_arrow_schema())
+    # The first file with rows, as the reader skips files without any (an empty part.0 written by a
+    # DataFrame with no columns, or with other ones): one footer, then FOOTER_READERS at a time.
+    first, start, batch = None, 0, 1
+    while start < len(files):
+        for meta in _parquet_footers(fs, path, files[start : start + batch]):
+            first = first or meta
+            if meta.num_rows > 0:
+                return _numeric_columns(meta.schema.to_arrow_schema())
+        start, batch = start + batch, FOOTER_READERS
+    return _numeric_columns(first.schema.to_arrow_schema())
 
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")  # dask's and Spark's
@@ -376,12 +384,13 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     name = "from-zarr-" + dask.base.tokenize(node, component, options, chunks)
     array = da.from_array(node, chunks, name=name, getitem=_read_zarr_block)
     decoding = _cf_decoding(node)
-    if decoding is None:
-        return array
+    if decoding is None:  # in this machine's byte order: '>f4' (a v2 array) is float32 to the model, as '<f4' is
+        return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
     logger.info("%s: decoding the array's CF attributes as xarray does (%s)", path,
                 ", ".join(f"{k}={v!r}" for k, v in decoding.items() if v is not None and v != []))
     dtype = np.dtype(np.float64)
-    if node.dtype == np.float32 and decoding["scale_factor"] is None and decoding["add_offset"] is None:
+    if node.dtype.newbyteorder("=") == np.float32 and decoding["scale_factor"] is None and \
+            decoding["add_offset"] is None:
         dtype = np.dtype(np.float32)  # only masked: float32 stays, as in xarray
     return array.map_blocks(_cf_decode_block, dtype=dtype, out_dtype=dtype, **decoding)
 
@@ -912,19 +921,21 @@ def open_npy(path: str, *, storage_options: Mapping | None = None, chunk_rows: i
                             dtype, fortran_order)
              for i, start in enumerate(starts)}
     chunks = (tuple(min(start + rows, n_samples) - start for start in starts), (n_features,))
-    return da.Array(graph, name, chunks, dtype=dtype)
+    # chunks in this machine's byte order: '>f4' is float32 to NumPy's arithmetic, not to sklearn's dtype checks
+    return da.Array(graph, name, chunks, dtype=dtype.newbyteorder("="))
 
 
 def _read_npy_rows(fs, file, local, offset, start, stop, shape, dtype, fortran_order) -> np.ndarray:
+    native = dtype.newbyteorder("=")
     if local:
         mm = np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape,
                        order="F" if fortran_order else "C")
-        return np.array(mm[start:stop])
+        return np.array(mm[start:stop], dtype=native)
     row_bytes = dtype.itemsize * shape[1]
     with fs.open(file, "rb") as f:
         f.seek(offset + start * row_bytes)
         payload = f.read((stop - start) * row_bytes)
-    return np.frombuffer(payload, dtype=dtype).reshape(stop - start, shape[1]).copy()
+    return np.frombuffer(payload, dtype=dtype).reshape(stop - start, shape[1]).astype(native)
 
 
 # ---------------------------------------------------------------------------

@@ -800,3 +800,39 @@ def test_a_write_sweeps_only_the_staging_that_dead_writers_on_this_host_left(tmp
                     format="zarr", overwrite=True)
     assert not stale.exists()
     assert set(os.listdir(tmp_path)) == left  # the failed write's own staging removed, the output kept
+
+
+@pytest.mark.parametrize("empty", ["no columns", "another column"])
+def test_the_feature_columns_of_a_parquet_directory_come_from_a_file_with_rows(tmp_path, empty):
+    """An empty part.0 (a DataFrame with no rows) is skipped by the reader: its columns, none or others, are not
+    the table's ('15,000 rows x 0 features', or "input.columns: column 'extra' not found" with no input.columns)."""
+    from dgmm.io import input_feature_names
+
+    table = tmp_path / "t.parquet"
+    table.mkdir()
+    frame = pd.DataFrame() if empty == "no columns" else pd.DataFrame({"extra": pd.Series([], dtype="float64")})
+    frame.to_parquet(table / "part.0.parquet")
+    X = np.random.default_rng(0).normal(size=(300, 3))
+    for i in range(1, 4):
+        pd.DataFrame(X[100 * (i - 1):100 * i], columns=["x0", "x1", "x2"]).to_parquet(table / f"part.{i}.parquet")
+    names = input_feature_names(str(table))
+    assert names == ["x0", "x1", "x2"]
+    np.testing.assert_array_equal(open_input(str(table), columns=names).compute(), X)
+
+
+def test_big_endian_files_are_read_in_the_machines_byte_order(tmp_path):
+    """A '>f4' .npy file or Zarr v2 array gave a float64 model (sklearn's dtype checks take '>f4' for another
+    dtype than float32), where the same data stored '<f4' gives a float32 one."""
+    X = np.random.default_rng(0).normal(size=(400, 3)).astype(np.float32)
+    np.save(tmp_path / "be.npy", X.astype(">f4"))
+    z = zarr.open_array(str(tmp_path / "be.zarr"), mode="w", shape=X.shape, chunks=(100, 3), dtype=">f4",
+                        zarr_format=2)
+    z[:] = X
+    for path in ("be.npy", "be.zarr"):
+        lazy = open_input(str(tmp_path / path))
+        assert lazy.dtype == np.dtype("float32") and lazy.dtype.isnative
+        np.testing.assert_array_equal(lazy.compute(), X)
+        gm = GaussianMixture(2, random_state=0, max_iter=3).fit(lazy)
+        assert gm.means_.dtype == np.float32
+        reference = GaussianMixture(2, random_state=0, max_iter=3).fit(da.from_array(X, chunks=lazy.chunks))
+        np.testing.assert_array_equal(gm.means_, reference.means_)
