@@ -366,6 +366,40 @@ def log_prob_resp(X: np.ndarray, params: ChunkParams, threads: int = 1):
     return log_prob_norm, log_resp
 
 
+class Predictions(NamedTuple):
+    """The per-row outputs of one chunk (:func:`predictions`); None for those not asked for.
+
+    ``labels`` int64 (n_samples,), ``probabilities`` float64 (n_samples, n_components)
+    and ``log_likelihood`` float64 (n_samples,), in the chunk's library.
+    """
+
+    labels: np.ndarray | None
+    probabilities: np.ndarray | None
+    log_likelihood: np.ndarray | None
+
+
+def predictions(X: np.ndarray, params: ChunkParams, threads: int = 1, *, labels: bool = True,
+                probabilities: bool = False, log_likelihood: bool = False) -> Predictions:
+    """Labels, responsibilities and log-likelihood of one chunk from ONE :func:`weighted_log_prob`.
+
+    Each output is computed exactly as on its own: labels as the argmax of the
+    weighted log-probabilities, the log-likelihood as their row-wise
+    log-sum-exp and the responsibilities as :func:`log_prob_resp`'s
+    exponentiated (so equal bit for bit to ``predict``, ``score_samples`` and
+    ``predict_proba``). NumPy or CuPy, as the chunk.
+    """
+    weighted = weighted_log_prob(X, params, threads)
+    label = weighted.argmax(axis=1) if labels else None
+    log_prob_norm = resp = None
+    if probabilities or log_likelihood:
+        log_prob_norm = logsumexp_rows(weighted)
+    if probabilities:
+        with np.errstate(under="ignore", invalid="ignore"):
+            log_resp = weighted - log_prob_norm[:, None]
+        resp = array_module(log_resp).exp(log_resp)
+    return Predictions(label, resp, log_prob_norm if log_likelihood else None)
+
+
 def weighted_log_prob(X: np.ndarray, params: ChunkParams, threads: int = 1) -> np.ndarray:
     """log N(x | μ_k, Σ_k) + log π_k for one chunk, shape (n_samples, n_components).
 

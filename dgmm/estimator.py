@@ -1036,6 +1036,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             dtype, copy=False
         )
 
+    def _lazy_predictions(self, X, *, labels: bool = True, probabilities: bool = False,
+                          log_likelihood: bool = False) -> dict:
+        """``predict``, ``predict_proba`` and ``score_samples`` of a lazy X together, lazy, by output name.
+
+        For writers that compute them in one pass (:func:`dgmm.io.write_predictions`):
+        each chunk's E-step runs once for all of them (:func:`dgmm.graph.predictions`).
+        The arrays are those the three methods return for X (values, dtypes, chunks).
+        """
+        Xv = self._validated(X)
+        if not isinstance(Xv, da.Array):
+            raise TypeError(f"expected a lazy (dask) X, got {type(X).__name__}")
+        return graph.predictions(Xv, self._chunk_params(), self._output_dtype(Xv), kernel_threads(), labels=labels,
+                                 probabilities=probabilities, log_likelihood=log_likelihood)
+
     def score(self, X, y=None, sample_weight=None):
         """Per-sample average log-likelihood of X (a Python float; computes for lazy input).
 

@@ -229,3 +229,61 @@ def predict_proba(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 
         meta=meta_from_array(X, 2, np.float64),
     )
     return out.astype(dtype)
+
+
+#: The outputs :func:`predictions` builds, in the order of :class:`dgmm.chunk.Predictions`.
+PREDICTION_OUTPUTS = ("labels", "probabilities", "log_likelihood")
+
+
+def _predictions_chunk(X, params, threads, outputs, block_info=None):
+    return chunk.predictions(_checked(X, block_info), params, threads, **{name: True for name in outputs})
+
+
+def _pick(predictions: chunk.Predictions, name: str):
+    return getattr(predictions, name)
+
+
+def predictions(X: da.Array, params: chunk.ChunkParams, dtype, threads: int = 1, *, labels: bool = True,
+                probabilities: bool = False, log_likelihood: bool = False) -> dict[str, da.Array]:
+    """Lazy labels, responsibilities and log-likelihood, from ONE E-step task per row chunk.
+
+    Each chunk's weighted log-probabilities are computed once
+    (:func:`dgmm.chunk.predictions`) and every output asked for is cut from
+    that task's result, so computing the outputs together (in ONE compute)
+    costs one E-step, not one per output. A single output is :func:`predict`,
+    :func:`predict_proba` or :func:`score_samples` itself.
+
+    Returns
+    -------
+    dict of str to dask.array.Array
+        The outputs asked for, by name ('labels', 'probabilities',
+        'log_likelihood'), with X's row chunks (and chunk library), as
+        :func:`predict`, :func:`predict_proba` and :func:`score_samples` return them.
+    """
+    asked = dict(zip(PREDICTION_OUTPUTS, (labels, probabilities, log_likelihood)))
+    outputs = tuple(name for name, wanted in asked.items() if wanted)
+    if outputs == ("labels",):
+        return {"labels": predict(X, params, threads)}
+    if outputs == ("probabilities",):
+        return {"probabilities": predict_proba(X, params, dtype, threads)}
+    if outputs == ("log_likelihood",):
+        return {"log_likelihood": score_samples(X, params, dtype, threads)}
+    if not outputs:
+        return {}
+    k = params.means.shape[0]
+    # One task per chunk whose result (a chunk.Predictions) the outputs below pick from.
+    combined = X.map_blocks(_predictions_chunk, _shared(params), threads, outputs, drop_axis=1, dtype=object,
+                            meta=np.empty((0,), dtype=object))
+    out = {}
+    if labels:
+        out["labels"] = combined.map_blocks(_pick, "labels", dtype=np.int64, meta=meta_from_array(X, 1, np.int64))
+    if probabilities:
+        out["probabilities"] = combined.map_blocks(
+            _pick, "probabilities", new_axis=1, chunks=(X.chunks[0], (k,)), dtype=np.float64,
+            meta=meta_from_array(X, 2, np.float64),
+        ).astype(dtype)
+    if log_likelihood:
+        out["log_likelihood"] = combined.map_blocks(
+            _pick, "log_likelihood", dtype=np.float64, meta=meta_from_array(X, 1, np.float64)
+        ).astype(dtype)
+    return out

@@ -1294,7 +1294,7 @@ def _write_zarr(arrays, staging_url, storage_options, compressor, dimension_name
     zarr_format = group.metadata.zarr_format
     first = next(iter(arrays.values()))
     rows = max(max(first.chunks[0]), 1)
-    writes = []
+    sources, targets = [], []
     for name, array in arrays.items():
         array = _regular_rows(array.rechunk({i: -1 for i in range(1, array.ndim)}), rows)
         dims = _dimension_names(name, array.ndim, dimension_names)
@@ -1304,8 +1304,11 @@ def _write_zarr(arrays, staging_url, storage_options, compressor, dimension_name
                                     **({"dimension_names": dims} if zarr_format == 3 else {"fill_value": None}))
         if zarr_format == 2:
             target.attrs["_ARRAY_DIMENSIONS"] = list(dims)
-        writes.append(da.store(array, target, lock=False, compute=False))
-    dask.compute(*writes)
+        sources.append(array)
+        targets.append(target)
+    # one store, whose sources are optimised as one graph: a task the arrays share (a chunk's E-step, for
+    # its labels AND its probabilities) stays one (some dask versions optimise each store call apart)
+    dask.compute(da.store(sources, targets, lock=False, compute=False))
     return group
 
 
@@ -1335,7 +1338,7 @@ def _write_parquet(arrays, fs, staging, column_names, n_samples, keep=None) -> N
     first = blocks[0]
     blocks = [b.rechunk({0: first.chunks[0]}) for b in blocks]
     fs.makedirs(staging, exist_ok=True)
-    delayed_blocks = [list(b.to_delayed().ravel()) for b in blocks]
+    delayed_blocks = _delayed_blocks(blocks)
     width = max(5, len(str(len(first.chunks[0]))))
     starts = np.concatenate([[0], np.cumsum(first.chunks[0])]).astype(int).tolist()
     shared = None if keep is None else dask.delayed(keep, pure=True)  # one key: shipped once per worker
@@ -1348,6 +1351,26 @@ def _write_parquet(arrays, fs, staging, column_names, n_samples, keep=None) -> N
     written = sum(dask.compute(*writes))
     if written != n_samples:  # pragma: no cover - a bug, not a user error
         raise RuntimeError(f"wrote {written} rows, expected {n_samples}")
+
+
+def _delayed_blocks(arrays: Sequence[da.Array]) -> list[list]:
+    """One Delayed per row block of each array (of one column chunk), cut from ONE graph optimised for all.
+
+    ``Array.to_delayed`` optimises each array's graph on its own, which fuses a
+    copy of a task the arrays share (a chunk's E-step, for its labels AND its
+    probabilities) into each; optimised together, as ``dask.compute`` would,
+    the shared task stays one.
+    """
+    from dask.core import flatten
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    keys = [list(flatten(array.__dask_keys__())) for array in arrays]
+    graph = HighLevelGraph.merge(*(array.__dask_graph__() for array in arrays))
+    graph = da.Array.__dask_optimize__(graph, [key for block_keys in keys for key in block_keys])
+    layer = "delayed-" + dask.base.tokenize(*(array.name for array in arrays))
+    graph = HighLevelGraph.from_collections(layer, graph, dependencies=())
+    return [[Delayed(key, graph, layer=layer) for key in block_keys] for block_keys in keys]
 
 
 def _write_parquet_part(fs, file: str, names: list[list[str]], blocks: list[np.ndarray], keep=None, start=0,
@@ -1538,14 +1561,16 @@ def write_predictions(model, X: da.Array, path: str, *, format: str, labels: boo
         from .graph import nonfinite_rows_zeroed
 
         X, missing = nonfinite_rows_zeroed(X)
-    arrays, names = {}, {}
-    if labels:
-        arrays["labels"], names["labels"] = model.predict(X), ["label"]
-    if probabilities:
-        arrays["probabilities"] = model.predict_proba(X)
-        names["probabilities"] = [f"probability_{j}" for j in range(model.n_components)]
-    if log_likelihood:
-        arrays["log_likelihood"], names["log_likelihood"] = model.score_samples(X), ["log_likelihood"]
+    asked = {"labels": labels, "probabilities": probabilities, "log_likelihood": log_likelihood}
+    if hasattr(model, "_lazy_predictions") and isinstance(X, da.Array):
+        # one E-step per chunk for all the outputs (written together, by one compute)
+        arrays = model._lazy_predictions(X, **asked)
+    else:
+        methods = {"labels": "predict", "probabilities": "predict_proba", "log_likelihood": "score_samples"}
+        arrays = {name: getattr(model, methods[name])(X) for name, wanted in asked.items() if wanted}
+    names = {"labels": ["label"], "probabilities": [f"probability_{j}" for j in range(model.n_components)],
+             "log_likelihood": ["log_likelihood"]}
+    names = {name: names[name] for name in arrays}
     if missing is not None:
         for name in ("labels", "probabilities", "log_likelihood"):
             if name in arrays:

@@ -57,6 +57,25 @@ def test_log_gaussian_prob_matches_scipy(kind, offset):
 
 
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
+def test_predictions_equal_the_separate_outputs_bit_for_bit(kind):
+    """chunk.predictions: labels, responsibilities and log-likelihood from one weighted_log_prob, as each alone."""
+    rng = np.random.default_rng(2)
+    k, d = 4, 3
+    X = rng.normal(size=(61, d)) * 3
+    params = chunk.chunk_params(rng.dirichlet(np.ones(k)), rng.normal(size=(k, d)),
+                                chunk.compute_precision_cholesky(random_covariances(kind, k, d, rng), kind), kind)
+    got = chunk.predictions(X, params, labels=True, probabilities=True, log_likelihood=True)
+    log_prob_norm, log_resp = chunk.log_prob_resp(X, params)
+    np.testing.assert_array_equal(got.labels, chunk.weighted_log_prob(X, params).argmax(axis=1))
+    np.testing.assert_array_equal(got.probabilities, np.exp(log_resp))
+    np.testing.assert_array_equal(got.log_likelihood, log_prob_norm)
+    assert got.labels.dtype == np.int64 and got.probabilities.dtype == got.log_likelihood.dtype == np.float64
+    only = chunk.predictions(X, params, labels=False, log_likelihood=True)
+    assert only.labels is None and only.probabilities is None
+    np.testing.assert_array_equal(only.log_likelihood, log_prob_norm)
+
+
+@pytest.mark.parametrize("kind", COVARIANCE_TYPES)
 def test_statistics_and_m_step_match_whole_array_numpy(kind):
     rng = np.random.default_rng(2)
     k, d, n = 3, 4, 211

@@ -445,6 +445,55 @@ def test_nonfinite_rows_can_be_written_as_missing(tmp_path, X, fmt):
     np.testing.assert_allclose(ll[~missing], gm.score_samples(X[~missing]), rtol=1e-12)
 
 
+@pytest.mark.parametrize("fmt, nonfinite, dtype", [
+    ("zarr", "error", np.float64), ("parquet", "error", np.float64),
+    ("zarr", "missing", np.float32), ("parquet", "missing", np.float32),
+])
+def test_all_three_outputs_take_one_e_step_per_chunk(tmp_path, X, fmt, nonfinite, dtype, monkeypatch):
+    """Labels, probabilities and log-likelihoods written together compute each chunk's weighted
+    log-probabilities once, not once per output, and equal predict / predict_proba / score_samples
+    bit for bit (dtypes included; rows holding NaN marked missing as usual)."""
+    import threading
+
+    import dgmm.chunk
+
+    data = X.astype(dtype)
+    missing = np.zeros(len(X), dtype=bool)
+    if nonfinite == "missing":
+        missing[[5, 400]] = True
+        data[missing, 1] = np.nan
+    Xd = da.from_array(data, chunks=(137, 3))  # 8 chunks, the last ragged
+    gm = GaussianMixture(3, random_state=0).fit(X.astype(dtype))
+    weighted_log_prob, lock, calls = dgmm.chunk.weighted_log_prob, threading.Lock(), []
+
+    def counted(block, *args, **kwargs):
+        with lock:  # the threaded scheduler runs chunks at once
+            calls.append(len(block))
+        return weighted_log_prob(block, *args, **kwargs)
+
+    monkeypatch.setattr(dgmm.chunk, "weighted_log_prob", counted)
+    out = str(tmp_path / f"pred.{fmt}")
+    with dask.config.set(scheduler="threads"):
+        write_predictions(gm, Xd, out, format=fmt, probabilities=True, log_likelihood=True, nonfinite=nonfinite)
+    assert sorted(calls) == sorted(Xd.chunks[0])  # one E-step per chunk (it was one per output)
+    monkeypatch.undo()
+    if fmt == "zarr":
+        group = zarr.open_group(out, mode="r")
+        labels, proba, ll = (group[n][:] for n in ("labels", "probabilities", "log_likelihood"))
+    else:
+        frame = pd.read_parquet(out)
+        labels, proba, ll = (frame["label"].to_numpy(), frame.filter(like="probability").to_numpy(),
+                             frame["log_likelihood"].to_numpy())
+    clean = da.from_array(np.where(missing[:, None], 0, data), chunks=Xd.chunks)
+    want_labels = np.where(missing, -1, gm.predict(clean).compute())
+    want_proba = np.where(missing[:, None], np.nan, gm.predict_proba(clean).compute())
+    want_ll = np.where(missing, np.nan, gm.score_samples(clean).compute())
+    assert labels.dtype == np.int64 and proba.dtype == ll.dtype == want_proba.dtype == want_ll.dtype == dtype
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_array_equal(proba, want_proba)
+    np.testing.assert_array_equal(ll, want_ll)
+
+
 def test_small_input_chunks_are_merged_into_output_chunks_of_a_few_mib(tmp_path, X):
     """7-row input chunks: a few output chunks (files), not one per input chunk."""
     import dgmm.io
