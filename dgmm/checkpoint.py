@@ -229,18 +229,26 @@ def read_npz_meta(archive: zipfile.ZipFile):
     return json.loads(str(read_npz_array(archive, "meta")[()]))
 
 
-def is_checkpoint_file(path: str) -> bool:
-    """Whether ``path`` is a file that :func:`save_checkpoint` wrote (its metadata says so; arrays unread).
+def not_a_checkpoint(path: str) -> str | None:
+    """Why the file ``path`` is not one :func:`save_checkpoint` wrote (None when its metadata says it is).
 
     What replaces a checkpoint, and removes it once a fit ends, must never take
     another file for one: a model, an input or a config named as the checkpoint.
+    Only the metadata is read.
     """
     try:
         with zipfile.ZipFile(os.fspath(path)) as archive:
             meta = read_npz_meta(archive)
-    except Exception:  # noqa: BLE001 (not a zip, no 'meta', not JSON, unreadable: not a checkpoint)
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
+    except Exception as exc:  # noqa: BLE001 (not a zip, no 'meta', not JSON, unreadable)
+        return f"is not a readable dgmm checkpoint ({type(exc).__name__}: {exc})"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return "is not a dgmm checkpoint (its metadata names another format)"
+    return None
+
+
+def is_checkpoint_file(path: str) -> bool:
+    """Whether ``path`` is a file that :func:`save_checkpoint` wrote (see :func:`not_a_checkpoint`)."""
+    return not_a_checkpoint(path) is None
 
 
 def _is_int(value) -> bool:

@@ -599,11 +599,12 @@ def _check_checkpoint_place(fail, output: OutputConfig, kept) -> None:
     if os.path.isdir(path):
         fail(key, f"the checkpoint {path} is a directory; name the checkpoint file, e.g. "
                   f"{os.path.join(path, 'fit.checkpoint.npz')}")
-    from .checkpoint import is_checkpoint_file
+    from .checkpoint import not_a_checkpoint
 
-    if os.path.exists(path) and not is_checkpoint_file(path):
-        fail(key, f"the checkpoint {path} exists and is not a dgmm checkpoint (dgmm replaces its checkpoint "
-                  "while fitting and removes it at the end); move that file or choose another path")
+    refusal = not_a_checkpoint(path) if os.path.exists(path) else None
+    if refusal:
+        fail(key, f"the checkpoint {path} exists and {refusal}; dgmm replaces its checkpoint while fitting and "
+                  "removes it at the end: move that file or choose another path")
 
 
 def _check_local_output_place(fail, key: str, path: str) -> None:

@@ -174,7 +174,8 @@ def test_dgmm_check_for_a_command_runs_that_commands_output_checks(lake):
         ("c.yaml", "output.checkpoint: c.yaml would replace the config file c.yaml"),
         ("empty", "output.checkpoint: the checkpoint empty is a directory; name the checkpoint file, e.g. "
                   "empty/fit.checkpoint.npz"),
-        ("mine/keep.txt", "output.checkpoint: the checkpoint mine/keep.txt exists and is not a dgmm checkpoint"),
+        ("mine/keep.txt", "output.checkpoint: the checkpoint mine/keep.txt exists and is not a readable dgmm "
+                          "checkpoint (BadZipFile: File is not a zip file); dgmm replaces its checkpoint"),
     ],
 )
 def test_a_checkpoint_path_over_the_model_input_config_or_another_file_is_a_config_error(lake, checkpoint, message):

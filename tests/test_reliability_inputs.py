@@ -266,8 +266,9 @@ def test_corrupt_checkpoint_is_refused_on_resume(fitted_setup, dgmm_cli):
     checkpoint.write_bytes(checkpoint.read_bytes()[:300])
     config = {**config, "output": {"model": str(tmp_path / "out.npz"), "checkpoint_every": 1}}
     status, _, stderr = dgmm_cli("fit", write_config(tmp_path / "c.yaml", config), "--resume")
-    assert status == 1 and "is not a readable dgmm checkpoint" in stderr
-    assert not (tmp_path / "out.npz").exists()
+    # a config error (exit 2), before any work: the file is not taken for a checkpoint, nor written over
+    assert status == 2 and f"the checkpoint {checkpoint} exists and is not a readable dgmm checkpoint" in stderr
+    assert not (tmp_path / "out.npz").exists() and len(checkpoint.read_bytes()) == 300
 
 
 def test_predict_on_rows_with_nan_writes_nothing(fitted_setup, dgmm_cli):
