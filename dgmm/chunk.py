@@ -77,6 +77,13 @@ class ChunkParams(NamedTuple):
         Logarithm of the mixing weights.
     covariance_type : str
         One of 'full', 'tied', 'diag', 'spherical'.
+    shifts : ndarray of shape (n_components, n_features) or None
+        'full' only: the points (relative to ``center``) the statistics'
+        second moments are taken about; None (the default): ``means``. The
+        E-step (responsibilities, log-likelihood) does not depend on them.
+        The EM loop sets them to the new means to redo a pass in which a
+        component moved so far that its moments about the old mean lost the
+        covariance to rounding.
     """
 
     center: np.ndarray
@@ -84,6 +91,7 @@ class ChunkParams(NamedTuple):
     precisions_cholesky: np.ndarray
     log_weights: np.ndarray
     covariance_type: str
+    shifts: np.ndarray | None = None
 
 
 class SufficientStatistics(NamedTuple):
@@ -590,7 +598,9 @@ class _BatchPlan:
     - full members: the whitened residuals ``z_k = (y - s_k) U_k`` of all
       their components are one GEMM ``[1 | y] @ [-s U; U]``; the second
       moments are Σ r z zᵀ per component, back-transformed by ``U⁻¹`` once
-      per chunk (shifted: no raw-moment cancellation);
+      per chunk (shifted: no raw-moment cancellation); a member whose
+      ``shifts`` differ from its means adds ``(s - t) U`` to each residual
+      after the log-densities, so its moments are about ``t``;
     - tied members: ``y U`` and a small GEMM against ``μ U``;
     - every member's ``nk``, ``Σ r y`` and ``Σ r y²`` come from one GEMM
       ``R @ F`` of the responsibilities of all components;
@@ -675,7 +685,7 @@ class _BatchPlan:
             dtype = np.float32 if float32 else np.float64
             # float32 products run relative to a float32-representable centre.
             ref = self.center.astype(np.float32).astype(np.float64) if float32 else self.center
-            blocks, consts, prec_used = [], [], []
+            blocks, consts, prec_used, moment_offsets = [], [], [], []
             for m in self.full:
                 p = batch[m]
                 U = p.precisions_cholesky.astype(dtype).astype(np.float64)  # the factors the products use
@@ -685,6 +695,11 @@ class _BatchPlan:
                 log_det = np.log(np.diagonal(U, axis1=1, axis2=2)).sum(axis=1)
                 consts.append(p.log_weights + log_det - half_log_2pi)
                 prec_used.append(U)
+                if p.shifts is None:
+                    moment_offsets.append(offsets)
+                else:  # the moments' own shifts t: z + (s - t) U = (y - t) U
+                    t = np.asarray(p.shifts, dtype=np.float64) + (p.center - ref)
+                    moment_offsets.append(np.einsum("ki,kij->kj", t, U).astype(dtype).astype(np.float64))
             stacked = np.concatenate(blocks)  # (Σk, d+1, d)
             self.A = np.ascontiguousarray(stacked.transpose(1, 0, 2).reshape(d + 1, -1)).astype(dtype)
             self.full_const = np.concatenate(consts)[:, None]
@@ -692,8 +707,13 @@ class _BatchPlan:
             self.full_ref = ref
             U_all = np.concatenate(prec_used)
             self.U_inv = _triangular_inverses(U_all)
-            # The shift each z actually uses (the offsets were rounded): s̃ = offsets U⁻¹.
-            self.effective_shift = ref - (stacked[:, :1, :] @ self.U_inv)[:, 0, :]
+            moment_offsets = np.concatenate(moment_offsets)  # (Σk, d)
+            #: Added to the residuals before their moments (None: every member's moments are about its means).
+            self.z_shift = None
+            if any(batch[m].shifts is not None for m in self.full):
+                self.z_shift = -(stacked[:, 0, :] + moment_offsets).astype(dtype)  # (s - t) U: offsets - moment offsets
+            # The shift each z of the moments actually uses (the offsets were rounded): s̃ = offsets U⁻¹.
+            self.effective_shift = ref + (moment_offsets[:, None, :] @ self.U_inv)[:, 0, :]
             self.full_rows = slice(self.slices[self.full[0]].start, self.slices[self.full[-1]].stop)
             self.n_full = self.full_rows.stop - self.full_rows.start
         # float32 batches of 'full' members only never build the float64 features: their first moments
@@ -734,6 +754,7 @@ class _BatchPlan:
                 self.AT_x = on_device(xp, np.ascontiguousarray(self.A.T))
             self.full_const_x = on_device(xp, self.full_const)
             self.full_ref_x = on_device(xp, self.full_ref)
+            self.z_shift_x = None if self.z_shift is None else on_device(xp, self.z_shift)
         self.tied_terms_x = [
             (m, on_device(xp, U), on_device(xp, mu_u), on_device(xp, const)) for m, U, mu_u, const in self.tied_terms
         ]
@@ -972,6 +993,8 @@ def _accumulate_block(
             scale = xp.sqrt(r).astype(plan.full_dtype, copy=False)
     if scale is None:
         return
+    if plan.z_shift is not None:  # moments about the members' own shifts: (y - t) U = z + (s - t) U
+        z3 += plan.z_shift_x[:, :, None] if plan.z_features_major else plan.z_shift_x
     # Σ r z zᵀ of the full members: √r-scaled residuals (scale: (Σk, rows)), one batched GEMM.
     if plan.z_features_major:  # z3: (S, Σk, d, m); Σ over the S sub-blocks in float64
         S, m = z3.shape[0], z3.shape[3]
@@ -1004,7 +1027,7 @@ def _member_statistics(
     if kind == "full":
         k0 = rows.start - plan.full_rows.start
         part = slice(k0, k0 + rows.stop - rows.start)
-        target = p.center + p.means  # absolute shift points
+        target = p.center + (p.means if p.shifts is None else p.shifts)  # absolute shift points
         used = plan.effective_shift[part]  # absolute shifts of the products
         sx_used = s1 - nk[:, None] * (used - plan.center)
         U_inv = plan.U_inv[part]
@@ -1119,6 +1142,14 @@ class InitResp(NamedTuple):
     kind 'given': the rows of ``resp`` (n_samples, n_components) at the
     chunk's global row indices (sklearn's own 'random' draws, for data
     seeded in memory).
+
+    ``shifts`` (n_components, n_features), absolute: the points the 'full'
+    second moments of the components are taken about (see
+    :func:`initial_shifts`); None: the ``centers`` for 'nearest', the
+    statistics' centre otherwise. A 'rows' spec takes the values of its rows
+    (the driver reads them): a component seeded on a far outlier then keeps
+    its covariance, which second moments about a distant point would lose to
+    rounding (|x - c|² eps above reg_covar).
     """
 
     kind: str
@@ -1127,6 +1158,24 @@ class InitResp(NamedTuple):
     rows: np.ndarray | None = None
     seed: int = 0
     resp: np.ndarray | None = None
+    shifts: np.ndarray | None = None
+
+
+def initial_shifts(spec: InitResp, center: np.ndarray) -> np.ndarray:
+    """Shifts of the 'full' statistics of ``spec`` relative to ``center``, (n_components, n_features).
+
+    ``spec.shifts`` if given, else the 'nearest' centres, else zeros (the
+    centre itself); zero for a non-finite point (a seed row holding NaN: the
+    fit reports the data's non-finite rows). :func:`init_statistics` takes the
+    'full' second moments about them, and :func:`parameters_from_statistics`
+    must be given the same.
+    """
+    center = np.asarray(center, dtype=np.float64)
+    points = spec.shifts if spec.shifts is not None else spec.centers if spec.kind == "nearest" else None
+    if points is None:
+        return np.zeros((spec.n_components, center.shape[0]))
+    points = np.asarray(points, dtype=np.float64)
+    return np.where(np.isfinite(points).all(axis=1, keepdims=True), points - center, 0.0)
 
 
 def random_resp(row_start: int, n_rows: int, n_components: int, seed: int) -> np.ndarray:
@@ -1192,7 +1241,10 @@ def init_statistics(
     covariance_type: str,
     sample_weight: np.ndarray | None = None,
 ) -> tuple[SufficientStatistics, ...]:
-    """Statistics of one chunk under a batch of initial responsibilities (optionally row-weighted)."""
+    """Statistics of one chunk under a batch of initial responsibilities (optionally row-weighted).
+
+    'full' second moments are taken about each spec's :func:`initial_shifts`.
+    """
     n_nonfinite = count_nonfinite_rows(X)
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64)
@@ -1200,7 +1252,7 @@ def init_statistics(
     with np.errstate(invalid="ignore" if n_nonfinite else "warn"):
         for spec in specs:
             rows = block_rows(spec.n_components, X.shape[1])
-            shifts = np.zeros((spec.n_components, X.shape[1]))
+            shifts = initial_shifts(spec, center)
             total = None
             for start in range(0, max(X.shape[0], 1), rows):
                 y = center_rows(X[start : start + rows], center)
@@ -1320,6 +1372,55 @@ def parameters_from_statistics(
         weights = nk / nk.sum()
     means = center + rel_means
     return weights, means, covariances
+
+
+def smallest_eigenvalues(covariances: np.ndarray) -> np.ndarray:
+    """Smallest eigenvalue of each 'full' covariance (NaN where one is not finite), float64."""
+    covariances = np.asarray(covariances, dtype=np.float64)
+    out = np.full(covariances.shape[0], np.nan)
+    finite = np.isfinite(covariances).all(axis=(1, 2))
+    if finite.any():
+        out[finite] = np.linalg.eigvalsh(covariances[finite])[:, 0]
+    return out
+
+
+def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps: float) -> np.ndarray:
+    """Which 'full' covariances lost most of their digits to the shift of their second moments.
+
+    A covariance is ``sxx / nk - δ δᵀ`` (plus ``reg_covar``), with ``δ = sx / nk``
+    the distance from the shift (the previous mean) to the new mean. Both terms
+    are about ``|δ|²`` large and carry a rounding error of about ``eps |δ|²``,
+    which the difference keeps: relative to the covariance's smallest
+    eigenvalue λ, ``eps |δ|² / λ`` (measured within a factor 3 of the actual
+    error). A component that jumps onto a far outlier (|δ|² ≈ 3e12 for a row
+    at 1e6, λ = reg_covar = 1e-6) loses every digit, and its covariance may
+    not even be positive definite. Flagged: an error above ``eps ** 0.25``
+    relative to λ (fewer than a quarter of the digits left: 4 of 16 in
+    float64, 2 of 7 for float32 products), or λ <= 0 with a move. Ordinary EM
+    steps stay far below: the largest of the test suite's float64 fits is
+    2e-6 (values ~100 beside a boolean column, λ = reg_covar), 1e-6 in
+    float32. A flagged component's statistics should be recomputed about its
+    new mean (the same responsibilities, so the result is exact).
+
+    Parameters
+    ----------
+    stats : SufficientStatistics
+        'full' statistics, shifted.
+    smallest : ndarray of shape (n_components,)
+        Smallest eigenvalue of each covariance computed from ``stats``
+        (:func:`smallest_eigenvalues`); NaN (not finite) is never flagged.
+    eps : float
+        Machine epsilon of the products (the input dtype's).
+
+    Returns
+    -------
+    ndarray of shape (n_components,), bool
+    """
+    nk = np.asarray(stats.nk, dtype=np.float64) + 10 * eps
+    delta = stats.sx / nk[:, None]
+    move = np.einsum("ij,ij->i", delta, delta)
+    with np.errstate(invalid="ignore"):
+        return (move > 0) & (eps * move > eps**0.25 * smallest)
 
 
 def mixture_feature_std(weights, means, covariances, covariance_type: str) -> np.ndarray:

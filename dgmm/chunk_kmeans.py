@@ -705,18 +705,24 @@ class LloydStep(NamedTuple):
         Σ w d²(x, nearest centre).
     statistics : SufficientStatistics or tuple of SufficientStatistics
         Statistics of the one-hot responsibilities of the nearest centre (as
-        :func:`dgmm.chunk.init_statistics` computes them for an 'nearest'
-        :class:`dgmm.chunk.InitResp`), one per covariance type when several
-        were asked for: ``nk`` are the cluster sizes (weights) and
-        ``center + sx / nk`` the updated centres, the same for every type.
+        :func:`dgmm.chunk.init_statistics` computes them for a 'nearest'
+        :class:`dgmm.chunk.InitResp`: 'full' moments about the centres), one
+        per covariance type when several were asked for: ``nk`` are the
+        cluster sizes (weights) and ``center + s + sx / nk`` the updated
+        centres (``sums``), ``s`` the centres minus ``center`` for 'full' and
+        zero for the other types.
     farthest : FarthestRows
         The rows farthest from their nearest centre, for
         :func:`relocate_empty_clusters`.
+    sums : ndarray of shape (n_components, n_features)
+        Σ w (x - center) per cluster, whatever the types: ``center + sums / nk``
+        are the updated centres (the same numbers for every set of types).
     """
 
     inertia: float
     statistics: SufficientStatistics | tuple
     farthest: FarthestRows
+    sums: np.ndarray
 
 
 def hard_assignment_statistics(
@@ -726,15 +732,17 @@ def hard_assignment_statistics(
     covariance_type: str | tuple,
     n_nonfinite: int = 0,
     sample_weight: np.ndarray | None = None,
+    shifts: np.ndarray | None = None,
 ):
     """Gaussian-mixture statistics of one-hot responsibilities.
 
-    Equal to ``chunk.statistics_from_resp(y, one_hot(labels), zeros,
+    Equal to ``chunk.statistics_from_resp(y, one_hot(labels), shifts,
     covariance_type, sample_weight=sample_weight)`` up to rounding. ``sx`` and
     the diag/spherical moments are products of the sparse one-hot
     responsibilities with ``y`` and ``y²`` (:func:`_one_hot`); for 'full' the rows are
     grouped by label, so each row's outer product is formed for its own
-    component only. ``nk``, ``sx`` and ``sy`` do not depend on the type (the
+    component only, about its component's shift. ``nk`` and ``sy`` do not
+    depend on the type, nor does ``sx`` of the types other than 'full' (the
     same arrays for every type asked for).
 
     Parameters
@@ -746,6 +754,9 @@ def hard_assignment_statistics(
     covariance_type : {'full', 'tied', 'diag', 'spherical'} or tuple of them
     n_nonfinite : int, default=0
     sample_weight : ndarray of shape (n_samples,), default=None
+    shifts : ndarray of shape (n_components, n_features), default=None
+        Points (relative to the centre, as ``y``) the 'full' first and second
+        moments are taken about, such as the cluster centres (None: zero).
 
     Returns
     -------
@@ -772,6 +783,11 @@ def hard_assignment_statistics(
             # Rows grouped by label: each row's outer product is formed for its own component only.
             order, present, starts, stops = _segments(labels, n_components)
             ordered = y[order]
+            full_sx = sx
+            if shifts is not None:
+                # each row about its own cluster's shift: no |y|² - |mean|² cancellation (a far outlier)
+                ordered = ordered - np.asarray(shifts, dtype=np.float64)[labels[order]]
+                full_sx = sx - nk[:, None] * shifts
             weighted = ordered if sample_weight is None else ordered * sample_weight[order][:, None]
             sxx = np.zeros((n_components, n_features, n_features))
             for k, start, stop in zip(present, starts, stops):
@@ -784,7 +800,13 @@ def hard_assignment_statistics(
             sxx = squares.sum(axis=1)
         out.append(
             SufficientStatistics(
-                nk=nk, sx=sx, sxx=sxx, sy=sy, n_samples=total, log_likelihood=0.0, n_nonfinite=int(n_nonfinite)
+                nk=nk,
+                sx=full_sx if kind == "full" else sx,
+                sxx=sxx,
+                sy=sy,
+                n_samples=total,
+                log_likelihood=0.0,
+                n_nonfinite=int(n_nonfinite),
             )
         )
     return out[0] if isinstance(covariance_type, str) else tuple(out)
@@ -822,9 +844,10 @@ def _lloyd_step(rows: _Rows, row_start: int, args: LloydArgs) -> tuple[LloydStep
         LloydStep(
             inertia=float(inertia[r]),
             statistics=hard_assignment_statistics(
-                y, labels[:, r], len(c), args.covariance_type, rows.n_nonfinite, rows.weights
+                y, labels[:, r], len(c), args.covariance_type, rows.n_nonfinite, rows.weights, shifted[r]
             ),
             farthest=_farthest_rows(rows, row_start, c, shifted[r], labels[:, r], min_distances[:, r], len(c) - 1),
+            sums=np.asarray(_one_hot(labels[:, r], len(c), rows.weights) @ y, dtype=np.float64),
         )
         for r, c in enumerate(centers)
     )
@@ -899,10 +922,14 @@ def _merge_farthest_rows(column, size: int) -> FarthestRows:
 
 
 def _merge_lloyd_steps(column) -> LloydStep:
+    sums = column[0].sums
+    for p in column[1:]:  # in the order combine_statistics adds the statistics' sx
+        sums = sums + p.sums
     return LloydStep(
         inertia=float(sum(p.inertia for p in column)),
         statistics=combine_statistics(*(p.statistics for p in column)),
         farthest=_merge_farthest_rows([p.farthest for p in column], _n_components(column[0]) - 1),
+        sums=sums,
     )
 
 
@@ -916,7 +943,9 @@ def combine_lloyd_steps(*parts):
     return _combine_nested(parts, LloydStep, _merge_lloyd_steps)
 
 
-def relocate_empty_clusters(step: LloydStep, center: np.ndarray, covariance_type: str | tuple):
+def relocate_empty_clusters(
+    step: LloydStep, center: np.ndarray, covariance_type: str | tuple, shifts: np.ndarray | None = None
+):
     """sklearn's relocation of empty clusters, applied to the statistics of a Lloyd pass.
 
     As ``sklearn.cluster._k_means_common._relocate_empty_clusters_dense``:
@@ -925,10 +954,14 @@ def relocate_empty_clusters(step: LloydStep, center: np.ndarray, covariance_type
     lowest row index, where sklearn's ``argpartition`` picks any); the row's
     weight, sum and second moment leave the cluster it was nearest to. The
     result describes the nearest-centre assignment with those rows
-    reassigned, so ``center + sx / nk`` are sklearn's updated centres (a
-    relocated cluster's centre is its row) and every covariance type's
-    statistics stay those of one hard assignment ('tied' second moments do
-    not depend on it). Nothing moves when every distance is zero (more
+    reassigned, so ``center + sums / nk`` (and ``center + s + sx / nk`` of
+    every type, ``s`` the 'full' shifts, zero for the other types) are
+    sklearn's updated centres (a relocated cluster's centre is its row) and
+    every covariance type's statistics stay those of one hard assignment
+    ('tied' second moments do not depend on it). A
+    cluster that receives a row takes that row as its 'full' shift (its
+    'full' moments about it are zero), so a far row moved there keeps its
+    (zero) spread exactly. Nothing moves when every distance is zero (more
     clusters than distinct rows), as in sklearn. A cluster that gives up all
     its rows is left exactly empty (zero, not a rounding residue). Rows of
     zero weight are never moved (sklearn may pick one, which moves no weight
@@ -942,6 +975,9 @@ def relocate_empty_clusters(step: LloydStep, center: np.ndarray, covariance_type
         The statistics' centre (``LloydArgs.center``).
     covariance_type : {'full', 'tied', 'diag', 'spherical'} or tuple of them
         The types of ``step.statistics``, as asked for in ``LloydArgs``.
+    shifts : ndarray of shape (n_components, n_features), default=None
+        The shifts of the 'full' statistics relative to ``center`` (the
+        pass's centres minus ``center``; None: zero).
 
     Returns
     -------
@@ -949,22 +985,30 @@ def relocate_empty_clusters(step: LloydStep, center: np.ndarray, covariance_type
         ``step`` with adjusted statistics (new arrays; ``step`` is not changed).
     relocated : ndarray of shape (n_relocated,), int64
         The clusters that received a row.
+    shifts : ndarray of shape (n_components, n_features)
+        The 'full' shifts after the relocation (a new array): those given,
+        with the relocated clusters' rows (relative to ``center``).
     """
     kinds = (covariance_type,) if isinstance(covariance_type, str) else tuple(covariance_type)
     statistics = (step.statistics,) if isinstance(covariance_type, str) else tuple(step.statistics)
     nk = statistics[0].nk
+    center = np.asarray(center, dtype=np.float64)
+    shifts = np.zeros((len(nk), len(center))) if shifts is None else np.array(shifts, dtype=np.float64)
     empty = np.flatnonzero(nk == 0)
     far = step.farthest
     n_moved = min(len(empty), len(far.index))
     if n_moved == 0 or far.distances[0] == 0:
-        return step, np.empty(0, dtype=np.int64)
+        return step, np.empty(0, dtype=np.int64), shifts
     empty, donors = empty[:n_moved], far.labels[:n_moved]
     weights = far.weights[:n_moved]
-    y = far.rows[:n_moved] - np.asarray(center, dtype=np.float64)
+    y = far.rows[:n_moved] - center
     wy = weights[:, None] * y
+    # 'full': each moved row about its donor's shift (the receiver's shift becomes the row)
+    d = y - shifts[donors]
+    wd = weights[:, None] * d
     # each moved row's second moment in each type's form ('tied' sums over clusters: unchanged)
     moments = {
-        "full": wy[:, :, None] * y[:, None, :],
+        "full": wd[:, :, None] * d[:, None, :],
         "diag": wy * y,
         "spherical": np.einsum("ij,ij->i", wy, y),
     }
@@ -972,20 +1016,27 @@ def relocate_empty_clusters(step: LloydStep, center: np.ndarray, covariance_type
     for kind, part in zip(kinds, statistics):
         nk, sx, sxx = part.nk.copy(), part.sx.copy(), part.sxx.copy()
         before = nk.copy()
+        full = kind == "full"
         for i, (k, donor) in enumerate(zip(empty, donors)):
             nk[donor] -= weights[i]
-            sx[donor] -= wy[i]
-            nk[k], sx[k] = weights[i], wy[i]
+            sx[donor] -= wd[i] if full else wy[i]
+            nk[k], sx[k] = weights[i], 0.0 if full else wy[i]
             if kind != "tied":
                 sxx[donor] -= moments[kind][i]
-                sxx[k] = moments[kind][i]
+                sxx[k] = 0.0 if full else moments[kind][i]
         drained = np.unique(donors[nk[donors] <= 64 * np.finfo(np.float64).eps * before[donors]])
         nk[drained], sx[drained] = 0.0, 0.0
         if kind != "tied":
             sxx[drained] = 0.0
         out.append(part._replace(nk=nk, sx=sx, sxx=sxx))
+    shifts[empty] = y
+    sums = step.sums.copy()
+    for i, (k, donor) in enumerate(zip(empty, donors)):
+        sums[donor] -= wy[i]
+        sums[k] = wy[i]
+    sums[drained] = 0.0
     adjusted = out[0] if isinstance(covariance_type, str) else tuple(out)
-    return step._replace(statistics=adjusted), empty.astype(np.int64)
+    return step._replace(statistics=adjusted, sums=sums), empty.astype(np.int64), shifts
 
 
 # ---------------------------------------------------------------------------

@@ -198,7 +198,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Defined only when X has feature names that are all strings.
     n_passes_ : int
-        Passes over the data made by the last ``fit``.
+        Passes over the data made by the last ``fit``: the initialisation's, and
+        one per EM iteration (two in an iteration where a 'full' component
+        jumped so far, onto a far outlier, that its statistics are recomputed
+        about its new mean).
 
     Examples
     --------
@@ -444,15 +447,19 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         initial = None
         if weights_init is None or means_init is None or precisions_init is None:
             request = InitRequest(self.n_components, self.covariance_type, n_init, random_state)
-            center, (stats_list,) = initial_statistics(data, self.init_params, self.init_sample_size, [request])
-            initial = (center, stats_list)
+            center, (stats_list,), (shifts,) = initial_statistics(
+                data, self.init_params, self.init_sample_size, [request]
+            )
+            initial = (center, stats_list, shifts)
         return self._runs_from_statistics(data, initial, n_init, weights_init, means_init, precisions_init, eps)
 
     def _runs_from_statistics(self, data, initial, n_init, weights_init, means_init, precisions_init, eps):
-        """The restarts' initial runs from ``initial = (center, statistics)`` (None: all parameters given)."""
+        """The restarts' initial runs from ``initial = (center, statistics, shifts)`` (None: all parameters given).
+
+        ``statistics`` and ``shifts`` hold one entry per restart (see :class:`dgmm.init.InitialStatistics`).
+        """
         kind = self.covariance_type
-        n_features = data.n_features
-        center, stats_list = initial if initial is not None else (None, None)
+        center, stats_list, shifts = initial if initial is not None else (None, None, None)
         if stats_list is not None:
             self._check_finite(stats_list[0], data)
         runs = []
@@ -462,7 +469,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 weights, means, covariances = chunk.parameters_from_statistics(
                     stats_list[i],
                     center,
-                    np.zeros((self.n_components, n_features)),
+                    shifts[i],
                     self.reg_covar,
                     kind,
                     eps=eps,
@@ -550,12 +557,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if self._resumed_data_sum is not None:
             self._check_resumed_data(batch[0].center, stats_list[0])
         updates = []
-        for params, stats in zip(batch, stats_list):
-            weights, means, covariances = chunk.parameters_from_statistics(
-                stats, params.center, params.means, self.reg_covar, kind, eps=eps
-            )
+        steps = self._m_steps(data, batch, stats_list, eps)
+        for stats, (weights, means, covariances, smallest) in zip(stats_list, steps):
             prec_chol = chunk.compute_precision_cholesky(covariances, kind, float32)
-            self._warn_degenerate(stats.nk, covariances, n_iter, stats.n_samples / max(data.n_samples, 1))
+            self._warn_degenerate(stats.nk, covariances, n_iter, stats.n_samples / max(data.n_samples, 1), smallest)
             updates.append((weights, means, covariances, prec_chol, stats.log_likelihood / stats.n_samples))
         now = time.perf_counter()
         seconds = now - iter_time
@@ -613,10 +618,49 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         )
         return still_active, info
 
-    def _warn_degenerate(self, nk, covariances, n_iter, row_weight=1.0):
+    def _m_steps(self, data, batch, stats_list, eps):
+        """M-steps of one pass's statistics: per member, weights, means, covariances and (for 'full',
+        else None) the covariances' smallest eigenvalues.
+
+        'full' moments are taken about the previous means. A component that moved so far in one step
+        that its covariance lost more than half its digits to that shift (it jumped onto a far outlier;
+        :func:`dgmm.chunk.shift_precision_lost`) has its member's pass redone with the same parameters
+        (the same responsibilities) and its moments about its new mean: exact statistics, for one extra
+        pass in such iterations only. The other components' statistics come out the same.
+        """
+        kind = self.covariance_type
+        steps = [
+            chunk.parameters_from_statistics(stats, params.center, params.means, self.reg_covar, kind, eps=eps)
+            for params, stats in zip(batch, stats_list)
+        ]
+        if kind != "full":
+            return [step + (None,) for step in steps]
+        smallest = [chunk.smallest_eigenvalues(step[2]) for step in steps]
+        lost = [chunk.shift_precision_lost(stats, values, eps) for stats, values in zip(stats_list, smallest)]
+        redo = [m for m, flags in enumerate(lost) if flags.any()]
+        if redo:
+            again = tuple(
+                batch[m]._replace(
+                    shifts=np.where(lost[m][:, None], steps[m][1] - batch[m].center, batch[m].means)
+                )
+                for m in redo
+            )
+            logger.info(
+                "components %s moved too far for moments about their previous means: pass redone about the new means",
+                [np.flatnonzero(lost[m]).tolist() for m in redo],
+            )
+            for m, params, stats in zip(redo, again, data.e_step(again)):
+                steps[m] = chunk.parameters_from_statistics(
+                    stats, params.center, params.shifts, self.reg_covar, kind, eps=eps
+                )
+                smallest[m] = chunk.smallest_eigenvalues(steps[m][2])
+        return [step + (values,) for step, values in zip(steps, smallest)]
+
+    def _warn_degenerate(self, nk, covariances, n_iter, row_weight=1.0, smallest=None):
         """Warn once per component that lost its mass or whose covariance collapsed to reg_covar.
 
         ``row_weight``: the mean sample weight of a row (1 unweighted), the unit of "one row" of mass.
+        ``smallest``: the 'full' covariances' smallest eigenvalues, when already known.
         """
         warned = self.__dict__.setdefault("_degenerate_warned", set())
         kind = self.covariance_type
@@ -634,7 +678,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if self.reg_covar <= 0 or kind == "tied":
             return
         if kind == "full":
-            smallest = np.linalg.eigvalsh(covariances)[:, 0]
+            smallest = np.linalg.eigvalsh(covariances)[:, 0] if smallest is None else smallest
         elif kind == "diag":
             smallest = covariances.min(axis=1)
         else:

@@ -8,7 +8,10 @@ covariance types its statistics are wanted for, so every pass over the data
 serves every seeding and every restart. :func:`initial_statistics` drives
 both for a list of :class:`InitRequest` (one fit's mixture, or every
 candidate of a model-selection sweep) and returns each request's initial
-sufficient statistics, all relative to ONE centre.
+sufficient statistics, all relative to ONE centre, with the per-component
+shifts of their 'full' second moments: each component's seed (its k-means
+centre, or its seed row), so that a component seeded on a far outlier keeps
+its covariance (second moments about a distant point lose it to rounding).
 
 Requests that would seed identically (the same number of components and
 restarts, and a random state in the same state, so the same draws: a sweep's
@@ -114,6 +117,7 @@ import numpy as np
 from sklearn.cluster import KMeans, kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
 
+from . import chunk
 from .chunk import InitResp
 from .chunk_kmeans import LloydArgs, ParallelRoundArgs, PlusPlusArgs, relocate_empty_clusters
 from .passes import DataPasses, nonfinite_error
@@ -231,6 +235,28 @@ class InitContext:
         return rows[finite].mean(axis=0) if finite.any() else np.zeros(self.data.n_features)
 
 
+class InitialStatistics(NamedTuple):
+    """Initial statistics and where their 'full' second moments were taken.
+
+    Attributes
+    ----------
+    center : ndarray of shape (n_features,)
+        Centre every statistic is relative to.
+    statistics : list
+        Per request (:func:`initial_statistics`) a tuple of
+        SufficientStatistics, one per restart; per seeding (an
+        initializer's ``run``) a dict of such tuples by covariance type.
+    shifts : list of tuple of ndarray of shape (n_components, n_features)
+        Likewise per request or seeding, per restart: the points, relative to
+        ``center``, the 'full' statistics are taken about (the other types
+        ignore them); pass them to :func:`dgmm.chunk.parameters_from_statistics`.
+    """
+
+    center: np.ndarray
+    statistics: list
+    shifts: list
+
+
 class Initializer(NamedTuple):
     """One ``init_params`` method.
 
@@ -240,11 +266,11 @@ class Initializer(NamedTuple):
         ``plan(ctx, n_components, random_state, n_init) -> Seeding``: draws
         from ``random_state`` (no pass over the data).
     run : callable
-        ``run(ctx, seedings, covariance_types) -> (center, statistics)``:
+        ``run(ctx, seedings, covariance_types) -> InitialStatistics``:
         seeds all ``seedings`` together; ``covariance_types[j]`` lists the
-        types wanted for seeding ``j`` and ``statistics[j]`` maps each of them
+        types wanted for seeding ``j``, ``statistics[j]`` maps each of them
         to a tuple of SufficientStatistics, one per restart, relative to
-        ``center``.
+        ``center``, and ``shifts[j]`` holds the restarts' 'full' shifts.
     """
 
     plan: Callable
@@ -253,7 +279,7 @@ class Initializer(NamedTuple):
 
 def initial_statistics(
     data: DataPasses, init_params: str, sample_size: int, requests: Sequence[InitRequest]
-) -> tuple[np.ndarray, list[tuple]]:
+) -> InitialStatistics:
     """Seed every request's restarts with ``init_params`` and return their initial statistics.
 
     Requests are planned in order (each consumes its random state as a fit
@@ -271,10 +297,9 @@ def initial_statistics(
 
     Returns
     -------
-    center : ndarray of shape (n_features,)
-        Centre every request's statistics are relative to.
-    statistics : list of tuple of SufficientStatistics
-        Per request, one per restart, of its covariance type.
+    InitialStatistics
+        ``center``, and per request ``statistics`` (one per restart, of its
+        covariance type) and ``shifts`` (one per restart).
     """
     ctx = InitContext(data, sample_size)
     initializer = INITIALIZERS[init_params]
@@ -299,8 +324,12 @@ def initial_statistics(
     logger.info(
         "initialisation (%s): %d mixtures, %d distinct seedings", init_params, len(job_of), len(seedings)
     )
-    center, statistics = initializer.run(ctx, seedings, [tuple(k) for k in kinds])
-    return center, [statistics[job][request.covariance_type] for job, request in zip(job_of, requests)]
+    center, statistics, shifts = initializer.run(ctx, seedings, [tuple(k) for k in kinds])
+    return InitialStatistics(
+        center,
+        [statistics[job][request.covariance_type] for job, request in zip(job_of, requests)],
+        [shifts[job] for job in job_of],
+    )
 
 
 def _state_key(random_state: np.random.RandomState) -> tuple:
@@ -343,9 +372,30 @@ def _split(flat: Sequence, sizes: Sequence[int]) -> list[list]:
     return [list(flat[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
+def _with_seed_rows(data: DataPasses, seedings: Sequence[Seeding]) -> list[Seeding]:
+    """The seedings with every 'rows' spec's ``shifts`` set to its rows' values (one read of those rows)."""
+    missing = [s.rows for seeding in seedings for s in seeding.specs if s.kind == "rows" and s.shifts is None]
+    if not missing:
+        return list(seedings)
+    values = np.asarray(data.rows(np.concatenate(missing)), dtype=np.float64)
+    values = iter(np.split(values, np.cumsum([len(rows) for rows in missing])[:-1]))
+    return [
+        seeding._replace(
+            specs=tuple(
+                s._replace(shifts=next(values)) if s.kind == "rows" and s.shifts is None else s for s in seeding.specs
+            )
+        )
+        for seeding in seedings
+    ]
+
+
 def _statistics_of_specs(ctx: InitContext, seedings: Sequence[Seeding], covariance_types, center=None):
-    """ONE pass: the statistics of every seeding's ``specs``, of each of its covariance types."""
+    """ONE pass: the statistics of every seeding's ``specs``, of each of its covariance types.
+
+    A 'rows' spec's 'full' moments are taken about its rows (read first, without a pass).
+    """
     center = ctx.center() if center is None else center
+    seedings = _with_seed_rows(ctx.data, seedings)
     members: dict[str, list[int]] = {}
     for j, kinds in enumerate(covariance_types):
         for kind in kinds:
@@ -356,7 +406,8 @@ def _statistics_of_specs(ctx: InitContext, seedings: Sequence[Seeding], covarian
     for (kind, jobs), stats in zip(members.items(), results):
         for j, part in zip(jobs, _split(stats, [len(seedings[j].specs) for j in jobs])):
             statistics[j][kind] = tuple(part)
-    return center, statistics
+    shifts = [tuple(chunk.initial_shifts(s, center) for s in seeding.specs) for seeding in seedings]
+    return InitialStatistics(center, statistics, shifts)
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +447,10 @@ class KMeansResult(NamedTuple):
         Per covariance type asked for, the statistics of that hard
         assignment (one per restart), relative to ``center``; their means
         are ``centers``.
+    shifts : list of ndarray of shape (n_components, n_features)
+        Per restart, the points the 'full' statistics are taken about,
+        relative to ``center``: the ``assigned_centers``, and a relocated
+        cluster's row (:func:`dgmm.chunk_kmeans.relocate_empty_clusters`).
     center : ndarray of shape (n_features,)
         The (weighted) data mean.
     inertia : list of float
@@ -409,6 +464,7 @@ class KMeansResult(NamedTuple):
     centers: list
     assigned_centers: list
     statistics: dict
+    shifts: list
     center: np.ndarray
     inertia: list
     n_candidates: list
@@ -558,6 +614,7 @@ def kmeans_parallel_batch(
 
     tol = float(lloyd_tol) * mean_variance
     statistics = [[None] * n for n in sizes]
+    shifts = [[None] * n for n in sizes]
     assigned = [[None] * n for n in sizes]
     inertia = [[0.0] * n for n in sizes]
     n_lloyd = [[0] * n for n in sizes]
@@ -575,15 +632,18 @@ def kmeans_parallel_batch(
                 # pass), which leave their clusters. The statistics are adjusted too (their
                 # means are the updated centres), also on the last pass, so the initial
                 # statistics always describe one hard assignment: no extra pass is needed.
-                step, relocated = relocate_empty_clusters(step, center, jobs[j].covariance_types)
-                nk, sx = step.statistics[0].nk, step.statistics[0].sx  # the same for every type
+                kinds = jobs[j].covariance_types
+                # the pass took the 'full' moments about the centres (lloyd_chunk's shifts)
+                step, relocated, full_shifts = relocate_empty_clusters(step, center, kinds, centers[j][r] - center)
+                nk, sums = step.statistics[0].nk, step.sums  # the same for every type
                 updated = centers[j][r].copy()
                 # A cluster still empty (every distance zero, or it gave up all its rows) keeps
                 # its centre, where sklearn's _average_centers moves it onto the largest cluster's.
                 filled = nk > 0
-                updated[filled] = center + sx[filled] / nk[filled, None]
+                updated[filled] = center + sums[filled] / nk[filled, None]
                 shift = float(((updated - centers[j][r]) ** 2).sum())
                 statistics[j][r], assigned[j][r] = step.statistics, centers[j][r]
+                shifts[j][r] = full_shifts
                 inertia[j][r], n_lloyd[j][r] = step.inertia, n_iter
                 centers[j][r] = updated
                 logger.info(
@@ -607,6 +667,7 @@ def kmeans_parallel_batch(
             statistics={
                 kind: tuple(per_type[t] for per_type in statistics[j]) for t, kind in enumerate(job.covariance_types)
             },
+            shifts=shifts[j],
             center=center,
             inertia=inertia[j],
             n_candidates=[len(c) for c in candidates[j]],
@@ -726,7 +787,9 @@ def _run_kmeans(ctx: InitContext, seedings, covariance_types):
         return _statistics_of_specs(ctx, seedings, covariance_types)
     jobs = [KMeansJob(s.n_components, s.seeds, kinds) for s, kinds in zip(seedings, covariance_types)]
     results = kmeans_parallel_batch(ctx.data, jobs)
-    return results[0].center, [result.statistics for result in results]
+    return InitialStatistics(
+        results[0].center, [result.statistics for result in results], [tuple(result.shifts) for result in results]
+    )
 
 
 def _plan_kmeans_plusplus(ctx: InitContext, n_components: int, random_state, n_init: int) -> Seeding:
@@ -736,8 +799,9 @@ def _plan_kmeans_plusplus(ctx: InitContext, n_components: int, random_state, n_i
     weights = ctx.sample_weight()
     specs = []
     for _ in range(n_init):
-        _, indices = kmeans_plusplus(sample, n_components, sample_weight=weights, random_state=random_state)
-        specs.append(InitResp("rows", n_components, rows=ctx.global_rows(indices)))
+        seeds, indices = kmeans_plusplus(sample, n_components, sample_weight=weights, random_state=random_state)
+        rows = ctx.global_rows(indices)
+        specs.append(InitResp("rows", n_components, rows=rows, shifts=np.asarray(seeds, dtype=np.float64)))
     return Seeding(n_components, specs=tuple(specs))
 
 

@@ -211,12 +211,14 @@ def select(
 
     with single_threaded_blas():
         # ONE initialisation for all candidates: shared passes, identical seedings computed once
-        center, statistics = (None, [])
+        center, statistics, shifts = (None, [], [])
         if requests:
-            center, statistics = initial_statistics(data, template.init_params, template.init_sample_size, requests)
-        statistics = iter(statistics)
+            center, statistics, shifts = initial_statistics(
+                data, template.init_params, template.init_sample_size, requests
+            )
+        statistics, shifts = iter(statistics), iter(shifts)
         for i, (gm, given) in enumerate(zip(candidates, inits)):
-            initial = (center, next(statistics)) if any(value is None for value in given) else None
+            initial = (center, next(statistics), next(shifts)) if any(value is None for value in given) else None
             with _naming(gm):
                 runs = gm._runs_from_statistics(data, initial, gm.n_init, *given, eps)
             candidates[i] = [gm, runs, list(range(len(runs)))]

@@ -180,8 +180,9 @@ def _reference_statistics(X, params, sample_weight=None):
     log_norm = np.logaddexp.reduce(log_prob, axis=1)
     resp = np.exp(log_prob - log_norm[:, None])
     ll = log_norm.sum() if sample_weight is None else sample_weight @ log_norm
+    shifts = params.means if params.shifts is None else params.shifts
     return chunk.statistics_from_resp(
-        X64 - params.center, resp, params.means, kind, log_likelihood=ll, sample_weight=sample_weight
+        X64 - params.center, resp, shifts, kind, log_likelihood=ll, sample_weight=sample_weight
     )
 
 
@@ -221,6 +222,102 @@ def test_mixed_batch_matches_independent_reference(offset, weighted, dtype, memb
         assert stats.n_samples == want.n_samples
         np.testing.assert_allclose(stats.log_likelihood, want.log_likelihood, rtol=rtol)
         assert stats.n_nonfinite == 0
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_full_moments_about_given_shifts(offset, dtype, monkeypatch):
+    """'full' members with ``shifts``: the same responsibilities and log-likelihood, the moments about the
+    shifts (a member's own means as shifts change nothing, bit for bit), whatever the split into chunks,
+    in the CPU's and in the GPU's layout (run here with NumPy)."""
+    rng = np.random.default_rng(6)
+    n, d = 9001, 3  # float32 in the GPU layout: sub-blocks of 4096 rows
+    X = (rng.normal(size=(n, d)) * [1.0, 2.0, 0.5] + offset).astype(dtype)
+    batch = []
+    for kind, k in MIXED_BATCH:
+        params = chunk.chunk_params(rng.dirichlet(np.ones(k)), rng.normal(size=(k, d)) * 2 + offset,
+                                    chunk.compute_precision_cholesky(random_covariances(kind, k, d, rng), kind),
+                                    kind, input_dtype=dtype)
+        batch.append(params)
+    plain = chunk.e_step_statistics(X, tuple(batch))
+    same = chunk.e_step_statistics(X, tuple(p._replace(shifts=p.means) if p.covariance_type == "full" else p
+                                            for p in batch))
+    for a, b in zip(plain, same):
+        for field in ("nk", "sx", "sxx", "sy", "log_likelihood"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    shifted = tuple(p._replace(shifts=p.means + rng.normal(size=p.means.shape) * 50) if p.covariance_type == "full"
+                    else p for p in batch)
+    got = chunk.e_step_statistics(X, shifted)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4
+    for params, stats, before in zip(shifted, got, plain):
+        want = _reference_statistics(X, params)
+        for field in ("nk", "sx", "sxx", "sy"):
+            a, b = getattr(stats, field), getattr(want, field)
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=field)
+        assert stats.log_likelihood == before.log_likelihood
+    parts = [chunk.e_step_statistics(X[a : a + 37], shifted) for a in range(0, n, 37)]
+    for whole, split in zip(got, chunk.combine_statistics(*parts)):
+        for field in ("nk", "sx", "sxx"):
+            a, b = getattr(split, field), getattr(whole, field)
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=field)
+    monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", chunk.GPU_BLOCK_ELEMENTS)
+    monkeypatch.setattr(chunk, "_features_major_z", lambda xp: True)
+    assert chunk._BatchPlan(shifted, d, X.dtype).z_features_major
+    for whole, gpu in zip(got, chunk.e_step_statistics(X, shifted)):
+        for field in ("nk", "sx", "sxx"):
+            a, b = getattr(gpu, field), getattr(whole, field)
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=field)
+
+
+def test_a_jump_onto_far_rows_is_recomputed_exactly_about_the_new_mean():
+    """A component that moves from near the data onto five rows at 1e6 (spread 1e-3) in one step: its
+    moments about the old mean lose the covariance to rounding, which ``shift_precision_lost`` flags;
+    about the new mean (the same responsibilities) the covariance is exact."""
+    rng = np.random.default_rng(0)
+    far = 1e6 * np.array([1.0, -1.0, 1.0]) + rng.normal(size=(5, 3)) * 1e-3
+    X = np.concatenate([rng.normal(-5, 1, (300, 3)), rng.normal(5, 1, (300, 3)), far])
+    covariances = np.stack([np.eye(3), np.eye(3), 1e12 * np.eye(3)])
+    params = chunk.chunk_params(np.array([0.45, 0.45, 0.1]), np.array([[-5.0] * 3, [5.0] * 3, [20.0] * 3]),
+                                chunk.compute_precision_cholesky(covariances, "full"), "full")
+    eps = np.finfo(np.float64).eps
+    (stats,) = chunk.e_step_statistics(X, (params,))
+    _, means, covariances = chunk.parameters_from_statistics(stats, params.center, params.means, 1e-6, "full")
+    smallest = chunk.smallest_eigenvalues(covariances)
+    _, log_resp = chunk.log_prob_resp(X, params)
+    _, _, reference = _estimate_gaussian_parameters(X, np.exp(log_resp), 1e-6, "full")  # two-pass, exact
+    expected = reference[2]
+    assert np.abs(covariances[2] - expected).max() > 1e-5  # lost: about 1e-4 off
+    np.testing.assert_array_equal(chunk.shift_precision_lost(stats, smallest, eps), [False, False, True])
+    again = params._replace(shifts=means - params.center)
+    (exact,) = chunk.e_step_statistics(X, (again,))
+    assert exact.log_likelihood == stats.log_likelihood
+    _, means2, covariances2 = chunk.parameters_from_statistics(exact, again.center, again.shifts, 1e-6, "full")
+    np.testing.assert_allclose(means2[2], far.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(covariances2[2], expected, rtol=1e-9)
+    np.testing.assert_allclose(means2[:2], means[:2], rtol=1e-13)
+    assert not chunk.shift_precision_lost(exact, chunk.smallest_eigenvalues(covariances2), eps).any()
+
+
+def test_init_statistics_take_full_moments_about_each_seed():
+    """'rows' specs about their rows, 'nearest' about the centres: a component seeded on a far row is
+    reg_covar exactly (about the data's centre its second moment, 3e10, rounds to more than reg_covar)."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(-5, 1, (300, 3)), rng.normal(5, 1, (300, 3))])
+    X[17] = [1e5, -1e5, 1e5]
+    center = X.mean(axis=0)
+    specs = (chunk.InitResp("rows", 3, rows=np.array([3, 400, 17]), shifts=X[[3, 400, 17]]),
+             chunk.InitResp("nearest", 3, centers=X[[3, 400, 17]]))
+    for spec in specs:
+        shifts = chunk.initial_shifts(spec, center)
+        np.testing.assert_array_equal(shifts, X[[3, 400, 17]] - center)
+        parts = [chunk.init_statistics(X[a : a + 37], a, (spec,), center, "full")[0] for a in range(0, len(X), 37)]
+        stats = chunk.combine_statistics(*parts)
+        weights, means, covariances = chunk.parameters_from_statistics(
+            stats, center, shifts, 1e-6, "full", initialization=True)
+        np.testing.assert_allclose(means[2], X[17], rtol=1e-15)
+        np.testing.assert_allclose(covariances[2], 1e-6 * np.eye(3), rtol=0, atol=1e-15)
+        chunk.compute_precision_cholesky(covariances, "full")
+    assert not chunk.initial_shifts(chunk.InitResp("random", 2, seed=1), center).any()
 
 
 def test_nonfinite_rows_are_counted_in_the_pass():

@@ -216,15 +216,21 @@ def test_a_batch_of_seedings_gets_each_seeding_s_own_result_in_one_pass():
 
 
 def test_lloyd_statistics_of_several_types_share_counts_and_sums():
+    """Counts and sums are shared by every type; 'full' moments are about the centres (sx: Σ w (y - s))."""
     X = make_mixture(n_samples=800, n_features=3, seed=14)
     centers, center = X[:4], X.mean(axis=0)
     (step,) = chunk_kmeans.lloyd_chunk(X, 0, chunk_kmeans.LloydArgs((centers,), center, COVARIANCE_TYPES))
+    diag = step.statistics[COVARIANCE_TYPES.index("diag")]
     for kind, statistics in zip(COVARIANCE_TYPES, step.statistics):
         (alone,) = chunk_kmeans.lloyd_chunk(X, 0, chunk_kmeans.LloydArgs((centers,), center, kind))
         for name, a, b in zip(chunk.SufficientStatistics._fields, statistics, alone.statistics):
             np.testing.assert_array_equal(a, b, err_msg=f"{kind} {name}")
         np.testing.assert_array_equal(statistics.nk, step.statistics[0].nk)
-        np.testing.assert_array_equal(statistics.sx, step.statistics[0].sx)
+        if kind == "full":
+            np.testing.assert_allclose(statistics.sx + statistics.nk[:, None] * (centers - center), diag.sx,
+                                       rtol=1e-12, atol=1e-9)
+        else:
+            np.testing.assert_array_equal(statistics.sx, diag.sx)
 
 
 @pytest.mark.parametrize("kind", COVARIANCE_TYPES)
@@ -244,7 +250,7 @@ def test_weighted_passes_equal_repeated_rows(kind):
         tuple((s.inertia, s.statistics) for s in chunk_kmeans.lloyd_chunk(repeated, 0, lloyd)),
     )
     reference = chunk.statistics_from_resp(
-        X - center, np.eye(3)[squared_distance_matrix(X, X[:3]).argmin(axis=1)], np.zeros((3, 3)), kind,
+        X - center, np.eye(3)[squared_distance_matrix(X, X[:3]).argmin(axis=1)], X[:3] - center, kind,
         sample_weight=weights,
     )
     _assert_same(weighted[0].statistics[0], reference)
@@ -327,7 +333,7 @@ def test_lloyd_pass_relocates_empty_clusters_as_sklearn(weighted):
     args = chunk_kmeans.LloydArgs((centers,), center, COVARIANCE_TYPES)
     (step,) = _lloyd_pass(X, args, weights)
     assert np.count_nonzero(step.statistics[0].nk == 0) == 2
-    step, relocated = chunk_kmeans.relocate_empty_clusters(step, center, COVARIANCE_TYPES)
+    step, relocated, shifts = chunk_kmeans.relocate_empty_clusters(step, center, COVARIANCE_TYPES, centers - center)
     np.testing.assert_array_equal(relocated, [4, 5])
 
     w = np.ones(len(X)) if weights is None else weights
@@ -336,13 +342,19 @@ def test_lloyd_pass_relocates_empty_clusters_as_sklearn(weighted):
     farthest = np.argsort(-distances, kind="stable")[:2]
     np.testing.assert_array_equal(step.farthest.index[:2], farthest)
     np.testing.assert_allclose(step.statistics[0].nk, weight_in_clusters, rtol=1e-12)
-    np.testing.assert_allclose(center + step.statistics[0].sx / step.statistics[0].nk[:, None], updated, rtol=1e-10)
+    full = step.statistics[0]  # COVARIANCE_TYPES[0]: 'full', about the shifts
+    np.testing.assert_allclose(center + shifts + full.sx / full.nk[:, None], updated, rtol=1e-10)
+    diag = step.statistics[COVARIANCE_TYPES.index("diag")]
+    np.testing.assert_allclose(center + diag.sx / diag.nk[:, None], updated, rtol=1e-10)
     np.testing.assert_allclose(updated[[4, 5]], X[farthest], rtol=1e-12)
+    # 'full' moments about the centres, and about their row for the relocated clusters
+    np.testing.assert_array_equal(shifts[:4], (centers - center)[:4])
+    np.testing.assert_array_equal(shifts[[4, 5]], X[farthest] - center)
     # every type's statistics are those of the relocated hard assignment
     moved = labels.copy()
     moved[farthest] = [4, 5]
     for kind, ours in zip(COVARIANCE_TYPES, step.statistics):
-        reference = chunk.statistics_from_resp(X - center, np.eye(6)[moved], np.zeros((6, 3)), kind, sample_weight=w)
+        reference = chunk.statistics_from_resp(X - center, np.eye(6)[moved], shifts, kind, sample_weight=w)
         for a, b, name in zip(ours, reference, chunk.SufficientStatistics._fields):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-9, err_msg=f"{kind} {name}")
 
@@ -378,11 +390,11 @@ def test_rows_of_zero_weight_are_never_relocated():
     args = chunk_kmeans.LloydArgs((centers,), center, "full")
     (step,) = _lloyd_pass(X, args, weights, chunk_rows=37)
     assert np.all(weights[step.farthest.index] > 0)
-    step, _ = chunk_kmeans.relocate_empty_clusters(step, center, "full")
+    step, _, shifts = chunk_kmeans.relocate_empty_clusters(step, center, "full", centers - center)
     kept = weights > 0
     _, weight_in_clusters, _, updated = _sklearn_update(X[kept], weights[kept], centers)
     np.testing.assert_allclose(step.statistics.nk, weight_in_clusters, rtol=1e-12)
-    np.testing.assert_allclose(center + step.statistics.sx / step.statistics.nk[:, None], updated, rtol=1e-10)
+    np.testing.assert_allclose(center + shifts + step.statistics.sx / step.statistics.nk[:, None], updated, rtol=1e-10)
 
 
 def test_nothing_is_relocated_when_every_row_sits_on_a_centre():
@@ -391,7 +403,7 @@ def test_nothing_is_relocated_when_every_row_sits_on_a_centre():
     centers = np.array([[0.0, 1.0], [2.0, 3.0], [9.0, 9.0]])
     args = chunk_kmeans.LloydArgs((centers,), X.mean(axis=0), "diag")
     (step,) = _lloyd_pass(X, args, chunk_rows=37)
-    adjusted, relocated = chunk_kmeans.relocate_empty_clusters(step, X.mean(axis=0), "diag")
+    adjusted, relocated, _ = chunk_kmeans.relocate_empty_clusters(step, X.mean(axis=0), "diag")
     assert len(relocated) == 0
     _assert_same(adjusted, step, rtol=0)
 
@@ -404,7 +416,9 @@ def test_a_cluster_that_gives_up_all_its_rows_is_left_exactly_empty():
     weights = np.random.default_rng(8).uniform(0.1, 3.0, size=len(X))
     args = chunk_kmeans.LloydArgs((centers,), X.mean(axis=0), ("full", "tied", "diag", "spherical"))
     (step,) = _lloyd_pass(X, args, weights, chunk_rows=37)
-    step, relocated = chunk_kmeans.relocate_empty_clusters(step, X.mean(axis=0), args.covariance_type)
+    step, relocated, shifts = chunk_kmeans.relocate_empty_clusters(
+        step, X.mean(axis=0), args.covariance_type, centers - X.mean(axis=0)
+    )
     np.testing.assert_array_equal(relocated, [4, 5])
     np.testing.assert_array_equal(np.sort(step.farthest.index[:2]), [10, 20])
     _, weight_in_clusters, sums, _ = _sklearn_update(X, weights, centers)
@@ -413,7 +427,8 @@ def test_a_cluster_that_gives_up_all_its_rows_is_left_exactly_empty():
         if kind != "tied":
             assert np.all(part.sxx[3] == 0), kind
         np.testing.assert_allclose(part.nk, weight_in_clusters, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(part.sx + part.nk[:, None] * X.mean(axis=0), sums, rtol=1e-10, atol=1e-9)
+        shift = shifts if kind == "full" else 0.0
+        np.testing.assert_allclose(part.sx + part.nk[:, None] * (X.mean(axis=0) + shift), sums, rtol=1e-10, atol=1e-9)
 
 
 def _sklearn_lloyd(X, weights, centers, n_passes):
@@ -450,9 +465,11 @@ def test_lloyd_passes_relocate_each_seeding_of_a_batch_as_sklearn(monkeypatch, w
         for seed, centers, n_lloyd in zip(job.seeds, result.centers, result.n_lloyd):
             np.testing.assert_allclose(centers, _sklearn_lloyd(X, w, given[seed], n_lloyd), rtol=1e-9, atol=1e-9)
         for kind, statistics in result.statistics.items():
-            for centers, part in zip(result.centers, statistics):
+            for centers, part, full_shifts in zip(result.centers, statistics, result.shifts):
                 assert np.all(part.nk > 0)  # the relocated clusters hold their rows
-                np.testing.assert_allclose(result.center + part.sx / part.nk[:, None], centers, rtol=1e-9, atol=1e-9)
+                shifts = full_shifts if kind == "full" else 0.0
+                np.testing.assert_allclose(result.center + shifts + part.sx / part.nk[:, None], centers, rtol=1e-9,
+                                           atol=1e-9)
     for chunks, split_every in [(37, 2), (250, 3)]:
         data = DataPasses(da.from_array(X, chunks=(chunks, 3)), split_every=split_every, sample_weight=weights)
         for ours, theirs in zip(init.kmeans_parallel_batch(data, jobs, **options), reference):
@@ -472,7 +489,8 @@ def test_a_relocation_on_the_last_pass_keeps_the_statistics_consistent(monkeypat
     labels = squared_distance_matrix(X, centers).argmin(axis=1)
     farthest = np.argsort(-((X - centers[labels]) ** 2).sum(axis=1), kind="stable")[:2]
     labels[farthest] = [4, 5]
-    reference = chunk.statistics_from_resp(X - result.center, np.eye(6)[labels], np.zeros((6, 3)), "full")
+    np.testing.assert_array_equal(result.shifts[0][[4, 5]], X[farthest] - result.center)  # about their rows
+    reference = chunk.statistics_from_resp(X - result.center, np.eye(6)[labels], result.shifts[0], "full")
     for a, b, name in zip(result.statistics["full"][0], reference, chunk.SufficientStatistics._fields):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-8, err_msg=name)
     np.testing.assert_allclose(result.centers[0][[4, 5]], X[farthest], rtol=1e-12)
@@ -672,15 +690,16 @@ def test_requests_differing_only_in_covariance_type_share_one_seeding(monkeypatc
         init.InitRequest(k, kind, 2, np.random.RandomState(4)) for kind in COVARIANCE_TYPES for k in (1, 2, 3)
     ]
     data = DataPasses(da.from_array(X, chunks=(211, 3)))
-    center, statistics = init.initial_statistics(data, init_params, 300, requests)
+    center, statistics, shifts = init.initial_statistics(data, init_params, 300, requests)
     assert planned == [1, 2, 3]
-    for request, stats in zip(requests, statistics):
-        assert len(stats) == 2
+    for request, stats, stats_shifts in zip(requests, statistics, shifts):
+        assert len(stats) == 2 and len(stats_shifts) == 2
         alone = DataPasses(da.from_array(X, chunks=(211, 3)))
         request = request._replace(random_state=np.random.RandomState(4))
-        their_center, (theirs,) = init.initial_statistics(alone, init_params, 300, [request])
+        their_center, (theirs,), (their_shifts,) = init.initial_statistics(alone, init_params, 300, [request])
         np.testing.assert_array_equal(center, their_center)
         _assert_same(stats, theirs, rtol=0)
+        _assert_same(stats_shifts, their_shifts, rtol=0)
         assert data.n_passes == max(data.n_passes, alone.n_passes)
 
 

@@ -256,3 +256,99 @@ def test_no_false_alarms_for_a_warm_start_on_new_data_or_normalised_weights():
                                                         r"sum [0-9.e-]+ < one row's mean weight 0\.00167\)"):
         GaussianMixture(3, random_state=0, means_init=[[-3, -3], [3, 3], [90, 90]], max_iter=1).fit(
             X, sample_weight=far)
+# ---------------------------------------------------------------------------
+# A far outlier: its own component, of covariance reg_covar·I (as in sklearn)
+# ---------------------------------------------------------------------------
+
+
+def with_outlier(big):
+    """Two blobs of 300 rows at ±5 and one row at (big, -big, big)."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(-5, 1, (300, 3)), rng.normal(5, 1, (300, 3))])
+    X[17] = [big, -big, big]
+    return X
+
+
+RAGGED = ((37,) * 16 + (8,), 3)
+
+
+@pytest.mark.filterwarnings("ignore::dgmm.DegenerateComponentWarning")  # the outlier collapses, by design
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++"])
+@pytest.mark.parametrize("big", [1e3, 1e4, 3e4, 1e5, 3e5, 1e6, 1e7])
+def test_a_component_seeded_on_a_far_outlier_fits_as_in_sklearn(init_params, big):
+    """The seeding gives the outlier its own component. Its initial 'full' second moments were taken about
+    the data's centre: |x - c|² eps (7e-6 at 1e5) rounded the covariance past reg_covar, and the fit raised
+    "ill-defined empirical covariance" at 1e5, 3e5 and 1e7. They are taken about each component's seed (its
+    k-means centre, its seed row): the fit is sklearn's, the outlier's covariance reg_covar·I, and no extra
+    pass is made."""
+    X = with_outlier(big)
+    sk = SkGaussianMixture(3, random_state=0, init_params=init_params).fit(X)
+    outlier = int(np.argmax(np.abs(sk.means_).max(axis=1)))
+    for data in (X, da.from_array(X, chunks=RAGGED)):
+        where = type(data).__name__
+        gm = GaussianMixture(3, random_state=0, init_params=init_params).fit(data)
+        np.testing.assert_allclose(gm.weights_, sk.weights_, rtol=1e-12, err_msg=where)
+        np.testing.assert_allclose(gm.means_, sk.means_, rtol=1e-12, atol=1e-9, err_msg=where)
+        np.testing.assert_allclose(gm.covariances_, sk.covariances_, rtol=1e-9, atol=1e-12, err_msg=where)
+        np.testing.assert_allclose(gm.covariances_[outlier], 1e-6 * np.eye(3), rtol=0, atol=1e-15, err_msg=where)
+        np.testing.assert_allclose(gm.means_[outlier], X[17], rtol=1e-15, err_msg=where)
+        assert gm.n_iter_ == sk.n_iter_ and gm.n_passes_ == 1 + gm.n_iter_, where
+
+
+@pytest.mark.filterwarnings("ignore::dgmm.DegenerateComponentWarning")  # the outlier collapses, by design
+@pytest.mark.parametrize("init_params", ["kmeans", "k-means++"])
+@pytest.mark.parametrize("big", [1e5, 1e7])
+def test_a_far_outlier_seeded_out_of_core_gets_its_own_component(init_params, big):
+    """Out-of-core seeding (k-means‖ and Lloyd passes, greedy k-means++): the Lloyd passes take each
+    cluster's 'full' moments about its centre, k-means++ about its seed row; the outlier's component is
+    reg_covar·I and the blobs' components are sklearn's."""
+    X = with_outlier(big)
+    sk = SkGaussianMixture(3, random_state=0, init_params=init_params).fit(X)
+    order = np.argsort(sk.means_[:, 0])
+    gm = GaussianMixture(3, random_state=0, init_params=init_params, init_sample_size=100)
+    gm.fit(da.from_array(X, chunks=RAGGED))
+    ours = np.argsort(gm.means_[:, 0])
+    np.testing.assert_allclose(gm.means_[ours], sk.means_[order], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(gm.covariances_[ours], sk.covariances_[order], rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(gm.covariances_[ours[-1]], 1e-6 * np.eye(3), rtol=0, atol=1e-15)
+
+
+def jumping_component(big):
+    """Component 2 starts broad (precision 1e-12) at 20: the first E-step hands it the outlier."""
+    return with_outlier(big), dict(
+        n_components=3,
+        weights_init=[0.45, 0.45, 0.1],
+        means_init=[[-5.0] * 3, [5.0] * 3, [20.0] * 3],
+        precisions_init=[np.eye(3), np.eye(3), 1e-12 * np.eye(3)],
+    )
+
+
+def random_from_data_jump(big):
+    """random_from_data seeds no component on the outlier; EM moves one there in its second step."""
+    return with_outlier(big), dict(n_components=3, init_params="random_from_data", random_state=1)
+
+
+@pytest.mark.filterwarnings("ignore::dgmm.DegenerateComponentWarning")  # the outlier collapses, by design
+@pytest.mark.parametrize("scenario, big, extra_passes", [
+    (jumping_component, 1e3, 1), (jumping_component, 1e5, 1), (jumping_component, 1e7, 1),
+    (random_from_data_jump, 1e6, 2), (random_from_data_jump, 1e7, 2),
+])
+def test_a_component_that_jumps_onto_a_far_outlier_fits_as_in_sklearn(scenario, big, extra_passes):
+    """EM takes 'full' moments about the previous means: a component that jumps onto the outlier in one
+    step lost its covariance to that shift (the fits raised at 1e5 and 1e6). The pass of such a step is
+    redone with the same parameters and the moments about the new means (an extra pass in those steps
+    only), and the fit is sklearn's."""
+    X, params = scenario(big)
+    sk = SkGaussianMixture(**params).fit(X)
+    outlier = int(np.argmax(np.abs(sk.means_).max(axis=1)))
+    for data in (X, da.from_array(X, chunks=RAGGED)):
+        where = type(data).__name__
+        gm = GaussianMixture(**params).fit(data)
+        assert gm.n_iter_ == sk.n_iter_, where
+        np.testing.assert_allclose(gm.weights_, sk.weights_, rtol=1e-9, err_msg=where)
+        np.testing.assert_allclose(gm.means_, sk.means_, rtol=1e-12, atol=1e-9, err_msg=where)
+        np.testing.assert_allclose(gm.covariances_, sk.covariances_, rtol=1e-9, atol=1e-12, err_msg=where)
+        np.testing.assert_allclose(gm.covariances_[outlier], 1e-6 * np.eye(3), rtol=0, atol=1e-15, err_msg=where)
+        np.testing.assert_allclose(gm.lower_bound_, sk.lower_bound_, rtol=1e-12, err_msg=where)
+        initial_pass = 0 if "means_init" in params else 1
+        assert gm.n_passes_ == initial_pass + gm.n_iter_ + extra_passes, where
