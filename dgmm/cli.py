@@ -946,7 +946,9 @@ def _save_fitted(gm, X, config: Config, source, started, seconds: float, progres
     _save_model(gm, out.model, metadata, out.storage_options)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)  # the committed model supersedes it
-    this_run = f" ({iterations_run} in this run)" if resumed_from else ""
+    # the kept restart's own count (with n_init > 1 the passes of this run may be more: restarts ran on)
+    this_run = f" ({max(gm.n_iter_ - resumed_from, 0)} after resuming from iteration {resumed_from})" \
+        if resumed_from else ""
     report("fit", f"fit: {gm.n_iter_} EM iterations{this_run} in {seconds:.1f} s "
                   f"({per_iteration:.2f} s per iteration), converged={gm.converged_}",
            n_iter=gm.n_iter_, seconds=seconds, seconds_per_iteration=per_iteration, converged=gm.converged_)
@@ -965,15 +967,18 @@ def _describe_input(config: Config, columns: list[str] | None) -> dict:
                            feature_names=columns)
 
 
-def _check_parameter_memory(config: Config, X, n_components: int, kinds) -> None:
-    """The estimator's memory check, before any cluster starts: the data's shape is known from its metadata."""
+def _check_parameter_memory(config: Config, X, n_components: int, kinds, where: str = "model.covariance_type") -> None:
+    """The estimator's memory check, before any cluster starts: the data's shape is known from its metadata.
+
+    ``where``: what the error blames (the config key, or ``select``'s flags).
+    """
     from .validation import check_parameter_memory
 
     try:
         for kind in kinds:
             check_parameter_memory(n_components, X.shape[1], kind, config.model.n_init, X.shape[0])
     except MemoryError as exc:
-        raise ConfigError(f"{config.source}: model.covariance_type: {exc}") from None
+        raise ConfigError(f"{config.source}: {where}: {exc}") from None
 
 
 def _name_features(model, source: dict) -> None:
@@ -1124,7 +1129,7 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     _generate_synthetic(config)
     X, columns = _open_data(config)
     source = _describe_input(config, columns)
-    _check_parameter_memory(config, X, max(n_components), kinds)
+    _check_parameter_memory(config, X, max(n_components), kinds, where="--n-components/--covariance-types")
     _report_columns(config, source)
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
@@ -1258,13 +1263,23 @@ def _storage_options(pairs: list[str]) -> dict:
     return options
 
 
+def _load_named_model(path: str, storage_options):
+    """The model file named on the command line; a missing one is a usage error (exit 2), as in a config."""
+    from .model_io import load_model
+
+    try:
+        return load_model(path, storage_options=storage_options)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc) if str(exc) else f"{path}: no such model file") from None
+
+
 def _cmd_info(args) -> int:
     import numpy as np
 
     from .model_io import load_model, read_model_metadata
 
     options = _storage_options(args.storage_options)
-    model = load_model(args.model, storage_options=options)  # validates the whole file
+    model = _load_named_model(args.model, options)  # validates the whole file
     meta = read_model_metadata(args.model, storage_options=options)
     fitted, fit = meta.get("fitted", {}), meta.get("fit", {})
     source = fit.get("source") or {}
@@ -1299,8 +1314,11 @@ def _cmd_sample(args) -> int:
 
     if args.n_samples < 1:
         raise ConfigError(f"--n-samples: must be >= 1, got {args.n_samples}")
+    if args.output is not None and format_from_suffix(args.output) not in ("npy", "zarr", "parquet"):
+        raise ConfigError(f"-o: {args.output}: the output must end in .npy, .zarr or .parquet (or omit -o for CSV "
+                          "on stdout)")
     options = _storage_options(args.storage_options)
-    model = load_model(args.model, storage_options=options)
+    model = _load_named_model(args.model, options)
     if args.seed is not None:
         model.random_state = args.seed
     X, y = model.sample(args.n_samples)
@@ -1328,7 +1346,7 @@ def _cmd_sample(args) -> int:
         buffer = io.BytesIO()
         np.save(buffer, X, allow_pickle=False)
         write_bytes(out, buffer.getvalue(), options)
-    elif fmt in ("zarr", "parquet"):
+    else:  # zarr, parquet (checked above)
         arrays = {"X": da.from_array(X, chunks=(max(len(X), 1), -1)), "labels": da.from_array(y)}
         import dask
 
@@ -1336,8 +1354,6 @@ def _cmd_sample(args) -> int:
             write_table(arrays, out, format=fmt, column_names={"X": names, "labels": ["label"]},
                         overwrite=args.overwrite, dimension_names={"X": ("sample", "feature")},
                         attributes={"model": args.model, "feature_names": names}, storage_options=options)
-    else:
-        raise ValueError(f"{out}: the output must end in .npy, .zarr or .parquet (or omit -o for CSV on stdout)")
     report("sample", f"samples: {out} ({args.n_samples:,} rows x {X.shape[1]} features)", path=out,
            n_samples=args.n_samples)
     return 0

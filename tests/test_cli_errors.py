@@ -116,6 +116,11 @@ def test_sample_arguments_that_cannot_work_exit_2(workdir):
     assert (workdir / "s.npy").read_bytes() == b"keep"
     none = run_dgmm("sample", workdir / "m.npz", "-n", 0)
     assert none.returncode == 2 and "--n-samples: must be >= 1, got 0" in none.stderr and none.stdout == ""
+    csv = run_dgmm("sample", workdir / "m.npz", "-n", 5, "-o", workdir / "s.csv")  # refused before sampling
+    assert csv.returncode == 2 and "-o: " in csv.stderr and "must end in .npy, .zarr or .parquet" in csv.stderr
+    for command in (("info",), ("sample", "-n", 3)):  # a missing model named on the command line, as in a config
+        missing = run_dgmm(command[0], workdir / "none.npz", *command[1:])
+        assert missing.returncode == 2 and f"{workdir / 'none.npz'}: no such model file" in missing.stderr
 
 
 def test_a_transposed_input_is_refused_before_the_cluster_starts(workdir):
@@ -127,7 +132,8 @@ def test_a_transposed_input_is_refused_before_the_cluster_starts(workdir):
         result = run_dgmm(command, path)
         assert result.returncode == 2, result.stderr
         (line,) = result.stderr.splitlines()
-        assert re.search(r"model.covariance_type: covariance_type='(full|tied)' with \d+ components of 100000 "
+        key = "model.covariance_type" if command == "fit" else "--n-components/--covariance-types"  # what to change
+        assert re.search(re.escape(key) + r": covariance_type='(full|tied)' with \d+ components of 100000 "
                          r"features needs about", line), line
         assert "is it transposed?" in line and "cluster:" not in result.stdout
     assert not (workdir / "out").exists()

@@ -193,4 +193,4 @@ def test_the_resume_hint_is_given_when_there_is_a_checkpoint_to_resume(tmp_path,
             in stopped.stderr) == checkpoint, stopped.stderr
     if checkpoint:  # and it does
         resumed = run_dgmm("fit", config, "--resume")
-        assert resumed.returncode == 0 and "fit: 3 EM iterations (0 in this run)" in resumed.stdout, resumed.stdout
+        assert resumed.returncode == 0 and "fit: 3 EM iterations (0 after resuming from iteration 3)" in resumed.stdout, resumed.stdout
