@@ -262,6 +262,9 @@ class ClusterConfig:
             err("memory_limit", f"must be 'auto', null or a size such as '4GB', got {self.memory_limit!r}")
         if not self.timeout > 0:
             err("timeout", f"must be a number of seconds > 0, got {self.timeout}")
+        if self.timeout != 30.0 and kind != "address":  # silently ignored elsewhere, so refused
+            err("timeout", f"only applies to cluster.type 'address' (connecting to an existing scheduler), not "
+                           f"{kind!r}" + ("; use jobqueue.wait_timeout" if kind == "jobqueue" else ""))
         if self.stall_warning is not None and not self.stall_warning > 0:
             err("stall_warning", f"must be a number of seconds > 0, or null for no warning, got {self.stall_warning}")
 

@@ -194,8 +194,9 @@ def open_input(path: str, *, format: str = "auto", component: str | None = None,
     chunk_rows : int, default=None
         ``.npy``: rows per chunk (default: about 64 MiB). Parquet: merge
         consecutive row groups of a file up to this many rows (default: one
-        chunk per row group). Zarr arrays keep their own chunks, except that
-        chunks under :data:`MIN_ZARR_CHUNK_BYTES` are read several to a task.
+        chunk per row group). Zarr: read as many whole stored chunks to a task
+        as fit in this many rows (default: the stored chunks, except that
+        chunks under :data:`MIN_ZARR_CHUNK_BYTES` are read several to a task).
 
     Returns
     -------
@@ -218,7 +219,7 @@ def open_as(fmt: str, path: str, *, component: str | None = None, columns: Seque
             storage_options: Mapping | None = None, chunk_rows: int | None = None) -> da.Array:
     """:func:`open_input` for a format :func:`input_format` has already resolved (and checked): no second look."""
     if fmt == "zarr":
-        return open_zarr(path, component=component, storage_options=storage_options)
+        return open_zarr(path, component=component, storage_options=storage_options, chunk_rows=chunk_rows)
     if fmt == "parquet":
         return open_parquet(path, columns=columns, storage_options=storage_options, chunk_rows=chunk_rows)
     if fmt == "npy":
@@ -362,13 +363,15 @@ def _detect_format(path: str, storage_options: Mapping | None) -> str:
 # -- Zarr ---------------------------------------------------------------------
 
 
-def open_zarr(path: str, *, component: str | None = None, storage_options: Mapping | None = None) -> da.Array:
+def open_zarr(path: str, *, component: str | None = None, storage_options: Mapping | None = None,
+              chunk_rows: int | None = None) -> da.Array:
     """Open a Zarr (v3 or v2) array, or an array inside a group, as a lazy dask array.
 
     An array packed by xarray (``scale_factor``, ``add_offset``, ``_FillValue``,
     ``missing_value``, ``_Unsigned``) is decoded as ``xr.open_zarr`` decodes
     it: float64 (float32 kept when only masked), fill values as NaN. Chunks under
-    :data:`MIN_ZARR_CHUNK_BYTES` are read several to a task.
+    :data:`MIN_ZARR_CHUNK_BYTES` are read several to a task; ``chunk_rows``
+    reads as many whole stored chunks to a task as fit in that many rows.
 
     Raises
     ------
@@ -380,7 +383,7 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     node, _ = _zarr_array(path, component, storage_options)
     _warn_missing_chunks(path, node)
     options = dict(storage_options or {})
-    chunks = _zarr_task_chunks(node)
+    chunks = _zarr_task_chunks(node, chunk_rows)
     name = "from-zarr-" + dask.base.tokenize(node, component, options, chunks)
     array = da.from_array(node, chunks, name=name, getitem=_read_zarr_block)
     decoding = _cf_decoding(node)
@@ -427,10 +430,13 @@ def _python_scalar(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _zarr_task_chunks(node) -> tuple:
+def _zarr_task_chunks(node, chunk_rows: int | None = None) -> tuple:
     """Dask chunks of a Zarr array: its own, with tiny row chunks merged (:data:`MIN_ZARR_CHUNK_BYTES`,
-    :data:`MERGED_ZARR_CHUNK_BYTES`, :data:`MIN_ZARR_TASKS`)."""
+    :data:`MERGED_ZARR_CHUNK_BYTES`, :data:`MIN_ZARR_TASKS`); with ``chunk_rows``, as many whole stored
+    chunks as fit in that many rows (at least one: a stored chunk is never read in parts)."""
     rows = node.chunks[0]
+    if chunk_rows is not None:
+        return (rows * max(1, int(chunk_rows) // rows), node.chunks[1])
     chunk_bytes = rows * int(node.shape[1]) * node.dtype.itemsize
     if chunk_bytes >= MIN_ZARR_CHUNK_BYTES:
         return node.chunks

@@ -58,6 +58,13 @@ def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
         ({"input": REMOTE, "cluster": {"address": "localhost:8786"}}, "cluster.address: must be a scheduler URL"),
         ({"input": REMOTE, "cluster": {"n_workers": 0}}, "cluster.n_workers: must be an int >= 1 or null"),
         ({"input": REMOTE, "cluster": {"timeout": 0}}, "cluster.timeout: must be a number of seconds > 0"),
+        ({"input": REMOTE, "cluster": {"timeout": 5}}, "cluster.timeout: only applies to cluster.type 'address' "
+                                                       "(connecting to an existing scheduler), not 'local'"),
+        ({"input": REMOTE, "cluster": {"jobqueue": {"system": "slurm", "cores": 4, "memory": "8GB"}, "timeout": 5}},
+         "cluster.timeout: only applies to cluster.type 'address' (connecting to an existing scheduler), not "
+         "'jobqueue'; use jobqueue.wait_timeout"),
+        ({"input": REMOTE, "cluster": {"stall_warning": 0}}, "cluster.stall_warning: must be a number of seconds > 0, "
+                                                             "or null for no warning, got 0"),
         ({"input": REMOTE, "cluster": {"memory_limit": "lots"}}, "cluster.memory_limit: must be 'auto', null or a "
                                                                  "size"),
         ({"input": REMOTE, "cluster": {"jobqueue": {"system": "slurm", "cores": 4}}},

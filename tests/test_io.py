@@ -885,3 +885,15 @@ def test_big_endian_files_are_read_in_the_machines_byte_order(tmp_path):
         assert gm.means_.dtype == np.float32
         reference = GaussianMixture(2, random_state=0, max_iter=3).fit(da.from_array(X, chunks=lazy.chunks))
         np.testing.assert_array_equal(gm.means_, reference.means_)
+
+
+def test_chunk_rows_reads_whole_zarr_chunks_to_a_task(tmp_path):
+    """input.chunk_rows was ignored for Zarr inputs: it now merges whole stored chunks up to that many rows."""
+    X = np.random.default_rng(0).normal(size=(10_000, 16))
+    z = zarr.open_array(str(tmp_path / "x.zarr"), mode="w", shape=X.shape, chunks=(2000, 16), dtype="f8")
+    z[:] = X
+    assert open_input(str(tmp_path / "x.zarr")).chunks[0] == (2000,) * 5
+    for chunk_rows, expected in ((5000, (4000, 4000, 2000)), (100, (2000,) * 5), (10**9, (10_000,))):
+        lazy = open_input(str(tmp_path / "x.zarr"), chunk_rows=chunk_rows)
+        assert lazy.chunks[0] == expected
+        np.testing.assert_array_equal(lazy.compute(), X)
