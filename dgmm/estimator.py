@@ -688,8 +688,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 warned.add(("collapse", k))
                 warnings.warn(
                     f"Gaussian mixture component {k} has collapsed at iteration {n_iter}: its covariance "
-                    f"is down to reg_covar={self.reg_covar:g} in some direction (a singleton or duplicated "
-                    "points). Increase reg_covar, reduce n_components, or scale the data.",
+                    f"is down to reg_covar={self.reg_covar:g} in some direction (a singleton, duplicated "
+                    "points, or a feature or combination of features that is constant on its points). Increase "
+                    "reg_covar, reduce n_components, drop constant or collinear features, or scale the data.",
                     DegenerateComponentWarning,
                     stacklevel=_caller_stacklevel(),
                 )

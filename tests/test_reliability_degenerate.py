@@ -352,3 +352,14 @@ def test_a_component_that_jumps_onto_a_far_outlier_fits_as_in_sklearn(scenario, 
         np.testing.assert_allclose(gm.lower_bound_, sk.lower_bound_, rtol=1e-12, err_msg=where)
         initial_pass = 0 if "means_init" in params else 1
         assert gm.n_passes_ == initial_pass + gm.n_iter_ + extra_passes, where
+
+
+def test_a_constant_feature_is_named_among_the_causes_of_a_collapse():
+    """A constant column collapses every component in its direction; the hint said "a singleton or duplicated
+    points" only, which sent users looking for duplicates."""
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.normal(size=500), np.full(500, 3.0)])
+    with pytest.warns(DegenerateComponentWarning, match=r"collapsed at iteration 1: .*a feature or combination of "
+                                                        r"features that is constant on its points\)\..*drop constant "
+                                                        r"or collinear features"):
+        GaussianMixture(2, random_state=0, max_iter=2).fit(X)
