@@ -764,6 +764,10 @@ def _jobqueue_kwargs(jq, read_ahead: bool, dashboard_address: str | None = "127.
     kwargs = dict(cores=jq.cores, memory=jq.memory, processes=processes,
                   job_extra_directives=jq.job_extra_directives, job_script_prologue=jq.job_script_prologue,
                   silence_logs="error", scheduler_options={"dashboard_address": dashboard_address})
+    if dashboard_address is None:
+        # no dashboard; the scheduler still serves /health and /metrics, by default on every interface's
+        # port 8787 (a clash with another cluster's dashboard): on a free port of this machine only
+        kwargs["scheduler_options"] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
     for name in ("walltime", "queue", "account", "interface", "local_directory", "log_directory"):
         value = getattr(jq, name)
         if value is not None:

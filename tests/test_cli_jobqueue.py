@@ -92,10 +92,12 @@ def test_jobqueue_workers_read_ahead_and_jobs_book_the_configured_cores(system, 
 
     jq = JobqueueConfig(system=system, cores=4, memory="4GB", processes=2)
     kwargs = _jobqueue_kwargs(jq, read_ahead, dashboard_address=None)
-    assert kwargs["scheduler_options"] == {"dashboard_address": None}
+    assert kwargs["scheduler_options"] == {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
     cls = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}[system]
     with getattr(dask_jobqueue, cls)(**kwargs) as cluster:
         script = cluster.job_script()
+        # dashboard_address: null: the /health and /metrics server on a free port, not 8787 of every interface
+        assert cluster.scheduler.http_server.port != 8787
     assert f"--nthreads {4 if read_ahead else 2}" in script and "--nworkers 2" in script
     if booked is not None:
         assert booked in script
