@@ -10,6 +10,7 @@ writer leaves behind is removed by the next successful write of the same file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -154,6 +155,68 @@ def _write_through_temporary(path: str, payload: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+class OutputBusyError(OSError):
+    """Another process is writing the same model or checkpoint (it holds :func:`exclusive_writer`'s lock)."""
+
+
+@contextlib.contextmanager
+def exclusive_writer(path: str, what: str = "dgmm fit"):
+    """Hold an exclusive lock on the local file ``path`` for as long as this process writes it.
+
+    Two fits writing the same checkpoint or model would interleave: each
+    replaces the other's checkpoint, the last to finish wins, and the other's
+    checkpoint is deleted under it. The lock is ``flock`` on a hidden
+    ``.NAME.dgmm-lock`` beside ``path``: the system releases it when the
+    process ends, however it ends (a file a killed process leaves is taken
+    over); the file is removed on leaving. Where the filesystem has no locks,
+    nothing is locked.
+
+    Raises
+    ------
+    OutputBusyError
+        If another process holds the lock; the message names it (host, pid).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
+    lock_path = os.path.join(directory, f".{name}.dgmm-lock")
+    os.makedirs(directory, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.read(fd, 4096) or b"{}")
+            except (OSError, ValueError):
+                holder = {}
+            os.close(fd)
+            who = f" (host {holder.get('host')}, process {holder.get('pid')})" if holder.get("pid") else ""
+            raise OutputBusyError(f"another {holder.get('what', what)}{who} is writing {path}; wait for it to "
+                                  "end, or write elsewhere") from None
+        except OSError:  # no locks on this filesystem (some network filesystems): go on unlocked
+            os.close(fd)
+            yield
+            return
+        try:  # the file locked is still the one at lock_path (not one a finishing writer just removed)
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "what": what}).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
 def save_checkpoint(path: str, state: CheckpointState, dgmm_version: str) -> None:

@@ -869,15 +869,37 @@ def _print_parameters(model) -> None:
 
 
 def run_fit(config: Config, *, resume: bool = False) -> int:
-    """Fit the model a validated config describes and write it (and checkpoints)."""
+    """Fit the model a validated config describes and write it (and checkpoints).
+
+    One fit at a time writes a given checkpoint (or local model): a second is refused.
+    """
+    checkpoint = config.output.checkpoint_path
+    if resume and checkpoint is None:
+        raise ConfigError(f"{config.source}: output.checkpoint_every: --resume needs checkpoints "
+                          "(checkpoint_every >= 1 and a local output.model or output.checkpoint)")
+    with _writer_lock(config, "dgmm fit"):
+        return _run_fit_locked(config, checkpoint, resume)
+
+
+@contextlib.contextmanager
+def _writer_lock(config: Config, what: str):
+    """One writer at a time for a local checkpoint (else a local model): see :func:`dgmm.checkpoint.exclusive_writer`."""
+    from .checkpoint import exclusive_writer
+    from .io import is_url
+
+    target = config.output.checkpoint_path or config.output.model
+    if target is None or is_url(target):
+        yield
+        return
+    with exclusive_writer(target, what):
+        yield
+
+
+def _run_fit_locked(config: Config, checkpoint, resume: bool) -> int:
     from . import GaussianMixture
     from .checkpoint import fingerprint_mismatch, load_checkpoint
 
     out = config.output
-    checkpoint = out.checkpoint_path
-    if resume and checkpoint is None:
-        raise ConfigError(f"{config.source}: output.checkpoint_every: --resume needs checkpoints "
-                          "(checkpoint_every >= 1 and a local output.model or output.checkpoint)")
     progress = IterationReporter()
     gm = GaussianMixture(**config.model.estimator_params(), callbacks=[progress],
                          checkpoint=checkpoint, checkpoint_every=max(out.checkpoint_every, 1))
@@ -1183,7 +1205,8 @@ def _cmd_select(args) -> int:
     config = load_config(args.config, args.set, command="fit")
     if args.table:
         check_extra_output(config, "--table", args.table)
-    return run_select(config, n_components, kinds, args.criterion, args.table)
+    with _writer_lock(config, "dgmm select"):
+        return run_select(config, n_components, kinds, args.criterion, args.table)
 
 
 def _cmd_fit(args) -> int:

@@ -194,3 +194,38 @@ def test_the_resume_hint_is_given_when_there_is_a_checkpoint_to_resume(tmp_path,
     if checkpoint:  # and it does
         resumed = run_dgmm("fit", config, "--resume")
         assert resumed.returncode == 0 and "fit: 3 EM iterations (0 after resuming from iteration 3)" in resumed.stdout, resumed.stdout
+
+
+HOLDER = """
+import sys, time
+from dgmm.checkpoint import exclusive_writer
+with exclusive_writer(sys.argv[1], "dgmm fit"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_fit_on_the_same_checkpoint_is_refused_until_the_first_ends(tmp_path):
+    """Two fits on one model interleaved their checkpoints, and the last to end deleted the other's under it. The
+    second is refused while the first runs; a lock left by a killed fit (kill -9) is taken over."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", blobs(2000, 2, seed=3))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy")}, "model": {"n_components": 2, "random_state": 0, "max_iter": 3},
+        "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "out" / "m.npz")}})
+    checkpoint = tmp_path / "out" / "m.checkpoint.npz"
+    with running([sys.executable, "-c", HOLDER, str(checkpoint)]) as holder:
+        assert holder.stdout.readline().strip() == "holding"
+        for command in ("fit", "select"):
+            refused = run_dgmm(command, config, *(["--n-components", "2"] if command == "select" else []))
+            assert refused.returncode == 1, refused.stderr
+            assert (f"dgmm: error: another dgmm fit (host {os.uname().nodename}, process {holder.pid}) is writing "
+                    f"{checkpoint}; wait for it to end, or write elsewhere") in refused.stderr
+        assert sorted(os.listdir(tmp_path / "out")) == [".m.checkpoint.npz.dgmm-lock"]
+        holder.kill()
+        holder.wait()
+    done = run_dgmm("fit", config)  # the killed holder's lock file is left, and taken over
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["m.npz"]
