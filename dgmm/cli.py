@@ -204,6 +204,33 @@ class IterationReporter:
         )
 
 
+@contextlib.contextmanager
+def init_progress(progress: IterationReporter | None = None):
+    """Show the initialisation's passes (k-means‖ rounds, Lloyd and k-means++ passes) as progress lines.
+
+    They are :mod:`dgmm.init`'s INFO log records; out of core they can take as
+    long as several EM iterations, which used to pass without a line. Each also
+    counts as progress for :class:`StallWatch`.
+    """
+    source = logging.getLogger("dgmm.init")
+
+    class _Forward(logging.Handler):
+        def emit(self, record):
+            if record.levelno < logging.WARNING:
+                report("init", f"init: {record.getMessage()}")
+                if progress is not None:
+                    progress.last_progress = time.monotonic()
+
+    handler, previous = _Forward(logging.INFO), source.level
+    source.addHandler(handler)
+    source.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        source.removeHandler(handler)
+        source.setLevel(previous)
+
+
 class StallWatch:
     """Warn when a fit on a cluster goes without an EM iteration for long, naming the workers gone silent.
 
@@ -946,7 +973,7 @@ def _fit_on_cluster(gm, X, config: Config, resume: bool, progress: IterationRepo
         X = _persist_input(X, client, config)
         seconds = config.cluster.stall_warning
         with StallWatch(client, seconds, progress, config.cluster.kind != "address") \
-                if client is not None and seconds else contextlib.nullcontext():
+                if client is not None and seconds else contextlib.nullcontext(), init_progress(progress):
             gm.fit(X, resume=resume)
         return time.perf_counter() - t0
 
@@ -1160,7 +1187,8 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)
-        sweep = select(X, n_components=n_components, covariance_types=kinds, criterion=criterion, **params)
+        with init_progress():
+            sweep = select(X, n_components=n_components, covariance_types=kinds, criterion=criterion, **params)
         seconds = time.perf_counter() - t0
     lines = [f"{'k':>4} {'type':>10} {'bic':>16} {'aic':>16} {'iter':>5} converged"]
     for i, row in enumerate(sweep.results):

@@ -322,7 +322,9 @@ def initial_statistics(
             kinds[job].append(request.covariance_type)
         job_of.append(job)
     logger.info(
-        "initialisation (%s): %d mixtures, %d distinct seedings", init_params, len(job_of), len(seedings)
+        "%r seeding of %d mixture%s (%d distinct seeding%s)%s", init_params, len(job_of),
+        "" if len(job_of) == 1 else "s", len(seedings), "" if len(seedings) == 1 else "s",
+        ", out of core" if ctx.out_of_core else "",
     )
     center, statistics, shifts = initializer.run(ctx, seedings, [tuple(k) for k in kinds])
     return InitialStatistics(
@@ -646,7 +648,7 @@ def kmeans_parallel_batch(
                 shifts[j][r] = full_shifts
                 inertia[j][r], n_lloyd[j][r] = step.inertia, n_iter
                 centers[j][r] = updated
-                logger.info(
+                logger.debug(
                     "Lloyd pass %d, seeding %d restart %d: inertia %.6g, centre shift %.3g, %d clusters relocated",
                     n_iter,
                     j,
@@ -658,6 +660,11 @@ def kmeans_parallel_batch(
                 if shift > tol:
                     still_active.append(r)
             active[j] = still_active
+        running = sum(len(a) for a in active)
+        logger.info(
+            "Lloyd pass %d of at most %d: %d of %d k-means restarts still moving", n_iter,
+            max(int(lloyd_max_iter), 1), running, sum(sizes),
+        )
         if not any(active):
             break
     return [
@@ -752,6 +759,7 @@ def kmeans_plusplus_batch(data: DataPasses, jobs, n_local_trials: int | None = N
             for j in live
         )
         result = data.kmeans_plusplus_round(batch)
+        logger.info("k-means++ pass %d of %d", step, max(n_passes, default=0))
         if step == 1:
             _raise_if_nonfinite(data, result[0][0].n_nonfinite)
         for j, parts in zip(live, result):

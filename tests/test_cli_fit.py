@@ -336,3 +336,23 @@ def test_file_urls_name_local_outputs_and_a_generated_input(tmp_path):
     assert os.listdir(work) == [] and sorted(os.listdir(tmp_path / "out")) == ["m.npz"]  # checkpoint removed
     info = run_dgmm("info", f"file://{tmp_path / 'out' / 'm.npz'}", cwd=work)
     assert info.returncode == 0 and "2 components, full covariances, 2 features" in info.stdout, info.stderr
+
+
+def test_the_out_of_core_initialisation_reports_its_passes(tmp_path):
+    """Out-of-core seeding passes (k-means‖ rounds, Lloyd passes, k-means++ passes) passed without a line."""
+    np.save(tmp_path / "x.npy", blobs(20_000, 3, seed=5))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 2000},
+        "model": {"n_components": 3, "random_state": 0, "max_iter": 2, "init_sample_size": 1000},
+        "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "m.npz"), "overwrite": True}})
+    result = run_dgmm("fit", config)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("init: ")]
+    assert lines[0] == "init: 'kmeans' seeding of 1 mixture (1 distinct seeding), out of core", lines
+    assert any(line.startswith("init: k-means|| round 1/") for line in lines), lines
+    assert any(line.startswith("init: Lloyd pass 1 of at most ") for line in lines), lines
+    assert result.stdout.index("init: ") < result.stdout.index("iteration    1")
+    plusplus = run_dgmm("fit", config, "--set", "model.init_params=k-means++")
+    assert "init: k-means++ pass 3 of 3" in plusplus.stdout, plusplus.stdout
+    quiet = run_dgmm("fit", config, "--quiet")
+    assert quiet.returncode == 0 and "init:" not in quiet.stdout
