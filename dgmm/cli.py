@@ -477,6 +477,33 @@ def _local_workers(config) -> dict:
 
 
 @contextlib.contextmanager
+def _cut_short_clusters_closed():
+    """Close, quietly, a cluster whose start a signal (Ctrl-C, SIGTERM) cut short.
+
+    The constructor never returned, so nothing closes it but distributed's exit
+    hook, which then fails on its workers still starting ("AssertionError:
+    Status.init", a traceback after "terminated"). Closed here instead: its
+    worker processes end, and the exit hook no longer sees it.
+    """
+    from distributed.deploy.spec import SpecCluster
+
+    before = set(SpecCluster._instances)
+    try:
+        yield
+    except BaseException:
+        for cluster in [c for c in list(SpecCluster._instances) if c not in before]:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=10)
+            for worker in list(getattr(cluster, "workers", {}).values()):  # those close could not stop
+                process = getattr(getattr(worker, "process", None), "process", None)
+                with contextlib.suppress(Exception):
+                    if process is not None and process.is_alive():
+                        process.terminate()
+            SpecCluster._instances.discard(cluster)
+        raise
+
+
+@contextlib.contextmanager
 def open_cluster(config):
     """Start or attach to the cluster of a :class:`~dgmm.config.ClusterConfig`; yields a Client or None."""
     import dask
@@ -498,7 +525,8 @@ def open_cluster(config):
             # inproc://, takes no host and then serves the scheduler's and workers' HTTP endpoints on
             # every interface.
             # Worker processes keep glibc's own malloc thresholds (LOCAL_WORKER_ENVIRON).
-            with dask.config.set(LOCAL_WORKER_ENVIRON), _sighup_ignored_by_children():
+            with dask.config.set(LOCAL_WORKER_ENVIRON), _cut_short_clusters_closed(), _signals_deferred(), \
+                    _sighup_ignored_by_children():
                 cluster = stack.enter_context(LocalCluster(
                     **_local_workers(config), processes=config.processes, memory_limit=config.memory_limit,
                     protocol="tcp://", host=config.host, dashboard_address=config.dashboard_address,
@@ -562,6 +590,34 @@ def _signal_handlers(signals, handler):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM while the block runs (a cluster starting) take effect when it ends; a second at once.
+
+    Cut short while its worker processes start, a LocalCluster is left half made: nothing closes it but
+    distributed's exit hook, which fails on workers still starting ("AssertionError: Status.init"), and a
+    process spawned just then prints "EOFError: Ran out of input". Once started, the cluster is closed
+    as on any Ctrl-C. SIGHUP is left to :func:`_sighup_ignored_by_children` (its SIG_IGN is what the
+    workers must inherit).
+    """
+    pending = []
+
+    def interrupt(signum):
+        return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+    def handler(signum, frame):
+        if pending:  # asked twice: now
+            raise interrupt(signum)
+        pending.append(signum)
+        with contextlib.suppress(OSError):
+            os.write(sys.stderr.fileno(), b"dgmm: stopping once the cluster has started (again: at once)\n")
+
+    with _signal_handlers((signal.SIGINT, signal.SIGTERM), handler):
+        yield
+    if pending:
+        raise interrupt(pending[0])
 
 
 def _sighup_ignored_by_children():

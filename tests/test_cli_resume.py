@@ -229,3 +229,46 @@ def test_a_second_fit_on_the_same_checkpoint_is_refused_until_the_first_ends(tmp
     done = run_dgmm("fit", config)  # the killed holder's lock file is left, and taken over
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["m.npz"]
+
+
+#: ``dgmm ARGS``, sent SIGTERM as soon as its LocalCluster has spawned a worker process (the cluster still starting).
+TERM_AT_START = """
+import os, signal, sys, threading, time
+import psutil
+
+def watch():
+    me = psutil.Process()
+    while True:
+        try:
+            if any("spawn_main" in " ".join(child.cmdline()) for child in me.children()):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.005)
+
+if __name__ == "__main__":
+    threading.Thread(target=watch, daemon=True).start()
+    from dgmm.cli import main
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_while_the_local_cluster_starts_stops_the_command_cleanly(tmp_path):
+    """SIGTERM (or Ctrl-C) while the LocalCluster's workers were starting left it half made: distributed's exit hook
+    then printed "AssertionError: Status.init" (and a worker being spawned "EOFError: Ran out of input") after
+    "terminated". The signal now takes effect once the cluster has started, which is then closed as usual."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", blobs(2000, 2, seed=4))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy")}, "model": {"n_components": 2, "max_iter": 2},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1}, "output": {"model": str(tmp_path / "m.npz")}})
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", TERM_AT_START, "fit", config], capture_output=True,
+                                text=True, timeout=120, check=False)
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr
+        assert result.stderr.splitlines() == ["dgmm: stopping once the cluster has started (again: at once)",
+                                              "dgmm: error: terminated (SIGTERM)"], result.stderr
+        assert not (tmp_path / "m.npz").exists()
