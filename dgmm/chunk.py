@@ -1376,31 +1376,41 @@ def parameters_from_statistics(
 
 def smallest_eigenvalues(covariances: np.ndarray) -> np.ndarray:
     """Smallest eigenvalue of each 'full' covariance (NaN where one is not finite), float64."""
+    return smallest_eigenpairs(covariances)[0]
+
+
+def smallest_eigenpairs(covariances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest eigenvalue (n_components,) and its unit eigenvector (n_components, n_features) of each
+    'full' covariance, float64; NaN where a covariance is not finite."""
     covariances = np.asarray(covariances, dtype=np.float64)
-    out = np.full(covariances.shape[0], np.nan)
+    values = np.full(covariances.shape[0], np.nan)
+    vectors = np.full(covariances.shape[:2], np.nan)
     finite = np.isfinite(covariances).all(axis=(1, 2))
     if finite.any():
-        out[finite] = np.linalg.eigvalsh(covariances[finite])[:, 0]
-    return out
+        w, v = np.linalg.eigh(covariances[finite])
+        values[finite], vectors[finite] = w[:, 0], v[:, :, 0]
+    return values, vectors
 
 
-def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps: float) -> np.ndarray:
+def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps: float,
+                         vectors: np.ndarray | None = None) -> np.ndarray:
     """Which 'full' covariances lost most of their digits to the shift of their second moments.
 
     A covariance is ``sxx / nk - δ δᵀ`` (plus ``reg_covar``), with ``δ = sx / nk``
     the distance from the shift (the previous mean) to the new mean. Both terms
-    are about ``|δ|²`` large and carry a rounding error of about ``eps |δ|²``,
-    which the difference keeps: relative to the covariance's smallest
-    eigenvalue λ, ``eps |δ|² / λ`` (measured within a factor 3 of the actual
-    error). A component that jumps onto a far outlier (|δ|² ≈ 3e12 for a row
-    at 1e6, λ = reg_covar = 1e-6) loses every digit, and its covariance may
-    not even be positive definite. Flagged: an error above ``eps ** 0.25``
-    relative to λ (fewer than a quarter of the digits left: 4 of 16 in
-    float64, 2 of 7 for float32 products), or λ <= 0 with a move. Ordinary EM
-    steps stay far below: the largest of the test suite's float64 fits is
-    2e-6 (values ~100 beside a boolean column, λ = reg_covar), 1e-6 in
-    float32. A flagged component's statistics should be recomputed about its
-    new mean (the same responsibilities, so the result is exact).
+    carry a rounding error of about ``eps |δ_i δ_j|`` in entry (i, j), which
+    the difference keeps. Along the smallest eigenvector ``v`` (eigenvalue λ)
+    that is at most ``eps (|v|·|δ|)²``: relative to λ, the precision lost
+    where the covariance is smallest. (Without ``v``, ``eps |δ|² / λ``: an
+    upper bound, far too large when δ lies along a feature of large scale and
+    v along one of small scale, e.g. a salary beside a 0/1 column.) A component
+    that jumps onto a far outlier (|δ|² ≈ 3e12 for a row at 1e6, λ =
+    reg_covar = 1e-6) loses every digit, and its covariance may not even be
+    positive definite. Flagged: an error above ``eps ** 0.25`` relative to λ
+    (fewer than a quarter of the digits left: 4 of 16 in float64, 2 of 7 for
+    float32 products), or λ <= 0 with a move. A flagged component's statistics
+    should be recomputed about its new mean (the same responsibilities, so the
+    result is exact).
 
     Parameters
     ----------
@@ -1408,9 +1418,11 @@ def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps:
         'full' statistics, shifted.
     smallest : ndarray of shape (n_components,)
         Smallest eigenvalue of each covariance computed from ``stats``
-        (:func:`smallest_eigenvalues`); NaN (not finite) is never flagged.
+        (:func:`smallest_eigenpairs`); NaN (not finite) is never flagged.
     eps : float
         Machine epsilon of the products (the input dtype's).
+    vectors : ndarray of shape (n_components, n_features), default=None
+        The unit eigenvectors of ``smallest``.
 
     Returns
     -------
@@ -1418,9 +1430,13 @@ def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps:
     """
     nk = np.asarray(stats.nk, dtype=np.float64) + 10 * eps
     delta = stats.sx / nk[:, None]
-    move = np.einsum("ij,ij->i", delta, delta)
+    moved = np.einsum("ij,ij->i", delta, delta) > 0
+    if vectors is None:
+        spread = np.einsum("ij,ij->i", delta, delta)
+    else:
+        spread = np.einsum("ij,ij->i", np.abs(vectors), np.abs(delta)) ** 2
     with np.errstate(invalid="ignore"):
-        return (move > 0) & (eps * move > eps**0.25 * smallest)
+        return moved & ((eps * spread > eps**0.25 * smallest) | (smallest <= 0))
 
 
 def mixture_feature_std(weights, means, covariances, covariance_type: str) -> np.ndarray:

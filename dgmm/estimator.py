@@ -635,8 +635,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         ]
         if kind != "full":
             return [step + (None,) for step in steps]
-        smallest = [chunk.smallest_eigenvalues(step[2]) for step in steps]
-        lost = [chunk.shift_precision_lost(stats, values, eps) for stats, values in zip(stats_list, smallest)]
+        pairs = [chunk.smallest_eigenpairs(step[2]) for step in steps]
+        smallest = [values for values, _ in pairs]
+        lost = [chunk.shift_precision_lost(stats, values, eps, vectors) for stats, (values, vectors) in
+                zip(stats_list, pairs)]
         redo = [m for m, flags in enumerate(lost) if flags.any()]
         if redo:
             again = tuple(
