@@ -960,8 +960,7 @@ def run_fit(config: Config, *, resume: bool = False) -> int:
     if resume and checkpoint is None:
         raise ConfigError(f"{config.source}: output.checkpoint_every: --resume needs checkpoints "
                           "(checkpoint_every >= 1 and a local output.model or output.checkpoint)")
-    with _writer_lock(config, "dgmm fit"):
-        return _run_fit_locked(config, checkpoint, resume)
+    return _run_fit(config, checkpoint, resume)
 
 
 @contextlib.contextmanager
@@ -978,7 +977,7 @@ def _writer_lock(config: Config, what: str):
         yield
 
 
-def _run_fit_locked(config: Config, checkpoint, resume: bool) -> int:
+def _run_fit(config: Config, checkpoint, resume: bool) -> int:
     from . import GaussianMixture
     from .checkpoint import fingerprint_mismatch, load_checkpoint
 
@@ -1013,8 +1012,9 @@ def _run_fit_locked(config: Config, checkpoint, resume: bool) -> int:
         logger.warning("--resume: no checkpoint at %s; fitting from the start", checkpoint)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
-        seconds = _fit_on_cluster(gm, X, config, resume, progress)
-        _save_fitted(gm, X, config, source, started, seconds, progress, resumed_from)
+        with _writer_lock(config, "dgmm fit"):  # from here on this process writes the checkpoint and model
+            seconds = _fit_on_cluster(gm, X, config, resume, progress)
+            _save_fitted(gm, X, config, source, started, seconds, progress, resumed_from)
     except KeyboardInterrupt:
         if checkpoint is not None and os.path.exists(checkpoint):  # none yet while initialising
             logger.warning("interrupted; 'dgmm fit %s --resume' continues from %s", config.source, checkpoint)
@@ -1117,18 +1117,17 @@ def _model_feature_names(meta: dict) -> list[str] | None:
     return [str(name) for name in names] if names else None
 
 
-def _fitted_columns(config: Config) -> list[str] | None:
-    from .model_io import read_model_metadata
+def _open_with_model(config: Config):
+    """The config's input and model, the model file read once: (X, columns, model)."""
+    from .model_io import load_model_and_metadata
 
-    return _model_feature_names(read_model_metadata(config.output.model,
-                                                    storage_options=config.output.storage_options))
+    model, meta = load_model_and_metadata(config.output.model, storage_options=config.output.storage_options)
+    X, columns = _open_data(config, fitted_columns=_model_feature_names(meta))
+    return X, columns, _model_for(config, model, X, columns)
 
 
-def _load_model_for(config: Config, X, columns: list[str] | None):
-    """The config's model, to apply to ``X`` (read from the Parquet ``columns``, or unnamed: None)."""
-    from .model_io import load_model
-
-    model = load_model(config.output.model, storage_options=config.output.storage_options)
+def _model_for(config: Config, model, X, columns: list[str] | None):
+    """The config's model, checked against ``X`` (read from the Parquet ``columns``, or unnamed: None)."""
     if X.shape[1] != model.n_features_in_:  # the config pairs a model with data it does not fit
         raise ConfigError(f"{config.source}: input.path: {config.input.path} has {X.shape[1]} features, but the "
                           f"model {config.output.model} was fitted on {model.n_features_in_}")
@@ -1142,8 +1141,7 @@ def run_predict(config: Config) -> int:
     """Write per-row predictions of the config's model for its input."""
     from .io import write_predictions
 
-    X, columns = _open_data(config, fitted_columns=_fitted_columns(config))
-    model = _load_model_for(config, X, columns)
+    X, columns, model = _open_with_model(config)
     p = config.predict
     fmt = p.resolved_format()
     keep = _kept_columns(config) if p.keep_columns else None
@@ -1186,8 +1184,7 @@ def _kept_columns(config: Config):
 
 def run_score(config: Config) -> int:
     """Print the mean log-likelihood, BIC and AIC of the config's model on its input."""
-    X, columns = _open_data(config, fitted_columns=_fitted_columns(config))
-    model = _load_model_for(config, X, columns)
+    X, columns, model = _open_with_model(config)
     with open_cluster(config.cluster):
         t0 = time.perf_counter()
         score = model.score(X)
@@ -1229,8 +1226,6 @@ def _parse_covariance_types(text: str) -> list[str]:
 
 def run_select(config: Config, n_components, kinds, criterion: str, table: str | None) -> int:
     """Sweep n_components x covariance types on the config's input; write the best model and a table."""
-    from .selection import select
-
     params = config.model.estimator_params()
     params.pop("n_components", None)
     params.pop("covariance_type", None)
@@ -1240,6 +1235,13 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
     source = _describe_input(config, columns)
     _check_parameter_memory(config, X, max(n_components), kinds, where="--n-components/--covariance-types")
     _report_columns(config, source)
+    with _writer_lock(config, "dgmm select"):  # from here on this process writes the model
+        return _select_and_save(config, X, source, n_components, kinds, criterion, table, params)
+
+
+def _select_and_save(config: Config, X, source, n_components, kinds, criterion: str, table, params) -> int:
+    from .selection import select
+
     with open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)
@@ -1289,8 +1291,7 @@ def _cmd_select(args) -> int:
     config = load_config(args.config, args.set, command="fit")
     if args.table:
         check_extra_output(config, "--table", args.table)
-    with _writer_lock(config, "dgmm select"):
-        return run_select(config, n_components, kinds, args.criterion, args.table)
+    return run_select(config, n_components, kinds, args.criterion, args.table)
 
 
 def _cmd_fit(args) -> int:
@@ -1352,8 +1353,7 @@ def _check_data_for(config: Config, command: str) -> None:
         X, _ = _open_data(config)
         _check_parameter_memory(config, X, config.model.n_components, [config.model.covariance_type])
         return
-    X, columns = _open_data(config, fitted_columns=_fitted_columns(config))
-    _load_model_for(config, X, columns)
+    X, columns, _ = _open_with_model(config)
     if command == "predict" and config.predict.keep_columns:
         _kept_columns(config)
 
@@ -1375,11 +1375,12 @@ def _storage_options(pairs: list[str]) -> dict:
 
 
 def _load_named_model(path: str, storage_options):
-    """The model file named on the command line; a missing one is a usage error (exit 2), as in a config."""
-    from .model_io import load_model
+    """The model file named on the command line and its metadata (one read); a missing one is a usage error
+    (exit 2), as in a config."""
+    from .model_io import load_model_and_metadata
 
     try:
-        return load_model(path, storage_options=storage_options)
+        return load_model_and_metadata(path, storage_options=storage_options)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc) if str(exc) else f"{path}: no such model file") from None
 
@@ -1387,11 +1388,8 @@ def _load_named_model(path: str, storage_options):
 def _cmd_info(args) -> int:
     import numpy as np
 
-    from .model_io import load_model, read_model_metadata
-
     options = _storage_options(args.storage_options)
-    model = _load_named_model(args.model, options)  # validates the whole file
-    meta = read_model_metadata(args.model, storage_options=options)
+    model, meta = _load_named_model(args.model, options)  # validates the whole file
     fitted, fit = meta.get("fitted", {}), meta.get("fit", {})
     source = fit.get("source") or {}
     if isinstance(source, str):  # models of dgmm select before it wrote the source as fit does
@@ -1421,7 +1419,6 @@ def _cmd_sample(args) -> int:
     import numpy as np
 
     from .io import _filesystem, format_from_suffix, is_url, missing_bucket, write_bytes, write_table
-    from .model_io import load_model, read_model_metadata
 
     if args.n_samples < 1:
         raise ConfigError(f"--n-samples: must be >= 1, got {args.n_samples}")
@@ -1429,11 +1426,11 @@ def _cmd_sample(args) -> int:
         raise ConfigError(f"-o: {args.output}: the output must end in .npy, .zarr or .parquet (or omit -o for CSV "
                           "on stdout)")
     options = _storage_options(args.storage_options)
-    model = _load_named_model(args.model, options)
+    model, meta = _load_named_model(args.model, options)
     if args.seed is not None:
         model.random_state = args.seed
     X, y = model.sample(args.n_samples)
-    names = _model_feature_names(read_model_metadata(args.model, storage_options=options)) or [f"x{j}" for j in range(X.shape[1])]
+    names = _model_feature_names(meta) or [f"x{j}" for j in range(X.shape[1])]
     out = args.output
     if out is None:
         import io

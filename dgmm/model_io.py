@@ -229,6 +229,17 @@ def load_model(path: str | os.PathLike, *, storage_options: dict | None = None):
     FileNotFoundError
         If there is no such file.
     """
+    return load_model_and_metadata(path, storage_options=storage_options)[0]
+
+
+def load_model_and_metadata(path: str | os.PathLike, *, storage_options: dict | None = None):
+    """:func:`load_model` and :func:`read_model_metadata` from ONE read of the file (one request for a URL).
+
+    Returns
+    -------
+    model : dgmm.GaussianMixture
+    meta : dict
+    """
     from .estimator import GaussianMixture
 
     path = os.fspath(path)
@@ -286,7 +297,7 @@ def load_model(path: str | os.PathLike, *, storage_options: dict | None = None):
         if not (isinstance(names, list) and len(names) == n_features and all(isinstance(v, str) for v in names)):
             raise bad(f"invalid feature_names: expected {n_features} strings")
         model.feature_names_in_ = np.asarray(names, dtype=object)
-    return model
+    return model, meta
 
 
 def _check_fitted_scalars(fitted: dict, bad) -> None:
