@@ -417,6 +417,16 @@ def test_an_overwrite_swaps_the_outputs_in_one_step(tmp_path, monkeypatch, fmt):
     assert sorted(os.listdir(tmp_path)) == ["a", "b", f"out.{fmt}"]  # no staging, no old copy
 
 
+def read_predictions(out, fmt):
+    """Labels, probabilities and log-likelihoods of a Zarr or Parquet predictions output, as NumPy arrays."""
+    if fmt == "zarr":
+        group = zarr.open_group(out, mode="r")
+        return tuple(group[n][:] for n in ("labels", "probabilities", "log_likelihood"))
+    frame = pd.read_parquet(out)
+    return (frame["label"].to_numpy(), frame.filter(like="probability").to_numpy(),
+            frame["log_likelihood"].to_numpy())
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "parquet"])
 def test_nonfinite_rows_can_be_written_as_missing(tmp_path, X, fmt):
     """nonfinite='missing': label -1 and NaN where a row holds NaN or inf, the usual predictions elsewhere."""
@@ -429,13 +439,7 @@ def test_nonfinite_rows_can_be_written_as_missing(tmp_path, X, fmt):
     assert not os.path.exists(tmp_path / f"e.{fmt}")
     out = str(tmp_path / f"m.{fmt}")
     write_predictions(gm, Xd, out, format=fmt, probabilities=True, log_likelihood=True, nonfinite="missing")
-    if fmt == "zarr":
-        group = zarr.open_group(out, mode="r")
-        labels, proba, ll = (group[n][:] for n in ("labels", "probabilities", "log_likelihood"))
-    else:
-        frame = pd.read_parquet(out)
-        labels, proba, ll = (frame["label"].to_numpy(), frame.filter(like="probability").to_numpy(),
-                             frame["log_likelihood"].to_numpy())
+    labels, proba, ll = read_predictions(out, fmt)
     missing = np.zeros(len(X), dtype=bool)
     missing[[5, 400, 999]] = True
     assert labels.dtype == np.int64 and (labels[missing] == -1).all()
@@ -477,13 +481,7 @@ def test_all_three_outputs_take_one_e_step_per_chunk(tmp_path, X, fmt, nonfinite
         write_predictions(gm, Xd, out, format=fmt, probabilities=True, log_likelihood=True, nonfinite=nonfinite)
     assert sorted(calls) == sorted(Xd.chunks[0])  # one E-step per chunk (it was one per output)
     monkeypatch.undo()
-    if fmt == "zarr":
-        group = zarr.open_group(out, mode="r")
-        labels, proba, ll = (group[n][:] for n in ("labels", "probabilities", "log_likelihood"))
-    else:
-        frame = pd.read_parquet(out)
-        labels, proba, ll = (frame["label"].to_numpy(), frame.filter(like="probability").to_numpy(),
-                             frame["log_likelihood"].to_numpy())
+    labels, proba, ll = read_predictions(out, fmt)
     clean = da.from_array(np.where(missing[:, None], 0, data), chunks=Xd.chunks)
     want_labels = np.where(missing, -1, gm.predict(clean).compute())
     want_proba = np.where(missing[:, None], np.nan, gm.predict_proba(clean).compute())
