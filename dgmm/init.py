@@ -660,10 +660,11 @@ def kmeans_parallel_batch(
                 if shift > tol:
                     still_active.append(r)
             active[j] = still_active
-        running = sum(len(a) for a in active)
+        running, total = sum(len(a) for a in active), sum(sizes)
         logger.info(
-            "Lloyd pass %d of at most %d: %d of %d k-means restarts still moving", n_iter,
-            max(int(lloyd_max_iter), 1), running, sum(sizes),
+            "Lloyd pass %d of at most %d: %s", n_iter, max(int(lloyd_max_iter), 1),
+            "the centres have settled" if not running else
+            f"{running} of {total} k-means restarts still moving" if total > 1 else "the centres still move",
         )
         if not any(active):
             break
