@@ -231,6 +231,15 @@ def init_progress(progress: IterationReporter | None = None):
         source.setLevel(previous)
 
 
+def _workers_info(client) -> dict:
+    """The scheduler's view of every worker, by address (``scheduler_info()['workers']``)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)  # distributed from 2025 lists 5 workers unless asked
+    except TypeError:  # earlier versions list them all and take no n_workers
+        info = client.scheduler_info()
+    return info.get("workers", {})
+
+
 class StallWatch:
     """Warn when a fit on a cluster goes without an EM iteration for long, naming the workers gone silent.
 
@@ -280,7 +289,7 @@ class StallWatch:
         return f"no progress for {waited:.0f} s ({where})"
 
     def _message(self, waited: float) -> str:
-        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        workers = _workers_info(self.client)
         seen = {address: float(w.get("last_seen", 0.0)) for address, w in workers.items()}
         # the scheduler's clock: this process's for the clusters dgmm starts, else its most recent heartbeat
         now = time.time() if self.same_clock or not seen else max(seen.values())
@@ -388,7 +397,7 @@ def _memory_for_data(client, kind: str) -> int | None:
     """
     if client is None:
         return _local_memory()
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
+    limits = [w.get("memory_limit") or 0 for w in _workers_info(client).values()]
     if kind == "local":
         local = _local_memory()
         return min(sum(limit or local for limit in limits), local)
