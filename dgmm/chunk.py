@@ -1439,6 +1439,47 @@ def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps:
         return moved & ((eps * spread > eps**0.25 * smallest) | (smallest <= 0))
 
 
+def regularisation_drop_bound(weights, covariances, reg_covar: float, covariance_type: str, n_features: int) -> float:
+    """How far the mean log-likelihood may fall in one EM step because the M-step added ``reg_covar``.
+
+    EM never lowers the log-likelihood with the maximising M-step; with
+    ``Σ = S + r I`` instead of ``S`` it may, by at most the expected
+    complete-data log-likelihood that ``r`` gives up:
+    ``½ Σ_k w_k Σ_i [log(1 + r / s_ki) - r / (s_ki + r)]`` per row, ``s_ki`` the
+    eigenvalues of component k's ``S`` (for 'tied', one ``S`` of weight 1; for
+    'spherical', ``n_features`` equal ones). Negligible where ``r`` is small
+    against the variances (about ``(r/s)² / 4`` each), unbounded where a
+    variance is about ``r`` or below.
+
+    Parameters
+    ----------
+    weights : ndarray of shape (n_components,)
+    covariances : ndarray
+        The regularised covariances the step produced (``S + r I``).
+    reg_covar : float
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    n_features : int
+    """
+    r = float(reg_covar)
+    if r <= 0:
+        return 0.0
+    covariances = np.asarray(covariances, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(covariances)):
+        return float("inf")
+    if covariance_type == "full":
+        eig = np.linalg.eigvalsh(covariances)
+    elif covariance_type == "tied":
+        eig, weights = np.linalg.eigvalsh(covariances)[None, :], np.ones(1)
+    elif covariance_type == "diag":
+        eig = covariances
+    else:
+        eig = np.repeat(covariances[:, None], n_features, axis=1)
+    s = np.maximum(eig - r, np.finfo(np.float64).tiny)
+    lost = (np.log1p(r / s) - r / (s + r)).sum(axis=1)
+    return float(0.5 * weights @ lost)
+
+
 def mixture_feature_std(weights, means, covariances, covariance_type: str) -> np.ndarray:
     """Standard deviation of each feature under the mixture (the law of total variance), float64."""
     weights = np.asarray(weights, dtype=np.float64)

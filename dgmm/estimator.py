@@ -572,12 +572,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         for i, (weights, means, covariances, prec_chol, lower_bound) in zip(active, updates):
             run = runs[i]
             change = lower_bound - run.lower_bound
-            # (a warm start's first bound follows the previous fit's, maybe on other data: nothing to compare)
-            if run.lower_bounds and change < -LOWER_BOUND_DROP * (1.0 + abs(run.lower_bound)):
+            # (a warm start's first bound follows the previous fit's, maybe on other data: nothing to compare;
+            # the parameters of this pass came from an M-step with reg_covar, which may lower it so far)
+            if run.lower_bounds and change < -LOWER_BOUND_DROP * (1.0 + abs(run.lower_bound)) - \
+                    chunk.regularisation_drop_bound(run.weights, run.covariances, self.reg_covar, kind,
+                                                    data.n_features):
                 warnings.warn(
                     f"EM iteration {n_iter}: the lower bound fell from {run.lower_bound:.8g} to {lower_bound:.8g}. "
-                    "An EM step does not lower it: the rows read in this pass differ from the last pass's "
-                    "(was the input changed or replaced during the fit?).",
+                    "An EM step does not lower it by so much (reg_covar accounted for): the rows read in this "
+                    "pass differ from the last pass's (was the input changed or replaced during the fit?).",
                     RuntimeWarning,
                     stacklevel=_caller_stacklevel(),
                 )
