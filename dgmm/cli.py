@@ -281,6 +281,9 @@ class StallWatch:
                 message = self._message(waited)
             except Exception:  # noqa: BLE001 (the scheduler did not answer: that is the news)
                 message = f"{self._waiting(waited)}; the scheduler does not answer either"
+            if progress.last_progress != stamp:  # an iteration ended meanwhile: the message is out of date
+                warned_at = 0.0
+                continue
             logger.warning("%s", message, extra={"event": "stall", "fields": {"seconds": round(waited, 1)}})
 
     def _waiting(self, waited: float) -> str:
@@ -1298,9 +1301,8 @@ def _cmd_select(args) -> int:
     n_components = _parse_components(args.n_components)
     kinds = _parse_covariance_types(args.covariance_types)
     config = load_config(args.config, args.set, command="fit")
-    if args.table:
-        check_extra_output(config, "--table", args.table)
-    return run_select(config, n_components, kinds, args.criterion, args.table)
+    table = check_extra_output(config, "--table", args.table) if args.table else None
+    return run_select(config, n_components, kinds, args.criterion, table)
 
 
 def _cmd_fit(args) -> int:
@@ -1392,6 +1394,8 @@ def _load_named_model(path: str, storage_options):
         return load_model_and_metadata(path, storage_options=storage_options)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc) if str(exc) else f"{path}: no such model file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a model file") from None
 
 
 def _cmd_info(args) -> int:

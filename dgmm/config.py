@@ -267,6 +267,8 @@ class ClusterConfig:
                            f"{kind!r}" + ("; use jobqueue.wait_timeout" if kind == "jobqueue" else ""))
         if self.stall_warning is not None and not self.stall_warning > 0:
             err("stall_warning", f"must be a number of seconds > 0, or null for no warning, got {self.stall_warning}")
+        if self.stall_warning not in (None, 120.0) and kind == "threads":  # silently ignored there, so refused
+            err("stall_warning", "only applies to clusters with workers (local, address, jobqueue), not 'threads'")
 
     @property
     def kind(self) -> str:
@@ -565,6 +567,8 @@ def _check_for_command(config: Config, command: str) -> None:
         return
     if not _exists(fail, "output.model", output.model, output.storage_options):
         fail("output.model", f"{output.model} does not exist; run 'dgmm fit' first")
+    if local_model and os.path.isdir(output.model):
+        fail("output.model", f"{output.model} is a directory, not a model file")
     if command == "predict":
         if predict is None:
             fail("predict", "a predict section (output, labels, probabilities, log_likelihood) is required")
@@ -622,6 +626,14 @@ def _check_local_output_place(fail, key: str, path: str) -> None:
     if not os.access(place, os.W_OK | os.X_OK):
         read_only = hasattr(os, "statvfs") and bool(os.statvfs(place).f_flag & os.ST_RDONLY)
         fail(key, f"cannot write {path}: {place} is {'on a read-only file system' if read_only else 'not writable'}")
+    # os.access says yes to root everywhere: try it (an empty hidden file, removed at once)
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=place, prefix=".dgmm-write-probe-"):
+            pass
+    except OSError as exc:
+        fail(key, f"cannot write {path}: {place} refuses new files ({exc.strerror or exc})")
 
 
 def _input_is_parquet(inp: InputConfig) -> bool:
@@ -637,25 +649,30 @@ def _input_is_parquet(inp: InputConfig) -> bool:
         return False
 
 
-def check_extra_output(config: Config, name: str, path: str) -> None:
+def check_extra_output(config: Config, name: str, path: str) -> str:
     """Refuse, as a config error, an output given outside the config (``name``, e.g. ``--table``) that would
-    replace the input, the config file, the model or the current directory, or lie inside the input."""
+    replace the input, the config file, the model or the current directory, lie inside the input, be a
+    directory or an existing file (without ``output.overwrite``), or be written where writes fail. Returns
+    the local path to write (``file://`` stripped)."""
 
     def fail(key, message):
         raise ConfigError(f"{config.source}: {key}: {message}")
 
+    if is_url(path):
+        fail(name, f"must be a local path, got {path}")
+    path = _local(path)
     kept = _kept_paths(config)
     if config.output.model:
         model = config.output.model
         kept.append((f"the model (output.model: {model})", path_location(model), False))
-    _check_not_over(fail, name, path, kept)
-    if is_url(path):
-        fail(name, f"must be a local path, got {path}")
-    if os.path.isdir(path):
+    if os.path.isdir(path):  # the input itself, or a folder (which may hold the config or the model: not the point)
+        _check_not_over(fail, name, path, [k for k in kept if k[1] == path_location(path)])
         fail(name, f"{path} is a directory; name a file")
+    _check_not_over(fail, name, path, kept)
     if os.path.exists(path) and not config.output.overwrite:
         fail(name, f"{path} exists; set output.overwrite: true (--set output.overwrite=true) or choose another path")
     _check_local_output_place(fail, name, path)
+    return path
 
 
 def _exists(fail, key: str, path: str, storage_options) -> bool:

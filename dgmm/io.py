@@ -1178,17 +1178,25 @@ def remove_stale_staging(path: str) -> list[str]:
                r"(\.old)?")
     removed = []
     for entry in left_by_dead_writers(parent, pattern):
-        full = os.path.join(parent, entry)
-        if os.path.isdir(full):
-            shutil.rmtree(full, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(full)
+        _remove_path(os.path.join(parent, entry))
         removed.append(entry)
     if removed:
         logger.info("removed %d staging folder(s) that killed writers of %s left: %s", len(removed), path,
                     ", ".join(removed))
     return removed
+
+
+def _remove_path(path: str) -> None:
+    """Remove a file, a directory tree, or a symbolic link (not what it points to); errors are ignored.
+
+    An output replaced where a symbolic link stood leaves the link in its place: ``shutil.rmtree``
+    refuses links, and one was left behind for good.
+    """
+    if os.path.islink(path) or not os.path.isdir(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def zarr_compressors(dtype, compressor: str = "default", zarr_format: int = 3) -> tuple:
@@ -1454,7 +1462,7 @@ def _commit(fs, staging: str, root: str, marker: str | None, *, local: bool, ove
                 old = f"{staging}.old"
                 os.replace(root, old)
                 os.replace(staging, root)
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+            _remove_path(old)
         else:
             os.replace(staging, root)
         return

@@ -121,6 +121,8 @@ def test_sample_arguments_that_cannot_work_exit_2(workdir):
     for command in (("info",), ("sample", "-n", 3)):  # a missing model named on the command line, as in a config
         missing = run_dgmm(command[0], workdir / "none.npz", *command[1:])
         assert missing.returncode == 2 and f"{workdir / 'none.npz'}: no such model file" in missing.stderr
+        folder = run_dgmm(command[0], workdir, *command[1:])  # not "[Errno 21] Is a directory", exit 1
+        assert folder.returncode == 2 and f"{workdir} is a directory, not a model file" in folder.stderr
 
 
 def test_a_transposed_input_is_refused_before_the_cluster_starts(workdir):

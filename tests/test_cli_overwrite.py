@@ -134,11 +134,15 @@ def test_select_table_may_not_replace_the_input_config_or_model(lake):
 
     parsed = parse_config(config(), command="predict")
     for path, message in (("in.zarr", "would replace the input"), ("results/model.npz", "would replace the model"),
-                          ("in.zarr/bic.csv", "lies inside the input"), ("results", "would replace the model"),
+                          ("in.zarr/bic.csv", "lies inside the input"), ("results", "is a directory"),
                           ("empty", "is a directory")):
         with pytest.raises(ConfigError, match=f"--table: {re.escape(path)} .*{message}|--table: .*{message}"):
             check_extra_output(parsed, "--table", path)
-    check_extra_output(parsed, "--table", "results/bic.csv")  # beside the model is fine
+    assert check_extra_output(parsed, "--table", "results/bic.csv") == "results/bic.csv"  # beside the model is fine
+    assert check_extra_output(parsed, "--table", f"file://{lake / 'bic.csv'}") == str(lake / "bic.csv")
+    with pytest.raises(ConfigError, match="--table: cannot write /proc/bic.csv: /proc refuses new "
+                                          "files"):  # os.access says yes to root: a real try says no
+        check_extra_output(parsed, "--table", "/proc/bic.csv")
     path = write_config(lake / "c.yaml", {"input": {"path": "in.zarr"}, "model": {"n_components": 2},
                                           "cluster": {"type": "threads"}, "output": {"model": "best.npz"}})
     before = tree(lake)

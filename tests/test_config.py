@@ -65,6 +65,8 @@ def test_defaults_follow_sklearn_and_cluster_is_local_on_loopback():
          "'jobqueue'; use jobqueue.wait_timeout"),
         ({"input": REMOTE, "cluster": {"stall_warning": 0}}, "cluster.stall_warning: must be a number of seconds > 0, "
                                                              "or null for no warning, got 0"),
+        ({"input": REMOTE, "cluster": {"type": "threads", "stall_warning": 5}},
+         "cluster.stall_warning: only applies to clusters with workers (local, address, jobqueue), not 'threads'"),
         ({"input": REMOTE, "cluster": {"memory_limit": "lots"}}, "cluster.memory_limit: must be 'auto', null or a "
                                                                  "size"),
         ({"input": REMOTE, "cluster": {"jobqueue": {"system": "slurm", "cores": 4}}},

@@ -895,3 +895,15 @@ def test_chunk_rows_reads_whole_zarr_chunks_to_a_task(tmp_path):
         lazy = open_input(str(tmp_path / "x.zarr"), chunk_rows=chunk_rows)
         assert lazy.chunks[0] == expected
         np.testing.assert_array_equal(lazy.compute(), X)
+
+
+def test_an_output_replaced_where_a_link_stood_leaves_no_link_behind(tmp_path):
+    """A symbolic link at the output path is replaced as a path is (the data it points to stays where it is); the
+    link, swapped aside, was left as a hidden staging entry for good (rmtree refuses links)."""
+    write_table({"labels": da.arange(4, chunks=2)}, str(tmp_path / "real.zarr"), format="zarr")
+    os.symlink(tmp_path / "real.zarr", tmp_path / "link.zarr")
+    write_table({"labels": da.arange(6, chunks=3)}, str(tmp_path / "link.zarr"), format="zarr", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["link.zarr", "real.zarr"]
+    assert not os.path.islink(tmp_path / "link.zarr")
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "link.zarr"), mode="r")["labels"][:], np.arange(6))
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "real.zarr"), mode="r")["labels"][:], np.arange(4))
