@@ -362,6 +362,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         eps = float(np.finfo(self._dtype).eps)
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
+        if not do_init:  # (sklearn fails in a matmul)
+            self._check_partial_fit_settings(None, n_features, "warm_start",
+                                             "set warm_start=False to fit a new model with them")
         n_init = self.n_init if do_init else 1
         self.converged_ = False
         random_state = check_random_state(self.random_state)
@@ -1020,8 +1023,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             callback(info)
         return self
 
-    def _check_partial_fit_settings(self, state, n_features):
-        """A stream continues one model: n_components and covariance_type changed by set_params are refused."""
+    def _check_partial_fit_settings(self, state, n_features, how: str = "partial_fit",
+                                    fix: str = "call fit to start a new model with them"):
+        """A stream (or a warm start) continues one model: n_components and covariance_type changed by
+        set_params are refused."""
         expected = chunk.covariance_shape(self.covariance_type, self.n_components, n_features)
         fitted_kind = self.covariance_type if state is None else state.covariance_type
         if np.shape(self.covariances_) != expected or fitted_kind != self.covariance_type:
@@ -1029,9 +1034,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             kind = f"{fitted_kind!r} covariances" if state is not None else \
                 f"covariances of shape {np.shape(self.covariances_)}"
             raise ValueError(
-                f"partial_fit continues the fitted model ({fitted} components, {kind!s}), but the estimator's "
+                f"{how} continues the fitted model ({fitted} components, {kind!s}), but the estimator's "
                 f"parameters are now n_components={self.n_components}, covariance_type={self.covariance_type!r}; "
-                "call fit to start a new model with them, or restore them"
+                f"{fix}, or restore them"
             )
 
     def _predict_validated(self, Xv):

@@ -520,3 +520,14 @@ def test_parameters_that_cannot_fit_in_memory_are_refused_before_any_pass():
     with pytest.raises(MemoryError, match="n_init=2"):
         check_parameter_memory(16, 64, "full", 2, 10, available=4 * 16 * 64**2 * 8 * 2 - 1)
     check_parameter_memory(16, 10**6, "spherical", 1, 10, available=0)  # no d² parameters
+
+
+def test_a_warm_start_with_another_covariance_type_or_n_components_says_so():
+    """warm_start continues the fitted parameters: after set_params(covariance_type=...) the fit crashed in a matmul
+    (as sklearn's does); it now says what to change."""
+    X = np.random.default_rng(0).normal(size=(300, 3))
+    for change in ({"covariance_type": "diag"}, {"n_components": 3}):
+        gm = GaussianMixture(2, warm_start=True, random_state=0).fit(X)
+        with pytest.raises(ValueError, match=r"warm_start continues the fitted model \(2 components, covariances of "
+                                             r"shape \(2, 3, 3\)\), .*set warm_start=False"):
+            gm.set_params(**change).fit(X)
