@@ -1376,7 +1376,12 @@ def parameters_from_statistics(
 
 def smallest_eigenvalues(covariances: np.ndarray) -> np.ndarray:
     """Smallest eigenvalue of each 'full' covariance (NaN where one is not finite), float64."""
-    return smallest_eigenpairs(covariances)[0]
+    covariances = np.asarray(covariances, dtype=np.float64)
+    out = np.full(covariances.shape[0], np.nan)
+    finite = np.isfinite(covariances).all(axis=(1, 2))
+    if finite.any():
+        out[finite] = np.linalg.eigvalsh(covariances[finite])[:, 0]
+    return out
 
 
 def smallest_eigenpairs(covariances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1393,7 +1398,7 @@ def smallest_eigenpairs(covariances: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps: float,
-                         vectors: np.ndarray | None = None) -> np.ndarray:
+                         covariances: np.ndarray | None = None) -> np.ndarray:
     """Which 'full' covariances lost most of their digits to the shift of their second moments.
 
     A covariance is ``sxx / nk - δ δᵀ`` (plus ``reg_covar``), with ``δ = sx / nk``
@@ -1401,9 +1406,10 @@ def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps:
     carry a rounding error of about ``eps |δ_i δ_j|`` in entry (i, j), which
     the difference keeps. Along the smallest eigenvector ``v`` (eigenvalue λ)
     that is at most ``eps (|v|·|δ|)²``: relative to λ, the precision lost
-    where the covariance is smallest. (Without ``v``, ``eps |δ|² / λ``: an
-    upper bound, far too large when δ lies along a feature of large scale and
-    v along one of small scale, e.g. a salary beside a 0/1 column.) A component
+    where the covariance is smallest. (``eps |δ|² / λ`` bounds it, but far too
+    loosely when δ lies along a feature of large scale and v along one of small
+    scale, e.g. a salary beside a 0/1 column: only the components that bound
+    flags get their eigenvector computed, from ``covariances``.) A component
     that jumps onto a far outlier (|δ|² ≈ 3e12 for a row at 1e6, λ =
     reg_covar = 1e-6) loses every digit, and its covariance may not even be
     positive definite. Flagged: an error above ``eps ** 0.25`` relative to λ
@@ -1418,11 +1424,11 @@ def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps:
         'full' statistics, shifted.
     smallest : ndarray of shape (n_components,)
         Smallest eigenvalue of each covariance computed from ``stats``
-        (:func:`smallest_eigenpairs`); NaN (not finite) is never flagged.
+        (:func:`smallest_eigenvalues`); NaN (not finite) is never flagged.
     eps : float
         Machine epsilon of the products (the input dtype's).
-    vectors : ndarray of shape (n_components, n_features), default=None
-        The unit eigenvectors of ``smallest``.
+    covariances : ndarray of shape (n_components, n_features, n_features), default=None
+        Those covariances: the flags of the loose bound are refined along their eigenvectors.
 
     Returns
     -------
@@ -1430,13 +1436,15 @@ def shift_precision_lost(stats: SufficientStatistics, smallest: np.ndarray, eps:
     """
     nk = np.asarray(stats.nk, dtype=np.float64) + 10 * eps
     delta = stats.sx / nk[:, None]
-    moved = np.einsum("ij,ij->i", delta, delta) > 0
-    if vectors is None:
-        spread = np.einsum("ij,ij->i", delta, delta)
-    else:
-        spread = np.einsum("ij,ij->i", np.abs(vectors), np.abs(delta)) ** 2
+    move = np.einsum("ij,ij->i", delta, delta)
     with np.errstate(invalid="ignore"):
-        return moved & ((eps * spread > eps**0.25 * smallest) | (smallest <= 0))
+        lost = (move > 0) & ((eps * move > eps**0.25 * smallest) | (smallest <= 0))
+    if covariances is not None:
+        for k in np.flatnonzero(lost & (smallest > 0)):  # rare: refine along the smallest eigenvector
+            values, vectors = smallest_eigenpairs(np.asarray(covariances)[k : k + 1])
+            spread = float(np.abs(vectors[0]) @ np.abs(delta[k])) ** 2
+            lost[k] = eps * spread > eps**0.25 * values[0]
+    return lost
 
 
 def regularisation_drop_bound(weights, covariances, reg_covar: float, covariance_type: str, n_features: int) -> float:

@@ -577,9 +577,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             change = lower_bound - run.lower_bound
             # (a warm start's first bound follows the previous fit's, maybe on other data: nothing to compare;
             # the parameters of this pass came from an M-step with reg_covar, which may lower it so far)
-            if run.lower_bounds and change < -LOWER_BOUND_DROP * (1.0 + abs(run.lower_bound)) - \
-                    chunk.regularisation_drop_bound(run.weights, run.covariances, self.reg_covar, kind,
-                                                    data.n_features):
+            margin = -LOWER_BOUND_DROP * (1.0 + abs(run.lower_bound))
+            if run.lower_bounds and change < margin and change < margin - chunk.regularisation_drop_bound(
+                    run.weights, run.covariances, self.reg_covar, kind, data.n_features):
                 warnings.warn(
                     f"EM iteration {n_iter}: the lower bound fell from {run.lower_bound:.8g} to {lower_bound:.8g}. "
                     "An EM step does not lower it by so much (reg_covar accounted for): the rows read in this "
@@ -641,10 +641,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         ]
         if kind != "full":
             return [step + (None,) for step in steps]
-        pairs = [chunk.smallest_eigenpairs(step[2]) for step in steps]
-        smallest = [values for values, _ in pairs]
-        lost = [chunk.shift_precision_lost(stats, values, eps, vectors) for stats, (values, vectors) in
-                zip(stats_list, pairs)]
+        smallest = [chunk.smallest_eigenvalues(step[2]) for step in steps]
+        lost = [chunk.shift_precision_lost(stats, values, eps, step[2]) for stats, values, step in
+                zip(stats_list, smallest, steps)]
         redo = [m for m, flags in enumerate(lost) if flags.any()]
         if redo:
             again = tuple(
