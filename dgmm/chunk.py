@@ -681,7 +681,9 @@ class _BatchPlan:
 
         # full: z = [1 | y] @ A, A = [-s U; U] for every component of every full member.
         if self.full:
-            float32 = np.dtype(input_dtype) == np.float32
+            # float32 products, except in a pass redone about new shifts (a jump onto an outlier, rare), whose
+            # moments float32 residuals could not hold: float64 there
+            float32 = np.dtype(input_dtype) == np.float32 and all(batch[m].shifts is None for m in self.full)
             dtype = np.float32 if float32 else np.float64
             # float32 products run relative to a float32-representable centre.
             ref = self.center.astype(np.float32).astype(np.float64) if float32 else self.center

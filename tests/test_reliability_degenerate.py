@@ -402,3 +402,22 @@ def test_reg_covar_comparable_to_the_variances_lowers_the_bound_without_an_alarm
     assert gm.n_iter_ == sk.n_iter_ and gm.lower_bound_ == pytest.approx(sk.lower_bound_, rel=1e-6)
     if kind in ("diag", "spherical"):
         assert np.diff(gm.lower_bounds_).min() < -0.05  # it does fall, by more than the warning's 1e-3 margin
+
+
+@pytest.mark.filterwarnings("ignore::dgmm.DegenerateComponentWarning")  # the outlier collapses, by design
+@pytest.mark.parametrize("big", [1e3, 1e4])
+def test_a_float32_component_that_jumps_onto_a_far_outlier_fits_as_sklearn_does(big):
+    """float32: the redone pass took its moments from float32 residuals plus a float64 offset, which kept float32
+    rounding of |t - s| (a jump of 1e4 raised). The redone pass runs its products in float64. (The iterations after
+    it keep float32 products relative to one centre: their residuals of a row 1e4 away carry about 6e-4 of rounding,
+    so the outlier's covariance is reg_covar within a few 1e-7; at 1e5 that exceeds reg_covar and the fit raises,
+    with the hint to pass float64 data.)"""
+    X, params = jumping_component(big)
+    X = X.astype(np.float32)
+    params = {**params, **{k: np.asarray(v, dtype=np.float32) for k, v in params.items() if k.endswith("_init")}}
+    sk = SkGaussianMixture(**params).fit(X)
+    gm = GaussianMixture(**params).fit(X)
+    outlier = int(np.argmax(np.abs(sk.means_).max(axis=1)))
+    assert gm.n_iter_ == sk.n_iter_ and gm.means_.dtype == np.float32
+    np.testing.assert_allclose(gm.means_, sk.means_, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(gm.covariances_[outlier], 1e-6 * np.eye(3), rtol=0, atol=5e-7)
