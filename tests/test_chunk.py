@@ -229,7 +229,8 @@ def test_mixed_batch_matches_independent_reference(offset, weighted, dtype, memb
 def test_full_moments_about_given_shifts(offset, dtype, monkeypatch):
     """'full' members with ``shifts``: the same responsibilities and log-likelihood, the moments about the
     shifts (a member's own means as shifts change nothing, bit for bit), whatever the split into chunks,
-    in the CPU's and in the GPU's layout (run here with NumPy)."""
+    in the CPU's and in the GPU's layout (run here with NumPy). float32 data: a batch with shifts (a redone
+    pass) runs its 'full' products in float64, so it agrees with the float32 products to their rounding."""
     rng = np.random.default_rng(6)
     n, d = 9001, 3  # float32 in the GPU layout: sub-blocks of 4096 rows
     X = (rng.normal(size=(n, d)) * [1.0, 2.0, 0.5] + offset).astype(dtype)
@@ -242,9 +243,14 @@ def test_full_moments_about_given_shifts(offset, dtype, monkeypatch):
     plain = chunk.e_step_statistics(X, tuple(batch))
     same = chunk.e_step_statistics(X, tuple(p._replace(shifts=p.means) if p.covariance_type == "full" else p
                                             for p in batch))
+    exact = dtype == np.float64
     for a, b in zip(plain, same):
         for field in ("nk", "sx", "sxx", "sy", "log_likelihood"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+            if exact:
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+            else:
+                np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=2e-4,
+                                           atol=2e-4 * np.abs(getattr(b, field)).max())
     shifted = tuple(p._replace(shifts=p.means + rng.normal(size=p.means.shape) * 50) if p.covariance_type == "full"
                     else p for p in batch)
     got = chunk.e_step_statistics(X, shifted)
@@ -254,7 +260,8 @@ def test_full_moments_about_given_shifts(offset, dtype, monkeypatch):
         for field in ("nk", "sx", "sxx", "sy"):
             a, b = getattr(stats, field), getattr(want, field)
             np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max(), err_msg=field)
-        assert stats.log_likelihood == before.log_likelihood
+        assert stats.log_likelihood == (before.log_likelihood if exact else pytest.approx(before.log_likelihood,
+                                                                                         rel=1e-6))
     parts = [chunk.e_step_statistics(X[a : a + 37], shifted) for a in range(0, n, 37)]
     for whole, split in zip(got, chunk.combine_statistics(*parts)):
         for field in ("nk", "sx", "sxx"):
