@@ -303,15 +303,20 @@ class StallWatch:
             before = f" (the slowest iteration so far took {slowest:.1f} s)" if slowest else ""
             return f"{self._waiting(waited)}{before}; all {len(seen)} workers answer the scheduler"
         names = ", ".join(f"{address} ({age:.0f} s)" for age, address in reversed(silent))
-        if self.same_clock:
-            import dask
+        heard = (f"{self._waiting(waited)}: the scheduler has not heard from {len(silent)} of {len(seen)} workers "
+                 f"for a while: {names}. A worker that is stopped, swapping or cut off keeps its tasks until the "
+                 "scheduler drops it")
+        if not self.same_clock:
+            return (f"{heard} after the scheduler's distributed.scheduler.worker-ttl (5 minutes unless set) without "
+                    "a heartbeat; its tasks then run elsewhere")
+        import dask
 
-            ttl = f"distributed.scheduler.worker-ttl ({dask.config.get('distributed.scheduler.worker-ttl')})"
-        else:
-            ttl = "the scheduler's distributed.scheduler.worker-ttl (5 minutes unless set)"
-        return (f"{self._waiting(waited)}: the scheduler has not heard from {len(silent)} of {len(seen)} workers "
-                f"for a while: {names}. A worker that is stopped, swapping or cut off keeps its tasks until the "
-                f"scheduler drops it after {ttl} without a heartbeat; its tasks then run elsewhere")
+        ttl = dask.config.get("distributed.scheduler.worker-ttl", None)
+        if not ttl:  # None or false: the scheduler never drops a silent worker
+            return (f"{heard}, and distributed.scheduler.worker-ttl is off here: it never will. Resume it "
+                    "(SIGCONT), end it (its tasks then run elsewhere), or interrupt the fit and --resume it")
+        return (f"{heard} after distributed.scheduler.worker-ttl ({ttl}) without a heartbeat; its tasks then run "
+                "elsewhere")
 
 
 # ---------------------------------------------------------------------------

@@ -303,3 +303,33 @@ def test_a_stopped_worker_is_named_while_the_fit_waits_and_the_fit_then_complete
     assert "the scheduler has not heard from 1 of 2 workers for a while: tcp://127.0.0.1:" in warning, warning
     assert "distributed.scheduler.worker-ttl (15s) without a heartbeat" in warning, warning
     assert "iteration    8" in stdout and (tmp_path / "model.npz").exists()
+
+
+@pytest.mark.slow
+def test_with_worker_ttl_off_the_stall_warning_says_the_worker_is_never_dropped(tmp_path, monkeypatch):
+    """distributed.scheduler.worker-ttl: null turns the scheduler's drop off: the warning said the worker would be
+    dropped "after distributed.scheduler.worker-ttl (None)"; it now says it never will, and what to do."""
+    import psutil
+
+    from cli_helpers import blobs, dgmm_command, running, wait_for_line, write_config
+
+    np.save(tmp_path / "x.npy", blobs(200_000, 4, seed=3))
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 20_000},
+        "model": {"n_components": 3, "random_state": 0, "max_iter": 8, "tol": 0.0},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1, "stall_warning": 2},
+        "output": {"model": str(tmp_path / "model.npz")}})
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "None")
+    with running(dgmm_command("fit", config), new_session=True) as proc:
+        wait_for_line(proc, "iteration    2")
+        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        workers[0].suspend()
+        try:
+            deadline = time.monotonic() + 120
+            line = ""
+            while "no progress for" not in line and time.monotonic() < deadline:
+                line = proc.stderr.readline()
+        finally:
+            workers[0].resume()
+    assert "the scheduler has not heard from 1 of 2 workers" in line, line
+    assert "distributed.scheduler.worker-ttl is off here: it never will. Resume it (SIGCONT)" in line, line
