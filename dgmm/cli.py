@@ -902,7 +902,7 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
     not set, so a table with more (or reordered) columns still gives the
     model its own features.
     """
-    from .io import InputSelectionError, input_format, open_as, parquet_feature_names, zarr_component
+    from .io import InputSelectionError, input_format, open_as, open_zarr_component, parquet_feature_names
 
     inp = config.input
     columns, by_name, named = None, False, ""
@@ -913,8 +913,12 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
             named = f", the model's columns {', '.join(columns)}"
         elif fmt == "parquet":  # input.columns, or the numeric columns of the first file's footer
             columns = parquet_feature_names(inp.path, columns=inp.columns, storage_options=inp.storage_options)
-        X = open_as(fmt, inp.path, component=inp.component, columns=columns, storage_options=inp.storage_options,
-                    chunk_rows=inp.chunk_rows)
+        picked = None
+        if fmt == "zarr":  # the array and the one it picked in a group, from one look at the store
+            X, picked = open_zarr_component(inp.path, component=inp.component, storage_options=inp.storage_options,
+                                            chunk_rows=inp.chunk_rows)
+        else:
+            X = open_as(fmt, inp.path, columns=columns, storage_options=inp.storage_options, chunk_rows=inp.chunk_rows)
     except InputSelectionError as exc:  # the data is there, the setting does not fit it: fix the config
         if by_name:
             raise ConfigError(f"{config.source}: input.columns: {exc}; the model {config.output.model} was fitted "
@@ -929,9 +933,8 @@ def _open_data(config: Config, *, fitted_columns: list[str] | None = None):
     if inp.columns is not None and fitted_columns and list(inp.columns) != list(fitted_columns):
         logger.warning("input.columns (%s) are not the columns the model %s was fitted on (%s)",
                        ", ".join(inp.columns), config.output.model, ", ".join(fitted_columns))
-    if fmt == "zarr" and inp.component is None:
-        picked = zarr_component(inp.path, storage_options=inp.storage_options)
-        named += f", array {picked!r} (the group's one 2-D array)" if picked else ""
+    if fmt == "zarr" and inp.component is None and picked:
+        named += f", array {picked!r} (the group's one 2-D array)"
     n_chunks = X.numblocks[0]
     report("data", f"data: {inp.path} ({X.shape[0]:,} rows x {X.shape[1]} features{named}, {n_chunks} "
                    f"chunk{'s' if n_chunks != 1 else ''}, {X.dtype})", path=inp.path, n_samples=X.shape[0],

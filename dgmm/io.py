@@ -380,7 +380,13 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     FileNotFoundError
         If there is no Zarr node at ``path`` (and ``component``).
     """
-    node, _ = _zarr_array(path, component, storage_options)
+    return open_zarr_component(path, component=component, storage_options=storage_options, chunk_rows=chunk_rows)[0]
+
+
+def open_zarr_component(path: str, *, component: str | None = None, storage_options: Mapping | None = None,
+                        chunk_rows: int | None = None) -> tuple[da.Array, str | None]:
+    """:func:`open_zarr`, and the array it picked (:func:`zarr_component`) from the same look at the store."""
+    node, picked = _zarr_array(path, component, storage_options)
     _warn_missing_chunks(path, node)
     options = dict(storage_options or {})
     chunks = _zarr_task_chunks(node, chunk_rows)
@@ -388,14 +394,14 @@ def open_zarr(path: str, *, component: str | None = None, storage_options: Mappi
     array = da.from_array(node, chunks, name=name, getitem=_read_zarr_block)
     decoding = _cf_decoding(node)
     if decoding is None:  # in this machine's byte order: '>f4' (a v2 array) is float32 to the model, as '<f4' is
-        return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+        return (array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))), picked
     logger.info("%s: decoding the array's CF attributes as xarray does (%s)", path,
                 ", ".join(f"{k}={v!r}" for k, v in decoding.items() if v is not None and v != []))
     dtype = np.dtype(np.float64)
     if node.dtype.newbyteorder("=") == np.float32 and decoding["scale_factor"] is None and \
             decoding["add_offset"] is None:
         dtype = np.dtype(np.float32)  # only masked: float32 stays, as in xarray
-    return array.map_blocks(_cf_decode_block, dtype=dtype, out_dtype=dtype, **decoding)
+    return array.map_blocks(_cf_decode_block, dtype=dtype, out_dtype=dtype, **decoding), picked
 
 
 #: Zarr arrays of at most this many chunks are checked for missing chunks (one listing of the array's keys;

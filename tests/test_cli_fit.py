@@ -356,3 +356,25 @@ def test_the_out_of_core_initialisation_reports_its_passes(tmp_path):
     assert "init: k-means++ pass 3 of 3" in plusplus.stdout, plusplus.stdout
     quiet = run_dgmm("fit", config, "--quiet")
     assert quiet.returncode == 0 and "init:" not in quiet.stdout
+
+
+def test_a_zarr_group_input_is_opened_once(tmp_path, monkeypatch, dgmm_cli):
+    """The command opened a Zarr group twice per input (the array, then again to name the array it picked): two
+    metadata round trips on an object store. The array and its name now come from one open."""
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("features/table", shape=(1000, 3), chunks=(250, 3), dtype="f8")[:] = blobs(1000, 3, seed=2)
+    config = write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "g.zarr")}, "model": {"n_components": 2, "max_iter": 2},
+        "cluster": {"type": "threads"}, "output": {"model": str(tmp_path / "m.npz")}})
+    opened = []
+    real_open = zarr.open
+
+    def counted(*args, **kwargs):
+        opened.append(kwargs.get("store"))
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(zarr, "open", counted)
+    status, stdout, stderr = dgmm_cli("fit", config)
+    assert status == 0, stderr
+    assert "array 'features/table' (the group's one 2-D array)" in stdout
+    assert opened == [str(tmp_path / "g.zarr")]
