@@ -62,6 +62,10 @@ OVERFLOW_NOTE = (
 )
 
 
+class NonFiniteInputError(ValueError):
+    """X holds NaN or infinity (sklearn's message, and a ValueError, as sklearn raises)."""
+
+
 class ChunkParams(NamedTuple):
     """Parameters of one mixture as the chunk kernels consume them.
 

@@ -1042,9 +1042,25 @@ def _run_fit(config: Config, checkpoint, resume: bool) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _parquet_nulls_named(config: Config):
+    """An error about NaN in a Parquet input says that nulls are read as NaN: what such an input usually holds."""
+    from .chunk import NonFiniteInputError
+
+    try:
+        yield
+    except NonFiniteInputError as exc:
+        from .config import _input_is_parquet
+
+        if not _input_is_parquet(config.input):
+            raise
+        raise NonFiniteInputError(f"{exc} In a Parquet input, nulls (missing values) are read as NaN: fill or drop "
+                                  "them (e.g. pyarrow.compute.fill_null), or choose other input.columns.") from None
+
+
 def _fit_on_cluster(gm, X, config: Config, resume: bool, progress: IterationReporter) -> float:
     """``gm.fit(X)`` on the config's cluster; the seconds it took."""
-    with open_cluster(config.cluster) as client:
+    with _parquet_nulls_named(config), open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)
         seconds = config.cluster.stall_warning
@@ -1173,7 +1189,7 @@ def run_predict(config: Config) -> int:
             logger.warning("%s: rows are predicted in dask's file order (%s before %s), which pandas.read_parquet "
                            "and pyarrow do not follow: join the predictions to the input by a key column "
                            "(predict.keep_columns), not by row position", config.input.path, *order)
-    with open_cluster(config.cluster):
+    with _parquet_nulls_named(config), open_cluster(config.cluster):
         t0 = time.perf_counter()
         marker = write_predictions(model, X, p.output, format=fmt, labels=p.labels, probabilities=p.probabilities,
                                    log_likelihood=p.log_likelihood, storage_options=p.storage_options,
@@ -1205,7 +1221,7 @@ def _kept_columns(config: Config):
 def run_score(config: Config) -> int:
     """Print the mean log-likelihood, BIC and AIC of the config's model on its input."""
     X, columns, model = _open_with_model(config)
-    with open_cluster(config.cluster):
+    with _parquet_nulls_named(config), open_cluster(config.cluster):
         t0 = time.perf_counter()
         score = model.score(X)
         seconds = time.perf_counter() - t0
@@ -1262,7 +1278,7 @@ def run_select(config: Config, n_components, kinds, criterion: str, table: str |
 def _select_and_save(config: Config, X, source, n_components, kinds, criterion: str, table, params) -> int:
     from .selection import select
 
-    with open_cluster(config.cluster) as client:
+    with _parquet_nulls_named(config), open_cluster(config.cluster) as client:
         t0 = time.perf_counter()
         X = _persist_input(X, client, config)
         with init_progress():

@@ -171,7 +171,7 @@ def _checked(X, block_info=None):
         rows = f"row {start} has" if X.shape[0] == 1 else (
             f"{bad} of the {X.shape[0]} rows {start}-{start + X.shape[0] - 1} {'has' if bad == 1 else 'have'}")
         where = "" if X.shape[0] == 1 else f" (first at row {first})"
-        raise ValueError(
+        raise chunk.NonFiniteInputError(
             f"Input X contains NaN or infinity: {rows} non-finite values{where}. Remove or impute them, "
             "or write predictions with such rows as missing: dgmm.io.write_predictions(..., nonfinite="
             "'missing'), or predict.nonfinite: missing in a dgmm config."

@@ -408,7 +408,7 @@ class DataPasses:
 
 def nonfinite_error(count: int, first: int, n_samples: int) -> ValueError:
     """The error for inputs holding NaN or infinity."""
-    return ValueError(
+    return chunk.NonFiniteInputError(
         f"Input X contains NaN or infinity: {count} of {n_samples} rows {'has' if count == 1 else 'have'} "
         f"non-finite values (first at row {first}). Remove or impute them before fitting."
     )

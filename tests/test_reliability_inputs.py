@@ -169,7 +169,9 @@ FIT_CASES = {
     "nan-and-inf-rows": (nan_and_inf_rows, ("Input X contains NaN or infinity: 4 of 3000 rows have non-finite "
                                             "values (first at row 5). Remove or impute them")),
     "inf-rows-npy": (inf_rows_npy, "2 of 3000 rows have non-finite values (first at row 10)"),
-    "parquet-nulls": (parquet_with_nulls, "2 of 3000 rows have non-finite values (first at row 7)"),
+    "parquet-nulls": (parquet_with_nulls, ("2 of 3000 rows have non-finite values (first at row 7). Remove or impute "
+                                           "them before fitting. In a Parquet input, nulls (missing values) are read "
+                                           "as NaN: fill or drop them")),
     "3-d-array": (three_dimensional_zarr, "the Zarr array has shape (1000, 3, 3); dgmm needs a 2-D array"),
     "1-d-array": (one_dimensional_npy, "the array has shape (3000,); dgmm needs a 2-D array"),
     "missing-column": (missing_parquet_column, "column 'nope' not found in"),
@@ -212,6 +214,7 @@ def test_bad_input_to_dgmm_fit(tmp_path, dgmm_cli, case):
     errors = [line for line in stderr.splitlines() if line.startswith("dgmm: error: ")]
     assert len(errors) == 1 and message in stderr[stderr.index("dgmm: error: "):], stderr
     assert "Traceback" not in stderr
+    assert ("nulls (missing values) are read as NaN" in stderr) == (case == "parquet-nulls"), stderr
     assert not out.exists() or files_under(out) == [], files_under(out)
 
 
