@@ -270,28 +270,43 @@ def test_input_kept_in_worker_memory_survives_a_killed_worker(client, data, undi
     wait_for_restarts(client, {victim: pids[victim]}, n_workers=2)
 
 
+def _stall_config(tmp_path, n_samples: int, stall_warning: float) -> str:
+    """A `dgmm fit` config on a 2-worker LocalCluster, 8 iterations of about a second."""
+    from cli_helpers import blobs, write_config
+
+    np.save(tmp_path / "x.npy", blobs(n_samples, 4, seed=3))
+    return write_config(tmp_path / "c.yaml", {
+        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 20_000},
+        "model": {"n_components": 3, "random_state": 0, "max_iter": 8, "tol": 0.0},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1, "stall_warning": stall_warning},
+        "output": {"model": str(tmp_path / "model.npz")}})
+
+
+def _stop_a_worker_after_iteration_2(proc) -> list:
+    """SIGSTOP one worker process of a running `dgmm fit` once it printed iteration 2; its worker processes."""
+    import psutil
+
+    from cli_helpers import wait_for_line
+
+    wait_for_line(proc, "iteration    2")
+    # the LocalCluster's nannies run in the command's process; each spawned one worker process
+    children = psutil.Process(proc.pid).children()
+    workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in children]
+    workers[0].suspend()
+    return workers
+
+
 @pytest.mark.slow
 def test_a_stopped_worker_is_named_while_the_fit_waits_and_the_fit_then_completes(tmp_path, monkeypatch):
     """SIGSTOP on a worker process (a suspended VM, a swapping node): nothing finishes until the scheduler drops
     it after worker-ttl; meanwhile `dgmm fit` says which worker it waits for (cluster.stall_warning), then ends."""
-    import psutil
+    from cli_helpers import dgmm_command, running
 
-    from cli_helpers import blobs, dgmm_command, running, wait_for_line, write_config
-
-    np.save(tmp_path / "x.npy", blobs(400_000, 4, seed=3))
-    config = write_config(tmp_path / "c.yaml", {
-        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 20_000},
-        "model": {"n_components": 3, "random_state": 0, "max_iter": 8, "tol": 0.0},
-        "cluster": {"n_workers": 2, "threads_per_worker": 1, "stall_warning": 3},
-        "output": {"model": str(tmp_path / "model.npz")}})
+    config = _stall_config(tmp_path, 400_000, stall_warning=3)
     monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "15s")
     with running(dgmm_command("fit", config), new_session=True) as proc:
-        wait_for_line(proc, "iteration    2")
-        # the LocalCluster's nannies run in the command's process; each spawned one worker process
-        children = psutil.Process(proc.pid).children()
-        workers = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 2, [p.cmdline() for p in children]
-        workers[0].suspend()
+        workers = _stop_a_worker_after_iteration_2(proc)
         try:
             stdout, stderr = proc.communicate(timeout=180)
         finally:
@@ -309,21 +324,12 @@ def test_a_stopped_worker_is_named_while_the_fit_waits_and_the_fit_then_complete
 def test_with_worker_ttl_off_the_stall_warning_says_the_worker_is_never_dropped(tmp_path, monkeypatch):
     """distributed.scheduler.worker-ttl: null turns the scheduler's drop off: the warning said the worker would be
     dropped "after distributed.scheduler.worker-ttl (None)"; it now says it never will, and what to do."""
-    import psutil
+    from cli_helpers import dgmm_command, running
 
-    from cli_helpers import blobs, dgmm_command, running, wait_for_line, write_config
-
-    np.save(tmp_path / "x.npy", blobs(200_000, 4, seed=3))
-    config = write_config(tmp_path / "c.yaml", {
-        "input": {"path": str(tmp_path / "x.npy"), "chunk_rows": 20_000},
-        "model": {"n_components": 3, "random_state": 0, "max_iter": 8, "tol": 0.0},
-        "cluster": {"n_workers": 2, "threads_per_worker": 1, "stall_warning": 2},
-        "output": {"model": str(tmp_path / "model.npz")}})
+    config = _stall_config(tmp_path, 200_000, stall_warning=2)
     monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "None")
     with running(dgmm_command("fit", config), new_session=True) as proc:
-        wait_for_line(proc, "iteration    2")
-        workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-        workers[0].suspend()
+        workers = _stop_a_worker_after_iteration_2(proc)
         try:
             deadline = time.monotonic() + 120
             line = ""
