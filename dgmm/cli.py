@@ -971,18 +971,6 @@ def _print_parameters(model) -> None:
         report("means", f"means:\n{model.means_}", means=model.means_)
 
 
-def run_fit(config: Config, *, resume: bool = False) -> int:
-    """Fit the model a validated config describes and write it (and checkpoints).
-
-    One fit at a time writes a given checkpoint (or local model): a second is refused.
-    """
-    checkpoint = config.output.checkpoint_path
-    if resume and checkpoint is None:
-        raise ConfigError(f"{config.source}: output.checkpoint_every: --resume needs checkpoints "
-                          "(checkpoint_every >= 1 and a local output.model or output.checkpoint)")
-    return _run_fit(config, checkpoint, resume)
-
-
 @contextlib.contextmanager
 def _writer_lock(config: Config, what: str):
     """One writer at a time for a local checkpoint (else a local model): see :func:`dgmm.checkpoint.exclusive_writer`."""
@@ -997,10 +985,18 @@ def _writer_lock(config: Config, what: str):
         yield
 
 
-def _run_fit(config: Config, checkpoint, resume: bool) -> int:
+def run_fit(config: Config, *, resume: bool = False) -> int:
+    """Fit the model a validated config describes and write it (and checkpoints).
+
+    One fit at a time writes a given checkpoint (or local model): a second is refused.
+    """
     from . import GaussianMixture
     from .checkpoint import fingerprint_mismatch, load_checkpoint
 
+    checkpoint = config.output.checkpoint_path
+    if resume and checkpoint is None:
+        raise ConfigError(f"{config.source}: output.checkpoint_every: --resume needs checkpoints "
+                          "(checkpoint_every >= 1 and a local output.model or output.checkpoint)")
     out = config.output
     progress = IterationReporter()
     gm = GaussianMixture(**config.model.estimator_params(), callbacks=[progress],

@@ -363,7 +363,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         if not do_init:  # (sklearn fails in a matmul)
-            self._check_partial_fit_settings(None, n_features, "warm_start",
+            self._check_continued_model(None, n_features, "warm_start",
                                              "set warm_start=False to fit a new model with them")
         n_init = self.n_init if do_init else 1
         self.converged_ = False
@@ -629,7 +629,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         else None) the covariances' smallest eigenvalues.
 
         'full' moments are taken about the previous means. A component that moved so far in one step
-        that its covariance lost more than half its digits to that shift (it jumped onto a far outlier;
+        that its covariance kept fewer than a quarter of its digits after that shift (it jumped onto a far outlier;
         :func:`dgmm.chunk.shift_precision_lost`) has its member's pass redone with the same parameters
         (the same responsibilities) and its moments about its new mean: exact statistics, for one extra
         pass in such iterations only. The other components' statistics come out the same.
@@ -972,7 +972,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         state, state_means = getattr(self, "_online", (None, None))
         new_stream = first or state is None or state_means is not self.means_
         if not first:
-            self._check_partial_fit_settings(None if new_stream else state, n_features)
+            self._check_continued_model(None if new_stream else state, n_features)
             if not new_stream:
                 state.reg_covar = float(self.reg_covar)  # set_params(reg_covar=...) applies from this step
         start = time.perf_counter()
@@ -1022,7 +1022,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             callback(info)
         return self
 
-    def _check_partial_fit_settings(self, state, n_features, how: str = "partial_fit",
+    def _check_continued_model(self, state, n_features, how: str = "partial_fit",
                                     fix: str = "call fit to start a new model with them"):
         """A stream (or a warm start) continues one model: n_components and covariance_type changed by
         set_params are refused."""
